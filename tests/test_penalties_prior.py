@@ -1,0 +1,90 @@
+"""Gradient penalties on critics with known gradients; the prior and its training log Z."""
+
+import math
+
+import pytest
+import torch
+
+from vaepp.penalties import critic_grad_norm, gradient_penalty
+from vaepp.prior import beta_from_xi, log_f, log_z_train
+from vaepp.posteriors import log_standard_normal
+
+
+def quadratic_critic(x):
+    """D(x) = ½‖x‖², ∇D = x, so ‖∇D(x)‖ = ‖x‖."""
+    return 0.5 * x.flatten(1).square().sum(1)
+
+
+def test_grad_norm_of_a_linear_critic_is_the_weight_norm():
+    a = torch.randn(1, 2, 3)
+    norms = critic_grad_norm(lambda x: (x * a).flatten(1).sum(1), torch.randn(4, 1, 2, 3))
+    assert torch.allclose(norms, a.norm().expand(4))
+
+
+@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_div_1"])
+def test_interpolating_penalties_match_their_formulas(kind):
+    # real = fake makes x̂ = real whatever α is, so the value is exact
+    x = torch.randn(6, 1, 2, 2)
+    norms = x.flatten(1).norm(dim=1)
+    k, p = 3.0, 6.0
+    expected = k * ((norms - 1) ** 2).mean() if kind == "wgan_gp" else k * (norms**p).mean()
+    got = gradient_penalty(quadratic_critic, x, x.clone(), kind, k=k, p=p)
+    assert torch.isclose(got, expected)
+
+
+def test_div2_penalty_formula():
+    real, fake = torch.randn(5, 3, 1, 1), torch.randn(5, 3, 1, 1)
+    k, p = 2.0, 6.0
+    expected = 0.5 * k * ((real.flatten(1).norm(dim=1) ** p).mean() + (fake.flatten(1).norm(dim=1) ** p).mean())
+    assert torch.isclose(gradient_penalty(quadratic_critic, real, fake, "wgan_div_2", k=k, p=p), expected)
+
+
+def test_gp_penalty_on_interpolates_with_a_known_gradient():
+    # along x̂ = ê + α(e − ê) with e = 2u, ê = 0 (u a unit vector): ‖∇D(x̂)‖ = 2α, α ~ U(0,1),
+    # so E(‖∇D‖ − 1)² = E(2α − 1)² = 1/3.
+    n = 200000
+    u = torch.nn.functional.normalize(torch.randn(n, 4, dtype=torch.float64), dim=1)
+    got = gradient_penalty(quadratic_critic, 2 * u, torch.zeros_like(u), "wgan_gp", k=1.0,
+                           generator=torch.Generator().manual_seed(0))
+    se = math.sqrt(4 / 45 / n)  # Var (2α−1)² = E(2α−1)^4 − 1/9 = 1/5 − 1/9
+    assert abs(float(got.detach()) - 1 / 3) < 4 * se
+
+
+def test_penalty_is_differentiable_and_rejects_unknown_kind():
+    lin = torch.nn.Linear(4, 1)
+    critic = lambda x: lin(x.flatten(1)).squeeze(-1)  # noqa: E731
+    r = gradient_penalty(critic, torch.randn(3, 4), torch.randn(3, 4), "wgan_gp", k=10.0)
+    r.backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown penalty"):
+        gradient_penalty(critic, torch.randn(3, 4), torch.randn(3, 4), "wgan", k=1.0)
+
+
+def test_beta_and_log_f():
+    assert float(beta_from_xi(torch.tensor(0.0), 10.0)) == 5.0
+    z = torch.randn(7, 3)
+    assert torch.allclose(log_f(z, torch.zeros(7), torch.tensor(4.0)), log_standard_normal(z))
+
+
+def test_training_log_z_terms_on_the_linear_critic():
+    """D(G(z)) = a·z: p_λ = N(−βa, I) and log Z = β²‖a‖²/2 exactly."""
+    torch.manual_seed(0)
+    a = torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64)
+    beta = torch.tensor(1.5, dtype=torch.float64)
+    log_z_true = float(beta**2 * a.square().sum() / 2)
+    # Ẑ_N with many prior draws: unbiased for Z; delta-method error on the log
+    k = 400000
+    eps = torch.randn(k, 3, dtype=torch.float64)
+    w = torch.exp(-beta * (eps @ a))
+    se_log = float(w.std() / w.mean()) / math.sqrt(k)
+    # Ẑ_q with the exact p_λ as the proposal of a single "posterior": f/q = Z for every draw,
+    # so log Ẑ_q − log N equals log Z to rounding (the N·Z behaviour of the paper's term).
+    z_q = -beta * a + torch.randn(64, 3, dtype=torch.float64)
+    log_q = log_standard_normal(z_q + beta * a)
+    log_f_q = log_standard_normal(z_q) - beta * (z_q @ a)
+    n_train = 1000
+    log_zt, log_zn, log_zq = log_z_train(beta, eps @ a, log_f_q, log_q, n_train)
+    assert abs(float(log_zn) - log_z_true) < 4 * se_log
+    assert abs(float(log_zq) - math.log(n_train) - log_z_true) < 1e-10
+    expected = math.log(0.5 * (math.exp(float(log_zn)) + n_train * math.exp(log_z_true)))
+    assert abs(float(log_zt) - expected) < 1e-10

@@ -1,0 +1,195 @@
+"""The VAEPP model: encoder q(z|e), decoder p(x|z) with mean G(z), critic D, and β = w·sigmoid(ξ).
+
+With `pullback=False` it is the plain VAE with prior N(0, I) (β ≡ 0, log Z = 0): the baseline is
+this same code. Shapes: images (B, C, H, W) in [0, 1]; latents (..., Z); densities in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .likelihoods import LikelihoodKind, bernoulli_log_prob, discretized_logistic_log_prob
+from .nets import Arch, build_networks
+from .posteriors import (
+    LOG_2PI,
+    LOG_TRUNCATED_MASS,
+    PlanarFlows,
+    PosteriorKind,
+    log_posterior,
+    log_standard_normal,
+    sample_standard,
+)
+from .prior import beta_from_xi
+
+LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in float32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model; stored in every checkpoint."""
+
+    image_shape: tuple[int, int, int]
+    zdim: int
+    likelihood: LikelihoodKind = "bernoulli"
+    logistic_scale: Literal["per_pixel", "scalar"] = "per_pixel"
+    arch: Arch = "mlp"
+    hidden: tuple[int, ...] = (500, 500)
+    channels: tuple[int, ...] = (16, 32, 64)
+    posterior: PosteriorKind = "truncated"
+    log_sigma_min: float = -5.0
+    n_flows: int = 0
+    pullback: bool = True
+    beta_max: float = 10.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"])
+        d["hidden"] = tuple(d["hidden"])
+        d["channels"] = tuple(d["channels"])
+        return cls(**d)
+
+
+class VAEPP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.zdim = spec.zdim
+        c = spec.image_shape[0]
+        n_out = 2 if spec.likelihood == "logistic" and spec.logistic_scale == "per_pixel" else 1
+        self.encoder, self.decoder, self.critic = build_networks(
+            spec.arch,
+            spec.image_shape,
+            spec.zdim,
+            hidden=list(spec.hidden),
+            channels=list(spec.channels),
+            n_out=n_out,
+        )
+        self.n_channels = c
+        self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0 (SPEC)
+        self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None
+        # The paper's "learnable scalar γ": one log-scale shared by every pixel (FID runs).
+        self.log_gamma = (
+            nn.Parameter(torch.zeros(()))
+            if spec.likelihood == "logistic" and spec.logistic_scale == "scalar"
+            else None
+        )
+
+    # ----- parameters of the prior -------------------------------------------------------
+    @property
+    def beta(self) -> Tensor:
+        """β = w·sigmoid(ξ) for VAEPP; exactly 0 for the plain VAE."""
+        if not self.spec.pullback:
+            return torch.zeros((), device=self.xi.device)
+        return beta_from_xi(self.xi, self.spec.beta_max)
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Encoder, decoder, flows, γ and ξ: everything but the critic."""
+        critic_ids = {id(p) for p in self.critic.parameters()}
+        return [p for p in self.parameters() if id(p) not in critic_ids]
+
+    # ----- posterior ---------------------------------------------------------------------
+    def encode(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """e (B, C, H, W) → μ, log σ, each (B, Z); log σ is floored at `log_sigma_min`."""
+        mu, log_sigma = self.encoder(e)
+        return mu, log_sigma.clamp(min=self.spec.log_sigma_min)
+
+    def sample_q(
+        self, mu: Tensor, log_sigma: Tensor, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """n reparameterised draws per posterior: z (n, B, Z) and log q(z | e) (n, B), nats."""
+        eps = sample_standard(
+            self.spec.posterior, (n, *mu.shape), device=mu.device, dtype=mu.dtype, generator=generator
+        )
+        z = mu + torch.exp(log_sigma) * eps  # (n, B, Z)
+        # log q from ε directly: Σ_d [−ε²/2 − log σ_d − log(2π)/2] (− Z·log 0.9545 if truncated).
+        log_q = (-0.5 * eps.square() - log_sigma - 0.5 * LOG_2PI).sum(-1)
+        if self.spec.posterior == "truncated":
+            log_q = log_q - self.zdim * LOG_TRUNCATED_MASS
+        if self.flows is not None:
+            z, log_det = self.flows(z)
+            log_q = log_q - log_det
+        return z, log_q
+
+    def log_q(self, z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+        """log q(z | e) of given points z (n, B, Z) → (n, B). Not available with flows (the
+        planar maps have no closed-form inverse); use the log q returned by `sample_q`."""
+        if self.flows is not None:
+            raise ValueError("log q of arbitrary points is not available with planar flows")
+        return log_posterior(self.spec.posterior, z, mu, log_sigma)
+
+    # ----- decoder -----------------------------------------------------------------------
+    def decode(self, z: Tensor) -> Tensor:
+        """z (..., Z) → raw decoder output (..., n_out·C, H, W)."""
+        lead = z.shape[:-1]
+        raw = self.decoder(z.reshape(-1, self.zdim))
+        return raw.view(*lead, *raw.shape[1:])
+
+    def log_px(self, x: Tensor, raw: Tensor) -> Tensor:
+        """log p(x | z) in nats from the raw decoder output. x (B, C, H, W) broadcasts against
+        raw (..., B, ·, H, W); a soft x is the Bernoulli expectation (eq. 7). Returns (..., B)."""
+        if self.spec.likelihood == "bernoulli":
+            return bernoulli_log_prob(raw, x)
+        c = self.n_channels
+        mean = raw[..., :c, :, :]
+        if self.log_gamma is not None:
+            log_scale = self.log_gamma.clamp(min=LOGISTIC_LOG_SCALE_MIN).expand_as(mean)
+        else:
+            log_scale = raw[..., c:, :, :].clamp(min=LOGISTIC_LOG_SCALE_MIN)
+        return discretized_logistic_log_prob(mean, log_scale, x)
+
+    def image_mean(self, raw: Tensor) -> Tensor:
+        """G(z) = E[x | z] as an image in [0, 1] (the critic's input)."""
+        if self.spec.likelihood == "bernoulli":
+            return torch.sigmoid(raw)
+        mean = raw[..., : self.n_channels, :, :].clamp(-1.0, 1.0)
+        return 0.5 * (mean + 1.0)
+
+    def critic_images(self, images: Tensor) -> Tensor:
+        """D(x) for images (..., C, H, W) → (...)."""
+        lead = images.shape[:-3]
+        return self.critic(images.reshape(-1, *images.shape[-3:])).view(lead)
+
+    # ----- prior -------------------------------------------------------------------------
+    def log_f_from_raw(self, z: Tensor, raw: Tensor) -> Tensor:
+        """log f(z) = log N(z; 0, I) − β·D(G(z)) reusing an existing decoder pass `raw`."""
+        log_n = log_standard_normal(z)
+        if not self.spec.pullback:
+            return log_n
+        return log_n - self.beta * self.critic_images(self.image_mean(raw))
+
+    def log_f(self, z: Tensor) -> Tensor:
+        """log f(z) in nats, Gaussian constant kept: (..., Z) → (...)."""
+        if not self.spec.pullback:
+            return log_standard_normal(z)
+        return self.log_f_from_raw(z, self.decode(z))
+
+    def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """One decoder pass serves both: x (B, C, H, W), z (n, B, Z) → (n, B), (n, B)."""
+        raw = self.decode(z)
+        return self.log_px(x, raw), self.log_f_from_raw(z, raw)
+
+    def energy_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """E(z) = β·D(G(z)) + ½‖z‖² = −log f(z) − (Z/2)·log 2π and ∇E, for MALA. z (M, Z)."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            energy = -self.log_f(z) - 0.5 * self.zdim * math.log(2.0 * math.pi)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+        return energy.detach(), grad
+
+
+def n_pixels(spec: ModelSpec) -> int:
+    c, h, w = spec.image_shape
+    return c * h * w
+
+
+__all__ = ["ModelSpec", "VAEPP", "n_pixels"]
