@@ -1,0 +1,247 @@
+"""params.yaml, validated once at the edge into frozen typed objects.
+
+A study is a set of named runs. Each run names an algorithm and may override any key of the
+shared sections `data`, `model`, `train`, `latent_gan` (a run's `model: {zdim: 32}` changes only
+that run); everything else is shared, so `dvc exp run -S model.zdim=256` changes every run that
+does not pin its own zdim. Unknown keys, wrong types and out-of-range values raise ParamsError
+with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dataset = Literal[
+    "mnist", "fashion_mnist", "static_mnist_standin", "static_mnist", "omniglot", "cifar10",
+    "cifar10_smoke", "celeba",
+]
+RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow"]
+Penalty = Literal["wgan_gp", "wgan_div_1", "wgan_div_2"]
+PositiveInt = Field(gt=0)
+
+
+class ParamsError(Exception):
+    """A params file that cannot be used; the message is one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataParams(_Section):
+    dataset: Dataset = "mnist"
+    n_train: Optional[int] = Field(default=None, gt=0)  # first n training images (None = all)
+    n_test: Optional[int] = Field(default=None, gt=0)  # first n test images used by evaluation
+
+
+class ModelParams(_Section):
+    arch: Literal["mlp", "resnet"] = "mlp"
+    zdim: int = Field(default=16, gt=0, le=65536)
+    hidden: tuple[int, ...] = (300, 300)
+    channels: tuple[int, ...] = (16, 32, 64)
+    likelihood: Literal["auto", "bernoulli", "logistic"] = "auto"  # auto: from the dataset
+    logistic_scale: Literal["per_pixel", "scalar"] = "per_pixel"
+    posterior: Literal["auto", "normal", "truncated"] = "auto"  # auto: truncated on binary data
+    log_sigma_min: float = Field(default=-5.0, le=0.0)
+    beta_max: float = Field(default=10.0, gt=0.0)
+    n_flows: int = Field(default=20, ge=1, le=200)  # used by vaepp_flow runs
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_sizes(cls, v):
+        if not v or any(int(x) <= 0 for x in v):
+            raise ValueError("must be a non-empty list of positive layer sizes")
+        return v
+
+
+class TrainParams(_Section):
+    epochs: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    lr_halve_every: int = Field(default=200, gt=0)
+    weight_decay: float = Field(default=2e-4, ge=0.0)
+    n_prior_samples: int = Field(default=128, gt=0)
+    penalty: Penalty = "wgan_div_1"
+    penalty_k: float = Field(default=2.0, ge=0.0)
+    penalty_p: float = Field(default=6.0, gt=0.0)
+    critic_lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    critic_penalty_weight: float = Field(default=1.0, ge=0.0)
+    clamp_kl: bool = False
+    max_steps_per_epoch: Optional[int] = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=1, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+
+class LatentGANParams(_Section):
+    noise_dim: int = Field(default=64, gt=0)
+    hidden: tuple[int, ...] = (256, 256)
+    epochs: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    n_critic: int = Field(default=5, gt=0)
+    penalty: Penalty = "wgan_div_1"
+    penalty_k: float = Field(default=2.0, ge=0.0)
+    penalty_p: float = Field(default=6.0, gt=0.0)
+    max_steps_per_epoch: Optional[int] = Field(default=None, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+
+class LogZParams(_Section):
+    prior_is_samples: int = Field(default=1_000_000, gt=0)  # N(0,I)-proposal IS
+    ais_chains: int = Field(default=256, gt=0)
+    ais_temps: int = Field(default=200, gt=1)
+    ais_seeds: int = Field(default=3, gt=0)
+    q_based_per_image: int = Field(default=10, gt=0)  # paper protocol: 1000 on MNIST
+    q_based_images: Optional[int] = Field(default=None, gt=0)  # None = the whole training set
+
+
+class NLLParams(_Section):
+    n_importance: int = Field(default=1000, gt=0)  # S per image per pass
+    n_passes: int = Field(default=1, gt=0)  # P, fresh binarisation each pass on binary data
+    chunk: int = Field(default=4096, gt=0)  # rows of z per decoder call
+    batch_images: int = Field(default=64, gt=0)
+    seed: int = Field(default=0, ge=0)
+    log_z: LogZParams = LogZParams()
+
+
+class MALAParams(_Section):
+    n_samples: int = Field(default=1000, gt=0)
+    n_steps: int = Field(default=200, ge=0)
+    step_size: float = Field(default=1e-5, gt=0.0)
+    seed: int = Field(default=0, ge=0)
+
+
+class FIDParams(_Section):
+    n_samples: int = Field(default=1000, gt=0)
+    reference: Literal["train", "test"] = "train"  # paper: generated vs the training set
+    n_reference: int = Field(default=1000, gt=0)
+    batch_size: int = Field(default=50, gt=0)
+
+
+class RunParams(_Section):
+    """One named run: an algorithm plus optional per-run overrides of shared sections."""
+
+    algorithm: RunAlgorithm
+    data: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    latent_gan: dict[str, Any] = {}
+
+
+class Params(_Section):
+    profile: str = "default"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    datasets: tuple[Dataset, ...] = ("mnist",)  # prepared by the prepare-data stage
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    latent_gan: LatentGANParams = LatentGANParams()
+    nll: NLLParams = NLLParams()
+    mala: MALAParams = MALAParams()
+    fid: FIDParams = FIDParams()
+    runs: dict[str, RunParams]
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names(cls, v):
+        if not v:
+            raise ValueError("at least one run is needed")
+        for name in v:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"run name {name!r} may hold only letters, digits, '_' and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _runs_resolve(self):
+        for name in self.runs:
+            run = resolve_run(self, name)  # every override must name a real key with a valid value
+            if run.data.dataset not in self.datasets:
+                raise ParamsError(
+                    f"runs.{name}: dataset {run.data.dataset!r} is not prepared; add it to "
+                    f"`datasets` (now {list(self.datasets)})"
+                )
+        return self
+
+
+class RunConfig(_Section):
+    """A run with its overrides applied: what the stages use."""
+
+    name: str
+    algorithm: RunAlgorithm
+    device: Literal["cpu", "cuda", "auto"]
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    latent_gan: LatentGANParams
+    nll: NLLParams
+    mala: MALAParams
+    fid: FIDParams
+
+
+def resolve_run(params: Params, name: str) -> RunConfig:
+    """Apply run `name`'s overrides to the shared sections and validate the result."""
+    if name not in params.runs:
+        raise ParamsError(f"runs.{name}: no such run; defined runs: {', '.join(params.runs)}")
+    run = params.runs[name]
+    sections = {}
+    for key, cls in (("data", DataParams), ("model", ModelParams), ("train", TrainParams),
+                     ("latent_gan", LatentGANParams)):
+        base = getattr(params, key).model_dump()
+        try:
+            sections[key] = cls(**{**base, **getattr(run, key)})
+        except ValidationError as err:
+            raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
+    return RunConfig(name=name, algorithm=run.algorithm, device=params.device, nll=params.nll,
+                     mala=params.mala, fid=params.fid, **sections)
+
+
+def _format(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{…}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{key} = {shown}: {msg}" if e["type"] != "missing" else f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate a mapping (as read from YAML) into Params; ParamsError on any problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise ParamsError(f"{source}: {_format(err)}") from None
+    except ParamsError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read params file ({err.strerror or err})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    return parse_params(raw, source=str(path))
+
+
+def load_run(path: str | Path, name: str) -> RunConfig:
+    return resolve_run(load_params(path), name)
