@@ -28,6 +28,12 @@ class ParamsError(Exception):
     """A params file that cannot be used; the message is one line per problem."""
 
 
+def _positive_sizes(cls, v):
+    if not v or any(int(x) <= 0 for x in v):
+        raise ValueError("must be a non-empty list of positive layer sizes")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -50,12 +56,7 @@ class ModelParams(_Section):
     beta_max: float = Field(default=10.0, gt=0.0)
     n_flows: int = Field(default=20, ge=1, le=200)  # used by vaepp_flow runs
 
-    @field_validator("hidden", "channels")
-    @classmethod
-    def _positive_sizes(cls, v):
-        if not v or any(int(x) <= 0 for x in v):
-            raise ValueError("must be a non-empty list of positive layer sizes")
-        return v
+    _sizes = field_validator("hidden", "channels")(_positive_sizes)
 
 
 class TrainParams(_Section):
@@ -80,6 +81,8 @@ class LatentGANParams(_Section):
     noise_dim: int = Field(default=64, gt=0)
     hidden: tuple[int, ...] = (256, 256)
     epochs: int = Field(default=10, gt=0)
+
+    _sizes = field_validator("hidden")(_positive_sizes)
     batch_size: int = Field(default=128, gt=0)
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     n_critic: int = Field(default=5, gt=0)

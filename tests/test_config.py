@@ -1,0 +1,123 @@
+"""params.yaml validation: every bad value fails fast with one line naming key, value, rule."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vaepp.config import ParamsError, load_params, load_run, parse_params, resolve_run
+from vaepp.study import model_spec, train_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path: str, value):
+    raw = copy.deepcopy(DEFAULT)
+    node = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return raw
+
+
+def test_committed_profiles_validate():
+    for f in [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]:
+        params = load_params(f)
+        for name in params.runs:
+            resolve_run(params, name)
+
+
+BAD = [
+    ("model.zdim", 0, "model.zdim"),
+    ("model.zdim", -3, "greater than 0"),
+    ("model.zdim", "big", "model.zdim"),
+    ("model.zdm", 3, "unknown key"),
+    ("model.hidden", [], "hidden"),
+    ("model.hidden", [300, -1], "positive"),
+    ("model.arch", "transformer", "'mlp' or 'resnet'"),
+    ("model.beta_max", 0.0, "beta_max"),
+    ("model.log_sigma_min", 1.0, "log_sigma_min"),
+    ("train.lr", -1.0e-4, "train.lr"),
+    ("train.lr", 0, "train.lr"),
+    ("train.epochs", 0, "train.epochs"),
+    ("train.epochs", 2.5, "train.epochs"),
+    ("train.batch_size", -128, "train.batch_size"),
+    ("train.penalty", "wgan", "wgan_gp"),
+    ("train.penalty_k", -2.0, "penalty_k"),
+    ("train.clamp_kl", "sometimes", "clamp_kl"),
+    ("train.seed", -1, "seed"),
+    ("train.optimiser", "sgd", "unknown key"),
+    ("data.dataset", "imagenet", "data.dataset"),
+    ("data.n_test", 0, "n_test"),
+    ("nll.n_importance", 0, "n_importance"),
+    ("nll.log_z.ais_temps", 1, "ais_temps"),
+    ("nll.log_z.prior_is_sample", 10, "unknown key"),
+    ("mala.step_size", -1.0, "step_size"),
+    ("mala.n_steps", -5, "n_steps"),
+    ("fid.reference", "valid", "reference"),
+    ("fid.n_samples", 0, "n_samples"),
+    ("latent_gan.n_critic", 0, "n_critic"),
+    ("device", "tpu", "device"),
+    ("runs", {}, "at least one run"),
+    ("runs", {"a b": {"algorithm": "vae"}}, "run name"),
+    ("runs.vae.algorithm", "gan", "runs.vae.algorithm"),
+    ("runs.vae.model", {"zdim": -1}, "runs.vae.model.zdim"),
+    ("runs.vae.model", {"depth": 3}, "runs.vae.model.depth"),
+    ("runs.vae.train", {"lr": "fast"}, "runs.vae.train.lr"),
+    ("runs.vae.data", {"dataset": "fashion_mnist"}, "not prepared"),
+    ("runs.vae.optimizer", {}, "unknown key"),
+    ("datasets", ["mnist", "svhn"], "datasets"),
+    ("profile", ["a"], "profile"),
+    ("nll", "lots", "nll"),
+    ("train", None, "train"),
+    ("model.n_flows", 0, "n_flows"),
+    ("model.zdim", 10**9, "zdim"),
+    ("train.weight_decay", -1.0, "weight_decay"),
+    ("nll.chunk", 0, "chunk"),
+    ("mala.seed", "x", "seed"),
+    ("latent_gan.hidden", [0], "hidden"),
+    ("fid.batch_size", 0, "batch_size"),
+    ("train.max_steps_per_epoch", 0, "max_steps_per_epoch"),
+]
+
+
+@pytest.mark.parametrize("path,value,needle", BAD)
+def test_bad_values_fail_with_one_line_naming_the_key(path, value, needle):
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change(path, value), source="params.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and needle in msg and msg.startswith("params.yaml")
+
+
+@pytest.mark.parametrize("text", ["", "[1, 2]", "runs: [", "a: b: c", "\x00\x01", "runs: 3"])
+def test_malformed_files_fail_cleanly(tmp_path, text):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    with pytest.raises(ParamsError):
+        load_params(f)
+
+
+def test_missing_file_and_missing_run(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="no such run"):
+        load_run(ROOT / "params.yaml", "vaepp_typo")
+
+
+def test_run_overrides_apply_to_that_run_only():
+    raw = with_change("runs.vaepp.model", {"zdim": 32})
+    params = parse_params(raw)
+    assert resolve_run(params, "vaepp").model.zdim == 32
+    assert resolve_run(params, "vae").model.zdim == DEFAULT["model"]["zdim"]
+
+
+def test_specs_from_runs():
+    params = parse_params(with_change("runs.flow", {"algorithm": "vaepp_flow"}))
+    flow = model_spec(resolve_run(params, "flow"), (1, 28, 28), binary=True)
+    assert flow.n_flows == DEFAULT["model"]["n_flows"] and flow.posterior == "truncated"
+    assert train_spec(resolve_run(params, "flow")).algorithm == "vaepp"
+    vae = model_spec(resolve_run(params, "vae"), (3, 32, 32), binary=False)
+    assert not vae.pullback and vae.likelihood == "logistic" and vae.posterior == "normal"
