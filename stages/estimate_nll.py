@@ -42,7 +42,7 @@ def _main(argv: list[str] | None) -> int:
     progress = not args.no_progress
     train = data.train[: run.data.n_train] if run.data.n_train else data.train
     test = data.test[: run.data.n_test] if run.data.n_test else data.test
-    binary = bool(data.meta["binary"])
+    binary = model.spec.likelihood == "bernoulli"  # x ~ Bernoulli(e), fresh each pass
     t0 = time.perf_counter()
     estimates: dict[str, dict] = {}
     if model.spec.pullback:

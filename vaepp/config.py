@@ -1,8 +1,8 @@
 """params.yaml, validated once at the edge into frozen typed objects.
 
 A study is a set of named runs. Each run names an algorithm and may override any key of the
-shared sections `data`, `model`, `train`, `latent_gan` (a run's `model: {zdim: 32}` changes only
-that run); everything else is shared, so `dvc exp run -S model.zdim=256` changes every run that
+shared sections `data`, `model`, `train`, `latent_gan`, `nll`, `mala`, `fid` (a run's
+`model: {zdim: 32}` changes only that run); everything else is shared, so `dvc exp run -S model.zdim=256` changes every run that
 does not pin its own zdim. Unknown keys, wrong types and out-of-range values raise ParamsError
 with one line naming the key, the value and what is allowed.
 """
@@ -133,6 +133,9 @@ class RunParams(_Section):
     model: dict[str, Any] = {}
     train: dict[str, Any] = {}
     latent_gan: dict[str, Any] = {}
+    nll: dict[str, Any] = {}
+    mala: dict[str, Any] = {}
+    fid: dict[str, Any] = {}
 
 
 class Params(_Section):
@@ -191,15 +194,25 @@ def resolve_run(params: Params, name: str) -> RunConfig:
         raise ParamsError(f"runs.{name}: no such run; defined runs: {', '.join(params.runs)}")
     run = params.runs[name]
     sections = {}
-    for key, cls in (("data", DataParams), ("model", ModelParams), ("train", TrainParams),
-                     ("latent_gan", LatentGANParams)):
+    for key, cls in _SECTIONS.items():
         base = getattr(params, key).model_dump()
         try:
-            sections[key] = cls(**{**base, **getattr(run, key)})
+            sections[key] = cls(**_deep_merge(base, getattr(run, key)))
         except ValidationError as err:
             raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
-    return RunConfig(name=name, algorithm=run.algorithm, device=params.device, nll=params.nll,
-                     mala=params.mala, fid=params.fid, **sections)
+    return RunConfig(name=name, algorithm=run.algorithm, device=params.device, **sections)
+
+
+_SECTIONS = {"data": DataParams, "model": ModelParams, "train": TrainParams,
+             "latent_gan": LatentGANParams, "nll": NLLParams, "mala": MALAParams, "fid": FIDParams}
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    """base with override's keys replaced; nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def _format(err: ValidationError, prefix: str = "") -> str:

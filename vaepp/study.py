@@ -11,11 +11,14 @@ from .train import TrainSpec
 
 def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> ModelSpec:
     """Likelihood "auto": Bernoulli on binary data, discretised logistic otherwise; posterior
-    "auto": Normal truncated at ±2σ on binary data (the paper's default), Normal otherwise.
+    "auto": Normal truncated at ±2σ with a Bernoulli likelihood (the paper's default on binary
+    data), Normal otherwise.
     `vaepp_flow` runs add `model.n_flows` planar flows; `vae` runs have no pull-back (β ≡ 0)."""
     m = run.model
     likelihood = m.likelihood if m.likelihood != "auto" else ("bernoulli" if binary else "logistic")
-    posterior = m.posterior if m.posterior != "auto" else ("truncated" if binary else "normal")
+    posterior = m.posterior if m.posterior != "auto" else (
+        "truncated" if likelihood == "bernoulli" else "normal"
+    )
     return ModelSpec(
         image_shape=tuple(image_shape),
         zdim=m.zdim,
