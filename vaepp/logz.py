@@ -1,0 +1,346 @@
+"""Estimators of log Z, Z = ∫ f_λ(z) dz, for the pull-back prior f_λ(z) = N(z; 0, I)·exp(−β·D(G(z)))
+(paper eq. 4; SPEC "Estimating log Z"). All values are in nats.
+
+Three estimators, each returning a `LogZEstimate`:
+- `log_z_q_based`: the paper's evaluation protocol (§3.4, eq. 8), the posterior-based Ẑ_q over the
+  training set. It is NOT a bound on Z (see its docstring); reported only beside the others.
+- `log_z_prior_is`: importance sampling with the N(0, I) proposal, streamed (10⁸ samples and more).
+- `log_z_ais`: annealed importance sampling from N(0, I) to p_λ along the geometric path.
+
+They need only `log_f: (..., Z) → (...)`, log f with its Gaussian constant (so Z = 1 at β = 0),
+and, for gradient moves, autograd through it. Both N(0, I)-IS and AIS are unbiased for Z, hence by
+Jensen LOWER estimates of log Z in expectation; the larger is the less optimistic (SPEC item 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from .mala import langevin_proposal, log_proposal_density, metropolis_accept
+
+LogF = Callable[[Tensor], Tensor]
+LOG_2PI = math.log(2.0 * math.pi)
+RNG_BLOCK = 1024  # rows per random draw in `log_z_prior_is`; chunks are whole blocks (see there)
+
+
+def log_standard_normal(z: Tensor) -> Tensor:
+    """log N(z; 0, I) with its constant: (..., Z) → (...), in nats."""
+    return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+@dataclass(frozen=True)
+class LogZEstimate:
+    """One estimate of log Z in nats. std_err: delta-method standard error of log Ẑ (sd(w)/(√n·w̄)),
+    which is only meaningful when ess ≫ 1; ess = (Σw)²/Σw² of the importance weights."""
+
+    name: str
+    log_z: float
+    std_err: float
+    n_samples: int
+    ess: float
+    extra: dict = field(default_factory=dict)
+
+
+class StreamingLogMeanExp:
+    """Running log((1/n)·Σ wᵢ), with wᵢ = exp(log wᵢ) given in chunks, in constant memory.
+
+    Keeps the running max m, s₁ = Σ exp(log w − m) and s₂ = Σ exp(2(log w − m)) in float64, and
+    rescales them when m grows, so no weight overflows whatever its range. Zero weights (log w =
+    −inf, e.g. z outside a truncated posterior's box) are counted; NaN or +inf is an error.
+    """
+
+    def __init__(self) -> None:
+        self.m = -math.inf
+        self.s1 = 0.0
+        self.s2 = 0.0
+        self.n = 0
+
+    def update(self, log_w: Tensor) -> None:
+        log_w = log_w.detach().reshape(-1).to(torch.float64)
+        if log_w.numel() == 0:
+            return
+        if torch.isnan(log_w).any() or torch.isposinf(log_w).any():
+            raise ValueError("log importance weights contain NaN or +inf")
+        self.n += log_w.numel()
+        chunk_max = log_w.max().item()
+        new_m = max(self.m, chunk_max)
+        if new_m == -math.inf:
+            return
+        scale = math.exp(self.m - new_m) if self.m > -math.inf else 0.0
+        shifted = log_w - new_m
+        self.s1 = self.s1 * scale + torch.exp(shifted).sum().item()
+        self.s2 = self.s2 * scale * scale + torch.exp(2.0 * shifted).sum().item()
+        self.m = new_m
+
+    @property
+    def log_mean(self) -> float:
+        """log w̄ = m + log s₁ − log n."""
+        if self.n == 0 or self.s1 == 0.0:
+            return -math.inf
+        return self.m + math.log(self.s1) - math.log(self.n)
+
+    @property
+    def ess(self) -> float:
+        """(Σw)² / Σw² = s₁² / s₂."""
+        return self.s1 * self.s1 / self.s2 if self.s2 > 0.0 else 0.0
+
+    @property
+    def std_err(self) -> float:
+        """Delta-method se of log w̄: √(var(w)/n)/w̄ = √((n·s₂/s₁² − 1)/(n − 1))."""
+        if self.n < 2 or self.s1 == 0.0:
+            return math.inf
+        rel_var = self.n * self.s2 / (self.s1 * self.s1) - 1.0
+        return math.sqrt(max(rel_var, 0.0) / (self.n - 1))
+
+
+def _progress(iterable, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def log_z_q_based(
+    batches: Iterable[Tensor],
+    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
+    sample_q: Callable[..., tuple[Tensor, Tensor]],
+    log_f: LogF,
+    n_train: int,
+    *,
+    n_per_image: int = 1000,
+    chunk: int = 65536,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> LogZEstimate:
+    """The paper's q-based estimate ("paper_q"; §3.4 eq. 8, SPEC "Estimating log Z" item 2):
+
+        Ẑ_q = mean over images i and samples s of f(z_is)·N / q(z_is | e_i),  z_is ~ q(z | e_i),
+        log Ẑ_q = log N + log mean(f/q),   N = n_train.
+
+    This is not a bound on Z, in either direction. For each image E_q[f/q] = ∫_{supp q} f, so
+    with a full-support q the mean of Ẑ_q is N·Z (log Ẑ_q ≈ log Z + log N, too high by log N);
+    with q truncated at ±2σ it is Σ_i ∫_{box_i} f, only the mass of f inside the posteriors'
+    boxes, which sits far below Z once p_λ has mass away from the posteriors (and then the NLL
+    looks better than it is). The paper's "q̂ = q/N ≤ q(z)" argument would need the mixture
+    density q(z) in the denominator, not one component. Never report this estimate alone.
+
+    batches: iterable of training batches e (B, ...); encode: e → (μ, log σ), each (B, Z), run
+    once per batch; sample_q(μ, log σ, n, generator=...) → (z (n, B, Z), log q (n, B)), as the
+    model's `sample_q`. Samples are drawn in calls of max(1, chunk // B) per image, so a call
+    holds about `chunk` rows. std_err pools all N·n weights as one sample, which over-states the
+    error (the images are not resampled). Returns log_z in nats; extra carries
+    log_mean_f_over_q = log Ẑ_q − log N and the number of images seen.
+    """
+    if n_train < 1 or n_per_image < 1:
+        raise ValueError("n_train and n_per_image must be >= 1")
+    acc = StreamingLogMeanExp()
+    n_images = 0
+    with torch.inference_mode():
+        for e in _progress(batches, progress, "log Z (paper q)"):
+            mu, log_sigma = encode(e)  # (B, Z) each
+            batch = mu.shape[0]
+            n_images += batch
+            per_call = max(1, chunk // batch)
+            done = 0
+            while done < n_per_image:
+                n = min(per_call, n_per_image - done)
+                z, log_q = sample_q(mu, log_sigma, n, generator=generator)  # (n, B, Z), (n, B)
+                acc.update(log_f(z).double() - log_q.double())
+                done += n
+    log_mean = acc.log_mean
+    return LogZEstimate(
+        name="paper_q",
+        log_z=log_mean + math.log(n_train),
+        std_err=acc.std_err,
+        n_samples=acc.n,
+        ess=acc.ess,
+        extra={"log_mean_f_over_q": log_mean, "n_train": n_train, "n_images": n_images,
+               "n_per_image": n_per_image},
+    )
+
+
+def log_z_prior_is(
+    log_f: LogF,
+    zdim: int,
+    n_samples: int,
+    *,
+    chunk: int = 65536,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> LogZEstimate:
+    """log Z = log E_{z~N(0,I)}[f(z)/N(z; 0, I)] by importance sampling ("prior_is"; SPEC item 3a).
+
+    log wᵢ = log f(zᵢ) − log N(zᵢ; 0, I) = −β·D(G(zᵢ)), zᵢ ~ N(0, I); log Ẑ = log mean(w), with a
+    running logsumexp and running Σw, Σw² for the delta-method std_err and the ESS (Σw)²/Σw².
+    Memory is one chunk of (chunk, Z) rows whatever n_samples is. The noise is drawn in blocks of
+    RNG_BLOCK rows and `chunk` is rounded up to whole blocks, so the same generator state gives the
+    same samples, hence the same estimate up to float64 summation order, for any chunk size.
+    Unbiased for Z, so in expectation a lower estimate of log Z; when ESS is a handful of samples
+    out of millions the estimate and its std_err are both unreliable (FACTS: trained models).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    blocks_per_chunk = max(1, -(-chunk // RNG_BLOCK))
+    acc = StreamingLogMeanExp()
+    n_blocks = -(-n_samples // RNG_BLOCK)
+    starts = range(0, n_blocks, blocks_per_chunk)
+    with torch.inference_mode():
+        for first in _progress(starts, progress, "log Z (N(0,I)-IS)", total=len(starts)):
+            parts = []
+            for b in range(first, min(first + blocks_per_chunk, n_blocks)):
+                rows = min(RNG_BLOCK, n_samples - b * RNG_BLOCK)
+                parts.append(torch.randn(rows, zdim, generator=generator, device=device, dtype=dtype))
+            z = torch.cat(parts)  # (≤ chunk, Z)
+            acc.update(log_f(z).double() - log_standard_normal(z.double()))
+    return LogZEstimate(name="prior_is", log_z=acc.log_mean, std_err=acc.std_err,
+                        n_samples=acc.n, ess=acc.ess, extra={"chunk_rows": blocks_per_chunk * RNG_BLOCK})
+
+
+def annealing_schedule(n_temps: int, kind: Literal["linear", "sigmoid"] = "sigmoid",
+                       sharpness: float = 4.0) -> Tensor:
+    """Inverse temperatures 0 = t₀ < t₁ < … < t_K = 1, K = n_temps, float64 (K + 1,).
+
+    "sigmoid" (Grosse et al. 2015): t_k ∝ σ(δ(2k/K − 1)), rescaled to [0, 1], δ = sharpness;
+    it spends more temperatures at both ends, where the path changes fastest in log space.
+    """
+    if n_temps < 1:
+        raise ValueError(f"n_temps must be >= 1, got {n_temps}")
+    grid = torch.linspace(0.0, 1.0, n_temps + 1, dtype=torch.float64)
+    if kind == "linear":
+        return grid
+    if kind == "sigmoid":
+        s = torch.sigmoid(sharpness * (2.0 * grid - 1.0))
+        return (s - s[0]) / (s[-1] - s[0])
+    raise ValueError(f"unknown schedule {kind!r}; allowed: linear, sigmoid")
+
+
+def _log_ratio_and_grad(log_f: LogF, z: Tensor) -> tuple[Tensor, Tensor]:
+    """h(z) = log f(z) − log N(z; 0, I) (= −β·D(G(z))) and ∇h by autograd. (M, Z) → (M,), (M, Z)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        z_leaf = z.detach().clone().requires_grad_(True)
+        h = log_f(z_leaf) - log_standard_normal(z_leaf)
+        (grad,) = torch.autograd.grad(h.sum(), z_leaf)
+    return h.detach(), grad.detach()
+
+
+def _ais_one_seed(log_f, zdim, n_chains, temps, transition, step_size, n_leapfrog,
+                  target_accept, adapt_rate, seed, device, dtype, progress):
+    """One AIS run: returns (log weights (n_chains,) float64, mean acceptance, final step size)."""
+    gen = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
+    z = torch.randn(n_chains, zdim, generator=gen, device=device, dtype=dtype)  # (M, Z) ~ π₀
+    h, grad_h = _log_ratio_and_grad(log_f, z)
+    log_w = torch.zeros(n_chains, dtype=torch.float64, device=z.device)
+    alpha = float(step_size)
+    acc_sum = 0.0
+    n_temps = temps.numel() - 1
+    for k in _progress(range(1, n_temps + 1), progress, f"AIS seed {seed}"):
+        t = temps[k].item()
+        log_w += (temps[k] - temps[k - 1]).item() * h.double()
+        # π_t(z) ∝ exp(−E_t(z)), E_t(z) = ½‖z‖² − t·h(z): the geometric path N^(1−t)·f^t.
+        energy = 0.5 * z.square().sum(-1) - t * h
+        grad_e = z - t * grad_h
+        if transition == "mala":
+            z_new = langevin_proposal(z, grad_e, alpha, gen)
+            h_new, grad_h_new = _log_ratio_and_grad(log_f, z_new)
+            energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
+            grad_e_new = z_new - t * grad_h_new
+            log_ratio = (energy - energy_new
+                         + log_proposal_density(z, z_new, grad_e_new, alpha)
+                         - log_proposal_density(z_new, z, grad_e, alpha))
+        elif transition == "hmc":
+            momentum = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+            z_new, p_new, g_new = z, momentum - 0.5 * alpha * grad_e, None
+            for step in range(n_leapfrog):
+                z_new = z_new + alpha * p_new
+                h_new, grad_h_new = _log_ratio_and_grad(log_f, z_new)
+                g_new = z_new - t * grad_h_new
+                p_new = p_new - (alpha if step < n_leapfrog - 1 else 0.5 * alpha) * g_new
+            energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
+            log_ratio = (energy + 0.5 * momentum.square().sum(-1)
+                         - energy_new - 0.5 * p_new.square().sum(-1))
+        else:
+            raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
+        accepted = metropolis_accept(log_ratio, gen)
+        z = torch.where(accepted[:, None], z_new, z)
+        h = torch.where(accepted, h_new, h)
+        grad_h = torch.where(accepted[:, None], grad_h_new, grad_h)
+        rate = accepted.double().mean().item()
+        acc_sum += rate
+        alpha *= math.exp(adapt_rate * (rate - target_accept))
+    return log_w, acc_sum / n_temps, alpha
+
+
+def log_z_ais(
+    log_f: LogF,
+    zdim: int,
+    *,
+    n_chains: int = 1000,
+    n_temps: int = 1000,
+    transition: Literal["mala", "hmc"] = "mala",
+    step_size: float = 0.5,
+    n_leapfrog: int = 5,
+    target_accept: float = 0.65,
+    adapt_rate: float = 0.05,
+    schedule: Literal["linear", "sigmoid"] = "sigmoid",
+    seeds: Sequence[int] = (0, 1, 2),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> LogZEstimate:
+    """log Z by annealed importance sampling (Neal 2001) from N(0, I) to p_λ ("ais"; SPEC item 3b).
+
+    Path: π_t(z) ∝ N(z; 0, I)^(1−t)·f(z)^t = N(z; 0, I)·exp(t·h(z)), h = log f − log N(z; 0, I),
+    for t in `annealing_schedule(n_temps, schedule)`. Each chain starts at z ~ N(0, I) (Z₀ = 1),
+    adds (t_k − t_{k−1})·h(z) to its log weight, then makes one transition leaving π_{t_k}
+    invariant: a MALA step, or HMC with n_leapfrog leapfrog steps. The step size is shared by the
+    chains and adapted after every temperature towards `target_accept` (log α += adapt_rate·(rate −
+    target)); it depends on other chains' past states only through one scalar, a negligible
+    departure from fixed kernels. log Ẑ = logmeanexp of the final weights: unbiased for Z, so in
+    expectation a lower estimate of log Z that rises towards log Z as n_temps grows (check
+    convergence by raising n_temps).
+
+    Each seed is an independent run of n_chains chains. log_z pools all seeds' weights;
+    std_err = max(delta-method se of the pooled weights, sd over seeds / √n_seeds);
+    extra: per-seed log Z, their mean and sd, acceptance rates and final step sizes. In nats.
+    """
+    if n_chains < 1 or not seeds:
+        raise ValueError("need n_chains >= 1 and at least one seed")
+    temps = annealing_schedule(n_temps, schedule)
+    pooled = StreamingLogMeanExp()
+    per_seed, acceptance, final_steps, ess_per_seed = [], [], [], []
+    with torch.inference_mode():
+        for seed in seeds:
+            log_w, acc_rate, alpha = _ais_one_seed(
+                log_f, zdim, n_chains, temps, transition, step_size, n_leapfrog,
+                target_accept, adapt_rate, seed, device, dtype, progress)
+            run = StreamingLogMeanExp()
+            run.update(log_w)
+            pooled.update(log_w)
+            per_seed.append(run.log_mean)
+            ess_per_seed.append(run.ess)
+            acceptance.append(acc_rate)
+            final_steps.append(alpha)
+    seeds_t = torch.tensor(per_seed, dtype=torch.float64)
+    seed_std = seeds_t.std().item() if len(per_seed) > 1 else float("nan")
+    std_err = pooled.std_err
+    if len(per_seed) > 1:
+        std_err = max(std_err, seed_std / math.sqrt(len(per_seed)))
+    return LogZEstimate(
+        name="ais",
+        log_z=pooled.log_mean,
+        std_err=std_err,
+        n_samples=pooled.n,
+        ess=pooled.ess,
+        extra={"log_z_per_seed": per_seed, "seed_mean": seeds_t.mean().item(), "seed_std": seed_std,
+               "ess_per_seed": ess_per_seed, "acceptance_per_seed": acceptance,
+               "final_step_size_per_seed": final_steps, "n_temps": n_temps, "n_chains": n_chains,
+               "transition": transition, "schedule": schedule, "seeds": list(seeds)},
+    )
