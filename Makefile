@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make repro` (the whole study, offline) and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+PORT ?= 5000
+HOST ?= 127.0.0.1
+
+.PHONY: setup test test-slow repro repro-paper ui bench clean-outputs
+
+$(VENV_STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV_STAMP)
+
+test: $(VENV_STAMP)
+	$(PY) scripts/ensure_chromium.py || true
+	$(PY) -m pytest -q
+
+test-slow: $(VENV_STAMP)
+	$(PY) -m pytest -q -m slow
+
+repro: $(VENV_STAMP)
+	$(PY) -m dvc repro
+
+repro-paper: $(VENV_STAMP)
+	cp profiles/paper.yaml params.yaml
+	$(PY) -m dvc repro
+
+# The MLflow UI on 127.0.0.1 (HOST=0.0.0.0 to share it); open the printed address.
+ui: $(VENV_STAMP)
+	@echo "MLflow UI: http://$(HOST):$(PORT)/#/experiments (classic runs table)"
+	.venv/bin/mlflow server --workers 1 --host $(HOST) --port $(PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+
+bench: $(VENV_STAMP)
+	$(PY) bench/run_all.py
