@@ -34,8 +34,8 @@ def _main(argv: list[str] | None) -> int:
     from vaepp.io import load_checkpoint
 
     progress = not args.no_progress
-    samples = load_checkpoint(paths["samples"] / "images.pt", map_location="cpu")
-    samples_gan = load_checkpoint(paths["samples"] / "images_gan.pt", map_location="cpu")
+    samples = load_checkpoint(paths["samples"] / "images.pt", map_location="cpu")["images"]
+    samples_gan = load_checkpoint(paths["samples"] / "images_gan.pt", map_location="cpu")["images"]
     if samples.shape[0] < p.n_samples:
         raise ValueError(
             f"fid.n_samples = {p.n_samples} but {paths['samples']} holds {samples.shape[0]} images; "
@@ -57,12 +57,11 @@ def _main(argv: list[str] | None) -> int:
         return fid.frechet_distance(mu, sigma, mu_r, sigma_r)
 
     value = fid_of(samples)
-    value_gan = fid_of(samples_gan) if mala.get("mala_acceptance") is not None else None
+    value_gan = fid_of(samples_gan)  # GAN-VAEPP: the latent GAN's z₀ decoded directly
     metrics = {
         "run": run.name,
         "fid": value,
         "fid_gan": value_gan,
-        "fid_latent_gan_decoded": fid_of(samples_gan) if value_gan is None else value_gan,
         "n_samples": p.n_samples,
         "n_reference": n_ref,
         "reference": p.reference,
@@ -81,8 +80,7 @@ def _main(argv: list[str] | None) -> int:
     with tracker.stage_run("compute-fid", run.name, common.flat(run.fid.model_dump())) as log:
         log.log_metrics({k: v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    extra = f", GAN-VAEPP {value_gan:.2f}" if value_gan is not None else ""
-    print(f"{run.name}: FID {value:.2f}{extra} ({metrics['protocol']})")
+    print(f"{run.name}: FID {value:.2f}, latent GAN decoded {value_gan:.2f} ({metrics['protocol']})")
     return 0
 
 

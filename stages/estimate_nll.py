@@ -90,7 +90,8 @@ def _main(argv: list[str] | None) -> int:
         "ess_mean": nll["ess_mean"],
         "dataset": run.data.dataset,
         "dataset_source": meta.get("source", "unknown"),
-        "standin": bool(meta.get("standin", False)),
+        "stand_in": bool(meta.get("stand_in", False)),
+        "dataset_label": meta.get("label", run.data.dataset),
         "protocol": (
             f"{nll['n_images']} test images × {p.n_passes} pass(es) × S={p.n_importance} samples "
             f"from q(z|e){', fresh binarisation per pass' if binary else ''}; "

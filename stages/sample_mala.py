@@ -53,8 +53,8 @@ def _main(argv: list[str] | None) -> int:
     images_gan = decode_images(model, z0)
     metrics["seconds"] = time.perf_counter() - t0
     out = paths["samples"]
-    vio.atomic_torch_save(images, out / "images.pt")
-    vio.atomic_torch_save(images_gan, out / "images_gan.pt")
+    vio.atomic_torch_save({"images": images}, out / "images.pt")
+    vio.atomic_torch_save({"images": images_gan}, out / "images_gan.pt")
     save_grid(images[:100], out / "grid.png")
     save_grid(images_gan[:100], out / "grid_gan.png")
     common.write_json(paths["metrics"] / "mala.json", metrics)
