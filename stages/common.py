@@ -111,10 +111,24 @@ def load_vae(path: Path, device: str):
 
 
 def tracker(params_path: str):
-    """The pipeline's MLflow tracker (degrades to no logging with a warning if MLflow fails)."""
-    from vaepp.tracking import Tracker
+    """The pipeline's MLflow tracker (degrades to no logging with a warning if MLflow fails).
 
-    return Tracker.for_pipeline(tracking_root(), params_path=Path(params_path))
+    Environment: DVC_EXP_NAME keys the parent run; MLFLOW_TRACKING_URI overrides the SQLite
+    store at the repository root; MLFLOW_EXPERIMENT_NAME overrides "vaepp"; VAEPP_MLFLOW=0
+    turns tracking off. A remote server gets few, short retries so an outage cannot stall a run.
+    """
+    from vaepp.tracking import EXPERIMENT, Tracker
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    return Tracker.for_pipeline(
+        tracking_root(), params_path=Path(params_path),
+        exp_name=os.environ.get("DVC_EXP_NAME", ""),
+        git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+        enabled=os.environ.get("VAEPP_MLFLOW", "1").strip().lower() not in ("0", "false", "no", "off"),
+    )
 
 
 def flat(d: dict, prefix: str = "") -> dict:
