@@ -1,0 +1,281 @@
+"""MLflow tracking: runs found through MLflow's own API; trouble degrades to one warning line."""
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vaepp.tracking import Tracker, mlflow_key, sqlite_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+WARNING = "MLflow logging disabled:"
+TAIL = "metrics are still in the DVC files"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "params.yaml").write_text("model:\n  zdim: 16\n")
+    return tmp_path
+
+
+def tracker(repo, **kw):
+    kw.setdefault("git_rev", "0123456789abcdef")
+    return Tracker.for_pipeline(repo, repo / "params.yaml", **kw)
+
+
+def runs(repo):
+    import mlflow
+
+    mlflow.set_tracking_uri(sqlite_uri(repo))  # also sets MLFLOW_TRACKING_URI in os.environ...
+    try:
+        return mlflow.search_runs(experiment_names=["vaepp"], order_by=["attributes.start_time ASC"])
+    finally:
+        mlflow.set_tracking_uri(None)  # ...which this removes again
+
+
+def two_stages(repo, exp_name="exp-a"):
+    """Two stage processes of one pipeline execution (two independent Tracker objects)."""
+    curve = repo / "plots" / "vae" / "train_curve.csv"
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    curve.write_text("epoch,elbo\n0,-120.5\n1,-110.25\n2,-101.0\n")
+    with tracker(repo, exp_name=exp_name).stage_run("train", "vae", {"model.zdim": 16, "train.lr": 1e-3}) as log:
+        for epoch, elbo in enumerate([-120.5, -110.25, -101.0]):
+            log.log_metrics({"elbo": elbo, "note": "text is skipped"}, step=epoch)
+        log.log_artifact(curve)
+    with tracker(repo, exp_name=exp_name).stage_run("estimate-nll", "vae", {"nll.n_importance": 1000}) as log:
+        log.log_metrics({"nll_nats": 95.5, "nll_stderr": 0.25})
+
+
+def test_stages_of_one_execution_share_one_parent(repo):
+    two_stages(repo)
+    df = runs(repo)
+    parents = df[df["tags.vaepp.role"] == "parent"]
+    children = df[df["tags.vaepp.role"] == "stage"]
+    assert len(parents) == 1 and len(children) == 2
+    parent_id = parents.run_id.iloc[0]
+    assert parents["tags.mlflow.runName"].iloc[0] == "exp-a"
+    assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
+    assert list(children["tags.dvc.stage"]) == ["train", "estimate-nll"]
+    assert set(children["tags.dvc.run"]) == {"vae"} and set(children["tags.dvc.exp_name"]) == {"exp-a"}
+    assert set(children["tags.dvc.git_rev"]) == {"0123456789abcdef"}
+    train = children[children["tags.dvc.stage"] == "train"].iloc[0]
+    nll = children[children["tags.dvc.stage"] == "estimate-nll"].iloc[0]
+    assert train["params.model.zdim"] == "16" and float(train["params.train.lr"]) == 1e-3
+    assert train["metrics.elbo"] == -101.0 and nll["metrics.nll_nats"] == 95.5
+    assert "metrics.note" not in df.columns
+    assert set(df.status) == {"FINISHED"}
+
+    from mlflow import MlflowClient
+
+    history = MlflowClient(sqlite_uri(repo)).get_metric_history(train.run_id, "elbo")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, -120.5), (1, -110.25), (2, -101.0)]
+    # artifacts under the absolute artifact root, as files a temp-run copy cannot take away
+    assert train.artifact_uri == str(repo.resolve() / "mlartifacts" / train.run_id / "artifacts")
+    logged = Path(train.artifact_uri) / "train_curve.csv"
+    assert logged.read_text() == (repo / "plots" / "vae" / "train_curve.csv").read_text()
+    assert (repo / "mlartifacts" / parent_id / "artifacts" / "params.yaml").is_file()
+    exp = MlflowClient(sqlite_uri(repo)).get_experiment_by_name("vaepp")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_parent_keys_exp_name_or_head_and_params(repo):
+    two_stages(repo, "exp-a")
+    two_stages(repo, "exp-b")
+    keys = []
+    for rev in ["aaaa1111", "aaaa1111", "bbbb2222"]:  # plain repro: HEAD + params hash
+        keys.append(tracker(repo, git_rev=rev).parent_id)
+    (repo / "params.yaml").write_text("model:\n  zdim: 32\n")
+    keys.append(tracker(repo, git_rev="aaaa1111").parent_id)
+    df = runs(repo)
+    parents = df[df["tags.vaepp.role"] == "parent"]
+    assert list(parents["tags.mlflow.runName"][:2]) == ["exp-a", "exp-b"]
+    assert keys[0] == keys[1] and len(set(keys)) == 3
+    assert len(parents) == 5
+    assert parents["tags.mlflow.runName"].iloc[2].startswith("repro-aaaa1111-")
+    for name in ["exp-a", "exp-b"]:
+        pid = parents[parents["tags.mlflow.runName"] == name].run_id.iloc[0]
+        assert (df["tags.mlflow.parentRunId"] == pid).sum() == 2
+
+
+def test_parent_log_and_failed_stage(repo):
+    t = tracker(repo, exp_name="e")
+    with pytest.raises(ValueError, match="boom"):
+        with t.stage_run("train", "vae", {}) as log:
+            log.log_metrics({"elbo": -1.0}, step=0)
+            raise ValueError("boom")
+    df = runs(repo)
+    assert set(df.status) == {"FAILED"}  # the child and, until a later stage succeeds, the parent
+    report = repo / "reports"
+    report.mkdir()
+    (report / "table.md").write_text("| run | nll |\n")
+    with t.parent_log() as log:
+        log.log_metrics({"vae/nll_nats": 95.5})
+        log.log_artifacts(report, "report")
+    parent = runs(repo).set_index("tags.vaepp.role").loc["parent"]
+    assert parent.status == "FINISHED" and parent["metrics.vae/nll_nats"] == 95.5
+    assert (Path(parent.artifact_uri) / "report" / "table.md").is_file()
+
+
+def test_duplicate_parents_resolve_to_the_oldest(repo):
+    first = tracker(repo, exp_name="race")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_uri(repo))
+    dup = client.create_run(first.experiment_id, run_name="race",
+                            tags={**first.tags, "vaepp.role": "parent"}).info.run_id
+    assert tracker(repo, exp_name="race").parent_id == first.parent_id != dup
+
+
+def test_names_made_valid():
+    assert mlflow_key("a/../b") == "a/b" and mlflow_key("/x//y/") == "x/y"
+    assert mlflow_key("log Ẑ (q)") == "log Ẑ _q_" and len(mlflow_key("k" * 400)) == 250
+
+
+def garbage_db(repo):
+    (repo / "mlflow.db").write_bytes(b"this is not a database\x00\x01" * 100)
+
+
+def locked_db(repo):
+    tracker(repo, exp_name="first")  # a real store...
+    con = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # ...held by another writer
+    return con
+
+
+@pytest.mark.parametrize("trouble", ["garbage", "locked", "unreachable"])
+def test_trouble_degrades_with_one_warning(repo, capsys, trouble):
+    con = locked_db(repo) if trouble == "locked" else None
+    if trouble == "garbage":
+        garbage_db(repo)
+    capsys.readouterr()
+    uri = "http://127.0.0.1:9" if trouble == "unreachable" else None
+    try:
+        start = time.monotonic()
+        t = tracker(repo, exp_name="x", tracking_uri=uri, timeout_s=1.0)
+        ran = []
+        with t.stage_run("train", "vae", {"a": 1}) as log:
+            log.log_metrics({"elbo": -1.0}, step=0)
+            log.log_artifact(repo / "params.yaml")
+            ran.append(True)
+        with t.parent_log() as log:
+            log.log_metrics({"x": 1.0})
+        seconds = time.monotonic() - start
+    finally:
+        if con is not None:
+            con.close()
+    err = capsys.readouterr().err
+    assert ran == [True] and not t.enabled and seconds < 10
+    lines = [line for line in err.splitlines() if WARNING in line]
+    assert len(lines) == 1 and TAIL in lines[0], err
+    assert {"garbage": "not a database", "locked": "locked", "unreachable": "127.0.0.1:9"}[trouble] in lines[0]
+    if trouble == "garbage":
+        assert (repo / "mlflow.db").read_bytes().startswith(b"this is not a database")
+
+
+def test_failure_mid_run_warns_once_and_the_body_goes_on(repo, capsys):
+    t = tracker(repo, exp_name="mid")
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    with t.stage_run("train", "vae", {}) as log:
+        t.client.log_batch = broken
+        for epoch in range(5):
+            log.log_metrics({"elbo": -1.0}, step=epoch)
+        steps = epoch
+    lines = [line for line in capsys.readouterr().err.splitlines() if WARNING in line]
+    assert steps == 4 and len(lines) == 1 and "database is locked" in lines[0]
+
+
+def test_stage_edge_reads_the_environment(repo, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    from stages import common
+
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "from-env")
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    off = common.tracker("params.yaml")
+    with off.stage_run("train", "vae", {}) as log:
+        log.log_metrics({"elbo": -1.0})
+    assert not off.enabled and not (repo / "mlflow.db").exists() and capsys.readouterr().err == ""
+    monkeypatch.setenv("VAEPP_MLFLOW", "1")
+    on = common.tracker("params.yaml")
+    assert on.enabled and on.tags["dvc.exp_name"] == "from-env" and (repo / "mlflow.db").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert not common.tracker("params.yaml").enabled and WARNING in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_ui_binds_localhost():
+    out = subprocess.run(["make", "-n", "ui", "PORT=5999"], cwd=ROOT, capture_output=True, text=True)
+    cmd = [line for line in out.stdout.replace("\\\n", " ").splitlines() if "mlflow server" in line]
+    assert cmd and "--host 127.0.0.1" in cmd[0] and "--port 5999" in cmd[0]
+    assert f"sqlite:///{ROOT}/mlflow.db" in cmd[0]
+
+
+def test_ui_serves_the_runs(repo):
+    two_stages(repo)
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", sqlite_uri(repo), "--default-artifact-root", str(repo / "mlartifacts")],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health within 60 s"
+            time.sleep(0.5)
+        with urllib.request.urlopen(base + "/", timeout=10) as resp:
+            assert resp.status == 200 and b"<div id=\"root\"" in resp.read().lower().replace(b"'", b'"')
+
+        def api(path, body):
+            req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        exp = api("/api/2.0/mlflow/experiments/search", {"max_results": 10, "filter": "name = 'vaepp'"})
+        exp_id = exp["experiments"][0]["experiment_id"]
+        found = api("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
+        parent = [r for r, t in zip(found, tags) if t["vaepp.role"] == "parent"]
+        assert len(found) == 3 and len(parent) == 1
+        pid = parent[0]["info"]["run_id"]
+        assert sorted(t["dvc.stage"] for t in tags if t.get("mlflow.parentRunId") == pid) == ["estimate-nll", "train"]
+        train = next(r for r, t in zip(found, tags) if t.get("dvc.stage") == "train")
+        assert {m["key"]: m["value"] for m in train["data"]["metrics"]}["elbo"] == -101.0
+        url = f"{base}/get-artifact?path=train_curve.csv&run_uuid={train['info']['run_id']}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.read().decode().startswith("epoch,elbo")
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
