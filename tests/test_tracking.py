@@ -134,6 +134,32 @@ def test_duplicate_parents_resolve_to_the_oldest(repo):
     assert tracker(repo, exp_name="race").parent_id == first.parent_id != dup
 
 
+STAGE_PROCESS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from vaepp.tracking import Tracker
+t = Tracker.for_pipeline(Path({repo!r}), Path({repo!r}) / "params.yaml", exp_name="together", git_rev="r")
+with t.stage_run("train", sys.argv[1], {{"zdim": 16}}) as log:
+    log.log_metrics({{"elbo": -100.0}}, step=0)
+assert t.enabled
+"""
+
+
+def test_stage_processes_started_together_share_one_parent(repo):
+    tracker(repo, exp_name="earlier")  # the store exists, as after any earlier execution
+    code = STAGE_PROCESS.format(root=str(ROOT), repo=str(repo))
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"run{i}"], stderr=subprocess.PIPE) for i in range(3)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert not any(WARNING in e for e in errors), errors
+    df = runs(repo)
+    df = df[df["tags.dvc.exp_name"] == "together"]
+    parents = df[df["tags.vaepp.role"] == "parent"]
+    assert len(parents) == 1 and len(df) == 4
+    assert set(df[df["tags.vaepp.role"] == "stage"]["tags.mlflow.parentRunId"]) == {parents.run_id.iloc[0]}
+
+
 def test_names_made_valid():
     assert mlflow_key("a/../b") == "a/b" and mlflow_key("/x//y/") == "x/y"
     assert mlflow_key("log Ẑ (q)") == "log Ẑ _q_" and len(mlflow_key("k" * 400)) == 250
