@@ -2,23 +2,19 @@
 
 The only module of the project that imports mlflow (lazily: a disabled tracker never does).
 
-Layout in the tracking store (by default the SQLite file `<root>/mlflow.db`, artifacts under
-the absolute `<root>/mlartifacts`, so `dvc exp run --temp`/`--queue` copies keep their runs):
-
-    experiment "vaepp"  (tag mlflow.experimentKind=custom_model_development: classic runs table)
-    └── parent run  <DVC experiment name> or repro-<HEAD[:8]>-<params sha256[:8]>
-        tags vaepp.role=parent, vaepp.pipeline_key, dvc.exp_name, dvc.git_rev, dvc.params_sha256
-        ├── child run  "<stage>:<run>"   tags dvc.stage, dvc.run, dvc.exp_name, dvc.git_rev,
-        │                                mlflow.parentRunId; params; metrics per step; artifacts
-        └── ...
-
-Every stage process of one execution finds the same parent by its `vaepp.pipeline_key` tag
-(`exp:<DVC_EXP_NAME>`, or `repro:<HEAD>:<params hash>` for plain `dvc repro`); if two processes
-race to create it, all of them settle on the oldest and the younger duplicates are deleted.
+Store: by default the SQLite file `<root>/mlflow.db` with artifacts under the absolute
+`<root>/mlartifacts` (root = DVC_ROOT, so `dvc exp run --temp`/`--queue` copies keep their runs);
+experiment "vaepp" tagged mlflow.experimentKind=custom_model_development (classic runs table).
+Parent run: named after the DVC experiment (or repro-<HEAD[:8]>-<params sha256[:8]>), found by
+its tag `vaepp.pipeline_key` = `exp:<DVC_EXP_NAME>` or `repro:<HEAD>:<params sha256>`, so every
+stage process of one execution shares it; creation holds a flock on the SQLite file, and if two
+processes still race, all settle on the oldest and the younger duplicate is deleted.
+Child run per (stage, run): named "<stage>:<run>", tags mlflow.parentRunId, dvc.stage, dvc.run,
+dvc.exp_name, dvc.git_rev; flattened params; metrics per step; artifacts.
 
 Failure policy: tracking never costs a training run. The store is probed at start with a short
-timeout (HTTP `/health`; for SQLite a schema read and a write lock); any failure then or later
-switches the tracker to no-op logging after ONE line on stderr:
+timeout (HTTP `/health`; SQLite: a schema read and the write lock); any failure then or later
+switches to no-op logging after ONE line on stderr:
     MLflow logging disabled: <why>; metrics are still in the DVC files
 Exceptions raised inside a `with` body are never swallowed.
 
@@ -36,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import numbers
 import os
 import re
@@ -63,16 +60,17 @@ def mlflow_key(key: str) -> str:
     return ("/".join(parts) or "_")[:MAX_KEY]
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def probe(uri: str, timeout_s: float) -> str | None:
     """Why the store at `uri` is unusable (checked within ~timeout_s), or None if it looks fine."""
     try:
         if uri.startswith(("http://", "https://")):
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
                 return None if resp.status == 200 else f"{uri}/health answered HTTP {resp.status}"
-        if uri.startswith("sqlite:///"):
-            path = Path(uri[len("sqlite:///"):])
-            if not path.parent.is_dir():
-                return f"{uri}: directory {path.parent} does not exist"
+        if (path := _sqlite_path(uri)) is not None:
             con = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
             try:
                 con.execute("PRAGMA schema_version").fetchone()  # fails on a non-database file
@@ -81,17 +79,20 @@ def probe(uri: str, timeout_s: float) -> str | None:
             finally:
                 con.close()
     except Exception as err:  # noqa: BLE001 - any failure means "do not track"
-        return f"{uri}: {type(err).__name__}: {err}"
+        return f"{uri}: {_short(err)}"
     return None
+
+
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 def git_head(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
         return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 class RunLog:
@@ -103,51 +104,37 @@ class RunLog:
     def _ok(self) -> bool:
         return self.run_id is not None and self.tracker.enabled
 
+    def _batch(self, kind: str, items: list, size: int) -> None:
+        for i in range(0, len(items), size):  # MLflow's per-request limits
+            self.tracker._call(self.tracker.client.log_batch, self.run_id, **{kind: items[i:i + size]})
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Numeric (and bool) values of `metrics` at `step` (0 if None); others are skipped."""
-        if not self._ok():
-            return
-        from mlflow.entities import Metric
+        if self._ok():
+            from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        ms = [Metric(mlflow_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()
-              if isinstance(v, numbers.Real)]
-        for i in range(0, len(ms), BATCH_METRICS):
-            self.tracker._call(self.tracker.client.log_batch, self.run_id, metrics=ms[i:i + BATCH_METRICS])
+            now = int(time.time() * 1000)
+            self._batch("metrics", [Metric(mlflow_key(k), float(v), now, int(step or 0))
+                                    for k, v in metrics.items() if isinstance(v, numbers.Real)], BATCH_METRICS)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Params as strings truncated to MLflow's 6000 characters, 100 per request."""
-        if not self._ok():
-            return
-        from mlflow.entities import Param
+        """Params as strings truncated to MLflow's 6000 characters."""
+        if self._ok():
+            from mlflow.entities import Param
 
-        ps = [Param(mlflow_key(k), str(v)[:MAX_PARAM]) for k, v in params.items()]
-        for i in range(0, len(ps), BATCH_PARAMS):
-            self.tracker._call(self.tracker.client.log_batch, self.run_id, params=ps[i:i + BATCH_PARAMS])
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self._ok():
-            return
-        from mlflow.entities import RunTag
-
-        ts = [RunTag(mlflow_key(k), str(v)[:MAX_TAG]) for k, v in tags.items()]
-        self.tracker._call(self.tracker.client.log_batch, self.run_id, tags=ts)
+            unique = {mlflow_key(k): str(v)[:MAX_PARAM] for k, v in params.items()}  # no duplicate keys
+            self._batch("params", [Param(k, v) for k, v in unique.items()], BATCH_PARAMS)
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         """Copy a file (or a directory's contents) into the run's artifacts."""
         path = Path(path)
-        if not self._ok():
-            return
-        if not path.exists():
+        if self._ok() and not path.exists():
             print(f"MLflow: {path} does not exist; not logged as an artifact", file=sys.stderr)
-        elif path.is_dir():
-            self.log_artifacts(path, artifact_path)
-        else:
-            self.tracker._call(self.tracker.client.log_artifact, self.run_id, str(path), artifact_path)
+        elif self._ok():
+            fn = self.tracker.client.log_artifacts if path.is_dir() else self.tracker.client.log_artifact
+            self.tracker._call(fn, self.run_id, str(path), artifact_path)
 
-    def log_artifacts(self, directory: Path | str, artifact_path: str | None = None) -> None:
-        if self._ok() and Path(directory).is_dir():
-            self.tracker._call(self.tracker.client.log_artifacts, self.run_id, str(directory), artifact_path)
+    log_artifacts = log_artifact  # a directory's files, under artifact_path
 
 
 class Tracker:
@@ -162,20 +149,17 @@ class Tracker:
     def enabled(self) -> bool:
         return self.client is not None and self.reason is None
 
-    def disable(self, why: str, *, warn: bool = True) -> None:
+    def disable(self, why: str) -> None:
         """Stop logging; print the one warning line the first time."""
-        if self.reason is None and warn:
+        if self.reason is None:
             print(f"MLflow logging disabled: {why}; metrics are still in the DVC files", file=sys.stderr)
         self.reason = self.reason or why
 
     def _call(self, fn, *args, **kwargs) -> Any:
-        if not self.enabled:
-            return None
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, **kwargs) if self.enabled else None
         except Exception as err:  # noqa: BLE001 - tracking must not stop the stage
-            self.disable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            return None
+            self.disable(_short(err))
 
     @classmethod
     def for_pipeline(cls, root: Path, params_path: Path, *, exp_name: str = "", git_rev: str | None = None,
@@ -200,28 +184,24 @@ class Tracker:
             return tracker
         try:
             rev = git_rev or git_head(root)
-            try:
-                params_hash = hashlib.sha256(Path(params_path).read_bytes()).hexdigest()
-            except OSError:
-                params_hash = "missing"
+            params_hash = hashlib.sha256(Path(params_path).read_bytes()).hexdigest() \
+                if Path(params_path).is_file() else "missing"
             exp_name = exp_name.replace("'", "_")
             key = f"exp:{exp_name}" if exp_name else f"repro:{rev}:{params_hash}"
             name = exp_name or f"repro-{rev[:8]}-{params_hash[:8]}"
             tracker.tags = {"dvc.exp_name": exp_name, "dvc.git_rev": rev, "mlflow.source.git.commit": rev,
                             "vaepp.pipeline_key": key, "dvc.params_sha256": params_hash}
-            import logging
-
             logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
             from mlflow import MlflowClient
 
             tracker.client = MlflowClient(tracking_uri=uri)
-            local = uri.startswith("sqlite:")
-            tracker.experiment_id = _experiment(tracker.client, experiment, root / "mlartifacts" if local else None)
-            with _lock(root / "mlflow.db" if local else None, timeout_s):
+            db = _sqlite_path(uri)  # a local store: artifacts beside it in the repo, a file to lock
+            tracker.experiment_id = _experiment(tracker.client, experiment, root / "mlartifacts" if db else None)
+            with _lock(db, timeout_s):
                 tracker.parent_id = _parent(tracker.client, tracker.experiment_id, key, name, tracker.tags,
                                             params_path)
         except Exception as err:  # noqa: BLE001
-            tracker.disable(f"{uri}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            tracker.disable(f"{uri}: {_short(err)}")
         return tracker
 
     @contextmanager
@@ -235,31 +215,29 @@ class Tracker:
         log.log_params(params)
         if log.run_id:
             self._call(self.client.update_run, self.parent_id, status="RUNNING")
-        with self._finishing(log.run_id, parent_too=True):
+        with self._finishing(log.run_id, log.run_id and self.parent_id):
             yield log
 
     @contextmanager
     def parent_log(self) -> Iterator[RunLog]:
         """Log to the parent run itself (the final report stage); marks it FINISHED on exit."""
-        with self._finishing(self.parent_id if self.enabled else None, parent_too=False):
-            yield RunLog(self, self.parent_id if self.enabled else None)
+        run_id = self.parent_id if self.enabled else None
+        with self._finishing(run_id):
+            yield RunLog(self, run_id)
 
     @contextmanager
-    def _finishing(self, run_id: str | None, *, parent_too: bool) -> Iterator[None]:
-        status = "FINISHED"
+    def _finishing(self, *run_ids: str | None) -> Iterator[None]:
+        """End the runs FINISHED, or FAILED/KILLED if the body raises (the exception propagates)."""
+        status = "FAILED"
         try:
             yield
+            status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
-        except BaseException:
-            status = "FAILED"
-            raise
         finally:
-            if run_id and self.enabled:
+            for run_id in filter(None, run_ids):
                 self._call(self.client.set_terminated, run_id, status=status)
-                if parent_too:
-                    self._call(self.client.set_terminated, self.parent_id, status=status)
 
 
 def _experiment(client: Any, name: str, artifacts: Path | None) -> str:
@@ -285,15 +263,13 @@ def _lock(path: Path | None, timeout_s: float) -> Iterator[None]:
     """An advisory flock on the SQLite file while one process finds or creates the parent
     (SQLite's own locks are fcntl locks, independent of flock); after timeout_s, go on unlocked."""
     fd = os.open(path, os.O_RDONLY) if path is not None and path.exists() else None
+    deadline = time.monotonic() + timeout_s
     try:
-        deadline = time.monotonic() + timeout_s
-        while fd is not None:
+        while fd is not None and time.monotonic() < deadline:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
                 time.sleep(0.05)
         yield
     finally:
@@ -321,5 +297,3 @@ def _parent(client: Any, experiment_id: str, key: str, name: str, tags: dict, pa
         client.log_artifact(winner, str(params_path))
     return winner
 
-
-__all__ = ["Tracker", "RunLog", "sqlite_uri", "mlflow_key", "probe", "git_head", "EXPERIMENT"]
