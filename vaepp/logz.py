@@ -22,15 +22,10 @@ import torch
 from torch import Tensor
 
 from .mala import langevin_proposal, log_proposal_density, metropolis_accept
+from .posteriors import log_standard_normal
 
 LogF = Callable[[Tensor], Tensor]
-LOG_2PI = math.log(2.0 * math.pi)
 RNG_BLOCK = 1024  # rows per random draw in `log_z_prior_is`; chunks are whole blocks (see there)
-
-
-def log_standard_normal(z: Tensor) -> Tensor:
-    """log N(z; 0, I) with its constant: (..., Z) → (...), in nats."""
-    return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
 @dataclass(frozen=True)
@@ -313,6 +308,10 @@ def log_z_ais(
     """
     if n_chains < 1 or not seeds:
         raise ValueError("need n_chains >= 1 and at least one seed")
+    if transition not in ("mala", "hmc"):
+        raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
+    if n_leapfrog < 1 or not step_size > 0.0:
+        raise ValueError(f"need n_leapfrog >= 1 and step_size > 0, got {n_leapfrog}, {step_size}")
     temps = annealing_schedule(n_temps, schedule)
     pooled = StreamingLogMeanExp()
     per_seed, acceptance, final_steps, ess_per_seed = [], [], [], []

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .posteriors import LOG_2PI
+
 EnergyAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 def energy_from_log_f(log_f: Callable[[Tensor], Tensor]) -> EnergyAndGrad:
