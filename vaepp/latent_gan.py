@@ -123,10 +123,10 @@ def fit_latent_gan(
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            sums["critic_loss"] += float(loss_d)
+            sums["critic_loss"] += float(loss_d.detach())
             sums["wasserstein"] += float(gap)
             sums["penalty"] += float(penalty)
-            sums["generator_loss"] += float(loss_g)
+            sums["generator_loss"] += float(loss_g.detach())
         metrics = {k: v / g_steps for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
