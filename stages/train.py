@@ -37,12 +37,12 @@ def _main(argv: list[str] | None) -> int:
     if ckpt.exists():
         try:
             old = vio.load_checkpoint(ckpt, map_location="cpu")
-            same = old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict()
         except vio.CheckpointError as err:
-            print(f"warning: {err}; starting afresh", file=sys.stderr)
-            same = False
-        if not same:
-            print(f"{ckpt}: written with other settings; starting afresh", file=sys.stderr)
+            old, why = None, f"warning: {err}; starting afresh"
+        else:
+            why = f"{ckpt}: written with other settings; starting afresh"
+        if old is None or old.get("model_spec") != mspec.to_dict() or old.get("train_spec") != tspec.to_dict():
+            print(why, file=sys.stderr)
             ckpt.unlink()
         else:
             print(f"{ckpt}: resuming from epoch {old['epoch']}", file=sys.stderr)

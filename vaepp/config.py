@@ -35,7 +35,18 @@ def _positive_sizes(cls, v):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: `.inf`/`.nan` in YAML would pass one-sided bounds (beta_max > 0).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v, info):
+        """YAML's true/yes/on would otherwise pass as 1 (`zdim: yes` → zdim = 1)."""
+        if cls.model_fields[info.field_name].annotation is bool:
+            return v
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("a boolean is not allowed here")
+        return v
 
 
 class DataParams(_Section):
@@ -222,7 +233,8 @@ def _format(err: ValidationError, prefix: str = "") -> str:
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{…}"
-        msg = e["msg"]
+        shown = shown if len(shown) <= 80 else shown[:77] + "…"  # the message stays one short line
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
         elif e["type"] == "missing":
@@ -247,9 +259,11 @@ def load_params(path: str | Path) -> Params:
     """Read and validate a params YAML file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ParamsError(f"{path}: cannot read params file ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -3,8 +3,13 @@
 Every output of the project goes through `atomic_write_bytes`: the bytes are written to a
 temporary file in the destination's directory, flushed and fsync'ed, then renamed over the
 destination (`os.replace` is atomic on POSIX), so a reader or a killed process sees either the
-old file or the new one, never a torn one. Checkpoints load with `weights_only=True` (no
-arbitrary code from a pickle) and every load failure names the file and the remedy.
+old file or the new one, never a torn one; the file gets the mode a plain `open` would give it
+(0o666 less the umask), not mkstemp's 0o600. A process killed mid-write leaves only a hidden
+`.<name>.*.tmp` sibling, which `remove_stale_temporaries` clears. Checkpoints load with
+`weights_only=True` (no arbitrary code from a pickle) after every member's CRC-32 in the zip
+archive `torch.save` writes has been checked (torch's own reader does not check them, so a
+flipped bit in a tensor would otherwise load silently); every load failure names the file and
+the remedy.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +30,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file is missing, truncated, corrupt or from other settings."""
 
 
+_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary sibling and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -39,6 +50,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the `.<name>.*.tmp` siblings that a process killed inside `atomic_write_bytes(path)`
+    left behind; returns them. Call only when no other process is writing `path`."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -57,24 +78,39 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _why(err: BaseException) -> str:
+    first = str(err).splitlines()[0][:160] if str(err) else ""
+    return f"{type(err).__name__}: {first}"
+
+
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
     """Load a file written by `atomic_torch_save` with `weights_only=True`.
 
-    Raises CheckpointError naming the file when it is missing, truncated or not a checkpoint.
+    Raises CheckpointError naming the file and the remedy when it is missing, truncated, fails a
+    member's CRC-32, holds anything but tensors and plain containers, or is not a dict.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; rerun the stage that writes it")
+    remedy = "delete it and rerun the stage that writes it"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and compares its CRC-32
+    except Exception as err:  # BadZipFile, EOFError, zlib.error, NotImplementedError, ...: unusable
+        raise CheckpointError(f"{path}: not a complete checkpoint archive ({_why(err)}); it is "
+                              f"truncated or corrupt — {remedy}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: CRC-32 mismatch in {bad!r} (corrupt file) — {remedy}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError, ...
         raise CheckpointError(
-            f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-            "it is truncated or corrupt — delete it and rerun the stage that writes it"
+            f"{path}: unreadable checkpoint ({_why(err)}); it is truncated, corrupt or holds "
+            f"objects other than tensors — {remedy}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (a {type(obj).__name__}); "
-                              "delete it and rerun the stage that writes it")
+                              f"{remedy}")
     return obj
 
 

@@ -129,9 +129,10 @@ def _scalars(terms: dict[str, Tensor], model: VAEPP, **extra: Tensor) -> dict[st
 
 def _check_finite(loss: Tensor, epoch: int, step: int, checkpoint_path: Path | None) -> None:
     if not torch.isfinite(loss):
-        kept = f"; last good checkpoint kept at {checkpoint_path}" if checkpoint_path else ""
+        kept = (f"; last good checkpoint kept at {checkpoint_path}"
+                if checkpoint_path is not None and Path(checkpoint_path).is_file() else "")
         raise NonFiniteLossError(
-            f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step}; training stopped{kept}"
+            f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step}; training stopped{kept}"
         )
 
 
@@ -261,6 +262,8 @@ def train(
     opts = make_optimizers(model, spec)
     result = TrainResult()
     start_epoch = 0
+    if checkpoint_path is not None:
+        vio.remove_stale_temporaries(checkpoint_path)  # from a process killed while writing it
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         ckpt = vio.load_checkpoint(checkpoint_path, map_location=device)
         if ckpt.get("train_spec") != spec.to_dict() or ckpt.get("model_spec") != model.spec.to_dict():
