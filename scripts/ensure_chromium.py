@@ -66,7 +66,8 @@ def ensure(budget_s: float = 60.0) -> str:
         if code is None:
             return f"chromium: not installed (apt-get update took over {budget_s:.0f} s); screenshot test skipped"
         if not _has_candidate():
-            return f"chromium: not installed (no apt candidate for {PACKAGE} after apt-get update: {last}); screenshot test skipped"
+            return (f"chromium: not installed (no apt candidate for {PACKAGE} after apt-get update: {last}); "
+                    "screenshot test skipped")
     install = ["install", "-y", "-qq", "--no-install-recommends", PACKAGE]
     code, last = _apt([*install[:1], "--download-only", *install[1:]], left() - INSTALL_RESERVE_S)
     if code is None:

@@ -35,7 +35,8 @@ def _params(root: Path, extra_runs: dict | None = None) -> Path:
             "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
             **(extra_runs or {})}
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump({"profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}, sort_keys=False))
+    doc = {"profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
@@ -171,7 +172,8 @@ def test_not_run_cells_say_why(study):
     assert [str(c) for c in flow] == ["not run"]
     cifar = _ours_cells(t1, "VAEPP", "CIFAR-10 (bits/dim)")  # a run is defined; its data needs the internet
     assert [str(c) for c in cifar] == ["not run — needs the internet (torchvision download)"]
-    assert all(str(c).startswith("not run — needs the internet") for c in tabs["table3"].filter(like="ours").to_numpy().ravel())
+    table3 = tabs["table3"].filter(like="ours").to_numpy().ravel()
+    assert all(str(c).startswith("not run — needs the internet") for c in table3)
     peers = t1.loc[t1["Model"] == "PixelCNN"]
     assert list(peers["MNIST (NLL, nats) · paper"]) == ["81.30"] and list(peers["MNIST (NLL, nats) · ours"]) == [""]
 

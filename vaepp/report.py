@@ -5,11 +5,11 @@ Figure 4), training curves (Figure 2), the log-Z estimates and sample grids.
     tabs = tables(runs)               # the paper's layout; measured cells are `Measured`
     render_html(runs, tabs, root), render_markdown(runs, tabs), runs.to_csv(index=False)
 
-Inputs under `root` for each run <r> of `params.runs` (any may be missing: its cells say
-"not run"): metrics/<r>/{train,nll,latent_gan,mala,fid}.json, plots/<r>/train_curve.csv,
-samples/<r>/{grid,grid_gan}.png, data/<dataset>/meta.json. Measured cells come only from these
-files; the paper's numbers (vaepp/paper_numbers.py) sit in their own columns. Figures are
-matplotlib PNGs (Agg canvas, no pyplot state) inlined as base64: the page needs no network.
+Inputs under `root` for each run <r> of `params.runs` (any may be missing: its cells then say "not
+run"): metrics/<r>/{train,nll,latent_gan,mala,fid}.json, plots/<r>/train_curve.csv, samples/<r>/
+{grid,grid_gan}.png, data/<dataset>/meta.json. Measured cells come only from these files; the paper's
+numbers (paper_numbers.py) sit in their own columns. Figures: matplotlib PNGs (Agg canvas, no
+pyplot state) inlined as base64, so the page needs no network.
 """
 
 from __future__ import annotations
@@ -25,27 +25,17 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Params, resolve_run
-from .paper_numbers import TABLES, Column, PaperTable, Row
+from .paper_numbers import FIGURE4, NOT_A_BOUND, TABLES, VARIANCE_Z_HAT_MNIST, Column, Row
 
 KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # metrics/<run>/<kind>.json
 FILES = {"train_curve": "plots/{run}/train_curve.csv", "grid": "samples/{run}/grid.png",
          "grid_gan": "samples/{run}/grid_gan.png"}
 BINARY = ("mnist", "fashion_mnist", "static_mnist", "static_mnist_standin", "omniglot")
 # Datasets with no offline source (vaepp/data.py): offline, their cells say why they were not run.
-NEEDS_INTERNET = {
-    "static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
-    "omniglot": "needs the internet (torchvision download)",
-    "cifar10": "needs the internet (torchvision download)",
-    "celeba": "needs the internet (torchvision download from Google Drive)",
-}
-NOT_A_BOUND = (
-    "The paper's q-based estimate (paper_q) is NOT an upper bound on log Z, whatever the paper's §3.4 "
-    "says: with the ±2σ truncated posterior it counts only the prior mass inside the posteriors' boxes "
-    "and can sit many nats below log Z, which makes the NLL look better than it is. The N(0, I)-proposal "
-    "estimate (prior_is, with its effective sample size) and annealed importance sampling (ais, with its "
-    "spread over seeds) are each a lower estimate of log Z in expectation; the headline NLL uses the "
-    "larger of the two. None of these numbers is a bound."
-)
+NEEDS_INTERNET = {"static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
+                  "omniglot": "needs the internet (torchvision download)",
+                  "cifar10": "needs the internet (torchvision download)",
+                  "celeba": "needs the internet (torchvision download from Google Drive)"}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -75,7 +65,7 @@ def collect(root: str | Path, params: Params) -> pd.DataFrame:
     Columns: run, algorithm, dataset, dataset_label, dataset_source, stand_in, zdim, penalty ("none"
     for the plain VAE), likelihood, logistic_scale; has_<kind> for each metrics file;
     "<kind>.<key>" for every (flattened) metric; "param.<section>.<key>" for the resolved params;
-    "file.<name>" the path (relative to root) of the curve and grids, or None when missing.
+    "file.<name>" the path (relative to root) of the curve and grids, or "" when missing.
     """
     root = Path(root)
     rows = []
@@ -83,24 +73,18 @@ def collect(root: str | Path, params: Params) -> pd.DataFrame:
         run = resolve_run(params, name)
         ds = run.data.dataset
         meta = _read_json(root / "data" / ds / "meta.json") or {}
-        binary = meta.get("binary", ds in BINARY)
-        row = {
-            "run": name, "algorithm": run.algorithm, "dataset": ds,
-            "dataset_label": meta.get("label", ds), "dataset_source": meta.get("source", "not prepared"),
-            "stand_in": bool(meta.get("stand_in", False)), "zdim": run.model.zdim,
-            "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
-            # the rule of vaepp/study.model_spec: "auto" is Bernoulli on binary data
-            "likelihood": run.model.likelihood if run.model.likelihood != "auto"
-            else ("bernoulli" if binary else "logistic"),
-            "logistic_scale": run.model.logistic_scale,
-        }
+        lik = run.model.likelihood  # "auto": Bernoulli on binary data (the rule of study.model_spec)
+        row = {"run": name, "algorithm": run.algorithm, "dataset": ds, "dataset_label": meta.get("label", ds),
+               "dataset_source": meta.get("source", "not prepared"), "stand_in": bool(meta.get("stand_in", False)),
+               "zdim": run.model.zdim, "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
+               "likelihood": lik if lik != "auto" else "bernoulli" if meta.get("binary", ds in BINARY) else "logistic",
+               "logistic_scale": run.model.logistic_scale}
         for kind in KINDS:
             found = _read_json(root / "metrics" / name / f"{kind}.json")
             row[f"has_{kind}"] = found is not None
             row.update({f"{kind}.{k}": v for k, v in _flat(found or {}).items()})
-        for key, pattern in FILES.items():
-            rel = pattern.format(run=name)
-            row[f"file.{key}"] = rel if (root / rel).is_file() else None
+        paths = {key: pattern.format(run=name) for key, pattern in FILES.items()}
+        row.update({f"file.{key}": rel if (root / rel).is_file() else "" for key, rel in paths.items()})
         row.update({f"param.{k}": v for k, v in _flat(run.model_dump(mode="json", exclude={"name"})).items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -125,9 +109,10 @@ def _num(row: pd.Series, key: str) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _file(row: pd.Series, key: str) -> str | None:
-    v = row.get(f"file.{key}")
-    return v if isinstance(v, str) else None
+def _by_log_z(row: pd.Series) -> dict[str, float]:
+    """The run's NLL (nats) under each log-Z estimate: {estimator name: nll}."""
+    pre = "nll.nll_nats_by_log_z."
+    return {c[len(pre):]: float(row[c]) for c in row.index if c.startswith(pre) and _num(row, c) is not None}
 
 
 def _describe(row: pd.Series) -> str:
@@ -141,20 +126,16 @@ def _nll_protocol(row: pd.Series) -> str:
     head = row.get("nll.log_z_headline")
     lz, se = _num(row, f"nll.log_z.{head}.log_z"), _num(row, f"nll.log_z.{head}.std_err")
     lz_text = f" = {lz:.2f} ± {se:.2f}" if lz is not None and se is not None else ""
-    under = ", ".join(f"{c.split('.')[-1]} {row[c]:.2f}" for c in row.index
-                      if c.startswith("nll.nll_nats_by_log_z.") and _num(row, c) is not None)
+    under = ", ".join(f"{name} {v:.2f}" for name, v in _by_log_z(row).items())
     return (f"{_describe(row)}; {row.get('nll.protocol')}{lz_text}; "
             f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}")
 
 
 def _fid_protocol(row: pd.Series, metric: str) -> str:
-    if metric == "fid_gan":
-        how = "latent GAN z₀ decoded directly (no MALA)"
-    else:
-        acc = _num(row, "fid.mala_acceptance")
-        how = f"sampler {row.get('fid.sampler')}" + (
-            f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
+    acc = _num(row, "fid.mala_acceptance")
+    mala = (f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
             if acc is not None else "")
+    how = "latent GAN z₀ decoded directly (no MALA)" if metric == "fid_gan" else f"sampler {row['fid.sampler']}{mala}"
     return f"{_describe(row)}; FID: {row.get('fid.protocol')}; {how}"
 
 
@@ -174,20 +155,22 @@ def measure(row: pd.Series, metric: str) -> Measured:
     return Measured(f"{value:.2f} ± {err:.2f}", value, err, row["run"], _nll_protocol(row))
 
 
+def _allowed(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 def _matches(runs: pd.DataFrame, match: dict) -> pd.Series:
-    mask = pd.Series(True, index=runs.index)
-    for key, allowed in match.items():
-        mask &= runs[key].isin(allowed if isinstance(allowed, tuple) else (allowed,))
-    return mask
+    """Runs meeting every condition of `match` (key → allowed value or tuple of them)."""
+    return pd.concat([runs[k].isin(_allowed(v)) for k, v in match.items()] or [pd.Series(True, index=runs.index)],
+                     axis=1).all(axis=1)
 
 
 def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
     if row.match is None:
         return [""]  # a peer model: never measured here
-    sel = runs[_matches(runs, row.match) & _matches(runs, col.match)] if len(runs) else runs
+    sel = runs[_matches(runs, row.match) & _matches(runs, col.match)]
     if sel.empty:
-        datasets = col.match.get("dataset", ())
-        datasets = datasets if isinstance(datasets, tuple) else (datasets,)
+        datasets = _allowed(col.match.get("dataset", ()))
         why = [NEEDS_INTERNET[d] for d in datasets if d in NEEDS_INTERNET]
         return [Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets) else "not run")]
     return [measure(r, row.metric or col.metric) for _, r in sel.iterrows()]
@@ -219,12 +202,9 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Figure 4's points: one per run with an NLL or FID, columns dataset_label, algorithm, zdim,
     run, nll_nats, bpd, fid; a line is a (dataset_label, algorithm) pair, sorted by zdim."""
-    cols = {"nll_nats": "nll.nll_nats", "bpd": "nll.bpd", "fid": "fid.fid"}
-    keep = runs[runs["has_nll"] | runs["has_fid"]] if len(runs) else runs
-    pts = pd.DataFrame({"dataset_label": keep.get("dataset_label", []), "algorithm": keep.get("algorithm", []),
-                        "zdim": keep.get("zdim", []), "run": keep.get("run", []),
-                        **{k: keep[v] if v in keep else float("nan") for k, v in cols.items()}})
-    return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
+    cols = {"nll.nll_nats": "nll_nats", "nll.bpd": "bpd", "fid.fid": "fid"}
+    pts = runs[runs["has_nll"] | runs["has_fid"]].reindex(columns=["dataset_label", "algorithm", "zdim", "run", *cols])
+    return pts.rename(columns=cols).sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
 
 
 def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -233,23 +213,18 @@ def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
     Columns: run, estimator (paper_q, prior_is, ais, exact, train = the last epoch's training
     estimate), log_z, std_err, ess, n_samples, seed_sd (AIS spread), nll_nats, headline."""
     recs = []
-    for _, r in runs[runs["has_nll"]].iterrows() if len(runs) else []:
-        names = [c[len("nll.nll_nats_by_log_z."):] for c in r.index
-                 if c.startswith("nll.nll_nats_by_log_z.") and _num(r, c) is not None]
-        for name in names:
+    for _, r in runs[runs["has_nll"]].iterrows():
+        for name, nll in _by_log_z(r).items():
             g = lambda k: _num(r, f"nll.log_z.{name}.{k}")  # noqa: E731
-            recs.append({"run": r["run"], "estimator": name,
-                         "log_z": g("log_z") if name != "exact" else 0.0, "std_err": g("std_err"),
-                         "ess": g("ess"), "n_samples": g("n_samples"), "seed_sd": g("extra.seed_std"),
-                         "nll_nats": _num(r, f"nll.nll_nats_by_log_z.{name}"),
-                         "headline": name == r.get("nll.log_z_headline")})
+            recs.append({"run": r["run"], "estimator": name, "log_z": g("log_z") if name != "exact" else 0.0,
+                         "std_err": g("std_err"), "ess": g("ess"), "n_samples": g("n_samples"),
+                         "seed_sd": g("extra.seed_std"), "nll_nats": nll, "headline": name == r["nll.log_z_headline"]})
         if r["algorithm"] != "vae" and _num(r, "train.log_z_train") is not None:
-            recs.append({"run": r["run"], "estimator": "train (last epoch)", "log_z": _num(r, "train.log_z_train"),
-                         "headline": False})
+            recs.append({"run": r["run"], "estimator": "train (epoch mean)", "log_z": _num(r, "train.log_z_train")})
         recs.append({"run": r["run"], "estimator": "plain VAE prior N(0, I)", "log_z": 0.0,
-                     "std_err": None, "nll_nats": _num(r, "nll.nll_vae_prior_nats"), "headline": False})
+                     "nll_nats": _num(r, "nll.nll_vae_prior_nats")})
     cols = ["run", "estimator", "log_z", "std_err", "ess", "n_samples", "seed_sd", "nll_nats", "headline"]
-    return pd.DataFrame(recs, columns=cols)
+    return pd.DataFrame(recs, columns=cols).fillna({"headline": False}).astype({"n_samples": "Int64"})
 
 
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
@@ -259,11 +234,8 @@ def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
             "mala_acceptance": "mala.mala_acceptance", "elbo": "train.elbo", "beta": "train.beta"}
     out = {}
     for _, r in runs.iterrows():
-        for name, col in keys.items():
-            if _num(r, col) is not None:
-                out[f"{r['run']}/{name}"] = float(r[col])
-        out.update({f"{r['run']}/nll_nats_{c.split('.')[-1]}": float(r[c]) for c in r.index
-                    if c.startswith("nll.nll_nats_by_log_z.") and _num(r, c) is not None})
+        out.update({f"{r['run']}/{name}": float(r[col]) for name, col in keys.items() if _num(r, col) is not None})
+        out.update({f"{r['run']}/nll_nats_{name}": v for name, v in _by_log_z(r).items()})
     return out
 
 
@@ -271,8 +243,7 @@ def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf := io.BytesIO(), format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -298,8 +269,8 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
     """Figure 2 analogue: per-epoch training curves of the runs on `dataset`. Base64 PNG or None."""
     from matplotlib.figure import Figure
 
-    curves = {r["run"]: (r["algorithm"], pd.read_csv(root / _file(r, "train_curve")))
-              for _, r in runs[runs["dataset"] == dataset].iterrows() if _file(r, "train_curve")}
+    curves = {r["run"]: (r["algorithm"], pd.read_csv(root / r["file.train_curve"]))
+              for _, r in runs[runs["dataset"] == dataset].iterrows() if r["file.train_curve"]}
     panels = [c for c in ("loss", "elbo", "log_z", "beta", "penalty") if any(c in d for _, d in curves.values())]
     if not curves or not panels:
         return None
@@ -319,13 +290,9 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
 
 
 def _fmt(v, digits: int = 2) -> str:
-    if isinstance(v, Measured):
-        return str(v)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) or v is False:
         return ""
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return "yes" if v is True else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _notes(df: pd.DataFrame) -> dict[str, int]:
@@ -339,10 +306,8 @@ def _notes(df: pd.DataFrame) -> dict[str, int]:
 
 def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     def cell(v) -> str:
-        text = _fmt(v)
-        if isinstance(v, Measured) and notes and v.protocol in notes:
-            text += f" [{notes[v.protocol]}]"
-        return text.replace("|", "/").replace("\n", " ")
+        ref = f" [{notes[v.protocol]}]" if isinstance(v, Measured) and notes and v.protocol in notes else ""
+        return (_fmt(v) + ref).replace("|", "/").replace("\n", " ")
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in df.itertuples(index=False)]
@@ -351,9 +316,8 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
 
 def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
     """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
-    parts = ["# VAEPP: measured results beside the paper's", "",
-             "Paper columns are the paper's numbers; ours columns are this project's measurements "
-             "(NLL: mean ± standard error). The bracketed number names the cell's protocol.", ""]
+    parts = ["# VAEPP: measured results beside the paper's", "", "Paper columns are the paper's numbers; ours "
+             "columns are this project's measurements (NLL: mean ± standard error); [n] names a cell's protocol.", ""]
     for df in tabs.values():
         notes = _notes(df)
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
@@ -373,10 +337,12 @@ td.missing{color:#a33}small{color:#555}ol.notes{font-size:11px;color:#444}img{ma
 def _html_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     e = html.escape
     head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns)
-    body = []
+    body, group = [], None
     for rec in df.itertuples(index=False):
         tds = []
         for col, v in zip(df.columns, rec):
+            if col == "Group":  # shown once per group, as the paper prints it
+                v, group = ("" if v == group else v), v
             if isinstance(v, Measured):
                 cls = "ours" if v.value is not None else "ours missing"
                 ref = f"<sup>[{notes[v.protocol]}]</sup>" if notes and v.protocol in notes else ""
@@ -396,35 +362,37 @@ def render_html(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | P
                 title: str = "VAEPP reproduction report") -> str:
     """One self-contained HTML page: tables, Figure 4 and 2 analogues, log-Z estimates, sample grids."""
     root, e = Path(root), html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
-           "<p>Grey columns: the numbers printed in the paper. Blue columns: this project's measurements "
-           "(NLL: mean ± standard error over test images and passes), each with its run and a numbered "
-           "protocol note (dataset source, sample counts, which log Z, FID protocol). "
-           "“not run” means no metrics file exists for that cell.</p>"]
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
+           f"</head><body><h1>{e(title)}</h1><p>Grey columns: the numbers printed in the paper. Blue columns: "
+           "this project's measurements (NLL: mean ± standard error over test images and passes), each with its "
+           "run and a numbered protocol note (dataset source, sample counts, which log Z, FID protocol). "
+           "“not run”: no metrics file exists for that cell.</p>"]
     for df in tabs.values():
         notes = _notes(df)
         out += [f"<h2>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
                 _html_table(df, notes), "<ol class='notes'>"
                 + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>"]
     pts = dimz_points(runs)
-    out += ["<h2>Figure 4 analogue: NLL and FID against dim z</h2>", _img(dimz_figure(pts), "dim z plot"),
-            _html_table(pts.assign(**{c: pts[c].map(_fmt) for c in ("nll_nats", "bpd", "fid")}))]
+    out += ["<h2>Figure 4 analogue: NLL and FID against dim z</h2>", f"<p><small>Paper: {e(FIGURE4)}</small></p>",
+            _img(dimz_figure(pts), "dim z plot"),
+            _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4))))]
     out.append("<h2>Figure 2 analogue: training curves, Naive VAEPP against VAEPP</h2>")
-    for ds in dict.fromkeys(runs["dataset"]) if len(runs) else []:
+    for ds in dict.fromkeys(runs["dataset"]):
         b64 = curves_figure(root, runs, ds)
         label = runs.loc[runs["dataset"] == ds, "dataset_label"].iloc[0]
         out.append(f"<h3>{e(label)}</h3>" + (_img(b64, f"training curves {ds}") if b64 else "<p>not run</p>"))
+    var = ", ".join(f"{v:g} ({k} q)" for k, v in VARIANCE_Z_HAT_MNIST.items())
     out += ["<h2>log Z estimates and the NLL under each</h2>", f"<p class='warn'>{e(NOT_A_BOUND)}</p>",
-            _html_table(logz_table(runs))]
+            _html_table(logz_table(runs)), f"<p><small>Paper, MNIST: variance of Ẑ with 10⁹ samples {e(var)}."
+            " ESS: effective sample size (Σw)²/Σw² of each importance-sampling estimate; seed_sd: AIS "
+            "spread over seeds; nll_nats: the NLL computed with that log Z.</small></p>"]
     out.append("<h2>Samples</h2><div class='grids'>")
     for _, r in runs.iterrows():
         pull = r["algorithm"] != "vae"
         for key, what in (("grid", "latent GAN + MALA" if pull else "plain VAE, z ~ N(0, I)"),
                           ("grid_gan", "GAN-VAEPP: z₀ decoded" if pull else "VAE + latent GAN")):
-            path = _file(r, key)
-            body = (_img(base64.b64encode((root / path).read_bytes()).decode("ascii"), what)
-                    if path else "<p>not run</p>")
+            path = r[f"file.{key}"]  # "" when missing
+            body = _img(base64.b64encode((root / path).read_bytes()).decode(), what) if path else "<p>not run</p>"
             out.append(f"<figure>{body}<figcaption>{e(r['run'])}: {e(what)}</figcaption></figure>")
     out.append("</div></body></html>")
     return "\n".join(out)
