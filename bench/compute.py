@@ -1,0 +1,227 @@
+"""Compute benchmarks: the matmul limit, NLL importance sampling, training steps, MALA.
+
+Every rate here is compared with the float32 matmul rate measured in the same run. FLOPs come
+from the layer shapes (`bench.common.net_flops`); the models are the embedded default's networks
+with random weights and random images (speed does not depend on what the weights have learnt).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import NetFlops, best_time, net_flops
+
+# Image shape, binarised or not, and training-set size of the datasets the bench knows.
+DATASETS: dict[str, tuple[tuple[int, int, int], bool, int]] = {
+    "mnist": ((1, 28, 28), True, 60_000),
+    "fashion_mnist": ((1, 28, 28), True, 60_000),
+    "static_mnist_standin": ((1, 28, 28), True, 50_000),
+    "static_mnist": ((1, 28, 28), True, 50_000),
+    "cifar10": ((3, 32, 32), False, 50_000),
+}
+
+
+# ----- 1. the matmul limit -----------------------------------------------------------------------
+def matmul_gflops(sizes: list[int], repeats: int) -> dict:
+    """float32 GFLOP/s of square n×n @ n×n products (2n³ FLOPs each), best of `repeats` per size.
+    Returns {"by_size": {n: GFLOP/s}, "peak_gflops": max over sizes}."""
+    gen = torch.Generator().manual_seed(0)
+    by_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen)
+        b = torch.randn(n, n, generator=gen)
+        out = torch.empty(n, n)
+        inner = max(1, int(2e8 // (2 * n**3)))  # ≈ 0.2 GFLOP per timed call: small sizes repeat
+        t = best_time(lambda: [torch.mm(a, b, out=out) for _ in range(inner)], repeats=repeats)
+        by_size[n] = 2.0 * n**3 * inner / t / 1e9
+    return {"by_size": by_size, "peak_gflops": max(by_size.values())}
+
+
+# ----- the default's model -----------------------------------------------------------------------
+@dataclass
+class Built:
+    run: object  # vaepp.config.RunConfig
+    model: torch.nn.Module  # vaepp.model.VAEPP, eval mode
+    image_shape: tuple[int, int, int]
+    binary: bool
+    n_train: int
+    enc: NetFlops
+    dec: NetFlops
+    crit: NetFlops
+
+
+def build(params: Path, run_name: str) -> Built:
+    """The run's model as `stages/train.py` builds it, with the per-row FLOPs of its networks."""
+    from vaepp.config import load_run
+    from vaepp.model import VAEPP
+    from vaepp.study import model_spec
+
+    run = load_run(params, run_name)
+    if run.data.dataset not in DATASETS:
+        raise ValueError(f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
+                         f"bench/compute.py; bench one of {', '.join(DATASETS)}")
+    shape, binary, n_train = DATASETS[run.data.dataset]
+    n_train = min(n_train, run.data.n_train) if run.data.n_train else n_train
+    torch.manual_seed(0)
+    model = VAEPP(model_spec(run, shape, binary)).eval()
+    x = torch.rand(8, *shape)
+    z = torch.randn(8, model.zdim)
+    return Built(run, model, shape, binary, n_train,
+                 enc=net_flops(model.encoder, x), dec=net_flops(model.decoder, z),
+                 crit=net_flops(model.critic, x))
+
+
+def random_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """Grey levels in [0, 1] quantised to 1/255, as the prepared data gives them: (n, C, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8).float() / 255.0
+
+
+# ----- 2. NLL ------------------------------------------------------------------------------------
+def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_gflops: float) -> dict:
+    """Importance samples per second of `vaepp.nll.estimate_nll` with the params' chunk and batch.
+
+    FLOPs per sample: one decoder and one critic forward (the decoder output serves log p(x|z) and
+    D(G(z))), plus the encoder once per image shared by its S samples.
+    """
+    from vaepp.nll import estimate_nll
+
+    p = b.run.nll
+    images = random_images(n_images, b.image_shape, seed=1)
+    batches = [images[i:i + p.batch_images] for i in range(0, n_images, p.batch_images)]
+    gen = torch.Generator().manual_seed(p.seed)
+
+    def once():
+        return estimate_nll(b.model, batches, n_importance=n_importance, log_z=0.0,
+                            binarize=b.binary, chunk=p.chunk, generator=gen)
+
+    t = best_time(once, repeats=repeats)
+    samples = n_images * n_importance
+    rate = samples / t
+    flops = b.dec.forward + b.crit.forward + b.enc.forward / n_importance
+    achieved = rate * flops / 1e9
+    paper_samples = 1e8  # 10^4 test images × 10^3 samples × 10 passes (paper, MNIST)
+    return {
+        "samples_per_s": rate, "flops_per_sample": flops, "gflops": achieved,
+        "ratio_to_matmul": achieved / peak_gflops,
+        "seconds_for_1e8_samples": paper_samples / rate,
+        "n_images": n_images, "n_importance": n_importance, "chunk": p.chunk,
+        "batch_images": p.batch_images, "seconds_best": t,
+    }
+
+
+# ----- 3. training -------------------------------------------------------------------------------
+def train_step_flops(algorithm: str, b: Built, batch: int, k_prior: int) -> float:
+    """FLOPs of one training step from the layer shapes (Linear/Conv matmuls only).
+
+    Per row, with F the forward FLOPs of a network and F₁ of its first layer:
+    a trained network costs 3F (forward, input gradient, weight gradient), 3F − F₁ when its input
+    is data (no input gradient needed); a frozen network that passes gradients costs 2F; a
+    forward without gradients costs F. The gradient penalty on m = min(B, K) rows costs 6F of the
+    critic: forward, the input gradient built with create_graph (F), and the backward of both
+    (4F: weight and input gradients of the forward and of the first backward); with a detached
+    x̂ (Algorithm 1's critic step) the input gradient of the last backward is not needed: 5F.
+
+      vae:          B·(3E − E₁ + 3G)
+      vaepp (Alg 2): vae + B·3D (critic on G(z)) + K·(3G − G₁ + 3D) (K prior samples) + m·6D
+      naive (Alg 1): VAE step  vae + B·2D + K·(3G − G₁ + 2D)   (critic frozen)
+                     critic step K·G (no grad) + m·5D + B·(3D − D₁) + K·(3D − D₁)
+    """
+    E, G, D = b.enc, b.dec, b.crit
+    B, K, m = batch, k_prior, min(batch, k_prior)
+    vae = B * (3 * E.forward - E.first_layer + 3 * G.forward)
+    if algorithm == "vae":
+        return vae
+    if algorithm == "vaepp":
+        return (vae + B * 3 * D.forward + K * (3 * G.forward - G.first_layer + 3 * D.forward)
+                + m * 6 * D.forward)
+    if algorithm == "naive_vaepp":
+        vae_step = vae + B * 2 * D.forward + K * (3 * G.forward - G.first_layer + 2 * D.forward)
+        critic_step = (K * G.forward + m * 5 * D.forward
+                       + (B + K) * (3 * D.forward - D.first_layer))
+        return vae_step + critic_step
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warmup: int,
+                peak_gflops: float) -> dict:
+    """Seconds per step of `vaepp.train.train_step` for each run, on random images, with the same
+    per-step data path as `vaepp.train.train` (uint8 slice → float / 255).
+
+    The runs are timed in turns (run A block, run B block, …, repeated) and each keeps its best
+    block of `steps` steps, so slow phases of a shared machine hit every run alike.
+    seconds/epoch = seconds/step × ⌊n_train / batch⌋.
+    """
+    from vaepp.study import train_spec
+    from vaepp.train import make_optimizers, train_step
+
+    setups = {}
+    for name in runs:
+        b = build(params, name)
+        spec = train_spec(b.run)
+        model = b.model.train()
+        opts = make_optimizers(model, spec)
+        gen = torch.Generator().manual_seed(2)
+        data = torch.randint(0, 256, (spec.batch_size * 8, *b.image_shape), generator=gen, dtype=torch.uint8)
+        setups[name] = (b, spec, model, opts, data)
+
+    def block(name: str, n: int) -> float:
+        b, spec, model, opts, data = setups[name]
+        B = spec.batch_size
+        n_batches = data.shape[0] // B
+        t0 = time.perf_counter()
+        for s in range(n):
+            e = data[(s % n_batches) * B:(s % n_batches + 1) * B].float().div_(255.0)
+            train_step(model, opts, e, spec, n_train=b.n_train)
+        return time.perf_counter() - t0
+
+    best = {name: math.inf for name in runs}
+    for name in runs:
+        block(name, warmup)
+    for _ in range(repeats):
+        for name in runs:
+            best[name] = min(best[name], block(name, steps) / steps)
+    out = {}
+    for name in runs:
+        b, spec = setups[name][0], setups[name][1]
+        flops = train_step_flops(spec.algorithm, b, spec.batch_size, spec.n_prior_samples)
+        steps_per_epoch = b.n_train // spec.batch_size
+        out[name] = {
+            "algorithm": spec.algorithm, "seconds_per_step": best[name],
+            "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": best[name] * steps_per_epoch,
+            "flops_per_step": flops, "gflops": flops / best[name] / 1e9,
+            "ratio_to_matmul": flops / best[name] / 1e9 / peak_gflops,
+            "batch_size": spec.batch_size, "n_prior_samples": spec.n_prior_samples,
+        }
+    if "vae" in out:
+        for name in runs:
+            out[name]["gflops_ratio_to_vae"] = out[name]["gflops"] / out["vae"]["gflops"]
+            out[name]["flops_ratio_to_vae"] = out[name]["flops_per_step"] / out["vae"]["flops_per_step"]
+    return out
+
+
+# ----- 4. MALA -----------------------------------------------------------------------------------
+def mala_bench(b: Built, *, n_chains: int, n_steps: int, repeats: int, peak_gflops: float) -> dict:
+    """Chain-steps per second of `vaepp.mala.mala` on the model's energy βD(G(z)) + ½‖z‖².
+
+    One chain-step evaluates E and ∇_z E at the proposal once: decoder and critic forward (F) and
+    their input gradients (F; no weight gradients), so the FLOP limit is
+    peak / (2·(G + D)) chain-steps per second.
+    """
+    from vaepp.mala import mala
+
+    step_size = b.run.mala.step_size
+    gen = torch.Generator().manual_seed(b.run.mala.seed)
+    z0 = torch.randn(n_chains, b.model.zdim, generator=gen)
+    t = best_time(lambda: mala(b.model.energy_and_grad, z0, n_steps, step_size, generator=gen),
+                  repeats=repeats)
+    rate = n_chains * n_steps / t
+    flops = 2.0 * (b.dec.forward + b.crit.forward)
+    limit = peak_gflops * 1e9 / flops
+    return {"chain_steps_per_s": rate, "flops_per_chain_step": flops, "limit_chain_steps_per_s": limit,
+            "ratio_to_limit": rate / limit, "n_chains": n_chains, "n_steps": n_steps}

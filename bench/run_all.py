@@ -1,0 +1,198 @@
+"""`make bench`: every benchmark of issue 8 in one run, printed as a table with each figure's
+target and written to reports/bench.json.
+
+Order: matmul limit, NLL, training, MALA, FID, pipeline overhead, matmul limit again (the limit
+used for every ratio is the larger of the two, so a slow phase of a shared machine cannot make
+the ratios look better). `--quick` runs every code path on tiny sizes (for the test suite; its
+numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import compute, fid_bench, pipeline  # noqa: E402
+from bench.common import ROOT, Row, format_table  # noqa: E402
+
+BUDGET_S = 15 * 60  # issue 8: the whole of `make bench` in under 15 minutes
+RUNS = ["vae", "naive_vaepp", "vaepp"]
+
+FULL = dict(matmul_sizes=[256, 512, 1024, 2048], matmul_repeats=5, nll_images=128, nll_samples=1000,
+            nll_repeats=3, train_steps=20, train_repeats=4, train_warmup=3, mala_steps=40,
+            mala_repeats=3, fid_images=64, import_repeats=1)
+QUICK = dict(matmul_sizes=[64], matmul_repeats=1, nll_images=4, nll_samples=16, nll_repeats=1,
+             train_steps=1, train_repeats=1, train_warmup=1, mala_steps=2, mala_repeats=1,
+             fid_images=2, import_repeats=1)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _stage_paths() -> tuple[Path, Path]:
+    """Inception weights and downloads where the stages keep them (TORCH_HOME, VAEPP_CACHE)."""
+    from stages import common
+
+    return common.torch_home(), common.cache_dir() / "wheels"
+
+
+def run(params: Path, sizes: dict, *, do_fid: bool = True, do_pipeline: bool = True) -> tuple[dict, list[Row]]:
+    t_start = time.perf_counter()
+    res: dict = {"machine": machine(), "params": str(params), "sizes": sizes}
+    say = lambda msg: print(f"[bench {time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    say("matmul limit")
+    mm_start = compute.matmul_gflops(sizes["matmul_sizes"], sizes["matmul_repeats"])
+    peak = mm_start["peak_gflops"]
+
+    say("NLL importance sampling")
+    built = compute.build(params, "vaepp")
+    res["nll"] = compute.nll_bench(built, n_images=sizes["nll_images"], n_importance=sizes["nll_samples"],
+                                   repeats=sizes["nll_repeats"], peak_gflops=peak)
+    say("training steps")
+    res["train"] = compute.train_bench(params, RUNS, steps=sizes["train_steps"], repeats=sizes["train_repeats"],
+                                       warmup=sizes["train_warmup"], peak_gflops=peak)
+    say("MALA")
+    res["mala"] = compute.mala_bench(built, n_chains=built.run.mala.n_samples, n_steps=sizes["mala_steps"],
+                                     repeats=sizes["mala_repeats"], peak_gflops=peak)
+    if do_fid:
+        say("FID (Inception on the CPU: the slow part)")
+        torch_home, wheels = _stage_paths()
+        with tempfile.TemporaryDirectory(prefix="vaepp-bench-fid-") as tmp:
+            res["fid"] = fid_bench.fid_bench(Path(tmp), torch_home, wheels, n_images=sizes["fid_images"],
+                                             batch_size=built.run.fid.batch_size,
+                                             n_reference=built.run.fid.n_reference)
+    if do_pipeline:
+        say("pipeline overhead")
+        res["pipeline"] = {"dvc_noop": pipeline.dvc_noop(),
+                           "imports": pipeline.import_times(pipeline.stage_modules(),
+                                                            repeats=sizes["import_repeats"])}
+    say("matmul limit again")
+    mm_end = compute.matmul_gflops(sizes["matmul_sizes"], sizes["matmul_repeats"])
+    res["matmul"] = {"start": mm_start, "end": mm_end, "peak_gflops": max(peak, mm_end["peak_gflops"])}
+    rescale(res, res["matmul"]["peak_gflops"] / peak)
+    res["total_seconds"] = time.perf_counter() - t_start
+    return res, rows(res)
+
+
+def rescale(res: dict, factor: float) -> None:
+    """Ratios were taken against the first matmul peak; divide them by `factor` = final/first."""
+    res["nll"]["ratio_to_matmul"] /= factor
+    for r in res["train"].values():
+        r["ratio_to_matmul"] /= factor
+    res["mala"]["limit_chain_steps_per_s"] *= factor
+    res["mala"]["ratio_to_limit"] /= factor
+
+
+def rows(res: dict) -> list[Row]:
+    mm, nll, tr, ma = res["matmul"], res["nll"], res["train"], res["mala"]
+    out = [Row("1 matmul float32 limit (best size)",
+               f"{mm['peak_gflops']:.0f} GFLOP/s (start {mm['start']['peak_gflops']:.0f}, "
+               f"end {mm['end']['peak_gflops']:.0f})", "reference")]
+    out += [
+        Row("2 NLL importance samples/s", f"{nll['samples_per_s']:,.0f} ({nll['flops_per_sample'] / 1e6:.2f} "
+            f"MFLOP/sample, {nll['gflops']:.0f} GFLOP/s)"),
+        Row("2 NLL achieved / matmul limit", f"{nll['ratio_to_matmul']:.2f}", ">= 0.50",
+            nll["ratio_to_matmul"] >= 0.5),
+        Row("2 NLL 10^8 samples (extrapolated)", f"{nll['seconds_for_1e8_samples']:,.0f} s", "< 3600 s",
+            nll["seconds_for_1e8_samples"] < 3600),
+    ]
+    for name, r in tr.items():
+        out.append(Row(f"3 train {name} s/epoch", f"{r['seconds_per_epoch']:.1f} s ({r['flops_per_step'] / 1e9:.2f} "
+                       f"GFLOP/step, {r['gflops']:.0f} GFLOP/s)"))
+    if "vae" in tr:
+        out.append(Row("3 train vae GFLOP/s / matmul limit", f"{tr['vae']['ratio_to_matmul']:.2f}", ">= 0.40",
+                       tr["vae"]["ratio_to_matmul"] >= 0.4))
+        for name in (n for n in tr if n != "vae"):
+            r = tr[name]
+            out.append(Row(f"3 train {name} FLOPs/step / vae's", f"{r['flops_ratio_to_vae']:.2f}",
+                           "≈ 3 (arithmetic)"))
+            out.append(Row(f"3 train {name} GFLOP/s / vae's", f"{r['gflops_ratio_to_vae']:.2f}", ">= 0.80",
+                           r["gflops_ratio_to_vae"] >= 0.8))
+    out += [
+        Row("4 MALA chain-steps/s", f"{ma['chain_steps_per_s']:,.0f} (limit {ma['limit_chain_steps_per_s']:,.0f}, "
+            f"{ma['n_chains']} chains)"),
+        Row("4 MALA / FLOP limit", f"{ma['ratio_to_limit']:.2f}"),
+    ]
+    if "fid" in res:
+        f = res["fid"]
+        out += [
+            Row("5 FID vaepp Inception images/s", f"{f['vaepp_images_per_s']:.2f} (in process, "
+                f"{2 * f['n_images_per_set']} images)"),
+            Row("5 FID end to end, vaepp vs pytorch-fid CLI", f"{f['vaepp_process_wall_s']:.1f} s vs "
+                f"{f['cli_wall_s']:.1f} s (speed ratio {f['speed_ratio_vaepp_to_cli']:.2f})", ">= 1.00",
+                f["speed_ratio_vaepp_to_cli"] >= 1.0),
+            Row("5 FID values vaepp / pytorch-fid CLI", f"{f['fid_vaepp_process']:.3f} / {f['fid_cli']:.3f} "
+                f"(rel. diff {f['fid_relative_difference_cli']:.1e})"),
+            Row("5 FID reference stats: cache, reuse", f"{f['reference_cache_miss_s']:.1f} s, "
+                f"{f['reference_cache_hit_s'] * 1e3:.0f} ms ({f['n_images_per_set']} images)", "reuse < 10% of cache",
+                f["reference_cache_hit_s"] < 0.1 * f["reference_cache_miss_s"]),
+            Row("5 FID reference stats for params", f"{f['reference_seconds_for_params']:.0f} s once "
+                f"({f['n_reference_params']} images)"),
+        ]
+    if "pipeline" in res:
+        p = res["pipeline"]
+        noop = p["dvc_noop"]
+        out.append(Row("6 dvc repro (no-op)", f"{noop['seconds']:.1f} s" if noop["measured"]
+                       else f"not measured: {noop['reason']}"))
+        imp = p["imports"]
+        out.append(Row("6 python start / import torch", f"{imp['python_start_s']:.2f} s / {imp['import_torch_s']:.2f} s"))
+        for m, s in imp["modules"].items():
+            out.append(Row(f"6 import {m}", f"{s:.2f} s"))
+    out.append(Row("whole bench", f"{res['total_seconds']:.0f} s", f"< {BUDGET_S} s", res["total_seconds"] < BUDGET_S))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--out", default=str(ROOT / "reports" / "bench.json"), help="JSON output file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: exercise every path, numbers meaningless")
+    p.add_argument("--no-fid", action="store_true", help="skip the FID benchmark")
+    p.add_argument("--no-pipeline", action="store_true", help="skip dvc and import timings")
+    args = p.parse_args(argv)
+    from vaepp.config import ParamsError
+    from vaepp.io import atomic_write_json
+
+    params = Path(args.params)
+    if not params.is_absolute():
+        params = (Path.cwd() / params)
+    try:
+        res, table = run(params, QUICK if args.quick else FULL, do_fid=not args.no_fid,
+                         do_pipeline=not args.no_pipeline)
+    except ParamsError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    res["quick"] = args.quick
+    res["table"] = [r.__dict__ for r in table]
+    atomic_write_json(args.out, res)
+    print(f"Benchmarks, {res['machine']['date']}, {res['machine']['cpu']}, {res['machine']['torch_threads']} "
+          f"torch threads{' (QUICK: sizes too small to mean anything)' if args.quick else ''}")
+    print(format_table(table))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
