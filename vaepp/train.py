@@ -234,6 +234,8 @@ def train(
     checkpoint_path: Path | None = None,
     checkpoint_extra: dict | None = None,
     progress: bool = False,
+    step_fn: Callable[..., dict[str, float]] = train_step,
+    write_checkpoints: bool = True,
 ) -> TrainResult:
     """Train `model` on uint8 images (N, C, H, W) for `spec.epochs` epochs.
 
@@ -242,6 +244,9 @@ def train(
     training starts, training resumes from it, so a killed run finishes with the same result as
     an uninterrupted one. `callback(epoch, metrics)` receives each epoch's mean metrics.
     A non-finite loss raises NonFiniteLossError and leaves the last checkpoint untouched.
+    On W processes (`vaepp.distributed`), every rank passes the same arguments with
+    `step_fn=ShardedTrainStep(ctx)`, and only rank 0 `write_checkpoints`; all ranks resume
+    from the same file.
     """
     from . import io as vio
     from tqdm.auto import tqdm
@@ -262,7 +267,7 @@ def train(
     opts = make_optimizers(model, spec)
     result = TrainResult()
     start_epoch = 0
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and write_checkpoints:
         vio.remove_stale_temporaries(checkpoint_path)  # from a process killed while writing it
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         ckpt = vio.load_checkpoint(checkpoint_path, map_location=device)
@@ -298,7 +303,7 @@ def train(
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
         for step in bar:
             e = data[perm[step * batch : (step + 1) * batch]].float().div_(255.0)
-            m = train_step(
+            m = step_fn(
                 model, opts, e, spec, n_train=n_train, epoch=epoch + 1, step=step,
                 checkpoint_path=checkpoint_path,
             )
@@ -316,7 +321,7 @@ def train(
         if callback is not None:
             callback(epoch + 1, metrics)
         last = epoch + 1 == spec.epochs
-        if checkpoint_path is not None and ((epoch + 1) % spec.checkpoint_every == 0 or last):
+        if checkpoint_path is not None and write_checkpoints and ((epoch + 1) % spec.checkpoint_every == 0 or last):
             vio.atomic_torch_save(
                 {
                     "format": CHECKPOINT_FORMAT,
