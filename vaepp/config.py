@@ -274,4 +274,9 @@ def load_params(path: str | Path) -> Params:
 
 
 def load_run(path: str | Path, name: str) -> RunConfig:
-    return resolve_run(load_params(path), name)
+    """Read and validate a params file and resolve run `name`; errors name the file."""
+    params = load_params(path)
+    try:
+        return resolve_run(params, name)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
