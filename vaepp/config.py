@@ -136,6 +136,14 @@ class FIDParams(_Section):
     batch_size: int = Field(default=50, gt=0)
 
 
+class DistributedParams(_Section):
+    """Processes per stage (docs/distributed.md). Results do not depend on them, so no stage
+    lists this section as a DVC param: changing it never reruns anything."""
+
+    nproc_per_node: int = Field(default=1, gt=0, le=1024)  # > 1: the stage starts itself under torchrun
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
+
+
 class RunParams(_Section):
     """One named run: an algorithm plus optional per-run overrides of shared sections."""
 
@@ -152,6 +160,7 @@ class RunParams(_Section):
 class Params(_Section):
     profile: str = "default"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    distributed: DistributedParams = DistributedParams()
     datasets: tuple[Dataset, ...] = ("mnist",)  # prepared by the prepare-data stage
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -190,6 +199,7 @@ class RunConfig(_Section):
     name: str
     algorithm: RunAlgorithm
     device: Literal["cpu", "cuda", "auto"]
+    distributed: DistributedParams = DistributedParams()
     data: DataParams
     model: ModelParams
     train: TrainParams
@@ -211,7 +221,8 @@ def resolve_run(params: Params, name: str) -> RunConfig:
             sections[key] = cls(**_deep_merge(base, getattr(run, key)))
         except ValidationError as err:
             raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
-    return RunConfig(name=name, algorithm=run.algorithm, device=params.device, **sections)
+    return RunConfig(name=name, algorithm=run.algorithm, device=params.device,
+                     distributed=params.distributed, **sections)
 
 
 _SECTIONS = {"data": DataParams, "model": ModelParams, "train": TrainParams,
