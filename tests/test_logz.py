@@ -10,11 +10,11 @@ from vaepp.logz import (
     LogZEstimate,
     StreamingLogMeanExp,
     annealing_schedule,
-    log_standard_normal,
     log_z_ais,
     log_z_prior_is,
     log_z_q_based,
 )
+from vaepp.posteriors import log_standard_normal
 
 ZDIM = 8
 BETA = 1.0
