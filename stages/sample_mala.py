@@ -4,10 +4,14 @@ VAEPP runs: z₀ from the latent GAN, then MALA on E(z) = βD(G(z)) + ½‖z‖�
 "GAN-VAEPP" images are G(z₀). Plain-VAE runs: images G(z), z ~ N(0, I) (their prior), and the
 latent GAN's G(z₀) as the two-stage comparison. Outputs: samples/<run>/{images.pt,
 images_gan.pt, grid.png, grid_gan.png}, metrics/<run>/mala.json.
+With `distributed.nproc_per_node: N` (or under `torchrun`), the chains' energy gradients are
+split across N processes and gathered; the chains are the one-process chains. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +24,22 @@ def _main(argv: list[str] | None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return _sample(args, run, ctx)
+
+
+def _sample(args, run, ctx) -> int:
+    from vaepp import distributed as vdist
+
+    dev = ctx.device
     paths = common.run_paths(run.name)
     model, _ = common.load_vae(paths["vae"], dev)
 
@@ -42,13 +62,15 @@ def _main(argv: list[str] | None) -> int:
         z0 = gan.sample(p.n_samples, generator=gen, device=dev)
     metrics: dict = {"n_samples": p.n_samples, "mala_steps": p.n_steps, "mala_step_size": p.step_size}
     if model.spec.pullback:
-        z, acceptance, stats = mala(model.energy_and_grad, z0.clone(), p.n_steps, p.step_size,
-                                    generator=gen, progress=not args.no_progress)
+        z, acceptance, stats = mala(vdist.shard_rows(ctx, model.energy_and_grad), z0.clone(), p.n_steps,
+                                    p.step_size, generator=gen, progress=not args.no_progress and ctx.is_writer)
         metrics.update(mala_acceptance=float(acceptance), sampler="latent GAN + MALA",
                        **{f"mala_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
     else:
         z = torch.randn(p.n_samples, model.zdim, generator=gen, device=dev)
         metrics.update(mala_acceptance=None, sampler="prior N(0, I)")
+    if not ctx.is_writer:
+        return 0
     images = decode_images(model, z)
     images_gan = decode_images(model, z0)
     metrics["seconds"] = time.perf_counter() - t0

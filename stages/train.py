@@ -3,12 +3,16 @@
 Outputs: models/<run>/vae.pt, plots/<run>/train_curve.csv, metrics/<run>/train.json; resumable
 checkpoints in checkpoints/<run>/train.ckpt (a killed run continues where it stopped when the
 stage is rerun with the same params; with other params it starts afresh).
+With `distributed.nproc_per_node: N` (or under `torchrun`), N processes train with
+DistributedDataParallel on the same global batch; only rank 0 writes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import csv
 import io as _io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,21 +24,37 @@ def _main(argv: list[str] | None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return _train(args, run, ctx)
+
+
+def _train(args, run, ctx) -> int:
+    dev = ctx.device
     paths = common.run_paths(run.name)
     data = common.load_data(run)
 
     import torch
 
     from vaepp import io as vio
+    from vaepp.distributed import ShardedTrainStep
     from vaepp.model import VAEPP
     from vaepp.study import model_spec, train_spec
-    from vaepp.train import train
+    from vaepp.tracking import Tracker
+    from vaepp.train import train, train_step
 
     images = data.train[: run.data.n_train] if run.data.n_train else data.train
     mspec = model_spec(run, tuple(images.shape[1:]), data.meta["binary"])
     tspec = train_spec(run)
     ckpt = paths["checkpoint"]
-    if ckpt.exists():
+    if ctx.is_writer and ckpt.exists():
         try:
             old = vio.load_checkpoint(ckpt, map_location="cpu")
         except vio.CheckpointError as err:
@@ -46,17 +66,22 @@ def _main(argv: list[str] | None) -> int:
             ckpt.unlink()
         else:
             print(f"{ckpt}: resuming from epoch {old['epoch']}", file=sys.stderr)
+    ctx.barrier()  # every rank sees the checkpoint rank 0 kept (or deleted)
 
     torch.manual_seed(tspec.seed)
     model = VAEPP(mspec)
-    tracker = common.tracker(args.params)
+    tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("train", run.name, common.flat(run.model_dump())) as log:
         result = train(
             model, images, tspec, device=dev, checkpoint_path=ckpt,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
-            progress=not args.no_progress,
+            progress=not args.no_progress and ctx.is_writer,
             checkpoint_extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta},
+            step_fn=ShardedTrainStep(ctx) if ctx.distributed else train_step,
+            write_checkpoints=ctx.is_writer,
         )
+        if not ctx.is_writer:
+            return 0
         last = result.history[-1]
         metrics = {
             "run": run.name,

@@ -1,0 +1,343 @@
+"""2 CPU processes with gloo against 1 process: training (DDP), the latent GAN, NLL, log Z, MALA
+and FID features give the one-process results, and only rank 0 writes files.
+
+One `torch.multiprocessing.spawn` of 2 ranks (module fixture) runs every scenario and saves what
+each rank computed; the tests compare it with the single-process library calls made here. The
+ranks draw the same random numbers as one process (vaepp/distributed.py), so the comparisons are
+to float rounding: float64 models for the estimators, float32 (train() feeds float32) for training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaepp import distributed as vdist
+from vaepp.fid import feature_stats
+from vaepp.latent_gan import LatentGAN, LatentGANSpec, fit_latent_gan, posterior_samples
+from vaepp.logz import log_z_ais, log_z_prior_is, log_z_q_based
+from vaepp.mala import mala
+from vaepp.model import VAEPP, ModelSpec
+from vaepp.nll import estimate_nll
+from vaepp.train import TrainSpec, train
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+# (name, model overrides, train overrides): every algorithm, every penalty, B ≠ K both ways
+# (penalty pairs and prior rows split unevenly), planar flows, the KL clamp.
+TRAIN_CASES = [
+    ("vae", {"pullback": False}, {"algorithm": "vae"}),
+    ("naive", {}, {"algorithm": "naive_vaepp", "penalty": "wgan_gp", "penalty_k": 10.0}),
+    ("vaepp", {}, {"algorithm": "vaepp"}),
+    ("vaepp_k_gt_b", {"posterior": "normal", "n_flows": 2}, {"algorithm": "vaepp", "n_prior_samples": 11,
+                                                             "penalty": "wgan_div_2"}),
+    ("vaepp_k_lt_b", {}, {"algorithm": "vaepp", "n_prior_samples": 5, "penalty": "wgan_gp",
+                          "penalty_k": 10.0, "clamp_kl": True}),
+]
+
+
+def _model(overrides: dict, seed: int = 0) -> VAEPP:
+    torch.manual_seed(seed)
+    return VAEPP(ModelSpec(image_shape=(1, 6, 6), zdim=3, hidden=(16, 16), **overrides))
+
+
+def _train_spec(overrides: dict) -> TrainSpec:
+    base = dict(batch_size=8, n_prior_samples=8, lr=1e-3, epochs=1, max_steps_per_epoch=3, seed=3)
+    return TrainSpec(**{**base, **overrides})
+
+
+def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 6, 6, generator=g) * 255).round().to(torch.uint8)
+
+
+def _sgd_optimizers(model: VAEPP, spec: TrainSpec) -> dict:
+    """`make_optimizers` with plain SGD: weights move by −lr·Σ gradients, so equal weights mean
+    equal gradients. (Adam's first steps are ≈ lr·sign(g): they would hide a gradient scaled by a
+    constant, and they turn the rounding of the critic's output-bias gradient, which is exactly 0
+    in VAEPP because D → D + c leaves the loss unchanged, into ±lr steps.)"""
+    params = model.parameters() if spec.algorithm == "vaepp" else model.model_parameters()
+    opts = {"model": torch.optim.SGD(params, lr=spec.lr)}
+    if spec.algorithm == "naive_vaepp":
+        opts["critic"] = torch.optim.SGD(model.critic.parameters(), lr=spec.critic_lr)
+    return opts
+
+
+def _train_once(ctx, name: str, optimizer: str, checkpoint=None, monkeypatch=None):
+    """One epoch of `train` (3 steps of 8 images) for TRAIN_CASES[name]; W ranks if ctx is given."""
+    import vaepp.train as vtrain
+
+    _, mo, to = next(c for c in TRAIN_CASES if c[0] == name)
+    model = _model(mo)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = _train_spec({**to, "lr": 0.05, "critic_lr": 0.05} if optimizer == "sgd" else to)
+    kw = {} if ctx is None else dict(step_fn=vdist.ShardedTrainStep(ctx), write_checkpoints=ctx.is_writer)
+    original = vtrain.make_optimizers
+    vtrain.make_optimizers = _sgd_optimizers if optimizer == "sgd" else original
+    try:
+        r = train(model, _images(), spec, checkpoint_path=checkpoint, **kw)
+    finally:
+        vtrain.make_optimizers = original
+    delta = {k: v - start[k] for k, v in model.state_dict().items()}
+    return {"delta": delta, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in r.history]}
+
+
+def _latent_setup():
+    spec = LatentGANSpec(noise_dim=4, hidden=(16, 16), epochs=2, batch_size=10, n_critic=2, seed=2)
+    torch.manual_seed(0)
+    gan = LatentGAN(3, spec)
+    pool = torch.randn(40, 3, generator=torch.Generator().manual_seed(4)) * 0.7 + 0.2
+    return gan, spec, pool
+
+
+def _eval_model() -> VAEPP:
+    model = _model({"posterior": "truncated"}, seed=5).double().eval()
+    with torch.no_grad():  # a critic with some weight, so log Z is far from 0
+        model.xi.fill_(1.0)
+    return model
+
+
+def _test_batches(model: VAEPP, n: int = 12, b: int = 5):
+    e = _images(n, seed=7).double() / 255.0
+    return [e[i : i + b] for i in range(0, n, b)]
+
+
+def _estimators(model, encode, log_px_model, log_f, energy) -> dict:
+    """Every estimator on the given (possibly sharded) callables; same seeds each call."""
+    batches = _test_batches(model)
+    out = {}
+    for name, kw in {"split_samples": dict(chunk=64), "split_images": dict(rng_rows=5, chunk=5)}.items():
+        g = torch.Generator().manual_seed(3)
+        r = estimate_nll(log_px_model, batches, n_importance=7, n_passes=2, log_z=0.4, generator=g,
+                         return_per_image=True, **kw)
+        out[f"nll_{name}"] = {k: r[k] for k in ("nll_nats", "nll_stderr", "nll_mc_stderr", "ess_mean",
+                                                 "nll_nats_plain_vae", "log_px_nats")}
+    g = torch.Generator().manual_seed(4)
+    q = log_z_q_based(batches, encode, model.sample_q, log_f, n_train=100, n_per_image=9, chunk=20, generator=g)
+    g = torch.Generator().manual_seed(5)
+    pis = log_z_prior_is(log_f, 3, 3000, chunk=1024, generator=g, dtype=torch.float64)
+    ais = log_z_ais(log_f, 3, n_chains=9, n_temps=6, seeds=(0, 1), dtype=torch.float64)
+    for est in (q, pis, ais):
+        out[est.name] = {"log_z": est.log_z, "std_err": est.std_err, "ess": est.ess, "n": est.n_samples}
+    z0 = torch.randn(9, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    z, acc, _ = mala(energy, z0, 8, 0.05, generator=torch.Generator().manual_seed(7))
+    out["mala"] = {"z": z, "acceptance": acc}
+    return out
+
+
+class _FakeInception(torch.nn.Module):
+    """Stands in for pytorch-fid's network: returns [features (B, 5, 1, 1)] as it does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv = torch.nn.Conv2d(3, 5, 3)
+
+    def forward(self, x):
+        return [self.conv(x).mean((2, 3), keepdim=True).double()]
+
+
+def _fid_images():
+    return torch.rand(23, 1, 6, 6, generator=torch.Generator().manual_seed(9))
+
+
+# ----- what each rank runs ---------------------------------------------------------------------
+def _rank_scenarios(ctx: vdist.DistContext, out: Path) -> dict:
+    res: dict = {}
+    for name, _, _ in TRAIN_CASES:  # (b) one epoch of train() under DDP
+        res[f"sgd_{name}"] = _train_once(ctx, name, "sgd", checkpoint=out / f"ckpt_{name}.pt")
+        res[f"adam_{name}"] = _train_once(ctx, name, "adam")
+    gan, spec, pool = _latent_setup()
+    hist = vdist.fit_latent_gan_sharded(gan, lambda: pool, spec, ctx)
+    res["latent_gan"] = {"state": gan.state_dict(), "history": hist}
+    model = _eval_model()
+    sharded = vdist.ShardedLatentModel(model, ctx)
+    torch.manual_seed(12)
+    res["pool"] = posterior_samples(lambda e: model.sample_q(*sharded.encode(e.double()), 1)[0][0], _images(30),
+                                    batch_size=7)
+    res["estimators"] = _estimators(model, sharded.encode, sharded, vdist.sharded_log_f(ctx, model.log_f),
+                                    vdist.shard_rows(ctx, model.energy_and_grad))
+    net = vdist.ShardedModule(_FakeInception(), ctx)
+    stats = feature_stats(net, _fid_images().expand(-1, 1, -1, -1), batch_size=6)
+    res["fid"] = {"n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer}
+    return res
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    out = Path(out)
+    with vdist.session(vdist.launch_from_env(os.environ), backend="gloo") as ctx:
+        res = _rank_scenarios(ctx, out)
+    torch.save(res, out / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(a, b, *, rtol, atol, what):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _close(a[k], b[k], rtol=rtol, atol=atol, what=f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, rtol=rtol, atol=atol, what=f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol), \
+            f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, float):
+        assert abs(a - b) <= atol + rtol * abs(b), f"{what}: {a} vs {b}"
+    else:
+        assert a == b, f"{what}: {a} vs {b}"
+
+
+def _drop_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+# ----- (b) training ----------------------------------------------------------------------------
+NAMES = [c[0] for c in TRAIN_CASES]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_epoch_with_sgd_equals_one_process_on_the_global_batch(ranks, name):
+    """Weight changes after one epoch = −lr·Σ gradients: equal to float32 rounding (the ranks'
+    networks see half batches; ~1e-6 of the largest change)."""
+    out, res = ranks
+    want = _train_once(None, name, "sgd")
+    scale = max(v.abs().max().item() for v in want["delta"].values())
+    assert scale > 1e-3, "training did not move the weights: the comparison would be empty"
+    for rank in range(WORLD):
+        got = res[rank][f"sgd_{name}"]
+        _close(got["delta"], want["delta"], rtol=1e-3, atol=1e-5 * scale, what=f"rank {rank} {name} weight changes")
+        _close(got["history"], want["history"], rtol=1e-5, atol=1e-5, what=f"rank {rank} {name} metrics")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_epoch_with_adam_equals_one_process(ranks, name):
+    """train() as the stage runs it (Adam). Every weight agrees to rounding except the critic's
+    biases: the output bias has an exactly-zero gradient (D → D + c leaves the VAEPP loss
+    unchanged) and the others nearly so at initialisation, and Adam's ≈ lr·sign(g) steps turn
+    the rounding of such gradients into differences of up to 2·lr per step."""
+    out, res = ranks
+    want = _train_once(None, name, "adam")
+    lr, steps = _train_spec({}).lr, 3
+    for rank in range(WORLD):
+        got = res[rank][f"adam_{name}"]["delta"]
+        for k, v in want["delta"].items():
+            if k.startswith("critic.") and k.endswith(".bias"):
+                assert (got[k] - v).abs().max().item() <= 2 * lr * steps + 1e-6, k
+            else:
+                _close(got[k], v, rtol=1e-3, atol=1e-6, what=f"rank {rank} {name} {k}")
+
+
+def test_ddp_latent_gan_equals_one_process(ranks):
+    out, res = ranks
+    gan, spec, pool = _latent_setup()
+    hist = fit_latent_gan(gan, lambda: pool, spec)
+    for rank in range(WORLD):
+        got = res[rank]["latent_gan"]
+        _close(got["state"], gan.state_dict(), rtol=1e-4, atol=1e-6, what=f"rank {rank} latent GAN weights")
+        _close(_drop_seconds(got["history"]), _drop_seconds(hist), rtol=1e-4, atol=1e-5, what="latent GAN metrics")
+
+
+# ----- (a) NLL, log Z, MALA, FID ---------------------------------------------------------------
+def test_sharded_estimates_equal_one_process(ranks):
+    out, res = ranks
+    model = _eval_model()
+    want = _estimators(model, model.encode, model, model.log_f, model.energy_and_grad)
+    assert want["nll_split_samples"]["nll_nats"] > 1.0 and abs(want["prior_is"]["log_z"]) > 0.05
+    for rank in range(WORLD):
+        _close(res[rank]["estimators"], want, rtol=1e-9, atol=1e-9, what=f"rank {rank}")
+
+
+def test_sharded_posterior_pool_equals_one_process(ranks):
+    out, res = ranks
+    model = _eval_model()
+    torch.manual_seed(12)
+    want = posterior_samples(lambda e: model.sample_q(*model.encode(e.double()), 1)[0][0], _images(30), batch_size=7)
+    for rank in range(WORLD):
+        _close(res[rank]["pool"], want, rtol=1e-12, atol=1e-12, what=f"rank {rank} pool")
+
+
+def test_sharded_feature_sums_equal_one_process(ranks):
+    out, res = ranks
+    stats = feature_stats(_FakeInception(), _fid_images(), batch_size=6)
+    for rank in range(WORLD):
+        got = res[rank]["fid"]
+        assert got["n"] == stats.n == 23
+        _close(got["sum"], stats.sum, rtol=1e-6, atol=1e-9, what="feature sum")
+        _close(got["sum_outer"], stats.sum_outer, rtol=1e-6, atol=1e-9, what="feature outer sum")
+
+
+# ----- (c) only rank 0 writes --------------------------------------------------------------------
+def test_only_rank_zero_writes_checkpoints(ranks):
+    out, res = ranks
+    for name, _, _ in TRAIN_CASES:
+        assert (out / f"ckpt_{name}.pt").is_file()
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([f"ckpt_{n}.pt" for n, _, _ in TRAIN_CASES] + [f"rank{r}.pt" for r in range(WORLD)])
+
+
+# ----- pieces without processes ----------------------------------------------------------------
+def test_row_ranges_cover_every_row_once():
+    for n in range(0, 13):
+        for world in range(1, 6):
+            blocks = [vdist.row_range(n, r, world) for r in range(world)]
+            assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
+            sizes = [b - a for a, b in blocks]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_launch_from_env_and_relaunch():
+    assert vdist.launch_from_env({}) == vdist.Launch()
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert vdist.launch_from_env(env) == vdist.Launch(1, 4, 1, from_launcher=True)
+    with pytest.raises(ValueError, match="RANK"):
+        vdist.launch_from_env({"WORLD_SIZE": "2", "RANK": "x"})
+    with pytest.raises(ValueError, match="inconsistent"):
+        vdist.launch_from_env({"WORLD_SIZE": "2", "RANK": "2"})
+    cmd = vdist.relaunch_command(vdist.Launch(), 3, "stages/train.py", ["--run", "a"], "py")
+    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                   "stages/train.py", "--run", "a"]
+    assert vdist.relaunch_command(vdist.Launch(), 1, "s.py", [], "py") is None
+    assert vdist.relaunch_command(vdist.launch_from_env({"WORLD_SIZE": "1"}), 3, "s.py", [], "py") is None
+
+
+def test_backend_choice():
+    assert vdist.resolve_backend("auto", "cpu") == "gloo"
+    assert vdist.resolve_backend("auto", "cuda") == "nccl"
+    assert vdist.resolve_backend("gloo", "cuda") == "gloo"
+    with pytest.raises(ValueError, match="nccl.*CUDA"):
+        vdist.resolve_backend("nccl", "cpu")
+
+
+def test_one_process_context_is_the_identity():
+    ctx = vdist.DistContext()
+    model = _eval_model()
+    assert vdist.sharded_log_f(ctx, model.log_f) == model.log_f
+    x = torch.randn(4, 3)
+    assert vdist.gather_rows(ctx, x, n=4) is x
+    sharded = vdist.ShardedLatentModel(model, ctx)
+    e = _test_batches(model)[0]
+    assert all(torch.equal(a, b) for a, b in zip(sharded.encode(e), model.encode(e)))
