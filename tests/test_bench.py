@@ -129,10 +129,24 @@ def test_pipeline_overhead_paths(tmp_path):
 
 @pytest.mark.slow
 def test_fid_bench_agrees_with_pytorch_fid_cli(tmp_path):
-    """Two images per set through vaepp.fid and through `python -m pytorch_fid`: the same FID.
-    Slow: two fresh processes each load Inception and take a 2048² matrix square root."""
+    """Two images per set through vaepp.fid in process, in a fresh process from PNGs and cached
+    statistics, and through `python -m pytorch_fid` on the same PNGs and vaepp's cache file: the
+    same FID. Slow: two fresh processes each load Inception and take a 2048² matrix square root."""
     torch_home, wheels = run_all._stage_paths()
     res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10)
-    assert res["fid_vaepp_process"] == pytest.approx(res["fid_in_process"], rel=1e-9)
-    assert res["fid_relative_difference_cli"] < 1e-3
+    e2e = res["end_to_end"]
+    assert e2e["measured"]
+    assert e2e["fid_vaepp_process"] == pytest.approx(res["fid_in_process"], rel=1e-6)
+    assert e2e["fid_relative_difference_cli"] < 1e-3
+    assert res["fid_in_process"] > 1.0  # B is a darker copy of A: clearly different sets
     assert res["reference_cache_hit_s"] < res["reference_cache_miss_s"]
+
+
+def test_fid_bench_skips_end_to_end_when_over_budget(tmp_path):
+    """Under a budget too small for two Inception processes, the comparison is skipped and says
+    why, while the in-process figures are still measured."""
+    torch_home, wheels = run_all._stage_paths()
+    res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10,
+                              seconds_left=1.0)
+    assert res["end_to_end"]["measured"] is False and "budget" in res["end_to_end"]["reason"]
+    assert res["vaepp_images_per_s"] > 0 and res["fid_in_process"] > 1.0
