@@ -155,7 +155,7 @@ def measure(row: pd.Series, metric: str) -> Measured:
     return Measured(f"{value:.2f} ± {err:.2f}", value, err, row["run"], _nll_protocol(row))
 
 
-def _allowed(value: str | tuple[str, ...]) -> tuple[str, ...]:
+def _allowed(value: str | tuple[str, ...]) -> tuple[str, ...]:  # a Match condition as a tuple
     return value if isinstance(value, tuple) else (value,)
 
 
@@ -193,8 +193,7 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                     rec[f"{c.label} · paper"] = row.values.get(c.key, "–") if i == 0 else ""
                     rec[f"{c.label} · ours"] = cells[c.key][i] if i < len(cells[c.key]) else ""
                 records.append(rec)
-        df = pd.DataFrame(records)
-        df.attrs.update(title=t.title, caption=t.caption, key=t.key)
+        (df := pd.DataFrame(records)).attrs.update(title=t.title, caption=t.caption, key=t.key)
         out[t.key] = df
     return out
 
@@ -208,10 +207,9 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every log-Z estimate per run side by side, with the NLL (nats) computed under it.
-
-    Columns: run, estimator (paper_q, prior_is, ais, exact, train = the last epoch's training
-    estimate), log_z, std_err, ess, n_samples, seed_sd (AIS spread), nll_nats, headline."""
+    """Every log-Z estimate per run side by side, with the NLL (nats) computed under it. Columns: run,
+    estimator (paper_q, prior_is, ais, exact; the training estimate's last-epoch mean; the model under
+    N(0, I)), log_z, std_err, ess, n_samples, seed_sd (AIS spread over seeds), nll_nats, headline."""
     recs = []
     for _, r in runs[runs["has_nll"]].iterrows():
         for name, nll in _by_log_z(r).items():
@@ -219,10 +217,10 @@ def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
             recs.append({"run": r["run"], "estimator": name, "log_z": g("log_z") if name != "exact" else 0.0,
                          "std_err": g("std_err"), "ess": g("ess"), "n_samples": g("n_samples"),
                          "seed_sd": g("extra.seed_std"), "nll_nats": nll, "headline": name == r["nll.log_z_headline"]})
-        if r["algorithm"] != "vae" and _num(r, "train.log_z_train") is not None:
-            recs.append({"run": r["run"], "estimator": "train (epoch mean)", "log_z": _num(r, "train.log_z_train")})
-        recs.append({"run": r["run"], "estimator": "plain VAE prior N(0, I)", "log_z": 0.0,
-                     "nll_nats": _num(r, "nll.nll_vae_prior_nats")})
+        if r["algorithm"] != "vae":  # pull-back runs: the training estimate; the same model under N(0, I)
+            recs += [{"run": r["run"], "estimator": "train (epoch mean)", "log_z": _num(r, "train.log_z_train")},
+                     {"run": r["run"], "estimator": "plain VAE prior N(0, I)", "log_z": 0.0,
+                      "nll_nats": _num(r, "nll.nll_vae_prior_nats")}]
     cols = ["run", "estimator", "log_z", "std_err", "ess", "n_samples", "seed_sd", "nll_nats", "headline"]
     return pd.DataFrame(recs, columns=cols).fillna({"headline": False}).astype({"n_samples": "Int64"})
 
@@ -277,10 +275,11 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
     fig = Figure(figsize=(3.2 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, col in zip(axes, panels):
-        for name, (alg, d) in curves.items():
+        for i, (name, (alg, d)) in enumerate(curves.items()):  # one colour per run in every panel
             if col in d:
-                ax.plot(d["epoch"], d[col], marker=".", label=f"{name} ({alg})")
+                ax.plot(d["epoch"], d[col], marker=".", color=f"C{i}", label=f"{name} ({alg})")
         ax.set(xlabel="epoch", title=col)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _png(fig)
@@ -307,7 +306,7 @@ def _notes(df: pd.DataFrame) -> dict[str, int]:
 def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     def cell(v) -> str:
         ref = f" [{notes[v.protocol]}]" if isinstance(v, Measured) and notes and v.protocol in notes else ""
-        return (_fmt(v) + ref).replace("|", "/").replace("\n", " ")
+        return (_fmt(v) + ref).replace("|", "∣").replace("\n", " ")  # U+2223: no column break
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in df.itertuples(index=False)]
@@ -323,7 +322,8 @@ def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
         parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
     parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
-    parts += ["## Figure 4 points: NLL and FID against dim z", "", _md_table(dimz_points(runs)), ""]
+    pts = dimz_points(runs).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
+    parts += ["## Figure 4 points: NLL and FID against dim z", "", _md_table(pts), ""]
     return "\n".join(parts)
 
 
