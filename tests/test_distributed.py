@@ -1,17 +1,20 @@
 """2 CPU processes with gloo against 1 process: training (DDP), the latent GAN, NLL, log Z, MALA
 and FID features give the one-process results, and only rank 0 writes files.
 
-One `torch.multiprocessing.spawn` of 2 ranks (module fixture) runs every scenario and saves what
-each rank computed; the tests compare it with the single-process library calls made here. The
-ranks draw the same random numbers as one process (vaepp/distributed.py), so the comparisons are
-to float rounding: float64 models for the estimators, float32 (train() feeds float32) for training.
+One `torch.multiprocessing.spawn` of 2 ranks (module fixture) runs every scenario, then the
+train, fit-latent-gan, estimate-nll and sample-mala stages (with MLflow) in a scratch project
+under an audit hook that records every file write; the tests compare with the single-process
+library calls made here. The ranks draw the same random numbers as one process
+(vaepp/distributed.py), so the comparisons are to float rounding: float64 models for the
+estimators, float32 (train() feeds float32) for training. Start-up dominates (importing torch in
+two fresh processes); heavy imports stay inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -19,7 +22,6 @@ import pytest
 import torch
 
 from vaepp import distributed as vdist
-from vaepp.fid import feature_stats
 from vaepp.latent_gan import LatentGAN, LatentGANSpec, fit_latent_gan, posterior_samples
 from vaepp.logz import log_z_ais, log_z_prior_is, log_z_q_based
 from vaepp.mala import mala
@@ -133,19 +135,100 @@ def _estimators(model, encode, log_px_model, log_f, energy) -> dict:
 
 
 class _FakeInception(torch.nn.Module):
-    """Stands in for pytorch-fid's network: returns [features (B, 5, 1, 1)] as it does."""
+    """Stands in for pytorch-fid's network: returns [features (B, 5, 1, 1)] as it does, and
+    carries the weights digest that keys the reference-statistics cache."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(8)
         self.conv = torch.nn.Conv2d(3, 5, 3)
+        self.fid_weights_sha256 = "abc123"
 
     def forward(self, x):
         return [self.conv(x).mean((2, 3), keepdim=True).double()]
 
 
-def _fid_images():
-    return torch.rand(23, 1, 6, 6, generator=torch.Generator().manual_seed(9))
+def _fid_batches():
+    """Batches as `vaepp.fid.iter_features` feeds them, the last one smaller than the ranks."""
+    x = torch.rand(13, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    return [x[:6], x[6:12], x[12:]]
+
+
+# ----- the stages, in a scratch project ----------------------------------------------------------
+STAGE_PARAMS = """
+device: cpu
+distributed: {nproc_per_node: 1, backend: gloo}
+datasets: [mnist]
+data: {dataset: mnist, n_train: 64, n_test: 8}
+model: {arch: mlp, zdim: 3, hidden: [16, 16]}
+train: {epochs: 1, batch_size: 16, n_prior_samples: 16, lr: 1.0e-3}
+latent_gan: {noise_dim: 4, hidden: [8, 8], epochs: 1, batch_size: 16, n_critic: 2}
+nll: {n_importance: 4, chunk: 64, batch_images: 4,
+      log_z: {prior_is_samples: 256, ais_chains: 4, ais_temps: 3, ais_seeds: 2, q_based_per_image: 2,
+              q_based_images: 16}}
+mala: {n_samples: 6, n_steps: 3}
+runs: {vaepp: {algorithm: vaepp}}
+"""
+STAGES = ("train", "fit_latent_gan", "estimate_nll", "sample_mala")
+RANK0_OUTPUTS = ["models/vaepp/vae.pt", "checkpoints/vaepp/train.ckpt", "plots/vaepp/train_curve.csv",
+                 "metrics/vaepp/train.json", "models/vaepp/latent_gan.pt", "metrics/vaepp/latent_gan.json",
+                 "metrics/vaepp/nll.json", "samples/vaepp/images.pt", "samples/vaepp/images_gan.pt",
+                 "samples/vaepp/grid.png", "metrics/vaepp/mala.json", "mlflow.db"]
+
+
+def _make_project(root: Path) -> None:
+    from vaepp.data import save_prepared
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: ((torch.rand(n, 1, 8, 8, generator=g) > 0.5) * 255).to(torch.uint8)  # noqa: E731
+    save_prepared(root / "data" / "mnist", images(64), images(8),
+                  {"binary": True, "source": "test", "label": "MNIST (test stand-in)", "stand_in": True})
+    (root / "params.yaml").write_text(STAGE_PARAMS)
+
+
+_WRITE_EVENTS = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "tempfile.mkstemp",
+                 "sqlite3.connect", "os.truncate"}
+
+
+def _record_writes(root: Path, log: list) -> None:
+    """Audit hook: every write, rename, mkdir, removal or SQLite connection under `root`."""
+    prefix = str(root)
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or \
+                (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        else:
+            writing = event in _WRITE_EVENTS
+        targets = args[:2] if event == "os.rename" else args[:1]  # a rename writes its destination
+        for target in targets if writing else ():
+            if isinstance(target, (str, bytes, os.PathLike)):
+                path = os.path.abspath(os.fsdecode(target))
+                if path.startswith(prefix):
+                    log.append((event, os.path.relpath(path, prefix)))
+
+    sys.addaudithook(hook)
+
+
+def _run_stages(ctx: vdist.DistContext, root: Path) -> dict:
+    """Every rank: the stages' main() in `root` (rank 0 made the project first)."""
+    import importlib
+
+    if ctx.is_writer:
+        _make_project(root)
+    ctx.barrier()
+    os.chdir(root)
+    os.environ.update(DVC_ROOT=str(root), VAEPP_CACHE=str(root.parent / "cache"), MLFLOW_DISABLE_TELEMETRY="true")
+    os.environ.pop("VAEPP_MLFLOW", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    log: list = []
+    _record_writes(root, log)
+    codes = {}
+    for stage in STAGES:
+        main = importlib.import_module(f"stages.{stage}").main
+        codes[stage] = main(["--params", "params.yaml", "--run", "vaepp", "--no-progress"])
+    return {"codes": codes, "writes": log}
 
 
 # ----- what each rank runs ---------------------------------------------------------------------
@@ -165,8 +248,8 @@ def _rank_scenarios(ctx: vdist.DistContext, out: Path) -> dict:
     res["estimators"] = _estimators(model, sharded.encode, sharded, vdist.sharded_log_f(ctx, model.log_f),
                                     vdist.shard_rows(ctx, model.energy_and_grad))
     net = vdist.ShardedModule(_FakeInception(), ctx)
-    stats = feature_stats(net, _fid_images().expand(-1, 1, -1, -1), batch_size=6)
-    res["fid"] = {"n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer}
+    with torch.inference_mode():
+        res["fid"] = {"features": [net(x)[0] for x in _fid_batches()], "sha": net.fid_weights_sha256}
     return res
 
 
@@ -177,7 +260,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     out = Path(out)
     with vdist.session(vdist.launch_from_env(os.environ), backend="gloo") as ctx:
         res = _rank_scenarios(ctx, out)
+        res["stages"] = _run_stages(ctx, out.parent / "project")
     torch.save(res, out / f"rank{rank}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the interpreter's slow teardown of torch (seconds per process)
 
 
 def _free_port() -> int:
@@ -280,23 +367,36 @@ def test_sharded_posterior_pool_equals_one_process(ranks):
         _close(res[rank]["pool"], want, rtol=1e-12, atol=1e-12, what=f"rank {rank} pool")
 
 
-def test_sharded_feature_sums_equal_one_process(ranks):
+def test_sharded_feature_network_equals_one_process(ranks):
+    """Every rank gets every image's features, so FeatureStats' sums are the one-process sums."""
     out, res = ranks
-    stats = feature_stats(_FakeInception(), _fid_images(), batch_size=6)
+    net = _FakeInception()
+    with torch.inference_mode():
+        want = [net(x)[0] for x in _fid_batches()]
     for rank in range(WORLD):
-        got = res[rank]["fid"]
-        assert got["n"] == stats.n == 23
-        _close(got["sum"], stats.sum, rtol=1e-6, atol=1e-9, what="feature sum")
-        _close(got["sum_outer"], stats.sum_outer, rtol=1e-6, atol=1e-9, what="feature outer sum")
+        _close(res[rank]["fid"]["features"], want, rtol=1e-12, atol=1e-12, what=f"rank {rank} features")
+        assert res[rank]["fid"]["sha"] == "abc123"  # the cache key sees the wrapped network
 
 
 # ----- (c) only rank 0 writes --------------------------------------------------------------------
 def test_only_rank_zero_writes_checkpoints(ranks):
     out, res = ranks
-    for name, _, _ in TRAIN_CASES:
-        assert (out / f"ckpt_{name}.pt").is_file()
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted([f"ckpt_{n}.pt" for n, _, _ in TRAIN_CASES] + [f"rank{r}.pt" for r in range(WORLD)])
+
+
+def test_stages_on_two_ranks_write_only_from_rank_zero(ranks):
+    out, res = ranks
+    project = out.parent / "project"
+    for rank in range(WORLD):
+        assert res[rank]["stages"]["codes"] == {s: 0 for s in STAGES}, f"rank {rank} exit codes"
+    assert res[1]["stages"]["writes"] == [], "rank 1 wrote files"
+    touched = {path for _, path in res[0]["stages"]["writes"]}
+    for f in RANK0_OUTPUTS:
+        assert f in touched and (project / f).is_file(), f
+    with sqlite3.connect(project / "mlflow.db") as db:  # one MLflow run per stage, from rank 0
+        names = sorted(r[0] for r in db.execute("SELECT name FROM runs WHERE name LIKE '%:vaepp'"))
+    assert names == sorted(f"{s.replace('_', '-')}:vaepp" for s in STAGES)
 
 
 # ----- pieces without processes ----------------------------------------------------------------
