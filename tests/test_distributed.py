@@ -419,7 +419,7 @@ def test_launch_from_env_and_relaunch():
         vdist.launch_from_env({"WORLD_SIZE": "2", "RANK": "2"})
     cmd = vdist.relaunch_command(vdist.Launch(), 3, "stages/train.py", ["--run", "a"], "py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                   "stages/train.py", "--run", "a"]
+                   "stages/train.py", "--", "--run", "a"]
     assert vdist.relaunch_command(vdist.Launch(), 1, "s.py", [], "py") is None
     assert vdist.relaunch_command(vdist.launch_from_env({"WORLD_SIZE": "1"}), 3, "s.py", [], "py") is None
 
@@ -441,3 +441,33 @@ def test_one_process_context_is_the_identity():
     sharded = vdist.ShardedLatentModel(model, ctx)
     e = _test_batches(model)[0]
     assert all(torch.equal(a, b) for a, b in zip(sharded.encode(e), model.encode(e)))
+
+
+def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
+    """`distributed.nproc_per_node: 2` makes `python stages/train.py` re-run itself through
+    torchrun (--standalone, env:// rendezvous on torchrun's store); rank 0's model matches one
+    process. Encoder, decoder and ξ agree to rounding; the critic's gradients nearly cancel at
+    initialisation (see the Adam test), so its Adam steps may differ by up to 2·lr each."""
+    import subprocess
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    for root in (two, one):
+        _make_project(root)
+    (two / "params.yaml").write_text(STAGE_PARAMS.replace("nproc_per_node: 1", "nproc_per_node: 2"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--run", "vaepp", "--no-progress"],
+                          cwd=two, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(one)
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    from stages import train as train_stage
+
+    assert train_stage.main(["--run", "vaepp", "--no-progress"]) == 0
+    got = torch.load(two / "models" / "vaepp" / "vae.pt", weights_only=True)["model"]
+    want = torch.load(one / "models" / "vaepp" / "vae.pt", weights_only=True)["model"]
+    steps, lr = 64 // 16, 1e-3
+    for k, v in want.items():
+        tol = 2 * lr * steps if k.startswith("critic.") else 1e-4
+        assert (got[k] - v).abs().max().item() <= tol, k
+    assert sorted(p.name for p in (two / "models" / "vaepp").iterdir()) == ["vae.pt"]

@@ -98,13 +98,15 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
 
 def relaunch_command(launch: Launch, nproc_per_node: int, script: str, argv: Sequence[str],
                      python: str) -> list[str] | None:
-    """The `torchrun --standalone --nproc_per_node=N script argv…` command that starts N local
+    """The `torchrun --standalone --nproc_per_node=N script -- argv…` command that starts N local
     processes, when `nproc_per_node` > 1 asks for them and this process was not started by a
     launcher (then None: run here). python: the interpreter (sys.executable at the edge)."""
     if nproc_per_node <= 1 or launch.from_launcher:
         return None
+    # "--" ends torchrun's own options: without it, argparse reads the script's `--run` as an
+    # abbreviation of torchrun's `--run-path`.
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            script, *argv]
+            script, "--", *argv]
 
 
 @dataclass(frozen=True)
