@@ -543,8 +543,11 @@ class ShardedTrainStep:
     def __call__(self, model, opts, e, spec, *, n_train, epoch=0, step=0, checkpoint_path=None) -> dict[str, float]:
         from .train import _check_finite
 
-        ddp = self._objective(model, spec, n_train)
         batch = e.shape[0]
+        if batch < self.ctx.world:
+            raise ValueError(f"train.batch_size = {batch} is smaller than the {self.ctx.world} processes; "
+                             "raise it or use fewer processes")
+        ddp = self._objective(model, spec, n_train)
         start, stop = row_range(batch, self.ctx.rank, self.ctx.world)
         e_local = e[start:stop]
         out = ddp(e_local, batch, "vaepp" if spec.algorithm == "vaepp" else "model")
@@ -602,6 +605,9 @@ def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: Di
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm.auto import tqdm
 
+    if spec.batch_size < ctx.world:
+        raise ValueError(f"latent_gan.batch_size = {spec.batch_size} is smaller than the {ctx.world} "
+                         "processes; raise it or use fewer processes")
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(spec.seed)
