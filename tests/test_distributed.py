@@ -258,7 +258,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     out = Path(out)
-    with vdist.session(vdist.launch_from_env(os.environ), backend="gloo") as ctx:
+    # a deadlock fails within minutes instead of torch's default 30
+    with vdist.session(vdist.launch_from_env(os.environ), backend="gloo", timeout_s=180) as ctx:
         res = _rank_scenarios(ctx, out)
         res["stages"] = _run_stages(ctx, out.parent / "project")
     torch.save(res, out / f"rank{rank}.pt")

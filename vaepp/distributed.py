@@ -48,6 +48,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
@@ -159,10 +160,12 @@ def resolve_backend(setting: Backend, device_type: str) -> str:
 
 
 @contextmanager
-def session(launch: Launch, *, backend: Backend = "auto", device: str | torch.device = "cpu") -> Iterator[DistContext]:
+def session(launch: Launch, *, backend: Backend = "auto", device: str | torch.device = "cpu",
+            timeout_s: float | None = None) -> Iterator[DistContext]:
     """The process group for the duration of a stage: a one-process DistContext when
     launch.world == 1; otherwise init (env:// rendezvous, as set up by torchrun), a second group
-    for the row gathers, and destroy on exit. On CUDA, rank r uses device cuda:LOCAL_RANK."""
+    for the row gathers, and destroy on exit. On CUDA, rank r uses device cuda:LOCAL_RANK.
+    timeout_s: how long a collective waits for the other ranks (None: torch's default, 30 min)."""
     device = torch.device(device)
     if launch.world == 1:
         yield DistContext(device=device)
@@ -172,11 +175,13 @@ def session(launch: Launch, *, backend: Backend = "auto", device: str | torch.de
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     owner = not dist.is_initialized()
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     if owner:
-        dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world)
+        dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world,
+                                timeout=timeout)
     elif dist.get_world_size() != launch.world or dist.get_rank() != launch.rank:
         raise RuntimeError("a process group with another rank/world size is already initialised")
-    group = dist.new_group(list(range(launch.world)), backend=chosen)
+    group = dist.new_group(list(range(launch.world)), backend=chosen, timeout=timeout)
     try:
         yield DistContext(rank=launch.rank, world=launch.world, device=device, group=group)
     finally:
@@ -357,7 +362,8 @@ class ShardedLatentModel:
             return (gather_rows(ctx, log_px[: stop - start], n=n),
                     gather_rows(ctx, log_f[: stop - start], n=n))
         start, stop = row_range(b, ctx.rank, ctx.world)  # split the images
-        log_px, log_f = self.model.log_px_and_log_f(_local(x, start, stop), _local(z.transpose(0, 1), start, stop).transpose(0, 1))
+        z_mine = _local(z.transpose(0, 1), start, stop).transpose(0, 1)  # (n, b_r, Z)
+        log_px, log_f = self.model.log_px_and_log_f(_local(x, start, stop), z_mine)
         return (gather_rows(ctx, log_px.T[: stop - start], n=b).T,
                 gather_rows(ctx, log_f.T[: stop - start], n=b).T)
 
