@@ -5,8 +5,9 @@ VENV_STAMP := .venv/.installed
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
-PORT ?= 5000
-HOST ?= 127.0.0.1
+# Not HOST/PORT: shells export HOST (tcsh sets it to the machine's name).
+UI_PORT ?= 5000
+UI_HOST ?= 127.0.0.1
 
 .PHONY: setup test test-slow repro repro-paper ui bench clean-outputs
 
@@ -31,10 +32,10 @@ repro-paper: $(VENV_STAMP)
 	cp profiles/paper.yaml params.yaml
 	$(PY) -m dvc repro
 
-# The MLflow UI on 127.0.0.1 (HOST=0.0.0.0 to share it); open the printed address.
+# The MLflow UI on 127.0.0.1 (`make ui UI_HOST=0.0.0.0` to share it); open the printed address.
 ui: $(VENV_STAMP)
-	@echo "MLflow UI: http://$(HOST):$(PORT)/#/experiments (classic runs table)"
-	.venv/bin/mlflow server --workers 1 --host $(HOST) --port $(PORT) \
+	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)/#/experiments (classic runs table)"
+	.venv/bin/mlflow server --workers 1 --host $(UI_HOST) --port $(UI_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
 
 bench: $(VENV_STAMP)

@@ -24,6 +24,9 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory, e.g. data/mnist")
     args = p.parse_args(argv)
 
+    from vaepp.config import load_params
+
+    load_params(args.params)  # a bad params file stops the pipeline here, before any download
     from vaepp.data import prepare, save_prepared
 
     t0 = time.perf_counter()

@@ -20,11 +20,12 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--root", type=Path, default=Path("."), help="directory holding metrics/, plots/, samples/")
     args = p.parse_args(argv)
 
-    from vaepp import report
     from vaepp.config import load_params
+
+    params = load_params(args.params)  # validate before the heavy imports
+    from vaepp import report
     from vaepp.io import atomic_write_text
 
-    params = load_params(args.params)
     root = args.root
     runs = report.collect(root, params)
     tabs = report.tables(runs)

@@ -908,16 +908,20 @@ def test_training_stage_survives_mlflow_trouble_with_one_warning(tmp_path, troub
 
 
 def test_mlflow_ui_binds_to_localhost_unless_asked():
-    """`make ui` serves on 127.0.0.1 by default; `make ui HOST=0.0.0.0` is the explicit opt-in."""
+    """`make ui` serves on 127.0.0.1 by default, even when the shell exports HOST (tcsh does);
+    `make ui UI_HOST=0.0.0.0` is the explicit opt-in."""
     text = (ROOT / "Makefile").read_text()
-    assert "HOST ?= 127.0.0.1" in text.splitlines()
+    assert "UI_HOST ?= 127.0.0.1" in text.splitlines()
 
     def server_line(*args: str) -> str:
-        e = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")}
+        e = {k: v for k, v in os.environ.items() if k not in ("UI_HOST", "UI_PORT")}
+        e.update(HOST="0.0.0.0", PORT="1")
         out = subprocess.run(["make", "-n", "ui", *args], cwd=ROOT, env=e, capture_output=True, text=True)
         lines = [line for line in out.stdout.replace("\\\n", " ").splitlines() if "mlflow server" in line]
         assert len(lines) == 1, out.stdout + out.stderr
         return lines[0]
 
     assert "--host 127.0.0.1 " in server_line()
-    assert "--host 0.0.0.0 " in server_line("HOST=0.0.0.0")
+    assert "--host 0.0.0.0 " in server_line("UI_HOST=0.0.0.0")
+    line = server_line("UI_PORT=5999")
+    assert "--port 5999" in line and f"sqlite:///{ROOT}/mlflow.db" in line
