@@ -27,19 +27,51 @@ DATASETS: dict[str, tuple[tuple[int, int, int], bool, int]] = {
 
 
 # ----- 1. the matmul limit -----------------------------------------------------------------------
-def matmul_gflops(sizes: list[int], repeats: int) -> dict:
-    """float32 GFLOP/s of square n×n @ n×n products (2n³ FLOPs each), best of `repeats` per size.
+def _best_mm_seconds(m: int, k: int, n: int, *, min_calls: int, seconds: float, seed: int = 0) -> float:
+    """Smallest wall time of one (m×k) @ (k×n) float32 product, over at least `min_calls` calls
+    and until `seconds` have passed. Single calls, not blocks: on a shared machine the quiet
+    moments are short, and the fastest call is the one that shows what the cores can do."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)  # warm-up
+    best, calls, t_end = math.inf, 0, time.perf_counter() + seconds
+    while calls < min_calls or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+        calls += 1
+    return best
+
+
+def matmul_gflops(sizes: list[int], repeats: int, seconds_per_size: float = 1.5) -> dict:
+    """float32 GFLOP/s of square n×n @ n×n products (2n³ FLOPs each): the fastest single call
+    per size (at least `repeats` calls, for at least `seconds_per_size`).
     Returns {"by_size": {n: GFLOP/s}, "peak_gflops": max over sizes}."""
-    gen = torch.Generator().manual_seed(0)
-    by_size = {}
-    for n in sizes:
-        a = torch.randn(n, n, generator=gen)
-        b = torch.randn(n, n, generator=gen)
-        out = torch.empty(n, n)
-        inner = max(1, int(2e8 // (2 * n**3)))  # ≈ 0.2 GFLOP per timed call: small sizes repeat
-        t = best_time(lambda: [torch.mm(a, b, out=out) for _ in range(inner)], repeats=repeats)
-        by_size[n] = 2.0 * n**3 * inner / t / 1e9
+    by_size = {n: 2.0 * n**3 / _best_mm_seconds(n, n, n, min_calls=repeats, seconds=seconds_per_size) / 1e9
+               for n in sizes}
     return {"by_size": by_size, "peak_gflops": max(by_size.values())}
+
+
+def linear_shapes(net: torch.nn.Module, example: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of every Linear call of `net(example)`, in call order."""
+    shapes: list[tuple[int, int, int]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(
+        (i[0].numel() // m.in_features, m.in_features, m.out_features)))
+        for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            net(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def layer_matmul_seconds(shapes: list[tuple[int, int, int]], *, repeats: int, seconds_each: float) -> float:
+    """Σ over layers of the fastest single (rows×in) @ (in×out) product: the time a network's
+    forward would take if it were nothing but its matmuls, at its own shapes."""
+    return sum(_best_mm_seconds(r, i, o, min_calls=repeats, seconds=seconds_each) for r, i, o in shapes)
 
 
 # ----- the default's model -----------------------------------------------------------------------
@@ -83,11 +115,16 @@ def random_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.T
 
 
 # ----- 2. NLL ------------------------------------------------------------------------------------
-def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_gflops: float) -> dict:
+def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_gflops: float,
+              mm_seconds: float = 0.5) -> dict:
     """Importance samples per second of `vaepp.nll.estimate_nll` with the params' chunk and batch.
 
     FLOPs per sample: one decoder and one critic forward (the decoder output serves log p(x|z) and
-    D(G(z))), plus the encoder once per image shared by its S samples.
+    D(G(z))), plus the encoder once per image shared by its S samples. Also the rate the
+    decoder's and critic's matmuls alone reach on one chunk of rows at their own shapes
+    (fastest single product per layer, `mm_seconds` of calls each): achieved / that is the share
+    of the time spent in the matmuls; the rest goes to sampling, the likelihood and the critic's
+    elementwise work.
     """
     from vaepp.nll import estimate_nll
 
@@ -105,10 +142,20 @@ def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_
     rate = samples / t
     flops = b.dec.forward + b.crit.forward + b.enc.forward / n_importance
     achieved = rate * flops / 1e9
+    # The same chunk through the decoder's and the critic's matmuls alone, at their own shapes
+    # (only for MLPs: a convolution is not one matmul).
+    rows = min(p.chunk, samples)
+    if b.run.model.arch == "mlp":
+        shapes = (linear_shapes(b.model.decoder, torch.randn(rows, b.model.zdim))
+                  + linear_shapes(b.model.critic, torch.rand(rows, *b.image_shape)))
+        mm_rate = rows / layer_matmul_seconds(shapes, repeats=5, seconds_each=mm_seconds)
+    else:
+        mm_rate = float("nan")
     paper_samples = 1e8  # 10^4 test images × 10^3 samples × 10 passes (paper, MNIST)
     return {
         "samples_per_s": rate, "flops_per_sample": flops, "gflops": achieved,
         "ratio_to_matmul": achieved / peak_gflops,
+        "layer_matmuls_samples_per_s": mm_rate, "ratio_to_layer_matmuls": rate / mm_rate,
         "seconds_for_1e8_samples": paper_samples / rate,
         "n_images": n_images, "n_importance": n_importance, "chunk": p.chunk,
         "batch_images": p.batch_images, "seconds_best": t,
