@@ -434,9 +434,9 @@ class _VAEPPObjective(nn.Module):
         super().__init__()
         self.model, self.spec, self.n_train, self.ctx = model, spec, n_train, ctx
 
-    def _prior_rows(self, batch: int) -> tuple[list[int], int]:
-        """Global indices of the prior samples this rank decodes (its penalty pairs first) and
-        the number of pairs; with the per-rank counts for the gather."""
+    def _prior_rows(self, batch: int) -> tuple[list[list[int]], list[int]]:
+        """For every rank: the global indices of the prior samples it decodes (its penalty pairs
+        i ∈ E_r, i < m, first, then its share of m..K−1), and its number of pairs."""
         ctx, big_k = self.ctx, self.spec.n_prior_samples
         m = min(batch, big_k)
         rows, n_pairs = [], []
