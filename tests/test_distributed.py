@@ -72,7 +72,7 @@ def _sgd_optimizers(model: VAEPP, spec: TrainSpec) -> dict:
     return opts
 
 
-def _train_once(ctx, name: str, optimizer: str, checkpoint=None, monkeypatch=None):
+def _train_once(ctx, name: str, optimizer: str, checkpoint=None):
     """One epoch of `train` (3 steps of 8 images) for TRAIN_CASES[name]; W ranks if ctx is given."""
     import vaepp.train as vtrain
 
