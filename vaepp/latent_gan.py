@@ -124,7 +124,7 @@ def fit_latent_gan(
             loss_g.backward()
             opt_g.step()
             sums["critic_loss"] += float(loss_d.detach())
-            sums["wasserstein"] += float(gap)
+            sums["wasserstein"] += float(gap.detach())
             sums["penalty"] += float(penalty)
             sums["generator_loss"] += float(loss_g.detach())
         metrics = {k: v / g_steps for k, v in sums.items()}
