@@ -21,6 +21,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Idle OpenMP threads sleep instead of spinning. With spinning (the default), small layers slow
+# down 40-70x as soon as any other process shares the cores (measured on 2 cores: a latent-GAN
+# critic step 0.26 s instead of 0.006 s). Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
