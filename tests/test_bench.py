@@ -85,16 +85,20 @@ def test_run_all_quick_writes_table_and_json(tmp_path, capsys):
     assert run_all.main(["--quick", "--params", str(TINY), "--no-fid", "--no-pipeline", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["quick"] is True
-    assert res["matmul"]["peak_gflops"] > 0
-    nll = res["nll"]
-    assert nll["n_images"] * nll["n_importance"] == pytest.approx(nll["samples_per_s"] * nll["seconds_best"])
-    assert nll["seconds_for_1e8_samples"] == pytest.approx(1e8 / nll["samples_per_s"])
-    assert set(res["train"]) == {"vae", "naive_vaepp", "vaepp"}
-    for r in res["train"].values():
-        assert r["seconds_per_epoch"] == pytest.approx(r["seconds_per_step"] * (512 // 64))
-        assert math.isfinite(r["gflops"]) and r["gflops"] > 0
-    assert res["train"]["vae"]["gflops_ratio_to_vae"] == 1.0
-    assert res["mala"]["n_chains"] == 20 and res["mala"]["chain_steps_per_s"] > 0
+    threads = run_all.thread_counts()
+    assert sorted(res["compute"]) == sorted(str(n) for n in threads)
+    for block in res["compute"].values():
+        assert block["matmul"]["peak_gflops"] > 0
+        nll = block["nll"]
+        assert nll["n_images"] * nll["n_importance"] == pytest.approx(nll["samples_per_s"] * nll["seconds_best"])
+        assert nll["seconds_for_1e8_samples"] == pytest.approx(1e8 / nll["samples_per_s"])
+        assert set(block["train"]) == {"vae", "naive_vaepp", "vaepp"}
+        for r in block["train"].values():
+            assert r["seconds_per_epoch"] == pytest.approx(r["seconds_per_step"] * (512 // 64))
+            assert math.isfinite(r["gflops"]) and r["gflops"] > 0
+        assert block["train"]["vae"]["gflops_ratio_to_vae"] == 1.0
+        assert block["mala"]["n_chains"] == 20 and block["mala"]["chain_steps_per_s"] > 0
+    assert torch.get_num_threads() == threads[0]  # restored after the single-thread block
     printed = capsys.readouterr().out
     for figure in ("NLL achieved / matmul limit", "train vaepp GFLOP/s / vae's", "MALA / FLOP limit",
                    "whole bench"):
