@@ -100,6 +100,7 @@ def _estimate(args, run, ctx) -> int:
         "run": run.name,
         "nll_nats": nll["nll_nats"],
         "nll_stderr": nll["nll_stderr"],
+        "nll_mc_stderr": nll["nll_mc_stderr"],
         "bpd": nll["nll_bpd"],
         "n_importance_total": nll["n_importance_total"],
         "n_importance_per_image": p.n_importance,

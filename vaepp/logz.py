@@ -328,7 +328,7 @@ def log_z_ais(
             acceptance.append(acc_rate)
             final_steps.append(alpha)
     seeds_t = torch.tensor(per_seed, dtype=torch.float64)
-    seed_std = seeds_t.std().item() if len(per_seed) > 1 else float("nan")
+    seed_std = seeds_t.std().item() if len(per_seed) > 1 else None  # no spread from one seed
     std_err = pooled.std_err
     if len(per_seed) > 1:
         std_err = max(std_err, seed_std / math.sqrt(len(per_seed)))
