@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -133,6 +132,23 @@ def tracker(params_path: str):
         experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
         enabled=os.environ.get("VAEPP_MLFLOW", "1").strip().lower() not in ("0", "false", "no", "off"),
     )
+
+
+def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, body) -> int:
+    """Run `body(args, run, ctx)` in this process, or, when `distributed.nproc_per_node` > 1 and
+    this process was not started by torchrun, start the stage again under torchrun and wait.
+    `ctx` carries the rank, the world size and the device (vaepp.distributed.session)."""
+    import subprocess
+
+    from vaepp import distributed as vdist
+
+    launch = vdist.launch_from_env(os.environ)
+    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, script,
+                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    if cmd:
+        return subprocess.call(cmd)
+    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
+        return body(args, run, ctx)
 
 
 def flat(d: dict, prefix: str = "") -> dict:

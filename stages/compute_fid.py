@@ -11,8 +11,6 @@ one-process sums; only rank 0 writes (the metrics and a missing reference-statis
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,15 +29,7 @@ def _main(argv: list[str] | None) -> int:
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
 
-    from vaepp import distributed as vdist
-
-    launch = vdist.launch_from_env(os.environ)
-    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
-                                 sys.argv[1:] if argv is None else argv, sys.executable)
-    if cmd:
-        return subprocess.call(cmd)
-    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
-        return _compute(args, run, ctx)
+    return common.distributed_main(args, run, dev, __file__, argv, _compute)
 
 
 def _compute(args, run, ctx) -> int:

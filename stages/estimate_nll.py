@@ -15,8 +15,6 @@ result with the same seeds (docs/distributed.md). Only rank 0 writes.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,15 +33,7 @@ def _main(argv: list[str] | None) -> int:
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
 
-    from vaepp import distributed as vdist
-
-    launch = vdist.launch_from_env(os.environ)
-    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
-                                 sys.argv[1:] if argv is None else argv, sys.executable)
-    if cmd:
-        return subprocess.call(cmd)
-    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
-        return _estimate(args, run, ctx)
+    return common.distributed_main(args, run, dev, __file__, argv, _estimate)
 
 
 def _estimate(args, run, ctx) -> int:

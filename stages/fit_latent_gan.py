@@ -7,8 +7,6 @@ DistributedDataParallel and share the encoder passes; only rank 0 writes (docs/d
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -22,15 +20,7 @@ def _main(argv: list[str] | None) -> int:
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
 
-    from vaepp import distributed as vdist
-
-    launch = vdist.launch_from_env(os.environ)
-    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
-                                 sys.argv[1:] if argv is None else argv, sys.executable)
-    if cmd:
-        return subprocess.call(cmd)
-    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
-        return _fit(args, run, ctx)
+    return common.distributed_main(args, run, dev, __file__, argv, _fit)
 
 
 def _fit(args, run, ctx) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,15 +23,7 @@ def _main(argv: list[str] | None) -> int:
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
 
-    from vaepp import distributed as vdist
-
-    launch = vdist.launch_from_env(os.environ)
-    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, __file__,
-                                 sys.argv[1:] if argv is None else argv, sys.executable)
-    if cmd:
-        return subprocess.call(cmd)
-    with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
-        return _train(args, run, ctx)
+    return common.distributed_main(args, run, dev, __file__, argv, _train)
 
 
 def _train(args, run, ctx) -> int:
