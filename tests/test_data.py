@@ -167,7 +167,7 @@ def test_cifar10_smoke_set_is_20_rgb_images_marked_smoke_only(shared_cache):
 def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(shared_cache))
-    assert prepare_data.main(["--dataset", "mnist", "--out", "data/mnist", "--no-progress"]) == 0
+    assert prepare_data.main(["--params", str(common.ROOT / "params.yaml"), "--dataset", "mnist", "--out", "data/mnist", "--no-progress"]) == 0
     prepared = load_prepared(tmp_path / "data" / "mnist")
     assert prepared.train.shape == (60000, 1, 28, 28) and prepared.test.shape == (10000, 1, 28, 28)
     assert prepared.meta["label"] == "MNIST" and prepared.meta["n_train"] == 60000
@@ -177,7 +177,7 @@ def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys
 def test_stage_reports_an_unavailable_dataset_in_one_line(tmp_path, monkeypatch, offline, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
-    assert prepare_data.main(["--dataset", "cifar10", "--out", "data/cifar10", "--no-progress"]) == 2
+    assert prepare_data.main(["--params", str(common.ROOT / "params.yaml"), "--dataset", "cifar10", "--out", "data/cifar10", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10: cannot be downloaded") and len(err.splitlines()) == 1
     assert not (tmp_path / "data" / "cifar10").exists()
