@@ -110,8 +110,8 @@ def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):
     """A per-run override reruns only that run's downstream stages (cheap); a shared setting such
     as `-S model.zdim=8` reruns every run the same way (checked by hand with `make repro`)."""
     root, env, _ = repo
-    _run([str(BIN / "dvc"), "exp", "run", "-n", "seed1", "-S", "runs.vae.mala.seed=1"], root, env)
-    _run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "seed2", "-S", "runs.vae.mala.seed=2"], root, env)
+    _run([str(BIN / "dvc"), "exp", "run", "-n", "seed1", "-S", "++runs.vae.mala.seed=1"], root, env)
+    _run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "seed2", "-S", "++runs.vae.mala.seed=2"], root, env)
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
     names = json.dumps(shown)
     assert "seed1" in names and "seed2" in names
