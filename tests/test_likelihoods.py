@@ -97,3 +97,19 @@ def test_planar_flow_log_det_matches_autograd_jacobian():
     for i in range(5):
         jac = torch.autograd.functional.jacobian(lambda v: flows(v)[0], z[i])
         assert torch.isclose(log_det[i], torch.linalg.slogdet(jac)[1], atol=1e-8)
+
+
+def test_bernoulli_matches_cross_entropy_at_extreme_logits_and_broadcasts():
+    # logits from −60 to 60 in float32: the dot-product form equals the elementwise stable
+    # cross-entropy to float rounding, and a target shared by n samples broadcasts over them
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 3, 1, 4, 4, generator=g) * 20.0
+    logits[0, 0, 0, 0, :] = torch.tensor([-60.0, -25.0, 25.0, 60.0])
+    x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.5), generator=g)
+    got = bernoulli_log_prob(logits, x)  # (5, 3)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.double(), x.double().expand_as(logits), reduction="none")
+    want = -ce.flatten(-3).sum(-1)
+    assert got.shape == (5, 3)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-4)
+    assert torch.isfinite(got).all()

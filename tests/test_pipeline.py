@@ -34,8 +34,13 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 2400) -> subproces
 def repo(tmp_path_factory):
     """A git copy of the working tree (tracked and new files) with the tiny profile as params.yaml."""
     dst = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    def listed(*flags):
+        return subprocess.run(["git", "ls-files", *flags], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    # tracked files plus new ones, but not the outputs of a pipeline run in the checkout
+    outputs = ("metrics/", "plots/", "reports/")
+    files = listed("-c") + [f for f in listed("-o", "--exclude-standard") if not f.startswith(outputs)]
     for f in files:
         src = REPO / f
         if src.is_file():
@@ -113,9 +118,16 @@ def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):
     _run([str(BIN / "dvc"), "exp", "run", "-n", "seed1", "-S", "++runs.vae.mala.seed=1"], root, env)
     _run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "seed2", "-S", "++runs.vae.mala.seed=2"], root, env)
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
-    names = json.dumps(shown)
-    assert "seed1" in names and "seed2" in names
-    assert "nll_nats" in names and "fid_gan" in names
+    # every experiment row carries its own metrics (they live in git, so the experiment commit
+    # has them), not just the workspace row
+    exps = {r["name"]: r["data"]["metrics"] for row in shown for e in row.get("experiments") or []
+            for r in e.get("revs", [])}
+    assert {"seed1", "seed2"} <= set(exps), sorted(exps)
+    for name in ("seed1", "seed2"):
+        metrics = exps[name]
+        for path, key in [("metrics/vae/nll.json", "nll_nats"), ("metrics/vae/fid.json", "fid_gan"),
+                          ("metrics/vaepp/train.json", "elbo")]:
+            assert key in metrics[path].get("data", {}), (name, path, metrics[path])
     _, parents, children = _parents_and_children(root)
     by_name = set(parents["tags.mlflow.runName"])
     assert {"seed1", "seed2"} <= by_name, by_name
