@@ -4,7 +4,6 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
-export OMP_WAIT_POLICY ?= PASSIVE
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 # Not HOST/PORT: shells export HOST (tcsh sets it to the machine's name).
 UI_PORT ?= 5000

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, before torch)
 import torch  # noqa: E402
 
 from bench import compute, fid_bench, pipeline  # noqa: E402
@@ -50,7 +51,7 @@ def machine() -> dict:
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_1min": os.getloadavg()[0]}
+            "load_average_1min": os.getloadavg()[0], "omp_wait_policy": OMP_WAIT_POLICY}
 
 
 def _stage_paths() -> tuple[Path, Path]:
@@ -132,7 +133,8 @@ def rescale(res: dict, factor: float) -> None:
 def rows(res: dict) -> list[Row]:
     load = (res["machine"]["load_average_1min"], res["load_average_1min_end"])
     out = [Row("0 machine load (1-min load average)", f"{load[0]:.1f} at start, {load[1]:.1f} at end "
-               f"on {res['machine']['cores']} cores", "quiet: < cores")]
+               f"on {res['machine']['cores']} cores", "quiet: < cores"),
+           Row("0 OpenMP wait policy (stages' choice)", res["machine"]["omp_wait_policy"], "—")]
     for threads, block in res["compute"].items():
         out += compute_rows(block, f"[{threads} thr] ")
     out += other_rows(res)

@@ -59,6 +59,7 @@ from torch import Tensor
 from .penalties import PenaltyKind, critic_grad_norm
 from .posteriors import log_standard_normal
 from .prior import log_z_train
+from .train import adam
 
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
@@ -617,8 +618,8 @@ def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: Di
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(spec.seed)
-    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opt_g = adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opt_d = adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
     ddp = DDP(_LatentGANObjective(gan, spec, ctx), device_ids=[device] if device.type == "cuda" else None,
               find_unused_parameters=True)
     data_gen = torch.Generator().manual_seed(spec.seed)

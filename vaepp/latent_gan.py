@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .nets import _mlp
 from .penalties import PenaltyKind, gradient_penalty
+from .train import adam
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def fit_latent_gan(
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(spec.seed)
-    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opt_g = adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opt_d = adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
     data_gen = torch.Generator().manual_seed(spec.seed)
     history = []
     for epoch in range(spec.epochs):
