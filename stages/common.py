@@ -123,6 +123,7 @@ def run_paths(run_name: str) -> dict[str, Path]:
         "vae": Path("models") / run_name / "vae.pt",
         "latent_gan": Path("models") / run_name / "latent_gan.pt",
         "checkpoint": Path("checkpoints") / run_name / "train.ckpt",
+        "latent_gan_checkpoint": Path("checkpoints") / run_name / "latent_gan.ckpt",
         "metrics": Path("metrics") / run_name,
         "plots": Path("plots") / run_name,
         "samples": Path("samples") / run_name,
@@ -189,6 +190,27 @@ def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, b
         return subprocess.call(cmd)
     with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:
         return body(args, run, ctx)
+
+
+def keep_or_discard_checkpoint(path: Path, matches: Callable[[dict], bool], ctx) -> None:
+    """Before a resumable fit: keep `path` if it loads and `matches(checkpoint)` (same settings),
+    saying so; otherwise say why and delete it, so the fit starts afresh. Rank 0 decides; every
+    rank waits until it has."""
+    if ctx.is_writer and path.exists():
+        from vaepp import io as vio
+
+        try:
+            old = vio.load_checkpoint(path, map_location="cpu")
+        except vio.CheckpointError as err:
+            old, why = None, f"warning: {err}; starting afresh"
+        else:
+            why = f"{path}: written with other settings; starting afresh"
+        if old is None or not matches(old):
+            print(why, file=sys.stderr)
+            path.unlink()
+        else:
+            print(f"{path}: resuming from epoch {old['epoch']}", file=sys.stderr)
+    ctx.barrier()  # every rank sees the checkpoint rank 0 kept (or deleted)
 
 
 def flat(d: dict, prefix: str = "") -> dict:

@@ -61,7 +61,10 @@ def _compute(args, run, ctx) -> int:
     batch = p.batch_size * ctx.world  # each rank evaluates batch_size images per call
     reference = data.train if p.reference == "train" else data.test
     n_ref = min(p.n_reference, reference.shape[0])
-    key = f"{run.data.dataset}-{p.reference}-first{n_ref}"
+    # The key names the exact images: a different prepared file (another source, a stand-in)
+    # never reuses statistics cached for this one.
+    digest = data.meta.get("sha256", {}).get(f"{p.reference}.pt", "unrecorded")[:12]
+    key = f"{run.data.dataset}-{p.reference}-first{n_ref}-{digest}"
     kw = dict(batch_size=batch, device=dev, progress=progress)
     stats_dir = common.cache_dir() / "fid_stats"
     cached = ctx.broadcast_flag((stats_dir / f"{key}.npz").exists())  # the file reference_statistics keeps

@@ -1,6 +1,8 @@
 """fit-latent-gan: fit the latent WGAN (paper §4.3) to posterior samples of the frozen VAE.
 
-Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json.
+Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json; resumable checkpoints in
+checkpoints/<run>/latent_gan.ckpt (a killed fit continues where it stopped when the stage is rerun
+with the same params; with other params it starts afresh).
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes fit it with
 DistributedDataParallel and share the encoder passes; only rank 0 writes (docs/distributed.md).
 """
@@ -34,7 +36,7 @@ def _fit(args, run, ctx) -> int:
     import torch
 
     from vaepp import io as vio
-    from vaepp.latent_gan import LatentGAN, fit_latent_gan, moment_gap, posterior_samples
+    from vaepp.latent_gan import LatentGAN, LatentGANCheckpoint, fit_latent_gan, moment_gap, posterior_samples
     from vaepp.study import latent_gan_spec
     from vaepp.tracking import Tracker
 
@@ -50,12 +52,16 @@ def _fit(args, run, ctx) -> int:
 
     pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
     gan = LatentGAN(model.zdim, spec)
+    ckpt = paths["latent_gan_checkpoint"]
+    common.keep_or_discard_checkpoint(
+        ckpt, lambda old: old.get("spec") == spec.to_dict() and old.get("zdim") == model.zdim, ctx)
     tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
         fit = partial(vdist.fit_latent_gan_sharded, ctx=ctx) if ctx.distributed else fit_latent_gan
         history = fit(
             gan, pool, spec, device=dev, progress=not args.no_progress and ctx.is_writer,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
+            checkpoint=LatentGANCheckpoint(ckpt, spec, write=ctx.is_writer),
         )
         with torch.inference_mode():
             gap = moment_gap(gan.sample(10000, device=dev), pool()[:10000])

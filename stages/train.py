@@ -44,19 +44,8 @@ def _train(args, run, ctx) -> int:
     mspec = model_spec(run, tuple(images.shape[1:]), data.meta["binary"])
     tspec = train_spec(run)
     ckpt = paths["checkpoint"]
-    if ctx.is_writer and ckpt.exists():
-        try:
-            old = vio.load_checkpoint(ckpt, map_location="cpu")
-        except vio.CheckpointError as err:
-            old, why = None, f"warning: {err}; starting afresh"
-        else:
-            why = f"{ckpt}: written with other settings; starting afresh"
-        if old is None or old.get("model_spec") != mspec.to_dict() or old.get("train_spec") != tspec.to_dict():
-            print(why, file=sys.stderr)
-            ckpt.unlink()
-        else:
-            print(f"{ckpt}: resuming from epoch {old['epoch']}", file=sys.stderr)
-    ctx.barrier()  # every rank sees the checkpoint rank 0 kept (or deleted)
+    common.keep_or_discard_checkpoint(
+        ckpt, lambda old: old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict(), ctx)
 
     torch.manual_seed(tspec.seed)
     model = VAEPP(mspec)

@@ -198,3 +198,117 @@ def test_binarize_has_expectation_e_within_monte_carlo_error():
     assert torch.equal(binarize(e, torch.Generator().manual_seed(7)), binarize(e, torch.Generator().manual_seed(7)))
     grey = torch.tensor([0, 51, 255], dtype=torch.uint8)
     assert torch.allclose(soft_target(grey), torch.tensor([0.0, 0.2, 1.0]))
+
+
+# ------------------------------------------------------------------ internet-only loaders, faked
+# Omniglot, CIFAR-10, CelebA and the Larochelle static MNIST download through torchvision. Their
+# conversion code runs here on tiny stand-ins of torchvision's dataset classes (same interface:
+# `.data` arrays or (PIL image, target) items), so only the download itself goes untested.
+
+
+class _FakeImages:
+    """A torchvision-style dataset of `n` PIL images made by `make(i)`, each with target 0."""
+
+    def __init__(self, n, make):
+        self.items = [make(i) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i], 0
+
+
+def test_cifar10_loader_gives_nchw_uint8_from_torchvision_arrays(tmp_path, monkeypatch):
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    rng = np.random.default_rng(0)
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            assert download and root == str(tmp_path)
+            self.data = rng.integers(0, 256, (6 if train else 4, 32, 32, 3), dtype=np.uint8)  # NHWC, as torchvision
+
+    monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
+    train, test, meta = prepare("cifar10", tmp_path)
+    assert train.shape == (6, 3, 32, 32) and test.shape == (4, 3, 32, 32) and train.dtype == torch.uint8
+    assert meta["binary"] is False and meta["stand_in"] is False and meta["label"] == "CIFAR-10"
+
+
+def test_omniglot_loader_inverts_and_shrinks_to_28x28(tmp_path, monkeypatch):
+    from PIL import Image
+    import torchvision.datasets as tvd
+
+    def stroke(i):  # white 105×105 sheet with a black 35×35 square in the top-left third
+        img = Image.new("L", (105, 105), 255)
+        img.paste(0, (0, 0, 35, 35))
+        return img
+
+    monkeypatch.setattr(tvd, "Omniglot", lambda root, background, download: _FakeImages(5 if background else 3, stroke))
+    train, test, meta = prepare("omniglot", tmp_path)
+    assert train.shape == (5, 1, 28, 28) and test.shape == (3, 1, 28, 28)
+    # strokes bright after inversion: the box-filtered square covers rows/cols < 35·28/105 ≈ 9.3
+    assert train[0, 0, :9, :9].min() == 255 and train[0, 0, 10:, 10:].max() == 0
+    assert meta["binary"] is True and meta["label"] == "Omniglot"
+
+
+def test_celeba_loader_crops_140_and_resizes_to_64(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from PIL import Image
+    import torchvision.datasets as tvd
+
+    monkeypatch.setitem(sys.modules, "gdown", types.ModuleType("gdown"))
+    splits = []
+
+    def celeba(root, split, target_type, download):
+        splits.append(split)
+        return _FakeImages(3 if split == "train" else 2, lambda i: Image.new("RGB", (178, 218), (10 * i, 100, 200)))
+
+    monkeypatch.setattr(tvd, "CelebA", celeba)
+    train, test, meta = prepare("celeba", tmp_path)
+    assert splits == ["train", "test"]
+    assert train.shape == (3, 3, 64, 64) and test.shape == (2, 3, 64, 64)
+    assert train[2, :, 30, 30].tolist() == [20, 100, 200]  # colours survive the crop and resize
+    assert meta["binary"] is False and "64×64" in meta["label"]
+
+
+def test_celeba_without_gdown_names_the_remedy(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gdown", None)  # import gdown → ImportError
+    with pytest.raises(DataError, match="pip install gdown"):
+        prepare("celeba", tmp_path)
+
+
+def test_static_mnist_loader_parses_amat_files_and_checks_them(tmp_path, monkeypatch):
+    import numpy as np
+    from torchvision.datasets import utils as tv_utils
+
+    from pathlib import Path
+
+    split = (4, 2, 3)
+    monkeypatch.setattr(data, "STANDIN_SPLIT", split)
+    rng = np.random.default_rng(0)
+    written = {}
+
+    def download_url(url, root, filename):
+        name = filename.split("_")[-1].split(".")[0]  # train / valid / test
+        bits = rng.integers(0, 2, (dict(zip(("train", "valid", "test"), split))[name], 784))
+        written[name] = bits
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_text("\n".join(" ".join(map(str, row)) for row in bits) + "\n")
+
+    monkeypatch.setattr(tv_utils, "download_url", download_url)
+    train, test, meta = prepare("static_mnist", tmp_path)
+    assert train.shape == (4, 1, 28, 28) and test.shape == (3, 1, 28, 28)
+    assert torch.equal(train.flatten(1), torch.from_numpy(written["train"]).to(torch.uint8) * 255)
+    assert meta["stand_in"] is False and meta["binary"] is True and set(meta["raw_sha256"]) == {
+        "binarized_mnist_train.amat", "binarized_mnist_valid.amat", "binarized_mnist_test.amat"}
+    # a truncated file is detected and named
+    (tmp_path / "static_mnist" / "binarized_mnist_test.amat").write_text("0 1 0\n")
+    monkeypatch.setattr(tv_utils, "download_url", lambda url, root, filename: None)  # "already there"
+    with pytest.raises(DataError, match="binarized_mnist_test.amat: expected 3 lines"):
+        prepare("static_mnist", tmp_path)

@@ -28,3 +28,62 @@ def test_posterior_samples_one_per_image_in_batches():
     z = posterior_samples(lambda e: e.flatten(1)[:, :2], images, batch_size=7)
     assert z.shape == (25, 2)
     assert torch.allclose(z, images.flatten(1)[:, :2].float() / 255)
+
+
+def _spec(**kw):
+    return LatentGANSpec(**{"noise_dim": 4, "hidden": (16, 16), "epochs": 4, "batch_size": 32, "n_critic": 2,
+                            "lr": 1e-3, **kw})
+
+
+def _pool():
+    return 1.0 + torch.randn(256, 3)  # drawn from the global RNG, as the stage's posterior pool is
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_fit_resumes_to_the_same_networks(tmp_path):
+    """A fit stopped after epoch 2 (its checkpoint written) and rerun ends bitwise equal to an
+    uninterrupted fit: weights, Adam states and the RNG streams (pool and batches) are restored."""
+    from vaepp.latent_gan import LatentGANCheckpoint
+
+    spec = _spec()
+    torch.manual_seed(1)
+    whole = LatentGAN(3, spec)
+    history = fit_latent_gan(whole, _pool, spec, checkpoint=LatentGANCheckpoint(tmp_path / "a.ckpt", spec))
+
+    def crash_after_two(epoch, metrics):
+        if epoch == 2:
+            raise _Crash
+
+    path = tmp_path / "b.ckpt"
+    torch.manual_seed(1)
+    try:
+        fit_latent_gan(LatentGAN(3, spec), _pool, spec, callback=crash_after_two,
+                       checkpoint=LatentGANCheckpoint(path, spec))
+    except _Crash:
+        pass
+    from vaepp.io import load_checkpoint
+
+    assert load_checkpoint(path)["epoch"] == 2
+    torch.manual_seed(123)  # a different start: everything that matters comes from the checkpoint
+    resumed = LatentGAN(3, spec)
+    rest = fit_latent_gan(resumed, _pool, spec, checkpoint=LatentGANCheckpoint(path, spec))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(rest) == drop(history) and len(rest) == 4
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    import pytest
+
+    from vaepp.io import CheckpointError
+    from vaepp.latent_gan import LatentGANCheckpoint
+
+    spec = _spec(epochs=1)
+    fit_latent_gan(LatentGAN(3, spec), _pool, spec, checkpoint=LatentGANCheckpoint(tmp_path / "c.ckpt", spec))
+    other = _spec(epochs=1, lr=1e-4)
+    with pytest.raises(CheckpointError, match="other settings"):
+        fit_latent_gan(LatentGAN(3, other), _pool, other, checkpoint=LatentGANCheckpoint(tmp_path / "c.ckpt", other))

@@ -511,6 +511,48 @@ def test_sigkill_after_first_checkpoint_resumes_to_the_same_weights(reference, t
     print(f"killed after epoch {epoch}; resumed run took {time.monotonic() - start:.1f} s")
 
 
+GAN_CKPT = Path("checkpoints") / RUN / "latent_gan.ckpt"
+GAN = Path("models") / RUN / "latent_gan.pt"
+GAN_EPOCHS = 120  # one generator step per epoch on the 512-image pool: a few seconds in all
+
+
+def gan_workspace(reference: Path, path: Path) -> Path:
+    """The reference run's trained VAE and data, with a latent GAN of GAN_EPOCHS epochs."""
+    shutil.copytree(reference, path, ignore=shutil.ignore_patterns("checkpoints", "samples", "latent_gan*"))
+    raw = params()
+    raw["latent_gan"]["epochs"] = GAN_EPOCHS
+    (path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_sigkill_of_the_latent_gan_fit_resumes_to_the_same_networks(reference, tmp_path):
+    """fit-latent-gan killed with SIGKILL once its first checkpoint exists; the rerun resumes and
+    ends bitwise equal (weights and per-epoch metrics) to an uninterrupted fit."""
+    cmd = [PY, str(ROOT / "stages" / "fit_latent_gan.py"), "--run", RUN, "--no-progress"]
+    whole = gan_workspace(reference, tmp_path / "whole")
+    proc = subprocess.run(cmd, cwd=whole, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    work = gan_workspace(reference, tmp_path / "killed")
+    proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (work / GAN_CKPT).exists(), proc, what="the first latent-GAN checkpoint")
+        sigkill(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from vaepp.io import load_checkpoint
+
+    epoch = int(load_checkpoint(work / GAN_CKPT)["epoch"])
+    assert 1 <= epoch < GAN_EPOCHS and not (work / GAN).exists()
+    rerun = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{GAN_CKPT}: resuming from epoch {epoch}" in rerun.stderr
+    assert_same_weights(state_dict(work / GAN), state_dict(whole / GAN))
+    assert history_without_times(work / GAN) == history_without_times(whole / GAN)
+    assert temporaries(work) == []
+    print(f"latent GAN killed after epoch {epoch} of {GAN_EPOCHS}; resumed to the same networks")
+
+
 @pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(reference, tmp_path):
     """Killed while the third checkpoint's bytes sit in the temporary file: the checkpoint on

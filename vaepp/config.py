@@ -101,6 +101,7 @@ class LatentGANParams(_Section):
     penalty_k: float = Field(default=2.0, ge=0.0)
     penalty_p: float = Field(default=6.0, gt=0.0)
     max_steps_per_epoch: Optional[int] = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(default=0, ge=0)
 
 

@@ -605,12 +605,15 @@ class _LatentGANObjective(nn.Module):
 
 def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: DistContext, *,
                            device: str | torch.device = "cpu", callback: Callable[[int, dict], None] | None = None,
-                           progress: bool = False) -> list[dict]:
+                           progress: bool = False, checkpoint=None) -> list[dict]:
     """`vaepp.latent_gan.fit_latent_gan` on W processes with DDP: the same loop, random draws and
     metrics (for the global batch of `spec.batch_size`), each rank evaluating its rows. The pool
-    must be the same on every rank (e.g. from `ShardedLatentModel.encode` + `sample_q`)."""
+    must be the same on every rank (e.g. from `ShardedLatentModel.encode` + `sample_q`). Every
+    rank passes the same `checkpoint` file, with `write=True` on rank 0 only."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm.auto import tqdm
+
+    from .latent_gan import LatentGANCheckpoint
 
     if spec.batch_size < ctx.world:
         raise ValueError(f"latent_gan.batch_size = {spec.batch_size} is smaller than the {ctx.world} "
@@ -618,15 +621,17 @@ def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: Di
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(spec.seed)
-    opt_g = adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
-    opt_d = adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opts = {"generator": adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999)),
+            "critic": adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))}
+    opt_g, opt_d = opts["generator"], opts["critic"]
+    data_gen = torch.Generator().manual_seed(spec.seed)
+    checkpoint = checkpoint or LatentGANCheckpoint(None, spec)
+    first_epoch, history = checkpoint.resume(gan, opts, data_gen, device)  # before DDP copies rank 0's weights
     ddp = DDP(_LatentGANObjective(gan, spec, ctx), device_ids=[device] if device.type == "cuda" else None,
               find_unused_parameters=True)
-    data_gen = torch.Generator().manual_seed(spec.seed)
     batch = spec.batch_size
     start, stop = row_range(batch, ctx.rank, ctx.world)
-    history = []
-    for epoch in range(spec.epochs):
+    for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
         pool = sample_pool().to(device)
         check_same_input(ctx, pool)
@@ -659,6 +664,7 @@ def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: Di
         metrics = {k: v / g_steps for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
+        checkpoint.after_epoch(epoch + 1, gan, opts, data_gen, history, device)
         if callback is not None:
             callback(epoch + 1, metrics)
     gan.eval()

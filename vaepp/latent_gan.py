@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import io as vio
 from .nets import _mlp
 from .penalties import PenaltyKind, gradient_penalty
 from .train import adam
+
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class LatentGANSpec:
     penalty_p: float = 6.0
     seed: int = 0
     max_steps_per_epoch: int | None = None  # generator steps; None = one pass over the z pool
+    checkpoint_every: int = 1  # epochs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +80,52 @@ def posterior_samples(encode_sample: Callable[[Tensor], Tensor], images: Tensor,
     return torch.cat(out)
 
 
+class LatentGANCheckpoint:
+    """Resumable state of a latent-GAN fit in one file, written atomically every
+    `spec.checkpoint_every` epochs and after the last: both networks, both Adam states, the global
+    and the data RNG states (the global one also draws the posterior pool of each epoch), the
+    epoch and the history. `path=None` keeps nothing. On W processes every rank resumes from the
+    same file and only the writer writes it."""
+
+    def __init__(self, path: str | Path | None, spec: LatentGANSpec, *, write: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.spec, self.write = spec, write
+        if self.path is not None and write:
+            vio.remove_stale_temporaries(self.path)  # from a process killed while writing it
+
+    def resume(self, gan: LatentGAN, opts: dict, data_gen: torch.Generator, device) -> tuple[int, list[dict]]:
+        """Load the checkpoint if there is one: returns (epochs done, history so far)."""
+        if self.path is None or not self.path.exists():
+            return 0, []
+        ckpt = vio.load_checkpoint(self.path, map_location=device)
+        if ckpt.get("spec") != self.spec.to_dict() or ckpt.get("zdim") != gan.zdim:
+            raise vio.CheckpointError(
+                f"{self.path}: checkpoint was written with other settings; delete it to start "
+                "afresh, or restore the settings it was written with")
+        gan.load_state_dict(ckpt["model"])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if torch.device(device).type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        return int(ckpt["epoch"]), list(ckpt["history"])
+
+    def after_epoch(self, epoch: int, gan: LatentGAN, opts: dict, data_gen: torch.Generator,
+                    history: list[dict], device) -> None:
+        last = epoch == self.spec.epochs
+        if self.path is None or not self.write or not (epoch % self.spec.checkpoint_every == 0 or last):
+            return
+        rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+        if torch.device(device).type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        vio.atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "spec": self.spec.to_dict(), "zdim": gan.zdim,
+            "model": gan.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
+            "rng": rng, "epoch": epoch, "history": history,
+        }, self.path)
+
+
 def fit_latent_gan(
     gan: LatentGAN,
     sample_pool: Callable[[], Tensor],
@@ -83,22 +134,27 @@ def fit_latent_gan(
     device: str | torch.device = "cpu",
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
+    checkpoint: LatentGANCheckpoint | None = None,
 ) -> list[dict]:
     """Fit the WGAN for `spec.epochs` epochs. `sample_pool()` returns a fresh (N, Z) tensor of
     posterior samples at the start of every epoch (one z per training image). An epoch is one
     pass of the critic over the pool: N / batch_size critic batches, n_critic per generator step.
-    Returns one dict of mean metrics per epoch: critic loss, Wasserstein estimate, penalty.
+    With a `checkpoint`, a fit that was killed resumes from its last checkpoint and ends with the
+    same networks as an uninterrupted one. Returns one dict of mean metrics per epoch: critic
+    loss, Wasserstein estimate, penalty.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(spec.seed)
-    opt_g = adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999))
-    opt_d = adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))
+    opts = {"generator": adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999)),
+            "critic": adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))}
+    opt_g, opt_d = opts["generator"], opts["critic"]
     data_gen = torch.Generator().manual_seed(spec.seed)
-    history = []
-    for epoch in range(spec.epochs):
+    checkpoint = checkpoint or LatentGANCheckpoint(None, spec)
+    start, history = checkpoint.resume(gan, opts, data_gen, device)
+    for epoch in range(start, spec.epochs):
         t0 = time.perf_counter()
         pool = sample_pool().to(device)
         n = pool.shape[0]
@@ -126,11 +182,12 @@ def fit_latent_gan(
             opt_g.step()
             sums["critic_loss"] += float(loss_d.detach())
             sums["wasserstein"] += float(gap.detach())
-            sums["penalty"] += float(penalty)
+            sums["penalty"] += float(penalty.detach())
             sums["generator_loss"] += float(loss_g.detach())
         metrics = {k: v / g_steps for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
+        checkpoint.after_epoch(epoch + 1, gan, opts, data_gen, history, device)
         if callback is not None:
             callback(epoch + 1, metrics)
     gan.eval()
