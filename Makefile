@@ -8,6 +8,9 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 # Not HOST/PORT: shells export HOST (tcsh sets it to the machine's name).
 UI_PORT ?= 5000
 UI_HOST ?= 127.0.0.1
+# The stages' store (README "MLflow"); point these elsewhere to browse another checkout's runs.
+MLFLOW_DB ?= $(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
 .PHONY: setup test test-slow repro repro-paper ui bench clean-outputs
 
@@ -36,7 +39,7 @@ repro-paper: $(VENV_STAMP)
 ui: $(VENV_STAMP)
 	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)/#/experiments (classic runs table)"
 	.venv/bin/mlflow server --workers 1 --host $(UI_HOST) --port $(UI_PORT) \
-		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+		--backend-store-uri sqlite:///$(MLFLOW_DB) --default-artifact-root $(MLFLOW_ARTIFACTS)
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py

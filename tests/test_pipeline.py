@@ -112,28 +112,44 @@ def test_mlflow_finds_parent_and_children_after_repro(repo):
 
 
 def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):
-    """A per-run override reruns only that run's downstream stages (cheap); a shared setting such
-    as `-S model.zdim=8` reruns every run the same way (checked by hand with `make repro`)."""
+    """`dvc exp run -S model.zdim=8` (a shared setting: every run's every stage reruns) in the
+    workspace, and a per-run override with `--temp`; `dvc exp show` lists both with their own
+    params and metrics, and MLflow holds a parent run for each with its stages' children."""
     root, env, _ = repo
-    _run([str(BIN / "dvc"), "exp", "run", "-n", "seed1", "-S", "++runs.vae.mala.seed=1"], root, env)
+    base = {run: json.loads((root / f"metrics/{run}/train.json").read_text())["elbo"] for run in RUNS}
+    # --temp first: it starts from the workspace, which the workspace experiment then changes
     _run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "seed2", "-S", "++runs.vae.mala.seed=2"], root, env)
+    out = _run([str(BIN / "dvc"), "exp", "run", "-n", "zdim8", "-S", "model.zdim=8"], root, env).stdout
+    for run in RUNS:  # every run retrained with the new dim z
+        assert f"Running stage 'train@{run}'" in out, out
+        assert torch_load_zdim(root / f"models/{run}/vae.pt") == 8
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
     # every experiment row carries its own metrics (they live in git, so the experiment commit
     # has them), not just the workspace row
-    exps = {r["name"]: r["data"]["metrics"] for row in shown for e in row.get("experiments") or []
-            for r in e.get("revs", [])}
-    assert {"seed1", "seed2"} <= set(exps), sorted(exps)
-    for name in ("seed1", "seed2"):
-        metrics = exps[name]
+    revs = {r["name"]: r["data"] for row in shown for e in row.get("experiments") or [] for r in e.get("revs", [])}
+    assert {"zdim8", "seed2"} <= set(revs), sorted(revs)
+    assert revs["zdim8"]["params"]["params.yaml"]["data"]["model"]["zdim"] == 8
+    assert revs["seed2"]["params"]["params.yaml"]["data"]["model"]["zdim"] == 4
+    for name in ("zdim8", "seed2"):
+        metrics = revs[name]["metrics"]
         for path, key in [("metrics/vae/nll.json", "nll_nats"), ("metrics/vae/fid.json", "fid_gan"),
                           ("metrics/vaepp/train.json", "elbo")]:
             assert key in metrics[path].get("data", {}), (name, path, metrics[path])
+    zdim8 = {run: revs["zdim8"]["metrics"][f"metrics/{run}/train.json"]["data"]["elbo"] for run in RUNS}
+    assert all(zdim8[run] != base[run] for run in RUNS), (zdim8, base)
     _, parents, children = _parents_and_children(root)
     by_name = set(parents["tags.mlflow.runName"])
-    assert {"seed1", "seed2"} <= by_name, by_name
-    for name in ("seed1", "seed2"):
+    assert {"zdim8", "seed2"} <= by_name, by_name
+    for name, stages in (("zdim8", {"train", "fit-latent-gan", "estimate-nll", "sample-mala", "compute-fid"}),
+                         ("seed2", {"sample-mala", "compute-fid"})):
         pid = parents[parents["tags.mlflow.runName"] == name]["run_id"].iloc[0]
         kids = children[children["tags.mlflow.parentRunId"] == pid]
-        assert {"sample-mala", "compute-fid"} <= set(kids["tags.dvc.stage"]), name
+        assert stages <= set(kids["tags.dvc.stage"]), name
         fid_kid = kids[kids["tags.dvc.stage"] == "compute-fid"]
         assert fid_kid["metrics.fid"].notna().all(), name
+
+
+def torch_load_zdim(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, weights_only=True)["model_spec"]["zdim"])

@@ -308,7 +308,9 @@ def load_inception(torch_home: Path, device: torch.device | str = "cpu") -> nn.M
     except Exception as err:
         raise _weights_problem(path, f"pytorch-fid could not load it ({err})") from err
     net.fid_weights_sha256 = digest
-    return net.eval().to(device)
+    # Channels-last convolutions: measured 1.4-1.6x faster on the CPU (oneDNN's preferred
+    # layout) with pool3 features equal to the default layout's to 2e-6 relative.
+    return net.eval().to(device=device, memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------
