@@ -213,6 +213,13 @@ def keep_or_discard_checkpoint(path: Path, matches: Callable[[dict], bool], ctx)
     ctx.barrier()  # every rank sees the checkpoint rank 0 kept (or deleted)
 
 
+def finish_checkpoint(path: Path) -> None:
+    """After a fit's outputs are written: its checkpoint has served (it only resumes a killed
+    fit), so remove it. A finished checkpoint left behind would make the next run of the stage,
+    after a code change, "resume" at the last epoch and write the old result again."""
+    path.unlink(missing_ok=True)
+
+
 def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

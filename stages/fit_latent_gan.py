@@ -1,8 +1,9 @@
 """fit-latent-gan: fit the latent WGAN (paper §4.3) to posterior samples of the frozen VAE.
 
-Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json; resumable checkpoints in
-checkpoints/<run>/latent_gan.ckpt (a killed fit continues where it stopped when the stage is rerun
-with the same params; with other params it starts afresh).
+Outputs: models/<run>/latent_gan.pt, metrics/<run>/latent_gan.json. While it fits, a resumable
+checkpoint sits in checkpoints/<run>/latent_gan.ckpt: a killed fit continues where it stopped when
+the stage is rerun with the same params (with other params it starts afresh); it is removed once
+the outputs are written.
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes fit it with
 DistributedDataParallel and share the encoder passes; only rank 0 writes (docs/distributed.md).
 """
@@ -75,6 +76,7 @@ def _fit(args, run, ctx) -> int:
             paths["latent_gan"],
         )
         common.write_json(paths["metrics"] / "latent_gan.json", metrics)
+        common.finish_checkpoint(ckpt)
         log.log_metrics(gap)
     print(f"{run.name}: latent GAN mean gap {gap['mean_gap']:.3f}, cov gap {gap['cov_gap']:.3f}")
     return 0

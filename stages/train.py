@@ -1,8 +1,9 @@
 """train: fit one run's VAE (plain VAE, Naive VAEPP or VAEPP) and write its model and metrics.
 
-Outputs: models/<run>/vae.pt, plots/<run>/train_curve.csv, metrics/<run>/train.json; resumable
-checkpoints in checkpoints/<run>/train.ckpt (a killed run continues where it stopped when the
-stage is rerun with the same params; with other params it starts afresh).
+Outputs: models/<run>/vae.pt, plots/<run>/train_curve.csv, metrics/<run>/train.json. While it
+trains, a resumable checkpoint sits in checkpoints/<run>/train.ckpt: a killed run continues where
+it stopped when the stage is rerun with the same params (with other params it starts afresh); it
+is removed once the outputs are written.
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes train with
 DistributedDataParallel on the same global batch; only rank 0 writes (docs/distributed.md).
 """
@@ -95,6 +96,7 @@ def _train(args, run, ctx) -> int:
         writer.writerows(result.history)
         vio.atomic_write_text(paths["plots"] / "train_curve.csv", buf.getvalue())
         common.write_json(paths["metrics"] / "train.json", metrics)
+        common.finish_checkpoint(ckpt)
         log.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         log.log_artifact(paths["plots"] / "train_curve.csv")
     print(f"{run.name}: ELBO {metrics['elbo']:.2f} nats, β {metrics['beta']:.3f}, {result.seconds:.0f} s")

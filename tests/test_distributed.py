@@ -172,8 +172,8 @@ mala: {n_samples: 6, n_steps: 3}
 runs: {vaepp: {algorithm: vaepp}}
 """
 STAGES = ("train", "fit_latent_gan", "estimate_nll", "sample_mala")
-RANK0_OUTPUTS = ["models/vaepp/vae.pt", "checkpoints/vaepp/train.ckpt", "checkpoints/vaepp/latent_gan.ckpt",
-                 "plots/vaepp/train_curve.csv",
+CHECKPOINTS = ["checkpoints/vaepp/train.ckpt", "checkpoints/vaepp/latent_gan.ckpt"]  # removed at the end
+RANK0_OUTPUTS = ["models/vaepp/vae.pt", "plots/vaepp/train_curve.csv",
                  "metrics/vaepp/train.json", "models/vaepp/latent_gan.pt", "metrics/vaepp/latent_gan.json",
                  "metrics/vaepp/nll.json", "samples/vaepp/images.pt", "samples/vaepp/images_gan.pt",
                  "samples/vaepp/grid.png", "metrics/vaepp/mala.json", "mlflow.db"]
@@ -398,6 +398,8 @@ def test_stages_on_two_ranks_write_only_from_rank_zero(ranks):
     touched = {path for _, path in res[0]["stages"]["writes"]}
     for f in RANK0_OUTPUTS:
         assert f in touched and (project / f).is_file(), f
+    for f in CHECKPOINTS:  # written while fitting (by rank 0 alone), removed once the outputs are
+        assert f in touched and not (project / f).exists(), f
     with sqlite3.connect(project / "mlflow.db") as db:  # one MLflow run per stage, from rank 0
         names = sorted(r[0] for r in db.execute("SELECT name FROM runs WHERE name LIKE '%:vaepp'"))
     assert names == sorted(f"{s.replace('_', '-')}:vaepp" for s in STAGES)

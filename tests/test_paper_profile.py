@@ -81,8 +81,8 @@ def tiny_paper_params() -> dict:
     raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 8, "n_prior_samples": 8, "max_steps_per_epoch": 2}
     raw["latent_gan"] = {**raw["latent_gan"], "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1}
     raw["nll"] = {**raw["nll"], "n_importance": 4, "n_passes": 2, "chunk": 64, "batch_images": 4,
-                  "log_z": {"prior_is_samples": 256, "ais_chains": 4, "ais_temps": 3, "ais_seeds": 2,
-                            "q_based_per_image": 2, "q_based_images": 8}}
+                  "log_z": {"prior_is_samples": 16, "ais_chains": 4, "ais_temps": 3, "ais_seeds": 2,
+                            "q_based_per_image": 2, "q_based_images": 4}}
     raw["mala"] = {**raw["mala"], "n_samples": 4, "n_steps": 2}
     raw["fid"] = {**raw["fid"], "n_samples": 4, "n_reference": 4, "batch_size": 4}
     for run in raw["runs"].values():  # runs pin their own epochs (800, 400, 1600)

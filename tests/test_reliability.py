@@ -508,6 +508,7 @@ def test_sigkill_after_first_checkpoint_resumes_to_the_same_weights(reference, t
     assert_same_weights(state_dict(work / VAE), state_dict(reference / VAE))
     assert history_without_times(work / VAE) == history_without_times(reference / VAE)
     assert temporaries(work) == []
+    assert not (work / CKPT).exists()  # done with: removed once the outputs are written
     print(f"killed after epoch {epoch}; resumed run took {time.monotonic() - start:.1f} s")
 
 
@@ -549,7 +550,7 @@ def test_sigkill_of_the_latent_gan_fit_resumes_to_the_same_networks(reference, t
     assert f"{GAN_CKPT}: resuming from epoch {epoch}" in rerun.stderr
     assert_same_weights(state_dict(work / GAN), state_dict(whole / GAN))
     assert history_without_times(work / GAN) == history_without_times(whole / GAN)
-    assert temporaries(work) == []
+    assert temporaries(work) == [] and not (work / GAN_CKPT).exists()
     print(f"latent GAN killed after epoch {epoch} of {GAN_EPOCHS}; resumed to the same networks")
 
 
@@ -691,11 +692,19 @@ def test_corrupt_checkpoints_and_models_are_refused_by_name(reference, tmp_path)
     from vaepp.io import CheckpointError, load_checkpoint
 
     rng = random.Random(4)
-    files = [CKPT, VAE]
+    # the stage removes its checkpoint once done; the library's own training writes a genuine one
+    from vaepp.model import VAEPP, ModelSpec
+    from vaepp.train import TrainSpec, train
+
+    genuine = tmp_path / "genuine"
+    train(VAEPP(ModelSpec(image_shape=(1, 28, 28), zdim=3, hidden=(8,))),
+          torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8),
+          TrainSpec(epochs=1, batch_size=32, n_prior_samples=8), checkpoint_path=genuine / CKPT)
+    files = [(genuine, CKPT), (reference, VAE)]
     n = 0
-    for rel in files:
-        data = (reference / rel).read_bytes()
-        load_checkpoint(reference / rel)  # the genuine file loads
+    for where, rel in files:
+        data = (where / rel).read_bytes()
+        load_checkpoint(where / rel)  # the genuine file loads
         for how, bad in corruptions(data, rng).items():
             path = tmp_path / f"{how}-{rel.name}"
             path.write_bytes(bad)
