@@ -201,8 +201,8 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     per-step data path as `vaepp.train.train` (uint8 slice → float / 255).
 
     The runs are timed in turns (run A block, run B block, …, repeated) and each keeps its best
-    block of `steps` steps, so slow phases of a shared machine hit every run alike.
-    seconds/epoch = seconds/step × ⌊n_train / batch⌋.
+    block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
+    block is kept too. seconds/epoch = seconds/step × ⌊n_train / batch⌋.
     """
     from vaepp.study import train_spec
     from vaepp.train import make_optimizers, train_step
@@ -227,12 +227,14 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
             train_step(model, opts, e, spec, n_train=b.n_train)
         return time.perf_counter() - t0
 
-    best = {name: math.inf for name in runs}
+    blocks: dict[str, list[float]] = {name: [] for name in runs}
     for name in runs:
         block(name, warmup)
     for _ in range(repeats):
         for name in runs:
-            best[name] = min(best[name], block(name, steps) / steps)
+            blocks[name].append(block(name, steps) / steps)
+    best = {name: min(ts) for name, ts in blocks.items()}
+    median = {name: sorted(ts)[len(ts) // 2] for name, ts in blocks.items()}
     out = {}
     for name in runs:
         b, spec = setups[name][0], setups[name][1]
@@ -241,6 +243,9 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
         out[name] = {
             "algorithm": spec.algorithm, "seconds_per_step": best[name],
             "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": best[name] * steps_per_epoch,
+            # the median block: closer to a sustained epoch (the best block is a quiet moment
+            # with the bench's few batches in cache)
+            "seconds_per_epoch_median": median[name] * steps_per_epoch,
             "flops_per_step": flops, "gflops": flops / best[name] / 1e9,
             "ratio_to_matmul": flops / best[name] / 1e9 / peak_gflops,
             "batch_size": spec.batch_size, "n_prior_samples": spec.n_prior_samples,

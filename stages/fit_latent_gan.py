@@ -54,15 +54,19 @@ def _fit(args, run, ctx) -> int:
     pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
     gan = LatentGAN(model.zdim, spec)
     ckpt = paths["latent_gan_checkpoint"]
+    # resume only a fit of these settings on posterior samples of this very VAE and data
+    origin = {"vae_sha256": vio.file_digest(paths["vae"]), "data_sha256": data.meta.get("sha256"),
+              "n_train": int(images.shape[0])}
     common.keep_or_discard_checkpoint(
-        ckpt, lambda old: old.get("spec") == spec.to_dict() and old.get("zdim") == model.zdim, ctx)
+        ckpt, lambda old: old.get("spec") == spec.to_dict() and old.get("zdim") == model.zdim
+        and all(old.get(k) == v for k, v in origin.items()), ctx)
     tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
         fit = partial(vdist.fit_latent_gan_sharded, ctx=ctx) if ctx.distributed else fit_latent_gan
         history = fit(
             gan, pool, spec, device=dev, progress=not args.no_progress and ctx.is_writer,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
-            checkpoint=LatentGANCheckpoint(ckpt, spec, write=ctx.is_writer),
+            checkpoint=LatentGANCheckpoint(ckpt, spec, write=ctx.is_writer, extra=origin),
         )
         with torch.inference_mode():
             gap = moment_gap(gan.sample(10000, device=dev), pool()[:10000])

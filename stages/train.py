@@ -45,8 +45,11 @@ def _train(args, run, ctx) -> int:
     mspec = model_spec(run, tuple(images.shape[1:]), data.meta["binary"])
     tspec = train_spec(run)
     ckpt = paths["checkpoint"]
+    # resume only a run of these settings on these very images
+    origin = {"data_sha256": data.meta.get("sha256"), "n_train": int(images.shape[0])}
     common.keep_or_discard_checkpoint(
-        ckpt, lambda old: old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict(), ctx)
+        ckpt, lambda old: old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict()
+        and all(old.get(k) == v for k, v in origin.items()), ctx)
 
     torch.manual_seed(tspec.seed)
     model = VAEPP(mspec)
@@ -56,7 +59,7 @@ def _train(args, run, ctx) -> int:
             model, images, tspec, device=dev, checkpoint_path=ckpt,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,
-            checkpoint_extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta},
+            checkpoint_extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta, **origin},
             step_fn=ShardedTrainStep(ctx) if ctx.distributed else train_step,
             write_checkpoints=ctx.is_writer,
         )

@@ -554,6 +554,27 @@ def test_sigkill_of_the_latent_gan_fit_resumes_to_the_same_networks(reference, t
     print(f"latent GAN killed after epoch {epoch} of {GAN_EPOCHS}; resumed to the same networks")
 
 
+def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, tmp_path):
+    """A leftover latent-GAN checkpoint whose posterior samples came from another VAE (its file
+    digest differs) is set aside with one warning and the fit starts afresh."""
+    from vaepp.io import atomic_torch_save
+    from vaepp.latent_gan import LatentGANSpec
+    from vaepp.study import latent_gan_spec
+    from vaepp.config import load_run
+
+    work = gan_workspace(reference, tmp_path / "w")
+    spec = latent_gan_spec(load_run(work / "params.yaml", RUN))
+    assert isinstance(spec, LatentGANSpec)
+    atomic_torch_save({"spec": spec.to_dict(), "zdim": TINY["model"]["zdim"], "epoch": 3, "history": [],
+                       "vae_sha256": "0" * 64}, work / GAN_CKPT)
+    proc = stage("fit_latent_gan.py", "--run", RUN, "--no-progress", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{GAN_CKPT}: written with other settings; starting afresh" in proc.stderr
+    from vaepp.io import load_checkpoint
+
+    assert len(load_checkpoint(work / GAN)["history"]) == GAN_EPOCHS  # every epoch fitted anew
+
+
 @pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(reference, tmp_path):
     """Killed while the third checkpoint's bytes sit in the temporary file: the checkpoint on

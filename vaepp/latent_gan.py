@@ -84,12 +84,14 @@ class LatentGANCheckpoint:
     """Resumable state of a latent-GAN fit in one file, written atomically every
     `spec.checkpoint_every` epochs and after the last: both networks, both Adam states, the global
     and the data RNG states (the global one also draws the posterior pool of each epoch), the
-    epoch and the history. `path=None` keeps nothing. On W processes every rank resumes from the
-    same file and only the writer writes it."""
+    epoch and the history, plus `extra` (e.g. which VAE the posterior samples come from, for the
+    caller to check before resuming). `path=None` keeps nothing. On W processes every rank resumes
+    from the same file and only the writer writes it."""
 
-    def __init__(self, path: str | Path | None, spec: LatentGANSpec, *, write: bool = True):
+    def __init__(self, path: str | Path | None, spec: LatentGANSpec, *, write: bool = True,
+                 extra: dict | None = None):
         self.path = Path(path) if path is not None else None
-        self.spec, self.write = spec, write
+        self.spec, self.write, self.extra = spec, write, dict(extra or {})
         if self.path is not None and write:
             vio.remove_stale_temporaries(self.path)  # from a process killed while writing it
 
@@ -122,7 +124,7 @@ class LatentGANCheckpoint:
         vio.atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "spec": self.spec.to_dict(), "zdim": gan.zdim,
             "model": gan.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "rng": rng, "epoch": epoch, "history": history,
+            "rng": rng, "epoch": epoch, "history": history, **self.extra,
         }, self.path)
 
 
