@@ -60,7 +60,7 @@ def test_paper_profile_validates_at_the_authors_settings():
 
 def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
     """With no metrics yet, every measured cell of Tables 1-4 names the run that will fill it;
-    a cell no run matches would say plain "not run" with no run."""
+    a cell no run matches would say "not run — no run of the params matches" and name no run."""
     params = load_params(PAPER)
     tabs = report.tables(report.collect(tmp_path, params))
     cells = _measured_cells(tabs, paper_rows_only=True)

@@ -169,7 +169,7 @@ def test_not_run_cells_say_why(study):
     missing = _ours_cells(t1, "VAEPP", "MNIST (NLL, nats)")[-1]
     assert missing.value is None and str(missing) == "not run" and "metrics/vaepp_missing/nll.json" in missing.protocol
     flow = _ours_cells(t1, "VAEPP+Flow", "MNIST (NLL, nats)")
-    assert [str(c) for c in flow] == ["not run"]
+    assert [str(c) for c in flow] == ["not run — no run of the params matches (add one under `runs:`)"]
     cifar = _ours_cells(t1, "VAEPP", "CIFAR-10 (bits/dim)")  # a run is defined; its data needs the internet
     assert [str(c) for c in cifar] == ["not run — needs the internet (torchvision download)"]
     table3 = tabs["table3"].filter(like="ours").to_numpy().ravel()

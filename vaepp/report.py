@@ -38,6 +38,9 @@ NEEDS_INTERNET = {"static_mnist": "needs the internet (torchvision download_url 
                   "celeba": "needs the internet (torchvision download from Google Drive)"}
 
 
+NO_SUCH_RUN = "no run of the params matches (add one under `runs:`)"
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -172,7 +175,8 @@ def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
     if sel.empty:
         datasets = _allowed(col.match.get("dataset", ()))
         why = [NEEDS_INTERNET[d] for d in datasets if d in NEEDS_INTERNET]
-        return [Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets) else "not run")]
+        return [Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets)
+                         else f"not run — {NO_SUCH_RUN}")]
     return [measure(r, row.metric or col.metric) for _, r in sel.iterrows()]
 
 
