@@ -22,6 +22,26 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+# What the stages import (requirements.txt). DVC runs `python stages/...` with the first `python`
+# on PATH; outside the project's environment that is another Python, and the stage would die on
+# an import deep inside, after DVC has already removed its previous outputs.
+REQUIRED_MODULES = ("torch", "torchvision", "pytorch_fid", "pandas", "matplotlib", "mlflow", "pydantic",
+                    "yaml", "tqdm", "scipy")
+
+
+def check_environment(python: str = sys.executable) -> None:
+    """Stop at once, in one line, if this Python lacks a module the stages need."""
+    import importlib.util
+
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: {python} has no {', '.join(missing)}: run the pipeline in the project's environment "
+              "(`make repro`, or `make setup` then `source .venv/bin/activate` before `dvc ...`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+check_environment()
+
 BUSY_CORES_FOR_PASSIVE = 0.5
 
 

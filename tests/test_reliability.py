@@ -997,3 +997,14 @@ def test_mlflow_ui_binds_to_localhost_unless_asked():
     assert "--host 0.0.0.0 " in server_line("UI_HOST=0.0.0.0")
     line = server_line("UI_PORT=5999")
     assert "--port 5999" in line and f"sqlite:///{ROOT}/mlflow.db" in line
+
+
+@pytest.mark.parametrize("script", ["train.py", "estimate_nll.py", "report.py"])
+def test_stage_under_a_python_without_the_packages_fails_in_one_line(tmp_path, script):
+    """DVC runs `python stages/...` with whatever `python` is first on PATH. Started by a Python
+    that lacks the project's packages (here: this one with site-packages switched off), a stage
+    says so in one line, with the remedy, before anything else."""
+    proc = subprocess.run([PY, "-S", str(ROOT / "stages" / script), "--run", RUN], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    line = assert_clean_failure(proc, "has no torch", "source .venv/bin/activate")
+    assert PY in line
