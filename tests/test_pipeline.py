@@ -38,9 +38,10 @@ def repo(tmp_path_factory):
         return subprocess.run(["git", "ls-files", *flags], cwd=REPO,
                               capture_output=True, text=True, check=True).stdout.split()
 
-    # tracked files plus new ones, but not the outputs of a pipeline run in the checkout
-    outputs = ("metrics/", "plots/", "reports/")
-    files = listed("-c") + [f for f in listed("-o", "--exclude-standard") if not f.startswith(outputs)]
+    # tracked files plus new ones, but not the outputs of a pipeline run (the committed baseline
+    # study included): the copy starts a study of its own
+    outputs = ("metrics/", "plots/", "reports/", "dvc.lock")
+    files = [f for f in listed("-c") + listed("-o", "--exclude-standard") if not f.startswith(outputs)]
     for f in files:
         src = REPO / f
         if src.is_file():
