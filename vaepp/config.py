@@ -108,7 +108,7 @@ class LatentGANParams(_Section):
 class LogZParams(_Section):
     prior_is_samples: int = Field(default=1_000_000, gt=0)  # N(0,I)-proposal IS
     ais_chains: int = Field(default=256, gt=0)
-    ais_temps: int = Field(default=2000, gt=1)
+    ais_temps: int = Field(default=1000, gt=1)
     ais_seeds: int = Field(default=3, gt=0)
     q_based_per_image: int = Field(default=10, gt=0)  # paper protocol: 1000 on MNIST
     q_based_images: Optional[int] = Field(default=None, gt=0)  # None = the whole training set
