@@ -29,13 +29,13 @@ REQUIRED_MODULES = ("torch", "torchvision", "pytorch_fid", "pandas", "matplotlib
                     "yaml", "tqdm", "scipy")
 
 
-def check_environment(python: str = sys.executable) -> None:
+def check_environment() -> None:
     """Stop at once, in one line, if this Python lacks a module the stages need."""
     import importlib.util
 
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: {python} has no {', '.join(missing)}: run the pipeline in the project's environment "
+        print(f"error: {sys.executable} has no {', '.join(missing)}: run the pipeline in the project's environment "
               "(`make repro`, or `make setup` then `source .venv/bin/activate` before `dvc ...`)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -212,10 +212,10 @@ def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, b
         return body(args, run, ctx)
 
 
-def keep_or_discard_checkpoint(path: Path, matches: Callable[[dict], bool], ctx) -> None:
-    """Before a resumable fit: keep `path` if it loads and `matches(checkpoint)` (same settings),
-    saying so; otherwise say why and delete it, so the fit starts afresh. Rank 0 decides; every
-    rank waits until it has."""
+def keep_or_discard_checkpoint(path: Path, expected: dict, ctx) -> None:
+    """Before a resumable fit: keep `path` if it loads and holds every `expected` field with that
+    value (the same settings, data and inputs), saying so; otherwise say why and delete it, so the
+    fit starts afresh. Rank 0 decides; every rank waits until it has."""
     if ctx.is_writer and path.exists():
         from vaepp import io as vio
 
@@ -225,7 +225,7 @@ def keep_or_discard_checkpoint(path: Path, matches: Callable[[dict], bool], ctx)
             old, why = None, f"warning: {err}; starting afresh"
         else:
             why = f"{path}: written with other settings; starting afresh"
-        if old is None or not matches(old):
+        if old is None or any(old.get(k) != v for k, v in expected.items()):
             print(why, file=sys.stderr)
             path.unlink()
         else:

@@ -57,9 +57,7 @@ def _fit(args, run, ctx) -> int:
     # resume only a fit of these settings on posterior samples of this very VAE and data
     origin = {"vae_sha256": vio.file_digest(paths["vae"]), "data_sha256": data.meta.get("sha256"),
               "n_train": int(images.shape[0])}
-    common.keep_or_discard_checkpoint(
-        ckpt, lambda old: old.get("spec") == spec.to_dict() and old.get("zdim") == model.zdim
-        and all(old.get(k) == v for k, v in origin.items()), ctx)
+    common.keep_or_discard_checkpoint(ckpt, {"spec": spec.to_dict(), "zdim": model.zdim, **origin}, ctx)
     tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
         fit = partial(vdist.fit_latent_gan_sharded, ctx=ctx) if ctx.distributed else fit_latent_gan

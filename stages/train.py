@@ -48,8 +48,7 @@ def _train(args, run, ctx) -> int:
     # resume only a run of these settings on these very images
     origin = {"data_sha256": data.meta.get("sha256"), "n_train": int(images.shape[0])}
     common.keep_or_discard_checkpoint(
-        ckpt, lambda old: old.get("model_spec") == mspec.to_dict() and old.get("train_spec") == tspec.to_dict()
-        and all(old.get(k) == v for k, v in origin.items()), ctx)
+        ckpt, {"model_spec": mspec.to_dict(), "train_spec": tspec.to_dict(), **origin}, ctx)
 
     torch.manual_seed(tspec.seed)
     model = VAEPP(mspec)
