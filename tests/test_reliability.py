@@ -557,10 +557,10 @@ def test_sigkill_of_the_latent_gan_fit_resumes_to_the_same_networks(reference, t
 def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, tmp_path):
     """A leftover latent-GAN checkpoint whose posterior samples came from another VAE (its file
     digest differs) is set aside with one warning and the fit starts afresh."""
-    from vaepp.io import atomic_torch_save
+    from vaepp.config import load_run
+    from vaepp.io import atomic_torch_save, load_checkpoint
     from vaepp.latent_gan import LatentGANSpec
     from vaepp.study import latent_gan_spec
-    from vaepp.config import load_run
 
     work = gan_workspace(reference, tmp_path / "w")
     spec = latent_gan_spec(load_run(work / "params.yaml", RUN))
@@ -570,8 +570,6 @@ def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, tmp_path
     proc = stage("fit_latent_gan.py", "--run", RUN, "--no-progress", cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert f"{GAN_CKPT}: written with other settings; starting afresh" in proc.stderr
-    from vaepp.io import load_checkpoint
-
     assert len(load_checkpoint(work / GAN)["history"]) == GAN_EPOCHS  # every epoch fitted anew
 
 
