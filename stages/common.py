@@ -87,13 +87,17 @@ def choose_omp_wait_policy(environ=os.environ, busy: Callable[[], float | None] 
 OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 
-def parser(description: str, *, run: bool = True) -> argparse.ArgumentParser:
+def parser(description: str, *, run: bool = True, paths: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The stage's arguments: --params, --run, --device, --no-progress, and one required
+    `--<name> PATH` per entry of `paths`: every file a stage reads or writes is named in dvc.yaml."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if run:
         p.add_argument("--run", required=True, help="name of a run under `runs:` in the params")
     p.add_argument("--device", default=None, help="override params `device`: cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for name in paths:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
     return p
 
 
@@ -130,30 +134,15 @@ def load_run(args):
     return _load_run(args.params, args.run)
 
 
-def load_data(run, root: Path = Path(".")):
-    """The prepared dataset of the run, cut to data.n_train / data.n_test."""
+def load_data(data_root: Path, run):
+    """The run's prepared dataset under data_root/<dataset>: (train, test, meta), the images cut
+    to data.n_train / data.n_test."""
     from vaepp.data import load_prepared
 
-    prepared = load_prepared(root / "data" / run.data.dataset)
-    return prepared
-
-
-def run_paths(run_name: str) -> dict[str, Path]:
-    return {
-        "vae": Path("models") / run_name / "vae.pt",
-        "latent_gan": Path("models") / run_name / "latent_gan.pt",
-        "checkpoint": Path("checkpoints") / run_name / "train.ckpt",
-        "latent_gan_checkpoint": Path("checkpoints") / run_name / "latent_gan.ckpt",
-        "metrics": Path("metrics") / run_name,
-        "plots": Path("plots") / run_name,
-        "samples": Path("samples") / run_name,
-    }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    from vaepp.io import atomic_write_json
-
-    atomic_write_json(path, obj)
+    prepared = load_prepared(Path(data_root) / run.data.dataset)
+    train = prepared.train[: run.data.n_train] if run.data.n_train else prepared.train
+    test = prepared.test[: run.data.n_test] if run.data.n_test else prepared.test
+    return train, test, prepared.meta
 
 
 def read_json(path: Path) -> dict:
@@ -249,6 +238,19 @@ def flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def numbers(metrics: dict) -> dict:
+    """The numeric leaves of a (nested) metrics dict, flattened with dots; booleans left out."""
+    return {k: v for k, v in flat(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_stage(args, stage: str, run, params: dict, metrics: dict, artifacts=()) -> None:
+    """The stage's MLflow child run: its params, its final metrics and artifacts."""
+    with tracker(args.params).stage_run(stage, run.name, flat(params)) as log:
+        log.log_metrics(numbers(metrics))
+        for path in artifacts:
+            log.log_artifact(path)
 
 
 def guarded(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:

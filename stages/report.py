@@ -1,9 +1,10 @@
 """report: every run's metrics beside the paper's Tables 1-4, as one offline HTML page and for pandas.
 
-Outputs: reports/index.html (self-contained: tables, dim-z plot, training curves, log-Z estimates,
-sample grids), reports/tables.md, reports/metrics.csv (one row per run). Also logs the report and
-the headline metrics to the pipeline's MLflow parent run. Runs whose metrics are missing show
-"not run"; the stage fails only on unreadable params or corrupt metrics files.
+Outputs in --out: index.html (self-contained: tables, dim-z plot, training curves, log-Z
+estimates, sample grids), tables.md, metrics.csv (one row per run). Inputs are path patterns
+from dvc.yaml (`vaepp.report.collect`). Also logs the report and the headline metrics to the
+pipeline's MLflow parent run. Runs whose metrics are missing show "not run"; the stage fails only
+on unreadable params or corrupt metrics files.
 """
 
 from __future__ import annotations
@@ -14,28 +15,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import common  # noqa: E402
 
+PATTERNS = {"metrics": "{run} and {kind}", "meta": "{dataset}", "train_curve": "{run}", "grid": "{run}",
+            "grid_gan": "{run}"}
+
 
 def _main(argv: list[str] | None) -> int:
-    p = common.parser(__doc__.splitlines()[0], run=False)
-    p.add_argument("--root", type=Path, default=Path("."), help="directory holding metrics/, plots/, samples/")
+    p = common.parser(__doc__.splitlines()[0], run=False, paths=("out",))
+    for name, fields in PATTERNS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", required=True, help=f"path pattern with {fields}")
     args = p.parse_args(argv)
-
     from vaepp.config import load_params
 
     params = load_params(args.params)  # validate before the heavy imports
     from vaepp import report
     from vaepp.io import atomic_write_text
 
-    root = args.root
-    runs = report.collect(root, params)
+    runs = report.collect(Path("."), params, {name: getattr(args, name) for name in PATTERNS})
     tabs = report.tables(runs)
-    out = root / "reports"
+    out = args.out
     atomic_write_text(out / "index.html", report.render_html(
-        runs, tabs, root, title=f"VAEPP reproduction — profile “{params.profile}”"))
+        runs, tabs, Path("."), title=f"VAEPP reproduction — profile “{params.profile}”"))
     atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
-    tracker = common.tracker(args.params)
-    with tracker.parent_log() as log:
+    with common.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))
         for name in ("index.html", "tables.md", "metrics.csv"):
             log.log_artifact(out / name, "report")

@@ -5,6 +5,11 @@ shared sections `data`, `model`, `train`, `latent_gan`, `nll`, `mala`, `fid` (a 
 `model: {zdim: 32}` changes only that run); everything else is shared, so `dvc exp run -S model.zdim=256` changes every run that
 does not pin its own zdim. Unknown keys, wrong types and out-of-range values raise ParamsError
 with one line naming the key, the value and what is allowed.
+
+Every setting that changes a result is required: the library has no silent default for it, so
+params.yaml (or a profile) states the whole study. Only `checkpoint_every` (how often a fit saves
+its state), `profile` (a label), `device` and `distributed` (neither changes a number beyond
+float rounding) may be left out.
 """
 
 from __future__ import annotations
@@ -50,91 +55,91 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    dataset: Dataset = "mnist"
-    n_train: Optional[int] = Field(default=None, gt=0)  # first n training images (None = all)
-    n_test: Optional[int] = Field(default=None, gt=0)  # first n test images used by evaluation
+    dataset: Dataset
+    n_train: Optional[int] = Field(gt=0)  # first n training images (None = all)
+    n_test: Optional[int] = Field(gt=0)  # first n test images used by evaluation
 
 
 class ModelParams(_Section):
-    arch: Literal["mlp", "resnet"] = "mlp"
-    zdim: int = Field(default=16, gt=0, le=65536)
-    hidden: tuple[int, ...] = (300, 300)
-    channels: tuple[int, ...] = (16, 32, 64)
-    likelihood: Literal["auto", "bernoulli", "logistic"] = "auto"  # auto: from the dataset
-    logistic_scale: Literal["per_pixel", "scalar"] = "per_pixel"
-    posterior: Literal["auto", "normal", "truncated"] = "auto"  # auto: truncated on binary data
-    log_sigma_min: float = Field(default=-5.0, le=0.0)
-    beta_max: float = Field(default=10.0, gt=0.0)
-    n_flows: int = Field(default=20, ge=1, le=200)  # used by vaepp_flow runs
+    arch: Literal["mlp", "resnet"]
+    zdim: int = Field(gt=0, le=65536)
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...]
+    likelihood: Literal["auto", "bernoulli", "logistic"]  # auto: from the dataset
+    logistic_scale: Literal["per_pixel", "scalar"]
+    posterior: Literal["auto", "normal", "truncated"]  # auto: truncated on binary data
+    log_sigma_min: float = Field(le=0.0)
+    beta_max: float = Field(gt=0.0)
+    n_flows: int = Field(ge=1, le=200)  # used by vaepp_flow runs
 
     _sizes = field_validator("hidden", "channels")(_positive_sizes)
 
 
 class TrainParams(_Section):
-    epochs: int = Field(default=10, gt=0)
-    batch_size: int = Field(default=128, gt=0)
-    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
-    lr_halve_every: int = Field(default=200, gt=0)
-    weight_decay: float = Field(default=2e-4, ge=0.0)
-    n_prior_samples: int = Field(default=128, gt=0)
-    penalty: Penalty = "wgan_div_1"
-    penalty_k: float = Field(default=2.0, ge=0.0)
-    penalty_p: float = Field(default=6.0, gt=0.0)
-    critic_lr: float = Field(default=1e-4, gt=0.0, le=1.0)
-    critic_penalty_weight: float = Field(default=1.0, ge=0.0)
-    clamp_kl: bool = False
-    max_steps_per_epoch: Optional[int] = Field(default=None, gt=0)
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0.0, le=1.0)
+    lr_halve_every: int = Field(gt=0)
+    weight_decay: float = Field(ge=0.0)
+    n_prior_samples: int = Field(gt=0)
+    penalty: Penalty
+    penalty_k: float = Field(ge=0.0)
+    penalty_p: float = Field(gt=0.0)
+    critic_lr: float = Field(gt=0.0, le=1.0)
+    critic_penalty_weight: float = Field(ge=0.0)
+    clamp_kl: bool
+    max_steps_per_epoch: Optional[int] = Field(gt=0)
     checkpoint_every: int = Field(default=1, gt=0)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(ge=0)
 
 
 class LatentGANParams(_Section):
-    noise_dim: int = Field(default=64, gt=0)
-    hidden: tuple[int, ...] = (256, 256)
-    epochs: int = Field(default=10, gt=0)
+    noise_dim: int = Field(gt=0)
+    hidden: tuple[int, ...]
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0.0, le=1.0)
+    n_critic: int = Field(gt=0)
+    penalty: Penalty
+    penalty_k: float = Field(ge=0.0)
+    penalty_p: float = Field(gt=0.0)
+    max_steps_per_epoch: Optional[int] = Field(gt=0)
+    checkpoint_every: int = Field(default=1, gt=0)
+    seed: int = Field(ge=0)
 
     _sizes = field_validator("hidden")(_positive_sizes)
-    batch_size: int = Field(default=128, gt=0)
-    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
-    n_critic: int = Field(default=5, gt=0)
-    penalty: Penalty = "wgan_div_1"
-    penalty_k: float = Field(default=2.0, ge=0.0)
-    penalty_p: float = Field(default=6.0, gt=0.0)
-    max_steps_per_epoch: Optional[int] = Field(default=None, gt=0)
-    checkpoint_every: int = Field(default=1, gt=0)
-    seed: int = Field(default=0, ge=0)
 
 
 class LogZParams(_Section):
-    prior_is_samples: int = Field(default=1_000_000, gt=0)  # N(0,I)-proposal IS
-    ais_chains: int = Field(default=256, gt=0)
-    ais_temps: int = Field(default=1000, gt=1)
-    ais_seeds: int = Field(default=3, gt=0)
-    q_based_per_image: int = Field(default=10, gt=0)  # paper protocol: 1000 on MNIST
-    q_based_images: Optional[int] = Field(default=None, gt=0)  # None = the whole training set
+    prior_is_samples: int = Field(gt=0)  # N(0,I)-proposal IS
+    ais_chains: int = Field(gt=0)
+    ais_temps: int = Field(gt=1)
+    ais_seeds: int = Field(gt=0)
+    q_based_per_image: int = Field(gt=0)  # paper protocol: 1000 on MNIST
+    q_based_images: Optional[int] = Field(gt=0)  # None = the whole training set
 
 
 class NLLParams(_Section):
-    n_importance: int = Field(default=1000, gt=0)  # S per image per pass
-    n_passes: int = Field(default=1, gt=0)  # P, fresh binarisation each pass on binary data
-    chunk: int = Field(default=4096, gt=0)  # rows of z per decoder call
-    batch_images: int = Field(default=64, gt=0)
-    seed: int = Field(default=0, ge=0)
-    log_z: LogZParams = LogZParams()
+    n_importance: int = Field(gt=0)  # S per image per pass
+    n_passes: int = Field(gt=0)  # P, fresh binarisation each pass on binary data
+    chunk: int = Field(gt=0)  # rows of z per decoder call
+    batch_images: int = Field(gt=0)
+    seed: int = Field(ge=0)
+    log_z: LogZParams
 
 
 class MALAParams(_Section):
-    n_samples: int = Field(default=1000, gt=0)
-    n_steps: int = Field(default=200, ge=0)
-    step_size: float = Field(default=1e-5, gt=0.0)
-    seed: int = Field(default=0, ge=0)
+    n_samples: int = Field(gt=0)
+    n_steps: int = Field(ge=0)
+    step_size: float = Field(gt=0.0)
+    seed: int = Field(ge=0)
 
 
 class FIDParams(_Section):
-    n_samples: int = Field(default=1000, gt=0)
-    reference: Literal["train", "test"] = "train"  # paper: generated vs the training set
-    n_reference: int = Field(default=1000, gt=0)
-    batch_size: int = Field(default=50, gt=0)
+    n_samples: int = Field(gt=0)
+    reference: Literal["train", "test"]  # paper: generated vs the training set
+    n_reference: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
 
 
 class DistributedParams(_Section):
@@ -162,14 +167,14 @@ class Params(_Section):
     profile: str = "default"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     distributed: DistributedParams = DistributedParams()
-    datasets: tuple[Dataset, ...] = ("mnist",)  # prepared by the prepare-data stage
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    latent_gan: LatentGANParams = LatentGANParams()
-    nll: NLLParams = NLLParams()
-    mala: MALAParams = MALAParams()
-    fid: FIDParams = FIDParams()
+    datasets: tuple[Dataset, ...]  # prepared by the prepare-data stage
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    latent_gan: LatentGANParams
+    nll: NLLParams
+    mala: MALAParams
+    fid: FIDParams
     runs: dict[str, RunParams]
 
     @field_validator("runs")

@@ -1,13 +1,14 @@
 """The study's report: every run's metrics beside the paper's Tables 1-4, the dim-z plot (paper
 Figure 4), training curves (Figure 2), the log-Z estimates and sample grids.
 
-    runs = collect(root, params)      # one row per run: resolved settings + every metric, flattened
+    runs = collect(root, params, files)  # one row per run: resolved settings + every metric, flattened
     tabs = tables(runs)               # the paper's layout; measured cells are `Measured`
     render_html(runs, tabs, root), render_markdown(runs, tabs), runs.to_csv(index=False)
 
 Inputs under `root` for each run <r> of `params.runs` (any may be missing: its cells then say "not
-run"): metrics/<r>/{train,nll,latent_gan,mala,fid}.json, plots/<r>/train_curve.csv, samples/<r>/
-{grid,grid_gan}.png, data/<dataset>/meta.json. Measured cells come only from these files; the paper's
+run"), at the path patterns `files` names (the report stage takes them from dvc.yaml): "metrics"
+(with {run} and {kind} for train, nll, latent_gan, mala, fid), "meta" (with {dataset}), and
+"train_curve", "grid", "grid_gan" (with {run}). Measured cells come only from these files; the paper's
 numbers (paper_numbers.py) sit in their own columns. Figures: matplotlib PNGs (Agg canvas, no
 pyplot state) inlined as base64, so the page needs no network.
 """
@@ -27,9 +28,8 @@ import pandas as pd
 from .config import Params, resolve_run
 from .paper_numbers import FIGURE4, NOT_A_BOUND, TABLES, VARIANCE_Z_HAT_MNIST, Column, Row
 
-KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # metrics/<run>/<kind>.json
-FILES = {"train_curve": "plots/{run}/train_curve.csv", "grid": "samples/{run}/grid.png",
-         "grid_gan": "samples/{run}/grid_gan.png"}
+KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # the metrics files of a run
+FILE_KEYS = ("train_curve", "grid", "grid_gan")  # the curve and sample grids shown per run
 BINARY = ("mnist", "fashion_mnist", "static_mnist", "static_mnist_standin", "omniglot")
 # Datasets with no offline source (vaepp/data.py): offline, their cells say why they were not run.
 NEEDS_INTERNET = {"static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
@@ -62,20 +62,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def collect(root: str | Path, params: Params) -> pd.DataFrame:
+def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
     """One row per run of `params.runs` (in order): settings, availability and every metric.
 
     Columns: run, algorithm, dataset, dataset_label, dataset_source, stand_in, zdim, penalty ("none"
     for the plain VAE), likelihood, logistic_scale; has_<kind> for each metrics file;
     "<kind>.<key>" for every (flattened) metric; "param.<section>.<key>" for the resolved params;
     "file.<name>" the path (relative to root) of the curve and grids, or "" when missing.
+    files: the path patterns of the module docstring, relative to root.
     """
+    missing = {"metrics", "meta", *FILE_KEYS} - set(files)
+    if missing:
+        raise ValueError(f"report inputs: no path pattern for {', '.join(sorted(missing))}")
     root = Path(root)
     rows = []
     for name in params.runs:
         run = resolve_run(params, name)
         ds = run.data.dataset
-        meta = _read_json(root / "data" / ds / "meta.json") or {}
+        meta = _read_json(root / files["meta"].format(dataset=ds)) or {}
         lik = run.model.likelihood  # "auto": Bernoulli on binary data (the rule of study.model_spec)
         row = {"run": name, "algorithm": run.algorithm, "dataset": ds, "dataset_label": meta.get("label", ds),
                "dataset_source": meta.get("source", "not prepared"), "stand_in": bool(meta.get("stand_in", False)),
@@ -83,10 +87,10 @@ def collect(root: str | Path, params: Params) -> pd.DataFrame:
                "likelihood": lik if lik != "auto" else "bernoulli" if meta.get("binary", ds in BINARY) else "logistic",
                "logistic_scale": run.model.logistic_scale}
         for kind in KINDS:
-            found = _read_json(root / "metrics" / name / f"{kind}.json")
+            found = _read_json(root / files["metrics"].format(run=name, kind=kind))
             row[f"has_{kind}"] = found is not None
             row.update({f"{kind}.{k}": v for k, v in _flat(found or {}).items()})
-        paths = {key: pattern.format(run=name) for key, pattern in FILES.items()}
+        paths = {key: files[key].format(run=name) for key in FILE_KEYS}
         row.update({f"file.{key}": rel if (root / rel).is_file() else "" for key, rel in paths.items()})
         row.update({f"param.{k}": v for k, v in _flat(run.model_dump(mode="json", exclude={"name"})).items()})
         rows.append(row)

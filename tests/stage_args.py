@@ -1,0 +1,26 @@
+"""A stage's command-line arguments as dvc.yaml gives them, for tests that call `stage.main(argv)`.
+
+The paths a stage reads and writes live only in dvc.yaml; tests take them from there instead of
+repeating them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
+
+
+def stage_argv(stage: str, key: str | None = None, *extra: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
+    """The arguments after the script in `stage`'s cmd, ${key}/${item} replaced by `key`, plus
+    `extra`. For a foreach stage `key` is the run (or dataset) name."""
+    spec = yaml.safe_load(Path(dvc_yaml).read_text())["stages"][stage]
+    cmd = spec["do"]["cmd"] if "do" in spec else spec["cmd"]
+    if key is not None:
+        cmd = cmd.replace("${key}", key).replace("${item}", key)
+    words = shlex.split(cmd)
+    script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    return words[script + 1 :] + list(extra)

@@ -1,0 +1,225 @@
+"""The evaluation protocols: what the estimate-nll, sample-mala and compute-fid stages compute.
+
+Each function takes validated params (`vaepp.config`), a trained model and a `DistContext`
+(identity on one process) and returns the metrics dict that its stage writes as JSON, so the
+protocol is unit-tested without DVC:
+
+- `nll_protocol`: test NLL by importance sampling from q(z|e) (paper §5) under every estimate of
+  log Z. For a pull-back prior the estimates are the paper's q-based Ẑ_q over the training set
+  (eq. 8; not a bound), N(0, I)-proposal importance sampling with its effective sample size, and
+  annealed importance sampling (Neal 2001) from N(0, I) to p_λ, spread over seeds. Both N(0, I)-IS
+  and AIS are unbiased for Z, hence in expectation LOWER estimates of log Z (Jensen), so the
+  larger of the two heads `nll_nats` (the less optimistic NLL); the paper-protocol NLL is
+  reported beside it, never in its place. The plain VAE has log Z = 0 exactly.
+- `sampling_protocol`: paper §4.3. Pull-back runs: z₀ from the latent GAN, then MALA on
+  E(z) = β·D(G(z)) + ½‖z‖²; "GAN-VAEPP" decodes z₀ directly. Plain VAE: z ~ N(0, I), its prior.
+- `fid_protocol`: FID (Heusel et al. 2017) of both sample sets against the first n reference
+  images, with the reference statistics cached per dataset file and protocol.
+
+Seeds: the NLL uses nll.seed for the q-based estimate, seed + 1 for N(0, I)-IS, seed + 100 + s
+for AIS seed s and seed + 2 for the test-set samples, so every estimate has its own stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import distributed as vdist
+from .config import FIDParams, MALAParams, NLLParams
+from .logz import log_z_ais, log_z_prior_is, log_z_q_based
+from .mala import mala
+from .nll import estimate_nll
+from .sampling import decode_images
+
+# The independent estimates that may head the NLL; each is a lower estimate of log Z in
+# expectation, so the larger is chosen.
+HEADLINE_CANDIDATES = ("prior_is", "ais")
+
+
+def unit_batches(images: Tensor, batch: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """uint8 images (N, C, H, W) → float batches in [0, 1] of at most `batch` images on `device`."""
+    for i in range(0, images.shape[0], batch):
+        yield images[i : i + batch].to(device).float().div_(255.0)
+
+
+def log_z_protocol(model, ctx: vdist.DistContext, train: Tensor, params: NLLParams, *,
+                   device: torch.device | str, progress: bool = False) -> tuple[dict[str, dict], str]:
+    """Every estimate of log Z for a pull-back model, and the name of the headline one.
+
+    train: uint8 training images (N, C, H, W); the q-based estimate uses the first
+    `log_z.q_based_images` of them (all when None) with N = len(train). Returns
+    ({name: LogZEstimate as a dict}, headline name); for the plain VAE ({}, "exact").
+    """
+    if not model.spec.pullback:
+        return {}, "exact"
+    lz, p = params.log_z, params
+    sharded = vdist.ShardedLatentModel(model, ctx)  # identity with one process
+    log_f = vdist.sharded_log_f(ctx, model.log_f)
+    gen = torch.Generator(device=device)
+    q_images = train[: lz.q_based_images] if lz.q_based_images else train
+    found = [
+        log_z_q_based(
+            unit_batches(q_images, p.batch_images, device), sharded.encode, model.sample_q, log_f,
+            n_train=int(train.shape[0]), n_per_image=lz.q_based_per_image, chunk=p.chunk,
+            generator=gen.manual_seed(p.seed), progress=progress,
+        ),
+        log_z_prior_is(log_f, model.zdim, lz.prior_is_samples, chunk=p.chunk,
+                       generator=gen.manual_seed(p.seed + 1), device=device, progress=progress),
+        log_z_ais(log_f, model.zdim, n_chains=lz.ais_chains, n_temps=lz.ais_temps,
+                  seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)), device=device,
+                  progress=progress),
+    ]
+    estimates = {e.name: dataclasses.asdict(e) for e in found}
+    headline = max(HEADLINE_CANDIDATES, key=lambda n: estimates[n]["log_z"])
+    return estimates, headline
+
+
+def nll_protocol(model, ctx: vdist.DistContext, train: Tensor, test: Tensor, params: NLLParams, *,
+                 device: torch.device | str, progress: bool = False) -> dict:
+    """Test NLL (nats, bits/dim) under every estimate of log Z, with the headline one named.
+
+    train, test: uint8 images (N, C, H, W), already cut to the run's n_train / n_test. On
+    Bernoulli data every pass binarises the test images afresh (x ~ Bernoulli(e)).
+    """
+    t0 = time.perf_counter()
+    estimates, headline = log_z_protocol(model, ctx, train, params, device=device, progress=progress)
+    log_z = {name: e["log_z"] for name, e in estimates.items()} if estimates else {"exact": 0.0}
+    binary = model.spec.likelihood == "bernoulli"
+    p = params
+    nll = estimate_nll(
+        vdist.ShardedLatentModel(model, ctx), unit_batches(test, p.batch_images, device),
+        n_importance=p.n_importance, n_passes=p.n_passes, log_z=log_z, headline=headline,
+        binarize=binary, chunk=p.chunk, generator=torch.Generator(device=device).manual_seed(p.seed + 2),
+        progress=progress,
+    )
+    return {
+        "nll_nats": nll["nll_nats"],
+        "nll_stderr": nll["nll_stderr"],
+        "nll_mc_stderr": nll["nll_mc_stderr"],
+        "bpd": nll["nll_bpd"],
+        "n_importance_total": nll["n_importance_total"],
+        "n_importance_per_image": p.n_importance,
+        "n_passes": p.n_passes,
+        "n_test_images": nll["n_images"],
+        "log_z_headline": headline,
+        "log_z": estimates,
+        "nll_nats_by_log_z": nll["nll_nats_by_log_z"],
+        "nll_vae_prior_nats": nll["nll_nats_plain_vae"],
+        "nll_vae_prior_stderr": nll["nll_stderr_plain_vae"],
+        "ess_mean": nll["ess_mean"],
+        "protocol": (
+            f"{nll['n_images']} test images × {p.n_passes} pass(es) × S={p.n_importance} samples "
+            f"from q(z|e){', fresh binarisation per pass' if binary else ''}; log Z: {headline}"
+        ),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def sampling_protocol(model, gan, ctx: vdist.DistContext, params: MALAParams, *,
+                      device: torch.device | str, progress: bool = False) -> tuple[Tensor, Tensor, dict]:
+    """Images from a run: (images, GAN-VAEPP images, metrics), images uint8 (n_samples, C, H, W).
+
+    One generator seeded with mala.seed draws z₀ from the latent GAN, then the MALA noise (or,
+    for the plain VAE, z ~ N(0, I)). On W processes the chains' energy gradients are sharded.
+    """
+    p = params
+    gen = torch.Generator(device=device).manual_seed(p.seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        z0 = gan.sample(p.n_samples, generator=gen, device=device)
+    metrics: dict = {"n_samples": p.n_samples, "mala_steps": p.n_steps, "mala_step_size": p.step_size}
+    if model.spec.pullback:
+        z, acceptance, stats = mala(vdist.shard_rows(ctx, model.energy_and_grad), z0.clone(), p.n_steps,
+                                    p.step_size, generator=gen, progress=progress)
+        metrics.update(mala_acceptance=float(acceptance), sampler="latent GAN + MALA",
+                       **{f"mala_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    else:
+        z = torch.randn(p.n_samples, model.zdim, generator=gen, device=device)
+        metrics.update(mala_acceptance=None, sampler="prior N(0, I)")
+    images, images_gan = decode_images(model, z), decode_images(model, z0)
+    metrics["seconds"] = time.perf_counter() - t0
+    return images, images_gan, metrics
+
+
+# What fid.json repeats of mala.json, so a FID is read with the sampler that made its images.
+SAMPLER_FIELDS = ("sampler", "mala_acceptance", "mala_steps", "mala_step_size")
+
+
+def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tensor, reference: Tensor,
+                 params: FIDParams, *, sampler: dict, dataset: str, reference_digest: str, stats_dir: Path,
+                 device: torch.device | str, progress: bool = False) -> dict:
+    """FID of the MALA samples and of the latent-GAN samples against the first n_reference images.
+
+    net: the Inception network (a `ShardedModule` on W processes: each rank evaluates batch_size
+    images of every W·batch_size batch). reference_digest: the prepared file's SHA-256, part of
+    the statistics' cache key, so statistics of one dataset file are never reused for another.
+    sampler: the sampling stage's metrics, whose SAMPLER_FIELDS are copied into the result.
+    Only rank 0 writes the cache and returns FIDs (other ranks return {}).
+    """
+    from . import fid
+
+    p = params
+    if samples.shape[0] < p.n_samples:
+        raise ValueError(f"fid.n_samples = {p.n_samples} but only {samples.shape[0]} samples were drawn; "
+                         "raise mala.n_samples or lower fid.n_samples")
+    t0 = time.perf_counter()
+    batch = p.batch_size * ctx.world
+    n_ref = min(p.n_reference, reference.shape[0])
+    key = f"{dataset}-{p.reference}-first{n_ref}-{reference_digest[:12]}"
+    kw = dict(batch_size=batch, device=device, progress=progress)
+    cached = ctx.broadcast_flag((stats_dir / f"{key}.npz").exists())  # the file reference_statistics keeps
+    ref_batches = lambda: unit_batches(reference[:n_ref], batch)  # noqa: E731
+    mu_r = sigma_r = None
+    if ctx.is_writer:
+        mu_r, sigma_r, _ = fid.reference_statistics(key, ref_batches, stats_dir, net, **kw)
+    elif not cached:  # take part in rank 0's sharded feature pass; rank 0 writes the cache
+        fid.feature_stats(net, ref_batches(), **kw)
+
+    def fid_of(images: Tensor) -> float | None:
+        stats = fid.feature_stats(net, unit_batches(images[: p.n_samples], batch), **kw)
+        return fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r) if ctx.is_writer else None
+
+    value, value_gan = fid_of(samples), fid_of(samples_gan)  # GAN-VAEPP: z₀ decoded directly
+    if not ctx.is_writer:
+        return {}
+    return {
+        "fid": value,
+        "fid_gan": value_gan,
+        "n_samples": p.n_samples,
+        "n_reference": n_ref,
+        "reference": p.reference,
+        "protocol": (f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
+                     "pytorch-fid Inception pool3"),
+        **{k: sampler.get(k) for k in SAMPLER_FIELDS},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def dataset_fields(dataset: str, meta: dict) -> dict:
+    """Where a metric's data came from: the dataset, its source, and whether it is a stand-in."""
+    return {"dataset": dataset, "dataset_source": meta.get("source", "unknown"),
+            "stand_in": bool(meta.get("stand_in", False)), "dataset_label": meta.get("label", dataset)}
+
+
+def training_summary(history: list[dict], *, algorithm: str, n_train: int, seconds: float,
+                     resumed_from_epoch: int) -> dict:
+    """metrics/<run>/train.json: the last epoch's ELBO terms, β and training log Z."""
+    last = history[-1]
+    return {
+        "algorithm": algorithm,
+        "n_train": n_train,
+        "elbo": last["elbo"],
+        "recon": last["recon"],
+        "kl": last["kl"],
+        "beta": last["beta"],
+        "log_z_train": last.get("log_z", 0.0),
+        "epochs": len(history),
+        "seconds": seconds,
+        "resumed_from_epoch": resumed_from_epoch,
+    }
