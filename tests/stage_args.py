@@ -24,3 +24,11 @@ def stage_argv(stage: str, key: str | None = None, *extra: str, dvc_yaml: Path =
     words = shlex.split(cmd)
     script = next(i for i, w in enumerate(words) if w.endswith(".py"))
     return words[script + 1 :] + list(extra)
+
+
+def report_files(dvc_yaml: Path = DVC_YAML) -> dict[str, str]:
+    """The report stage's input path patterns ({"metrics": "metrics/{run}/{kind}.json", ...})."""
+    argv = stage_argv("report", dvc_yaml=dvc_yaml)
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    names = ("metrics", "meta", "train_curve", "grid", "grid_gan")
+    return {name: pairs[f"--{name.replace('_', '-')}"] for name in names}

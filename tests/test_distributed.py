@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stage_args import stage_argv
 from vaepp import distributed as vdist
 from vaepp.latent_gan import LatentGAN, LatentGANSpec, fit_latent_gan, posterior_samples
 from vaepp.logz import log_z_ais, log_z_prior_is, log_z_q_based
@@ -230,7 +231,7 @@ def _run_stages(ctx: vdist.DistContext, root: Path) -> dict:
     codes = {}
     for stage in STAGES:
         main = importlib.import_module(f"stages.{stage}").main
-        codes[stage] = main(["--params", "params.yaml", "--run", "vaepp", "--no-progress"])
+        codes[stage] = main(stage_argv(stage.replace("_", "-"), "vaepp", "--params", "params.yaml", "--no-progress"))
     return {"codes": codes, "writes": log}
 
 
@@ -462,14 +463,14 @@ def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
     (two / "params.yaml").write_text(STAGE_PARAMS.replace("nproc_per_node: 1", "nproc_per_node: 2"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--run", "vaepp", "--no-progress"],
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *stage_argv("train", "vaepp", "--no-progress")],
                           cwd=two, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.chdir(one)
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
     from stages import train as train_stage
 
-    assert train_stage.main(["--run", "vaepp", "--no-progress"]) == 0
+    assert train_stage.main(stage_argv("train", "vaepp", "--no-progress")) == 0
     got = torch.load(two / "models" / "vaepp" / "vae.pt", weights_only=True)["model"]
     want = torch.load(one / "models" / "vaepp" / "vae.pt", weights_only=True)["model"]
     steps, lr = 64 // 16, 1e-3

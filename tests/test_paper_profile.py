@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from stage_args import report_files, stage_argv
 from vaepp import report
 from vaepp.config import load_params, parse_params, resolve_run
 from vaepp.report import Measured
@@ -62,7 +63,7 @@ def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
     """With no metrics yet, every measured cell of Tables 1-4 names the run that will fill it;
     a cell no run matches would say "not run — no run of the params matches" and name no run."""
     params = load_params(PAPER)
-    tabs = report.tables(report.collect(tmp_path, params))
+    tabs = report.tables(report.collect(tmp_path, params, report_files()))
     cells = _measured_cells(tabs, paper_rows_only=True)
     assert len(cells) >= 30
     orphans = [(t, c) for t, c, m in cells if m.run is None]
@@ -112,6 +113,9 @@ def tiny_paper_study(tmp_path_factory):
     (and compute-fid for FID_RUNS) → report, in-process, on the stand-ins."""
     from stages import common, compute_fid, estimate_nll, fit_latent_gan, report as report_stage, sample_mala, train
 
+    STAGE_NAMES = {train: "train", fit_latent_gan: "fit-latent-gan", estimate_nll: "estimate-nll",
+                   sample_mala: "sample-mala", compute_fid: "compute-fid"}
+
     work = tmp_path_factory.mktemp("paper")
     raw = tiny_paper_params()
     params = parse_params(raw)
@@ -131,9 +135,9 @@ def tiny_paper_study(tmp_path_factory):
         for name in params.runs:
             stages = [train, fit_latent_gan, estimate_nll, sample_mala] + ([compute_fid] if name in FID_RUNS else [])
             for stage in stages:
-                code = stage.main(["--run", name, "--no-progress"])
+                code = stage.main(stage_argv(STAGE_NAMES[stage], name, "--no-progress"))
                 assert code == 0, f"{stage.__name__} failed for run {name}"
-        assert report_stage.main(["--no-progress"]) == 0
+        assert report_stage.main(stage_argv("report", None, "--no-progress")) == 0
     finally:
         mp.undo()
     return work, params
@@ -161,7 +165,7 @@ def test_every_paper_run_goes_through_every_stage(tiny_paper_study):
 
 def test_report_places_every_paper_run_in_its_cells(tiny_paper_study):
     work, params = tiny_paper_study
-    tabs = report.tables(report.collect(work, params))
+    tabs = report.tables(report.collect(work, params, report_files()))
     cells = _measured_cells(tabs)
     nll_cells = [m for t, c, m in cells if t != "table4"]
     assert nll_cells and all(m.value is not None for m in nll_cells), [str(m) for m in nll_cells if m.value is None]
@@ -171,7 +175,7 @@ def test_report_places_every_paper_run_in_its_cells(tiny_paper_study):
     for col in ("Naive VAEPP · ours", "VAEPP · ours"):  # a cell matched by several runs has sub-rows
         cells = [v for v in t3[col] if isinstance(v, Measured)]
         assert len(cells) >= 3 and all(v.value is not None for v in cells), col
-    points = report.dimz_points(report.collect(work, params))
+    points = report.dimz_points(report.collect(work, params, report_files()))
     cifar = points[(points["dataset_label"] == "cifar10 (synthetic CPU stand-in)") & (points["algorithm"] == "vaepp")]
     assert {64, 256, 512, 1024} <= set(cifar["zdim"])
     md = (work / "reports" / "tables.md").read_text()

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stage_args import report_files, stage_argv
 from stages import report as stage
 from vaepp import report
 from vaepp.config import load_params
@@ -35,7 +36,8 @@ def _params(root: Path, extra_runs: dict | None = None) -> Path:
             "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
             **(extra_runs or {})}
     path = root / "params.yaml"
-    doc = {"profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}
+    shared = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())  # every section
+    doc = {**shared, "profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -114,8 +116,14 @@ def study(tmp_path):
     return tmp_path, _params(tmp_path), written
 
 
+def _report_stage(root: Path, params: Path, monkeypatch) -> int:
+    """The report stage with dvc.yaml's arguments, run in `root` as DVC would."""
+    monkeypatch.chdir(root)
+    return stage.main(stage_argv("report", None, "--params", str(params)))
+
+
 def _build(root: Path, params_path: Path):
-    runs = report.collect(root, load_params(params_path))
+    runs = report.collect(root, load_params(params_path), report_files())
     tabs = report.tables(runs)
     return runs, tabs, report.render_html(runs, tabs, root)
 
@@ -222,7 +230,7 @@ def _md_tables(text: str) -> dict[str, pd.DataFrame]:
 def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
     root, params, written = study
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
-    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    assert _report_stage(root, params, monkeypatch) == 0
     csv = pd.read_csv(root / "reports" / "metrics.csv").set_index("run")
     assert list(csv.index) == list(load_params(params).runs)
     for run, files in written.items():
@@ -254,7 +262,7 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
 
 def test_logz_table_holds_every_estimate_and_the_nll_under_it(study):
     root, params, written = study
-    runs = report.collect(root, load_params(params))
+    runs = report.collect(root, load_params(params), report_files())
     lz = report.logz_table(runs).set_index(["run", "estimator"])
     nll = written["vaepp"]["nll"]
     for name in ("paper_q", "prior_is", "ais"):
@@ -270,7 +278,7 @@ def test_corrupt_metrics_file_is_named(study, monkeypatch, capsys):
     root, params, _ = study
     (root / "metrics" / "vaepp" / "nll.json").write_text('{"nll_nats": 8')
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
-    assert stage.main(["--params", str(params), "--root", str(root)]) == 2
+    assert _report_stage(root, params, monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics/vaepp/nll.json: not valid JSON" in err[0]
 
@@ -280,7 +288,7 @@ def test_stage_logs_report_and_headline_metrics_to_the_parent_run(study, monkeyp
     for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "VAEPP_MLFLOW"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DVC_ROOT", str(root))
-    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    assert _report_stage(root, params, monkeypatch) == 0
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
@@ -298,7 +306,7 @@ def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
                     "under a minute; run scripts/ensure_chromium.py to see why it did not)")
     root, params, _ = study
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
-    assert stage.main(["--params", str(params), "--root", str(root)]) == 0
+    assert _report_stage(root, params, monkeypatch) == 0
     shot = root / "screenshot.png"
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     try:
