@@ -1,0 +1,80 @@
+"""The evaluation protocol of the estimate-nll stage, on the linear-Gaussian VAE whose log p(x) and
+log Z are exact (see tests/test_nll.py): every log-Z estimate, the choice of the headline one,
+and the NLL under each, without DVC."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_nll import SHAPE, ZDIM, LinearGaussianVAE
+
+from vaepp import evaluate
+from vaepp.config import LogZParams, NLLParams
+from vaepp.distributed import DistContext
+from vaepp.posteriors import log_standard_normal
+
+
+class PullbackLinearVAE(LinearGaussianVAE):
+    """The linear-Gaussian VAE with the attributes the protocol reads from a trained model."""
+
+    def __init__(self, beta: float, pullback: bool = True):
+        super().__init__(beta=beta if pullback else 0.0)
+        self.spec = SimpleNamespace(pullback=pullback, likelihood="gaussian")
+        self.zdim = ZDIM
+
+    def log_f(self, z):
+        """log N(z; 0, I) − β·a·z, in z's dtype (the estimators draw float32 z)."""
+        return log_standard_normal(z) - self.beta * (z @ self.a.to(z.dtype))
+
+
+def params(**log_z) -> NLLParams:
+    budget = dict(prior_is_samples=200_000, ais_chains=256, ais_temps=200, ais_seeds=2, q_based_per_image=20,
+                  q_based_images=None)
+    return NLLParams(n_importance=500, n_passes=1, chunk=4096, batch_images=16, seed=0,
+                     log_z=LogZParams(**{**budget, **log_z}))
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, *SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_every_log_z_estimate_and_the_headline_nll_match_the_exact_values():
+    model = PullbackLinearVAE(beta=1.5)
+    train, test = images(64, 1), images(40, 2)
+    out = evaluate.nll_protocol(model, DistContext(), train, test, params(), device="cpu")
+    est = out["log_z"]
+    assert set(est) == {"paper_q", "prior_is", "ais"}
+    for name in ("prior_is", "ais"):  # unbiased for Z: within their stated errors of log Z = β²/2
+        assert abs(est[name]["log_z"] - model.log_z) < 4 * est[name]["std_err"] + 0.01, name
+    # The headline is the larger independent estimate (each is low in expectation).
+    assert out["log_z_headline"] == max(("prior_is", "ais"), key=lambda n: est[n]["log_z"])
+    # log Z enters as a constant: the NLL under each estimate differs by the difference of log Z.
+    by = out["nll_nats_by_log_z"]
+    for name in est:
+        assert by[name] - by["ais"] == pytest.approx(est[name]["log_z"] - est["ais"]["log_z"], abs=1e-9)
+    assert out["nll_nats"] == by[out["log_z_headline"]]
+    exact = -model.exact_log_px(test.double().div(255.0)).mean().item()
+    log_z_err = est[out["log_z_headline"]]["std_err"]
+    assert abs(out["nll_nats"] - exact) < 4 * math.hypot(out["nll_mc_stderr"], log_z_err) + 0.01
+    assert out["n_test_images"] == 40 and out["n_importance_total"] == 40 * 500
+    assert out["bpd"] == pytest.approx(out["nll_nats"] / (math.prod(SHAPE) * math.log(2.0)))
+
+
+def test_plain_vae_has_log_z_zero_exactly_and_runs_no_estimator():
+    model = PullbackLinearVAE(beta=1.5, pullback=False)
+    out = evaluate.nll_protocol(model, DistContext(), images(8, 1), images(8, 2), params(), device="cpu")
+    assert out["log_z"] == {} and out["log_z_headline"] == "exact"
+    assert out["nll_nats_by_log_z"] == {"exact": out["nll_nats"]}
+    assert out["nll_nats"] == pytest.approx(out["nll_vae_prior_nats"], abs=1e-9)
+
+
+def test_protocol_is_reproducible_and_each_estimate_has_its_own_seed():
+    model = PullbackLinearVAE(beta=1.0)
+    small = params(prior_is_samples=4096, ais_chains=32, ais_temps=20, ais_seeds=1, q_based_per_image=4)
+    a = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    b = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    c = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2),
+                              small.model_copy(update={"seed": 1}), device="cpu")
+    assert c["log_z"]["prior_is"]["log_z"] != a["log_z"]["prior_is"]["log_z"]
