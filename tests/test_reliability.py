@@ -806,25 +806,25 @@ def test_corrupt_fid_statistics_cache_is_refused_by_name(tmp_path):
 def test_corrupt_inception_weights_are_refused_by_name(tmp_path):
     """A weights file with its checksum record, corrupted six ways, and a file with no record:
     FidWeightsError naming the file and the remedy."""
-    from vaepp import fid
+    from vaepp import fetch_fid_weights
 
-    path = fid.checkpoint_path(tmp_path)
+    path = fetch_fid_weights.checkpoint_path(tmp_path)
     path.parent.mkdir(parents=True)
     torch.save({"Mixed_7c.branch_pool.conv.weight": torch.randn(4, 4)}, path)
     data = path.read_bytes()
     side = path.with_name(path.name + ".sha256.json")
     side.write_text(json.dumps({"file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
                                 "size": len(data), "source": "test"}))
-    assert fid.verify_inception_weights(path) == hashlib.sha256(data).hexdigest()
+    assert fetch_fid_weights.verify_inception_weights(path) == hashlib.sha256(data).hexdigest()
     for how, bad in corruptions(data, random.Random(8)).items():
         path.write_bytes(bad)
-        with pytest.raises(fid.FidWeightsError) as err:
-            fid.verify_inception_weights(path)
+        with pytest.raises(fetch_fid_weights.FidWeightsError) as err:
+            fetch_fid_weights.verify_inception_weights(path)
         assert str(path) in str(err.value) and "Remedy" in str(err.value), how
     path.write_bytes(data)
     side.unlink()
-    with pytest.raises(fid.FidWeightsError, match="no recorded checksum"):
-        fid.verify_inception_weights(path)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="no recorded checksum"):
+        fetch_fid_weights.verify_inception_weights(path)
 
 
 CORRUPT_STAGE_CASES = [  # (file, how, stage that reads it first, needles)
@@ -880,7 +880,7 @@ class _Evil:
 def test_pickles_with_code_are_refused_by_every_loader(tmp_path):
     """weights_only=True everywhere: a model file, a prepared split and an Inception weights file
     that hold a custom class are refused by name and their code never runs."""
-    from vaepp import fid
+    from vaepp import fetch_fid_weights
     from vaepp.data import DataError, load_prepared
     from vaepp.io import CheckpointError, load_checkpoint
 
@@ -899,14 +899,14 @@ def test_pickles_with_code_are_refused_by_every_loader(tmp_path):
     with pytest.raises(DataError, match="unreadable prepared data"):
         load_prepared(d)
 
-    path = fid.checkpoint_path(tmp_path / "torch")
+    path = fetch_fid_weights.checkpoint_path(tmp_path / "torch")
     path.parent.mkdir(parents=True)
     torch.save({"Mixed_7c.branch_pool.conv.weight": _Evil(str(marker))}, path)
     data = path.read_bytes()
     path.with_name(path.name + ".sha256.json").write_text(json.dumps(
         {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}))
-    with pytest.raises(fid.FidWeightsError, match="torch.load failed"):
-        fid.verify_inception_weights(path)
+    with pytest.raises(fetch_fid_weights.FidWeightsError, match="torch.load failed"):
+        fetch_fid_weights.verify_inception_weights(path)
     assert not marker.exists()
 
 
