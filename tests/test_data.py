@@ -168,7 +168,8 @@ def test_cifar10_smoke_set_is_20_rgb_images_marked_smoke_only(shared_cache):
 def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(shared_cache))
-    assert prepare_data.main(["--params", str(common.ROOT / "params.yaml"), "--dataset", "mnist", "--out", "data/mnist", "--no-progress"]) == 0
+    argv = ["--params", str(common.ROOT / "params.yaml"), "--dataset", "mnist", "--out", "data/mnist", "--no-progress"]
+    assert prepare_data.main(argv) == 0
     prepared = load_prepared(tmp_path / "data" / "mnist")
     assert prepared.train.shape == (60000, 1, 28, 28) and prepared.test.shape == (10000, 1, 28, 28)
     assert prepared.meta["label"] == "MNIST" and prepared.meta["n_train"] == 60000
@@ -178,7 +179,9 @@ def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys
 def test_stage_reports_an_unavailable_dataset_in_one_line(tmp_path, monkeypatch, offline, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
-    assert prepare_data.main(["--params", str(common.ROOT / "params.yaml"), "--dataset", "cifar10", "--out", "data/cifar10", "--no-progress"]) == 2
+    argv = ["--params", str(common.ROOT / "params.yaml"), "--dataset", "cifar10", "--out", "data/cifar10",
+            "--no-progress"]
+    assert prepare_data.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10: cannot be downloaded") and len(err.splitlines()) == 1
     assert not (tmp_path / "data" / "cifar10").exists()
@@ -257,8 +260,8 @@ def test_cifar10_loader_gives_nchw_uint8_from_torchvision_arrays(tmp_path, monke
 
 
 def test_omniglot_loader_inverts_and_shrinks_to_28x28(tmp_path, monkeypatch):
-    from PIL import Image
     import torchvision.datasets as tvd
+    from PIL import Image
 
     def stroke(i):  # white 105×105 sheet with a black 35×35 square in the top-left third
         img = Image.new("L", (105, 105), 255)
@@ -277,8 +280,8 @@ def test_celeba_loader_crops_140_and_resizes_to_64(tmp_path, monkeypatch):
     import sys
     import types
 
-    from PIL import Image
     import torchvision.datasets as tvd
+    from PIL import Image
 
     monkeypatch.setitem(sys.modules, "gdown", types.ModuleType("gdown"))
     splits = []
@@ -304,10 +307,10 @@ def test_celeba_without_gdown_names_the_remedy(tmp_path, monkeypatch):
 
 
 def test_static_mnist_loader_parses_amat_files_and_checks_them(tmp_path, monkeypatch):
+    from pathlib import Path
+
     import numpy as np
     from torchvision.datasets import utils as tv_utils
-
-    from pathlib import Path
 
     split = (4, 2, 3)
     monkeypatch.setattr(fetch_data, "STANDIN_SPLIT", split)
@@ -316,7 +319,7 @@ def test_static_mnist_loader_parses_amat_files_and_checks_them(tmp_path, monkeyp
 
     def download_url(url, root, filename):
         name = filename.split("_")[-1].split(".")[0]  # train / valid / test
-        bits = rng.integers(0, 2, (dict(zip(("train", "valid", "test"), split))[name], 784))
+        bits = rng.integers(0, 2, (dict(zip(("train", "valid", "test"), split, strict=True))[name], 784))
         written[name] = bits
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / filename).write_text("\n".join(" ".join(map(str, row)) for row in bits) + "\n")

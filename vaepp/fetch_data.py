@@ -35,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ from torch import Tensor
 from .data import IDX_LAYOUT, DataError, IdxLayout, binarize, error_line, idx_raw_dir, load_idx, soft_target
 from .io import atomic_write_bytes, atomic_write_json, file_digest
 
-Log = Optional[Callable[[str], None]]
+Log = Callable[[str], None] | None
 NETWORK_TIMEOUT_S = 5.0  # socket timeout for every download attempt: offline fails in seconds
 STANDIN_SEED = 0  # the fixed seed of the static-MNIST stand-in's binarisation
 STANDIN_SPLIT = (50_000, 10_000, 10_000)  # train / valid / test, as the Larochelle file
@@ -352,7 +352,7 @@ def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
 
     root = cache / "static_mnist"
     parts, digests = {}, {}
-    for split, n in zip(("train", "valid", "test"), STANDIN_SPLIT):
+    for split, n in zip(("train", "valid", "test"), STANDIN_SPLIT, strict=True):
         name = f"binarized_mnist_{split}.amat"
         try:
             with _network(timeout):
@@ -365,7 +365,8 @@ def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
             raise DataError(f"{path}: expected {n} lines of 784 binary values — delete it and rerun")
         parts[split] = torch.from_numpy(values.reshape(n, 1, 28, 28) * np.uint8(255))
         digests[name] = file_digest(path)
-    info = {"source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({STATIC_MNIST_URL.format('*')})",
+    url = STATIC_MNIST_URL.format("*")
+    info = {"source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({url})",
             "raw_sha256": digests, "n_valid": STANDIN_SPLIT[1],
             "split": "train 50,000 / valid 10,000 (not stored) / test 10,000"}
     return parts["train"], parts["test"], info
@@ -397,7 +398,8 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
     if len(images) != 20:
         raise DataError(f"{wheel}: expected 20 CIFAR-10 PNGs, found {len(images)} — delete it and rerun")
     stacked = torch.stack(images)  # (20, 3, 32, 32)
-    return stacked[:10].clone(), stacked[10:].clone(), f"PyPI wheel {CIFAR_SMOKE_WHEEL} (foolbox/data/cifar10_*.png), SHA-256-verified"
+    source = f"PyPI wheel {CIFAR_SMOKE_WHEEL} (foolbox/data/cifar10_*.png), SHA-256-verified"
+    return stacked[:10].clone(), stacked[10:].clone(), source
 
 
 # --------------------------------------------------------------------------- entry point

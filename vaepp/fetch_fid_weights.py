@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import Tensor, nn
-
 from pytorch_fid import inception as pf_inception
+from torch import Tensor, nn
 
 from .fid import FEATURE_DIM
 from .io import atomic_write_bytes, file_digest
@@ -208,7 +207,7 @@ def convert_torchscript_state(script_state: dict[str, Tensor]) -> dict[str, Tens
         raise FidWeightsError(f"expected {N_CONV_BN} conv+BN layers, source has {len(groups)}, "
                               f"pytorch-fid has {len(convs)}")
     state: dict[str, Tensor] = {}
-    for (name, module), (src_name, g) in zip(convs, groups.items()):
+    for (name, module), (src_name, g) in zip(convs, groups.items(), strict=True):
         if set(g) != {"weight", "beta", "mean", "var"} or g["weight"].shape != module.conv.weight.shape:
             raise FidWeightsError(f"layer mismatch: source {src_name} {tuple(g['weight'].shape)} "
                                   f"vs pytorch-fid {name} {tuple(module.conv.weight.shape)}")

@@ -111,7 +111,7 @@ class FeatureStats:
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
 
-    def update(self, feats: Tensor) -> "FeatureStats":
+    def update(self, feats: Tensor) -> FeatureStats:
         """Add a (B, d) batch of features."""
         if feats.dim() != 2 or feats.shape[1] != self.dim:
             raise ValueError(f"expected (B, {self.dim}) features, got {tuple(feats.shape)}")
@@ -121,7 +121,7 @@ class FeatureStats:
         self.sum_outer += f.T @ f
         return self
 
-    def __add__(self, other: "FeatureStats") -> "FeatureStats":
+    def __add__(self, other: FeatureStats) -> FeatureStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot add statistics of dim {self.dim} and {other.dim}")
         out = FeatureStats(self.dim)
