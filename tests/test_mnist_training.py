@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages import common
-from vaepp import data
+from vaepp import data, fetch_data
 from vaepp.config import load_run
 from vaepp.model import VAEPP
 from vaepp.study import model_spec, train_spec
@@ -18,7 +18,7 @@ from vaepp.train import train
 @pytest.fixture(scope="module")
 def mnist_train():
     cache = common.cache_dir()
-    data.ensure_idx("mnist", cache)
+    fetch_data.ensure_idx("mnist", cache)
     train_images, _ = data.load_idx("mnist", cache)
     assert train_images.shape == (60000, 1, 28, 28)
     return train_images

@@ -31,7 +31,7 @@ from .paper_numbers import FIGURE4, NOT_A_BOUND, TABLES, VARIANCE_Z_HAT_MNIST, C
 KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # the metrics files of a run
 FILE_KEYS = ("train_curve", "grid", "grid_gan")  # the curve and sample grids shown per run
 BINARY = ("mnist", "fashion_mnist", "static_mnist", "static_mnist_standin", "omniglot")
-# Datasets with no offline source (vaepp/data.py): offline, their cells say why they were not run.
+# Datasets with no offline source (vaepp/fetch_data.py): offline, their cells say why they were not run.
 NEEDS_INTERNET = {"static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
                   "omniglot": "needs the internet (torchvision download)",
                   "cifar10": "needs the internet (torchvision download)",
