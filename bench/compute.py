@@ -204,27 +204,27 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
     block is kept too. seconds/epoch = seconds/step × ⌊n_train / batch⌋.
     """
-    from vaepp.study import train_spec
+    from vaepp.study import train_algorithm
     from vaepp.train import make_optimizers, train_step
 
     setups = {}
     for name in runs:
         b = build(params, name)
-        spec = train_spec(b.run)
+        spec, algorithm = b.run.train, train_algorithm(b.run)
         model = b.model.train()
-        opts = make_optimizers(model, spec)
+        opts = make_optimizers(model, spec, algorithm)
         gen = torch.Generator().manual_seed(2)
         data = torch.randint(0, 256, (spec.batch_size * 8, *b.image_shape), generator=gen, dtype=torch.uint8)
-        setups[name] = (b, spec, model, opts, data)
+        setups[name] = (b, spec, algorithm, model, opts, data)
 
     def block(name: str, n: int) -> float:
-        b, spec, model, opts, data = setups[name]
+        b, spec, algorithm, model, opts, data = setups[name]
         B = spec.batch_size
         n_batches = data.shape[0] // B
         t0 = time.perf_counter()
         for s in range(n):
             e = data[(s % n_batches) * B:(s % n_batches + 1) * B].float().div_(255.0)
-            train_step(model, opts, e, spec, n_train=b.n_train)
+            train_step(model, opts, e, spec, algorithm, n_train=b.n_train)
         return time.perf_counter() - t0
 
     blocks: dict[str, list[float]] = {name: [] for name in runs}
@@ -237,11 +237,11 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     median = {name: sorted(ts)[len(ts) // 2] for name, ts in blocks.items()}
     out = {}
     for name in runs:
-        b, spec = setups[name][0], setups[name][1]
-        flops = train_step_flops(spec.algorithm, b, spec.batch_size, spec.n_prior_samples)
+        b, spec, algorithm = setups[name][:3]
+        flops = train_step_flops(algorithm, b, spec.batch_size, spec.n_prior_samples)
         steps_per_epoch = b.n_train // spec.batch_size
         out[name] = {
-            "algorithm": spec.algorithm, "seconds_per_step": best[name],
+            "algorithm": algorithm, "seconds_per_step": best[name],
             "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": best[name] * steps_per_epoch,
             # the median block: closer to a sustained epoch (the best block is a quiet moment
             # with the bench's few batches in cache)

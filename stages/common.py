@@ -153,14 +153,10 @@ def read_json(path: Path) -> dict:
 
 
 def load_vae(path: Path, device: str):
-    """The trained VAE from models/<run>/vae.pt (loaded with weights_only=True)."""
-    from vaepp.io import load_checkpoint
-    from vaepp.model import VAEPP, ModelSpec
+    """The trained VAE from models/<run>/vae.pt and the file's dict (`vaepp.checkpoints.load_vae`)."""
+    from vaepp.checkpoints import load_vae as _load_vae
 
-    ckpt = load_checkpoint(path, map_location=device)
-    model = VAEPP(ModelSpec.from_dict(ckpt["model_spec"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    return _load_vae(path, device)
 
 
 def tracker(params_path: str):

@@ -11,7 +11,6 @@ DistributedDataParallel and share the encoder passes; only rank 0 writes (docs/d
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,12 +36,12 @@ def _fit(args, run, ctx) -> int:
     import torch
 
     from vaepp import io as vio
-    from vaepp.latent_gan import LatentGAN, LatentGANCheckpoint, fit_latent_gan, moment_gap, posterior_samples
-    from vaepp.study import latent_gan_spec
+    from vaepp.checkpoints import Checkpoint, save_latent_gan
+    from vaepp.latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
     from vaepp.tracking import Tracker
 
     images = data.train[: run.data.n_train] if run.data.n_train else data.train
-    spec = latent_gan_spec(run)
+    spec = run.latent_gan
     torch.manual_seed(spec.seed)
 
     sharded = vdist.ShardedLatentModel(model, ctx)  # the encoder passes split across ranks
@@ -52,19 +51,19 @@ def _fit(args, run, ctx) -> int:
         return model.sample_q(mu, log_sigma, 1)[0][0]
 
     pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
-    gan = LatentGAN(model.zdim, spec)
+    gan = LatentGAN(model.zdim, spec.noise_dim, spec.hidden)
+    settings = latent_gan_settings(spec, model.zdim)
     ckpt = paths["latent_gan_checkpoint"]
     # resume only a fit of these settings on posterior samples of this very VAE and data
     origin = {"vae_sha256": vio.file_digest(paths["vae"]), "data_sha256": data.meta.get("sha256"),
               "n_train": int(images.shape[0])}
-    common.keep_or_discard_checkpoint(ckpt, {"spec": spec.to_dict(), "zdim": model.zdim, **origin}, ctx)
+    common.keep_or_discard_checkpoint(ckpt, {**settings, **origin}, ctx)
     tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("fit-latent-gan", run.name, common.flat(run.latent_gan.model_dump())) as log:
-        fit = partial(vdist.fit_latent_gan_sharded, ctx=ctx) if ctx.distributed else fit_latent_gan
-        history = fit(
-            gan, pool, spec, device=dev, progress=not args.no_progress and ctx.is_writer,
+        history = fit_latent_gan(
+            gan, pool, spec, device=dev, ctx=ctx, progress=not args.no_progress and ctx.is_writer,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
-            checkpoint=LatentGANCheckpoint(ckpt, spec, write=ctx.is_writer, extra=origin),
+            checkpoint=Checkpoint(ckpt, write=ctx.is_writer, extra=origin),
         )
         with torch.inference_mode():
             gap = moment_gap(gan.sample(10000, device=dev), pool()[:10000])
@@ -72,11 +71,7 @@ def _fit(args, run, ctx) -> int:
             return 0
         metrics = {**{f"final_{k}": v for k, v in history[-1].items()}, **gap,
                    "epochs": spec.epochs, "seconds": sum(h["seconds"] for h in history)}
-        vio.atomic_torch_save(
-            {"format": 1, "spec": spec.to_dict(), "zdim": model.zdim, "model": gan.cpu().state_dict(),
-             "history": history},
-            paths["latent_gan"],
-        )
+        save_latent_gan(paths["latent_gan"], gan, settings, history=history)
         common.write_json(paths["metrics"] / "latent_gan.json", metrics)
         common.finish_checkpoint(ckpt)
         log.log_metrics(gap)

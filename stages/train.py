@@ -35,32 +35,32 @@ def _train(args, run, ctx) -> int:
     import torch
 
     from vaepp import io as vio
-    from vaepp.distributed import ShardedTrainStep
+    from vaepp.checkpoints import Checkpoint, save_vae
     from vaepp.model import VAEPP
-    from vaepp.study import model_spec, train_spec
+    from vaepp.study import model_spec, train_algorithm
     from vaepp.tracking import Tracker
-    from vaepp.train import train, train_step
+    from vaepp.train import train, train_settings
 
     images = data.train[: run.data.n_train] if run.data.n_train else data.train
     mspec = model_spec(run, tuple(images.shape[1:]), data.meta["binary"])
-    tspec = train_spec(run)
+    algorithm = train_algorithm(run)
+    settings = train_settings(mspec, run.train, algorithm)
     ckpt = paths["checkpoint"]
     # resume only a run of these settings on these very images
     origin = {"data_sha256": data.meta.get("sha256"), "n_train": int(images.shape[0])}
     common.keep_or_discard_checkpoint(
-        ckpt, {"model_spec": mspec.to_dict(), "train_spec": tspec.to_dict(), **origin}, ctx)
+        ckpt, {**settings, **origin}, ctx)
 
-    torch.manual_seed(tspec.seed)
+    torch.manual_seed(run.train.seed)
     model = VAEPP(mspec)
     tracker = common.tracker(args.params) if ctx.is_writer else Tracker(reason=f"rank {ctx.rank}")
     with tracker.stage_run("train", run.name, common.flat(run.model_dump())) as log:
         result = train(
-            model, images, tspec, device=dev, checkpoint_path=ckpt,
+            model, images, run.train, algorithm, device=dev, ctx=ctx,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,
-            checkpoint_extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta, **origin},
-            step_fn=ShardedTrainStep(ctx) if ctx.distributed else train_step,
-            write_checkpoints=ctx.is_writer,
+            checkpoint=Checkpoint(ckpt, write=ctx.is_writer,
+                                  extra={"run": run.model_dump(mode="json"), "dataset_meta": data.meta, **origin}),
         )
         if not ctx.is_writer:
             return 0
@@ -79,18 +79,8 @@ def _train(args, run, ctx) -> int:
             "seconds": result.seconds,
             "resumed_from_epoch": result.resumed_from_epoch,
         }
-        vio.atomic_torch_save(
-            {
-                "format": 1,
-                "model_spec": mspec.to_dict(),
-                "train_spec": tspec.to_dict(),
-                "model": model.cpu().state_dict(),
-                "run": run.model_dump(mode="json"),
-                "dataset_meta": data.meta,
-                "history": result.history,
-            },
-            paths["vae"],
-        )
+        save_vae(paths["vae"], model, settings, run=run.model_dump(mode="json"), dataset_meta=data.meta,
+                 history=result.history)
         columns = sorted({k for h in result.history for k in h}, key=lambda k: (k != "epoch", k))
         buf = _io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)

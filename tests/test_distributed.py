@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import latent_gan_params, model_spec, train_params
 from stage_args import stage_argv
 from vaepp import distributed as vdist
-from vaepp.latent_gan import LatentGAN, LatentGANSpec, fit_latent_gan, posterior_samples
+from vaepp.checkpoints import Checkpoint
+from vaepp.latent_gan import LatentGAN, fit_latent_gan, posterior_samples
 from vaepp.logz import log_z_ais, log_z_prior_is, log_z_q_based
 from vaepp.mala import mala
-from vaepp.model import VAEPP, ModelSpec
+from vaepp.model import VAEPP
 from vaepp.nll import estimate_nll
-from vaepp.train import TrainSpec, train
+from vaepp.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -48,12 +50,15 @@ TRAIN_CASES = [
 
 def _model(overrides: dict, seed: int = 0) -> VAEPP:
     torch.manual_seed(seed)
-    return VAEPP(ModelSpec(image_shape=(1, 6, 6), zdim=3, hidden=(16, 16), **overrides))
+    return VAEPP(model_spec((1, 6, 6), zdim=3, hidden=(16, 16), **overrides))
 
 
-def _train_spec(overrides: dict) -> TrainSpec:
+def _train_params(overrides: dict):
+    """(TrainParams, algorithm) of a case's train overrides."""
     base = dict(batch_size=8, n_prior_samples=8, lr=1e-3, epochs=1, max_steps_per_epoch=3, seed=3)
-    return TrainSpec(**{**base, **overrides})
+    overrides = dict(overrides)
+    algorithm = overrides.pop("algorithm")
+    return train_params(**{**base, **overrides}), algorithm
 
 
 def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
@@ -61,15 +66,15 @@ def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
     return (torch.rand(n, 1, 6, 6, generator=g) * 255).round().to(torch.uint8)
 
 
-def _sgd_optimizers(model: VAEPP, spec: TrainSpec) -> dict:
+def _sgd_optimizers(model: VAEPP, params, algorithm: str) -> dict:
     """`make_optimizers` with plain SGD: weights move by −lr·Σ gradients, so equal weights mean
     equal gradients. (Adam's first steps are ≈ lr·sign(g): they would hide a gradient scaled by a
     constant, and they turn the rounding of the critic's output-bias gradient, which is exactly 0
     in VAEPP because D → D + c leaves the loss unchanged, into ±lr steps.)"""
-    params = model.parameters() if spec.algorithm == "vaepp" else model.model_parameters()
-    opts = {"model": torch.optim.SGD(params, lr=spec.lr)}
-    if spec.algorithm == "naive_vaepp":
-        opts["critic"] = torch.optim.SGD(model.critic.parameters(), lr=spec.critic_lr)
+    trained = model.parameters() if algorithm == "vaepp" else model.model_parameters()
+    opts = {"model": torch.optim.SGD(trained, lr=params.lr)}
+    if algorithm == "naive_vaepp":
+        opts["critic"] = torch.optim.SGD(model.critic.parameters(), lr=params.critic_lr)
     return opts
 
 
@@ -80,12 +85,14 @@ def _train_once(ctx, name: str, optimizer: str, checkpoint=None):
     _, mo, to = next(c for c in TRAIN_CASES if c[0] == name)
     model = _model(mo)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = _train_spec({**to, "lr": 0.05, "critic_lr": 0.05} if optimizer == "sgd" else to)
-    kw = {} if ctx is None else dict(step_fn=vdist.ShardedTrainStep(ctx), write_checkpoints=ctx.is_writer)
+    params, algorithm = _train_params({**to, "lr": 0.05, "critic_lr": 0.05} if optimizer == "sgd" else to)
+    kw = {} if ctx is None else dict(ctx=ctx)
+    if checkpoint is not None:
+        kw["checkpoint"] = Checkpoint(checkpoint, write=ctx is None or ctx.is_writer)
     original = vtrain.make_optimizers
     vtrain.make_optimizers = _sgd_optimizers if optimizer == "sgd" else original
     try:
-        r = train(model, _images(), spec, checkpoint_path=checkpoint, **kw)
+        r = train(model, _images(), params, algorithm, **kw)
     finally:
         vtrain.make_optimizers = original
     delta = {k: v - start[k] for k, v in model.state_dict().items()}
@@ -93,9 +100,9 @@ def _train_once(ctx, name: str, optimizer: str, checkpoint=None):
 
 
 def _latent_setup():
-    spec = LatentGANSpec(noise_dim=4, hidden=(16, 16), epochs=2, batch_size=10, n_critic=2, seed=2)
+    spec = latent_gan_params(noise_dim=4, hidden=(16, 16), epochs=2, batch_size=10, n_critic=2, seed=2)
     torch.manual_seed(0)
-    gan = LatentGAN(3, spec)
+    gan = LatentGAN(3, spec.noise_dim, spec.hidden)
     pool = torch.randn(40, 3, generator=torch.Generator().manual_seed(4)) * 0.7 + 0.2
     return gan, spec, pool
 
@@ -242,7 +249,7 @@ def _rank_scenarios(ctx: vdist.DistContext, out: Path) -> dict:
         res[f"sgd_{name}"] = _train_once(ctx, name, "sgd", checkpoint=out / f"ckpt_{name}.pt")
         res[f"adam_{name}"] = _train_once(ctx, name, "adam")
     gan, spec, pool = _latent_setup()
-    hist = vdist.fit_latent_gan_sharded(gan, lambda: pool, spec, ctx)
+    hist = fit_latent_gan(gan, lambda: pool, spec, ctx=ctx)
     res["latent_gan"] = {"state": gan.state_dict(), "history": hist}
     model = _eval_model()
     sharded = vdist.ShardedLatentModel(model, ctx)
@@ -333,7 +340,7 @@ def test_ddp_epoch_with_adam_equals_one_process(ranks, name):
     the rounding of such gradients into differences of up to 2·lr per step."""
     out, res = ranks
     want = _train_once(None, name, "adam")
-    lr, steps = _train_spec({}).lr, 3
+    lr, steps = _train_params({"algorithm": "vaepp"})[0].lr, 3
     for rank in range(WORLD):
         got = res[rank][f"adam_{name}"]["delta"]
         for k, v in want["delta"].items():

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+from factories import model_spec
 from vaepp.mala import energy_from_log_f, log_proposal_density, mala
-from vaepp.model import VAEPP, ModelSpec
+from vaepp.model import VAEPP
 from vaepp.posteriors import log_standard_normal
 
 ZDIM, BETA, M = 4, 2.0, 4000
@@ -92,17 +93,18 @@ def test_energy_from_log_f_matches_linear_critic_energy_and_works_in_inference_m
     assert zz.shape == z.shape and 0.0 <= rate <= 1.0
 
 
-def test_model_energy_agrees_with_energy_from_its_log_f():
+def test_model_energy_is_beta_critic_plus_half_squared_norm():
+    """E(z) = β·D(G(z)) + ½‖z‖² and its gradient, written out directly on the model's networks."""
     torch.manual_seed(0)
-    model = VAEPP(ModelSpec(image_shape=(1, 6, 6), zdim=3, hidden=(16,), beta_max=5.0)).eval()
-    z = torch.randn(5, 3)
-    e1, g1 = model.energy_and_grad(z)
-    e2, g2 = energy_from_log_f(model.log_f)(z)
-    assert torch.allclose(e1, e2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5)
-    # E = β·D(G(z)) + ½‖z‖², by its definition.
+    model = VAEPP(model_spec((1, 6, 6), zdim=3, hidden=(16,), beta_max=5.0)).double().eval()
     with torch.no_grad():
-        d = model.critic_images(model.image_mean(model.decode(z)))
-        assert torch.allclose(e1, model.beta * d + 0.5 * z.square().sum(-1), atol=1e-5)
+        model.xi.fill_(1.0)  # β away from its initial w/2
+    z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    direct = model.beta * model.critic_images(model.image_mean(model.decode(z))) + 0.5 * z.square().sum(-1)
+    (grad,) = torch.autograd.grad(direct.sum(), z)
+    energy, energy_grad = model.energy_and_grad(z.detach())
+    assert torch.allclose(energy, direct.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(energy_grad, grad, rtol=1e-12, atol=1e-12)
 
 
 def test_proposal_density_is_the_langevin_gaussian():

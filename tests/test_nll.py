@@ -11,8 +11,9 @@ import math
 
 import pytest
 import torch
+from factories import model_spec
 
-from vaepp.model import VAEPP, ModelSpec
+from vaepp.model import VAEPP
 from vaepp.nll import estimate_nll
 from vaepp.posteriors import LOG_2PI, log_normal, log_standard_normal
 
@@ -152,7 +153,7 @@ def test_several_log_z_estimates_are_labelled():
 
 def _tiny_vaepp(beta_max, pullback=True):
     torch.manual_seed(0)
-    spec = ModelSpec(image_shape=(1, 6, 6), zdim=4, hidden=(32, 32), beta_max=beta_max, pullback=pullback)
+    spec = model_spec((1, 6, 6), zdim=4, hidden=(32, 32), beta_max=beta_max, pullback=pullback)
     return VAEPP(spec).eval()
 
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from vaepp.penalties import critic_grad_norm, gradient_penalty
-from vaepp.prior import beta_from_xi, log_f, log_z_train
+from vaepp.penalties import critic_grad_norm, draw_alpha, gradient_penalty, penalty_sum
 from vaepp.posteriors import log_standard_normal
+from vaepp.prior import beta_from_xi, log_f, log_z_train
 
 
 def quadratic_critic(x):
@@ -88,3 +88,17 @@ def test_training_log_z_terms_on_the_linear_critic():
     assert abs(float(log_zq) - math.log(n_train) - log_z_true) < 1e-10
     expected = math.log(0.5 * (math.exp(float(log_zn)) + n_train * math.exp(log_z_true)))
     assert abs(float(log_zt) - expected) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_div_1", "wgan_div_2"])
+def test_penalty_sums_over_shards_add_up_to_the_penalty(kind):
+    """Σ R_i over rows 0..2 plus over rows 3..6 (with their α) is m·R of all 7 pairs."""
+    lin = torch.nn.Linear(4, 1).double()
+    critic = lambda x: torch.tanh(lin(x)).squeeze(-1)  # noqa: E731  (a non-constant gradient)
+    real, fake = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    alpha = draw_alpha(kind, 7, real, torch.Generator().manual_seed(1))
+    parts = [penalty_sum(critic, real[a:b], fake[a:b], None if alpha is None else alpha[a:b], kind, k=3.0, p=4.0)
+             for a, b in ((0, 3), (3, 7))]
+    whole = gradient_penalty(critic, real, fake, kind, k=3.0, p=4.0, generator=torch.Generator().manual_seed(1))
+    assert torch.isclose(sum(parts) / 7, whole, rtol=1e-12, atol=0.0)
+    assert penalty_sum(critic, real[:0], fake[:0], None, kind, k=3.0, p=4.0) == 0.0  # a rank without pairs

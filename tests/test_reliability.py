@@ -559,14 +559,11 @@ def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, tmp_path
     digest differs) is set aside with one warning and the fit starts afresh."""
     from vaepp.config import load_run
     from vaepp.io import atomic_torch_save, load_checkpoint
-    from vaepp.latent_gan import LatentGANSpec
-    from vaepp.study import latent_gan_spec
+    from vaepp.latent_gan import latent_gan_settings
 
     work = gan_workspace(reference, tmp_path / "w")
-    spec = latent_gan_spec(load_run(work / "params.yaml", RUN))
-    assert isinstance(spec, LatentGANSpec)
-    atomic_torch_save({"spec": spec.to_dict(), "zdim": TINY["model"]["zdim"], "epoch": 3, "history": [],
-                       "vae_sha256": "0" * 64}, work / GAN_CKPT)
+    settings = latent_gan_settings(load_run(work / "params.yaml", RUN).latent_gan, TINY["model"]["zdim"])
+    atomic_torch_save({**settings, "epoch": 3, "history": [], "vae_sha256": "0" * 64}, work / GAN_CKPT)
     proc = stage("fit_latent_gan.py", "--run", RUN, "--no-progress", cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert f"{GAN_CKPT}: written with other settings; starting afresh" in proc.stderr
@@ -669,17 +666,21 @@ def test_nan_loss_stops_with_epoch_and_step_and_writes_nothing(tmp_path):
 
 def test_nan_before_any_checkpoint_claims_none(tmp_path):
     """A NaN in the first step: the error must not point at a checkpoint that does not exist."""
-    from vaepp.model import VAEPP, ModelSpec
-    from vaepp.train import NonFiniteLossError, TrainSpec, train
+    from factories import model_spec, train_params
+
+    from vaepp.checkpoints import Checkpoint
+    from vaepp.model import VAEPP
+    from vaepp.train import NonFiniteLossError, train
 
     torch.manual_seed(0)
-    model = VAEPP(ModelSpec(image_shape=(1, 8, 8), zdim=2, hidden=(8,), likelihood="bernoulli"))
+    model = VAEPP(model_spec((1, 8, 8), zdim=2, hidden=(8,), likelihood="bernoulli"))
     with torch.no_grad():
         model.decoder.net[0].weight.fill_(float("nan"))
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
     ckpt = tmp_path / "train.ckpt"
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 0; training stopped$"):
-        train(model, images, TrainSpec(batch_size=16, n_prior_samples=8, epochs=1), checkpoint_path=ckpt)
+        train(model, images, train_params(batch_size=16, n_prior_samples=8, epochs=1), "vaepp",
+              checkpoint=Checkpoint(ckpt))
     assert not ckpt.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -712,13 +713,16 @@ def test_corrupt_checkpoints_and_models_are_refused_by_name(reference, tmp_path)
 
     rng = random.Random(4)
     # the stage removes its checkpoint once done; the library's own training writes a genuine one
-    from vaepp.model import VAEPP, ModelSpec
-    from vaepp.train import TrainSpec, train
+    from factories import model_spec, train_params
+
+    from vaepp.checkpoints import Checkpoint
+    from vaepp.model import VAEPP
+    from vaepp.train import train
 
     genuine = tmp_path / "genuine"
-    train(VAEPP(ModelSpec(image_shape=(1, 28, 28), zdim=3, hidden=(8,))),
+    train(VAEPP(model_spec((1, 28, 28), zdim=3, hidden=(8,))),
           torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8),
-          TrainSpec(epochs=1, batch_size=32, n_prior_samples=8), checkpoint_path=genuine / CKPT)
+          train_params(epochs=1, batch_size=32, n_prior_samples=8), "vaepp", checkpoint=Checkpoint(genuine / CKPT))
     files = [(genuine, CKPT), (reference, VAE)]
     n = 0
     for where, rel in files:

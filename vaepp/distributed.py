@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed: DDP training and row-sharded evaluation that reduce exactly.
+"""Scale-out on torch.distributed: row sharding, gathers and reductions that reduce exactly.
 
 One rule makes every result independent of the number of processes W: **every rank draws the
 same random numbers as a single process would, for the whole global batch, and evaluates the
@@ -12,22 +12,14 @@ weighted so that DDP's gradient average is the one-process gradient). Consequenc
 - the replicated work (random draws, encoder statistics, log-sum-exp reductions) is a few
   flops per row against the millions of a decoder + critic pass.
 
-Training (`ShardedTrainStep`, `fit_latent_gan_sharded`): the global batch of B images is split
-into contiguous row blocks, rank r owning E_r. A `nn.Module` objective, wrapped in
-DistributedDataParallel, computes in its `forward` rank r's loss
-
-    loss_r = (W/B)·Σ_{i∈E_r} [−log p(e_i|z_i) + log q(z_i|e_i) − log f(z_i)]
-             + log Z_train + w·(W/m)·Σ_{pairs i∈E_r, i<m} R_i,
-
-and DDP averages ∇loss_r over ranks, which gives the gradient of the one-process loss. The
-log-Z training estimate log ½(Ẑ_N + Ẑ_q) is formed from ALL B posterior terms and ALL K prior
-samples: log f(z_i) and D(G(ε_k)) are all-gathered with an autograd-aware gather (backward: sum
-of every rank's gradient, then each rank keeps its rows), so every rank computes the same
-log Z_train as one process on the global batch, and its gradient reaches every row exactly once
-after DDP's average. The encoder's μ, log σ are gathered too, so that z ~ q(z|e) is drawn for the
-global batch with the one-process random stream. The gradient penalty pairs e_i with G(ε_i),
-i < m = min(B, K), with α_i drawn for all m pairs; rank r decodes the prior rows i ∈ E_r, i < m,
-first (its pairs) plus a share of the rows m..K−1, so no image crosses ranks.
+Training (`vaepp.train`, `vaepp.latent_gan`): the global batch is split into contiguous row
+blocks, rank r owning E_r (`row_range`). The training code writes each loss as rank r's share of
+a global sum, scaled by W, and calls it through `data_parallel`, a DistributedDataParallel
+wrapper that averages the gradients over ranks, which then equal the one-process gradient.
+Quantities that need every row (the training estimate of log Z, the encoder statistics from which
+z ~ q(z|e) is drawn) are all-gathered with a gradient (`gather_rows`: backward sums every rank's
+gradient, then each rank keeps its rows); metrics are summed over ranks (`all_sum`). With one
+process every helper here is the identity, so one process runs the same code as W.
 
 Evaluation (`ShardedLatentModel`, `sharded_log_f`, `shard_rows`, `ShardedModule`): the
 one-process estimators of `vaepp.nll`, `vaepp.logz`, `vaepp.mala` and `vaepp.fid` run unchanged
@@ -44,22 +36,16 @@ MASTER_ADDR/MASTER_PORT from the process environment, as torchrun expects.
 
 from __future__ import annotations
 
-import math
-import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
-
-from .penalties import PenaltyKind, critic_grad_norm
-from .posteriors import log_standard_normal
-from .prior import log_z_train
-from .train import adam
 
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
@@ -390,289 +376,49 @@ class ShardedModule(nn.Module):
             return getattr(self.net, name)
 
 
-# ----- the gradient penalty on a shard ----------------------------------------------------------
-def penalty_sum(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, alpha: Tensor | None,
-                kind: PenaltyKind, *, k: float, p: float) -> Tensor:
-    """Σ over this shard's pairs of the per-pair terms of `penalties.gradient_penalty` (its table),
-    with α given (drawn for all m pairs of the global batch, so the shards use one process's α):
-    wgan_gp k(‖∇D(x̂)‖ − 1)², wgan_div_1 k‖∇D(x̂)‖^p, wgan_div_2 (k/2)(‖∇D(e)‖^p + ‖∇D(ê)‖^p),
-    x̂ = ê + α(e − ê). The global penalty is this sum over all ranks divided by m."""
-    if real.shape[0] == 0:
-        return real.new_zeros(())
-    if kind == "wgan_div_2":
-        return 0.5 * k * (critic_grad_norm(critic, real).pow(p).sum() + critic_grad_norm(critic, fake).pow(p).sum())
-    norm = critic_grad_norm(critic, fake + alpha * (real - fake))
-    if kind == "wgan_gp":
-        return k * (norm - 1.0).square().sum()
-    if kind == "wgan_div_1":
-        return k * norm.pow(p).sum()
-    raise ValueError(f"unknown penalty kind {kind!r}")
-
-
-def _draw_alpha(kind: PenaltyKind, m: int, like: Tensor) -> Tensor | None:
-    """The α ~ U(0,1) of `penalties.interpolate` for m pairs, from the global RNG (None for
-    wgan_div_2, which draws nothing), shaped to broadcast over `like`'s trailing dimensions."""
-    if kind == "wgan_div_2":
-        return None
-    return torch.rand((m,) + (1,) * (like.dim() - 1), device=like.device, dtype=like.dtype)
-
-
-def _all_sum(ctx: DistContext, values: list[Tensor]) -> list[float]:
-    """Σ over ranks of detached scalars, in one all-reduce (identity when world = 1)."""
-    t = torch.stack([v.detach().to(torch.float64) for v in values])
+# ----- reductions and DDP ----------------------------------------------------------------------
+def all_sum(ctx: DistContext, values: list[Tensor]) -> list[Tensor]:
+    """Σ over ranks of detached scalars, in one all-reduce; the local values when world = 1.
+    values: 0-d tensors of one dtype → the same number of 0-d tensors."""
+    t = torch.stack([v.detach() for v in values])
     if ctx.distributed:
+        device = t.device
         t = t.to(ctx._comm_device)
         dist.all_reduce(t, group=ctx.group)
-    return t.tolist()
+        t = t.to(device)
+    return list(t.unbind())
 
 
-# ----- VAE training under DDP -----------------------------------------------------------------
-class _VAEPPObjective(nn.Module):
-    """Rank r's loss for one step of `vaepp.train.train_step` on the global batch (module
-    docstring). forward(e_local, B, mode) → {"loss": this rank's loss, "metrics": global values}."""
+class _Objective(nn.Module):
+    """A loss function as the forward of a module that owns `module`'s parameters."""
 
-    def __init__(self, model, spec, n_train: int, ctx: DistContext):
+    def __init__(self, module: nn.Module, loss_fn: Callable[..., Any]):
         super().__init__()
-        self.model, self.spec, self.n_train, self.ctx = model, spec, n_train, ctx
+        self.module, self.loss_fn = module, loss_fn
 
-    def _prior_rows(self, batch: int) -> tuple[list[list[int]], list[int]]:
-        """For every rank: the global indices of the prior samples it decodes (its penalty pairs
-        i ∈ E_r, i < m, first, then its share of m..K−1), and its number of pairs."""
-        ctx, big_k = self.ctx, self.spec.n_prior_samples
-        m = min(batch, big_k)
-        rows, n_pairs = [], []
-        for r in range(ctx.world):
-            a, b = row_range(batch, r, ctx.world)
-            pairs = list(range(min(a, m), min(b, m)))
-            c, d = row_range(big_k - m, r, ctx.world)
-            rows.append(pairs + list(range(m + c, m + d)))
-            n_pairs.append(len(pairs))
-        return rows, n_pairs
-
-    def forward(self, e: Tensor, batch: int, mode: str) -> dict:
-        model, spec, ctx = self.model, self.spec, self.ctx
-        w = ctx.world
-        start, stop = row_range(batch, ctx.rank, w)
-        k_all = spec.n_prior_samples
-        m = min(batch, k_all)
-        prior_rows, n_pairs = self._prior_rows(batch)
-        mine, n_mine = prior_rows[ctx.rank], n_pairs[ctx.rank]
-        if mode == "critic":  # Algorithm 1's critic step; the decoder is frozen
-            with torch.no_grad():
-                eps = torch.randn(k_all, model.zdim, device=e.device, dtype=e.dtype)
-                fake = model.image_mean(model.decode(eps[mine]))
-            check_same_input(ctx, eps)
-            alpha = _draw_alpha(spec.penalty, m, e)
-            pen = penalty_sum(model.critic, e[:n_mine], fake[:n_mine],
-                              None if alpha is None else alpha[start : start + n_mine],
-                              spec.penalty, k=spec.penalty_k, p=spec.penalty_p)
-            d_real, d_fake = model.critic_images(e).sum(), model.critic_images(fake).sum()
-            loss = (w / batch) * d_real - (w / k_all) * d_fake + spec.critic_penalty_weight * (w / m) * pen
-            s_real, s_fake, s_pen = _all_sum(ctx, [d_real, d_fake, pen])
-            penalty = s_pen / m
-            return {"loss": loss, "metrics": {
-                "critic_loss": s_real / batch - s_fake / k_all + spec.critic_penalty_weight * penalty,
-                "penalty": penalty}}
-
-        mu, log_sigma = model.encode(e)
-        mu, log_sigma = gather_rows(ctx, mu, n=batch), gather_rows(ctx, log_sigma, n=batch)  # (B, Z)
-        z_all, log_q_all = model.sample_q(mu, log_sigma, 1)  # the one-process draw for all B
-        z_all, log_q_all = z_all[0], log_q_all[0]  # (B, Z), (B,)
-        z, log_q = z_all[start:stop], log_q_all[start:stop]
-        raw = model.decode(z)
-        recon = -model.log_px(e, raw).sum()
-        if not model.spec.pullback:
-            check_same_input(ctx, z_all)
-            kl = (log_q - log_standard_normal(z)).sum()
-            s_recon, s_kl = _all_sum(ctx, [recon, kl])
-            metrics = {"recon": s_recon / batch, "kl": s_kl / batch, "log_z": 0.0}
-            loss = (w / batch) * (recon + kl)
-            metrics["loss_value"] = metrics["recon"] + metrics["kl"]
-            return {"loss": loss, "metrics": metrics}
-        beta = model.beta
-        d_recon = model.critic_images(model.image_mean(raw))  # (b,)
-        log_f = log_standard_normal(z) - beta * d_recon
-        eps = torch.randn(k_all, model.zdim, device=e.device, dtype=e.dtype)
-        check_same_input(ctx, z_all, eps)
-        fake = model.image_mean(model.decode(eps[mine]))  # (|mine|, C, H, W)
-        d_prior_mine = model.critic_images(fake)
-        order = torch.tensor([i for rows in prior_rows for i in rows], device=e.device)
-        d_prior = torch.empty(k_all, device=e.device, dtype=d_prior_mine.dtype)
-        d_prior = d_prior.index_copy(0, order, gather_rows(ctx, d_prior_mine, [len(r) for r in prior_rows]))
-        log_z, log_z_n, log_z_q = log_z_train(beta, d_prior, gather_rows(ctx, log_f, n=batch), log_q_all,
-                                              self.n_train)
-        kl_part = (log_q - log_f).sum()
-        s_recon, s_kl, s_d_recon, s_d_prior = _all_sum(ctx, [recon, kl_part, d_recon.sum(), d_prior_mine.sum()])
-        kl = s_kl / batch + log_z.item()
-        clamped = spec.clamp_kl and kl < 0.0  # the authors' clamp at ≥ 0: value 0, gradient 0
-        kl_term = 0.0 * log_z if clamped else (w / batch) * kl_part + log_z
-        metrics = {"recon": s_recon / batch, "kl": kl, "log_z": log_z.item(), "log_z_n": log_z_n.item(),
-                   "log_z_q": log_z_q.item(), "critic_recon": s_d_recon / batch, "critic_prior": s_d_prior / k_all}
-        loss = (w / batch) * recon + kl_term
-        kl_value = 0.0 if clamped else kl
-        if mode == "vaepp":
-            alpha = _draw_alpha(spec.penalty, m, e)
-            pen = penalty_sum(model.critic, e[:n_mine], fake[:n_mine],
-                              None if alpha is None else alpha[start : start + n_mine],
-                              spec.penalty, k=spec.penalty_k, p=spec.penalty_p)
-            loss = loss + model.spec.beta_max * (w / m) * pen
-            (s_pen,) = _all_sum(ctx, [pen])
-            metrics["penalty"] = s_pen / m
-            metrics["loss_value"] = metrics["recon"] + kl_value + model.spec.beta_max * metrics["penalty"]
-        else:
-            metrics["loss_value"] = metrics["recon"] + kl_value
-        return {"loss": loss, "metrics": metrics}
+    def forward(self, *args):
+        return self.loss_fn(*args)
 
 
-class ShardedTrainStep:
-    """A drop-in for `vaepp.train.train_step` on W processes (pass as `train(..., step_fn=…)`).
-
-    Receives the same global batch e (B, C, H, W) on every rank, keeps rows E_r, and takes the
-    step through DistributedDataParallel around `_VAEPPObjective` (built at the first call, after
-    `train` has moved the model to its device). Returns the same metrics as `train_step`, for the
-    global batch. The loss checked for finiteness is the global one, so all ranks stop together.
-    """
-
-    def __init__(self, ctx: DistContext):
-        self.ctx = ctx
-        self._ddp = None
-
-    def _objective(self, model, spec, n_train):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if self._ddp is None or self._ddp.module.model is not model:
-            obj = _VAEPPObjective(model, spec, n_train, self.ctx)
-            dev = self.ctx.device
-            self._ddp = DDP(obj, device_ids=[dev] if dev.type == "cuda" else None,
-                            find_unused_parameters=spec.algorithm != "vaepp")
-        return self._ddp
-
-    def __call__(self, model, opts, e, spec, *, n_train, epoch=0, step=0, checkpoint_path=None) -> dict[str, float]:
-        from .train import _check_finite
-
-        batch = e.shape[0]
-        if batch < self.ctx.world:
-            raise ValueError(f"train.batch_size = {batch} is smaller than the {self.ctx.world} processes; "
-                             "raise it or use fewer processes")
-        ddp = self._objective(model, spec, n_train)
-        start, stop = row_range(batch, self.ctx.rank, self.ctx.world)
-        e_local = e[start:stop]
-        out = ddp(e_local, batch, "vaepp" if spec.algorithm == "vaepp" else "model")
-        metrics = out["metrics"]
-        loss_value = metrics.pop("loss_value")
-        _check_finite(torch.tensor(loss_value), epoch, step, checkpoint_path)
-        opts["model"].zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opts["model"].step()
-        metrics["loss"] = loss_value
-        if spec.algorithm == "naive_vaepp":
-            crit = ddp(e_local, batch, "critic")
-            _check_finite(torch.tensor(crit["metrics"]["critic_loss"]), epoch, step, checkpoint_path)
-            opts["critic"].zero_grad(set_to_none=True)
-            crit["loss"].backward()
-            opts["critic"].step()
-            model.zero_grad(set_to_none=True)
-            metrics.update(crit["metrics"])
-        metrics["elbo"] = -(metrics["recon"] + metrics["kl"])
-        metrics["beta"] = float(model.beta.detach())
-        return metrics
-
-
-# ----- the latent GAN under DDP ---------------------------------------------------------------
-class _LatentGANObjective(nn.Module):
-    """Rank r's critic or generator loss for one step of `fit_latent_gan` on the global batch."""
-
-    def __init__(self, gan, spec, ctx: DistContext):
-        super().__init__()
-        self.gan, self.spec, self.ctx = gan, spec, ctx
-
-    def forward(self, mode: str, noise: Tensor, batch: int, real: Tensor | None = None,
-                alpha: Tensor | None = None) -> dict:
-        gan, spec, ctx, w = self.gan, self.spec, self.ctx, self.ctx.world
-        if mode == "generator":
-            g = gan.critic(gan.generator(noise)).sum()
-            (s_g,) = _all_sum(ctx, [g])
-            return {"loss": (w / batch) * g, "metrics": {"generator_loss": s_g / batch}}
-        with torch.no_grad():
-            fake = gan.generator(noise)
-        pen = penalty_sum(gan.critic, real, fake, alpha, spec.penalty, k=spec.penalty_k, p=spec.penalty_p)
-        d_fake, d_real = gan.critic(fake).sum(), gan.critic(real).sum()
-        s_fake, s_real, s_pen = _all_sum(ctx, [d_fake, d_real, pen])
-        gap, penalty = (s_fake - s_real) / batch, s_pen / batch
-        return {"loss": (w / batch) * (d_real - d_fake + pen),
-                "metrics": {"critic_loss": -gap + penalty, "wasserstein": gap, "penalty": penalty}}
-
-
-def fit_latent_gan_sharded(gan, sample_pool: Callable[[], Tensor], spec, ctx: DistContext, *,
-                           device: str | torch.device = "cpu", callback: Callable[[int, dict], None] | None = None,
-                           progress: bool = False, checkpoint=None) -> list[dict]:
-    """`vaepp.latent_gan.fit_latent_gan` on W processes with DDP: the same loop, random draws and
-    metrics (for the global batch of `spec.batch_size`), each rank evaluating its rows. The pool
-    must be the same on every rank (e.g. from `ShardedLatentModel.encode` + `sample_q`). Every
-    rank passes the same `checkpoint` file, with `write=True` on rank 0 only."""
+def data_parallel(ctx: DistContext, module: nn.Module, loss_fn: Callable[..., Any], *,
+                  find_unused_parameters: bool = False) -> Callable[..., Any]:
+    """`loss_fn` itself on one process. On W ranks, DistributedDataParallel around a module that
+    owns `module` and whose forward is `loss_fn`: called with loss_fn's arguments, it returns
+    loss_fn's result, and a backward through the rank's loss averages the gradients of
+    `module`'s parameters over the ranks (construction broadcasts rank 0's weights). A loss
+    written as this rank's share of a global sum, scaled by W, then has the one-process gradient.
+    find_unused_parameters: some parameters get no gradient in some calls."""
+    if not ctx.distributed:
+        return loss_fn
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm.auto import tqdm
 
-    from .latent_gan import LatentGANCheckpoint
-
-    if spec.batch_size < ctx.world:
-        raise ValueError(f"latent_gan.batch_size = {spec.batch_size} is smaller than the {ctx.world} "
-                         "processes; raise it or use fewer processes")
-    device = torch.device(device)
-    gan.to(device).train()
-    torch.manual_seed(spec.seed)
-    opts = {"generator": adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999)),
-            "critic": adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))}
-    opt_g, opt_d = opts["generator"], opts["critic"]
-    data_gen = torch.Generator().manual_seed(spec.seed)
-    checkpoint = checkpoint or LatentGANCheckpoint(None, spec)
-    first_epoch, history = checkpoint.resume(gan, opts, data_gen, device)  # before DDP copies rank 0's weights
-    ddp = DDP(_LatentGANObjective(gan, spec, ctx), device_ids=[device] if device.type == "cuda" else None,
-              find_unused_parameters=True)
-    batch = spec.batch_size
-    start, stop = row_range(batch, ctx.rank, ctx.world)
-    for epoch in range(first_epoch, spec.epochs):
-        t0 = time.perf_counter()
-        pool = sample_pool().to(device)
-        check_same_input(ctx, pool)
-        n = pool.shape[0]
-        g_steps = max(1, n // (batch * spec.n_critic))
-        if spec.max_steps_per_epoch is not None:
-            g_steps = min(g_steps, spec.max_steps_per_epoch)
-        perm = torch.randint(0, n, (g_steps * spec.n_critic, batch), generator=data_gen).to(device)
-        sums = {"critic_loss": 0.0, "wasserstein": 0.0, "penalty": 0.0, "generator_loss": 0.0}
-        for step in tqdm(range(g_steps), desc=f"latent GAN {epoch + 1}/{spec.epochs}", disable=not progress, leave=False):
-            for c in range(spec.n_critic):
-                real = pool[perm[step * spec.n_critic + c]]
-                noise = torch.randn(batch, gan.noise_dim, device=device)  # gan.sample's draw
-                alpha = _draw_alpha(spec.penalty, batch, real)
-                out = ddp("critic", noise[start:stop], batch, real[start:stop],
-                          None if alpha is None else alpha[start:stop])
-                crit = out["metrics"]
-                if not math.isfinite(crit["critic_loss"]):
-                    raise FloatingPointError(f"latent GAN: non-finite critic loss at epoch {epoch + 1}, step {step}")
-                opt_d.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                opt_d.step()
-            noise = torch.randn(batch, gan.noise_dim, device=device)
-            out = ddp("generator", noise[start:stop], batch)
-            opt_g.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt_g.step()
-            for key, v in {**crit, **out["metrics"]}.items():
-                sums[key] += v
-        metrics = {k: v / g_steps for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
-        history.append(metrics)
-        checkpoint.after_epoch(epoch + 1, gan, opts, data_gen, history, device)
-        if callback is not None:
-            callback(epoch + 1, metrics)
-    gan.eval()
-    return history
+    dev = ctx.device
+    return DDP(_Objective(module, loss_fn), device_ids=[dev] if dev.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
 
 
 __all__ = [
-    "BACKENDS", "DistContext", "Launch", "ShardedLatentModel", "ShardedModule", "ShardedTrainStep",
-    "check_same_input", "fit_latent_gan_sharded", "gather_rows", "launch_from_env", "penalty_sum",
-    "relaunch_command", "resolve_backend", "row_range", "session", "shard_rows", "sharded_log_f",
+    "BACKENDS", "DistContext", "Launch", "ShardedLatentModel", "ShardedModule", "all_sum", "check_same_input",
+    "data_parallel", "gather_rows", "launch_from_env", "relaunch_command", "resolve_backend", "row_range",
+    "session", "shard_rows", "sharded_log_f",
 ]

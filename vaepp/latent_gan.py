@@ -1,63 +1,47 @@
 """The latent GAN of paper §4.3: a Wasserstein GAN in z space fitted to posterior samples.
 
 After the VAE is trained and frozen, z ~ q(z|e) over the training set are the "real" data of a
-WGAN with the same penalty family as the VAE's critic, n_critic = 5 critic steps per generator
-step, Adam(1e-4, β₁ = 0.5, β₂ = 0.999). Its samples z₀ seed MALA; decoding z₀ directly gives the
-"GAN-VAEPP" row of Table 4. The critic convention is the project's: LOW D = real, so the critic
-minimises mean D(z_real) − mean D(z_fake) + R and the generator minimises mean D(z_fake).
+WGAN with the same penalty family as the VAE's critic, n_critic critic steps per generator step,
+Adam(lr, β₁ = 0.5, β₂ = 0.999). Its samples z₀ seed MALA; decoding z₀ directly gives the
+"GAN-VAEPP" row of Table 4. The critic convention is the project's: LOW D = real, so per batch of
+B (m = B penalty pairs) the critic minimises
+
+    (1/B)·Σ_i D(z_i) − (1/B)·Σ_i D(g(u_i)) + (1/B)·Σ_i R_i,     u_i ~ N(0, I_noise),
+
+and the generator minimises (1/B)·Σ_i D(g(u_i)). As in `vaepp.train`, each loss is written as
+this rank's share of the global sum, scaled by W (`vaepp.distributed.data_parallel`), and every
+rank draws the noise and α of the whole batch, so W processes give the one-process fit up to
+float rounding.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import io as vio
+from .checkpoints import Checkpoint
+from .config import LatentGANParams
+from .distributed import DistContext, all_sum, check_same_input, data_parallel, row_range
 from .nets import _mlp
-from .penalties import PenaltyKind, gradient_penalty
-from .train import adam
-
-CHECKPOINT_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class LatentGANSpec:
-    noise_dim: int = 64
-    hidden: tuple[int, ...] = (256, 256)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-4
-    n_critic: int = 5
-    penalty: PenaltyKind = "wgan_div_1"
-    penalty_k: float = 2.0
-    penalty_p: float = 6.0
-    seed: int = 0
-    max_steps_per_epoch: int | None = None  # generator steps; None = one pass over the z pool
-    checkpoint_every: int = 1  # epochs
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LatentGANSpec":
-        return cls(**{**d, "hidden": tuple(d["hidden"])})
+from .penalties import draw_alpha, penalty_sum
+from .train import ONE_PROCESS, adam
 
 
 class LatentGAN(nn.Module):
-    """Generator g: N(0, I_noise) → z (MLP) and critic D_z: z → ℝ (MLP)."""
+    """Generator g: N(0, I_noise) → z (MLP) and critic D_z: z → ℝ (MLP), hidden layers `hidden`."""
 
-    def __init__(self, zdim: int, spec: LatentGANSpec):
+    def __init__(self, zdim: int, noise_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         self.zdim = zdim
-        self.noise_dim = spec.noise_dim
-        self.generator = _mlp([spec.noise_dim, *spec.hidden, zdim])
-        self.critic_net = _mlp([zdim, *spec.hidden, 1])
+        self.noise_dim = noise_dim
+        self.generator = _mlp([noise_dim, *hidden, zdim])
+        self.critic_net = _mlp([zdim, *hidden, 1])
 
     def critic(self, z: Tensor) -> Tensor:
         return self.critic_net(z).squeeze(-1)
@@ -67,6 +51,12 @@ class LatentGAN(nn.Module):
         device = device or next(self.parameters()).device
         noise = torch.randn(n, self.noise_dim, generator=generator, device=device)
         return self.generator(noise)
+
+
+def latent_gan_settings(params: LatentGANParams, zdim: int) -> dict:
+    """The settings a latent-GAN checkpoint and model file record; a checkpoint resumes only if
+    they match: {"spec": params, "zdim"}."""
+    return {"spec": params.model_dump(), "zdim": zdim}
 
 
 @torch.inference_mode()
@@ -80,116 +70,110 @@ def posterior_samples(encode_sample: Callable[[Tensor], Tensor], images: Tensor,
     return torch.cat(out)
 
 
-class LatentGANCheckpoint:
-    """Resumable state of a latent-GAN fit in one file, written atomically every
-    `spec.checkpoint_every` epochs and after the last: both networks, both Adam states, the global
-    and the data RNG states (the global one also draws the posterior pool of each epoch), the
-    epoch and the history, plus `extra` (e.g. which VAE the posterior samples come from, for the
-    caller to check before resuming). `path=None` keeps nothing. On W processes every rank resumes
-    from the same file and only the writer writes it."""
+def critic_loss(gan: LatentGAN, noise: Tensor, real: Tensor, alpha: Tensor | None, batch: int,
+                params: LatentGANParams, ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's critic loss on its rows (noise u (b, noise), real z (b, Z), α (b, 1)) of a batch of
+    B, and the global metrics: critic_loss, wasserstein = mean D(fake) − mean D(real), penalty."""
+    w = ctx.world
+    with torch.no_grad():
+        fake = gan.generator(noise)
+    pen = penalty_sum(gan.critic, real, fake, alpha, params.penalty, k=params.penalty_k, p=params.penalty_p)
+    d_fake, d_real = gan.critic(fake).sum(), gan.critic(real).sum()
+    loss = -(w * d_fake / batch - w * d_real / batch) + w * pen / batch
+    s_fake, s_real, s_pen = all_sum(ctx, [d_fake, d_real, pen])
+    gap, penalty = s_fake / batch - s_real / batch, s_pen / batch
+    return loss, {"critic_loss": float(-gap + penalty), "wasserstein": float(gap), "penalty": float(penalty)}
 
-    def __init__(self, path: str | Path | None, spec: LatentGANSpec, *, write: bool = True,
-                 extra: dict | None = None):
-        self.path = Path(path) if path is not None else None
-        self.spec, self.write, self.extra = spec, write, dict(extra or {})
-        if self.path is not None and write:
-            vio.remove_stale_temporaries(self.path)  # from a process killed while writing it
 
-    def resume(self, gan: LatentGAN, opts: dict, data_gen: torch.Generator, device) -> tuple[int, list[dict]]:
-        """Load the checkpoint if there is one: returns (epochs done, history so far)."""
-        if self.path is None or not self.path.exists():
-            return 0, []
-        ckpt = vio.load_checkpoint(self.path, map_location=device)
-        if ckpt.get("spec") != self.spec.to_dict() or ckpt.get("zdim") != gan.zdim:
-            raise vio.CheckpointError(
-                f"{self.path}: checkpoint was written with other settings; delete it to start "
-                "afresh, or restore the settings it was written with")
-        gan.load_state_dict(ckpt["model"])
-        for name, opt in opts.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        if torch.device(device).type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        return int(ckpt["epoch"]), list(ckpt["history"])
-
-    def after_epoch(self, epoch: int, gan: LatentGAN, opts: dict, data_gen: torch.Generator,
-                    history: list[dict], device) -> None:
-        last = epoch == self.spec.epochs
-        if self.path is None or not self.write or not (epoch % self.spec.checkpoint_every == 0 or last):
-            return
-        rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-        if torch.device(device).type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        vio.atomic_torch_save({
-            "format": CHECKPOINT_FORMAT, "spec": self.spec.to_dict(), "zdim": gan.zdim,
-            "model": gan.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "rng": rng, "epoch": epoch, "history": history, **self.extra,
-        }, self.path)
+def generator_loss(gan: LatentGAN, noise: Tensor, batch: int,
+                   ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's generator loss on its rows of the noise (b, noise) of a batch of B; global metric."""
+    g = gan.critic(gan.generator(noise)).sum()
+    (s_g,) = all_sum(ctx, [g])
+    return ctx.world * g / batch, {"generator_loss": float(s_g / batch)}
 
 
 def fit_latent_gan(
     gan: LatentGAN,
     sample_pool: Callable[[], Tensor],
-    spec: LatentGANSpec,
+    params: LatentGANParams,
     *,
     device: str | torch.device = "cpu",
+    ctx: DistContext = ONE_PROCESS,
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
-    checkpoint: LatentGANCheckpoint | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[dict]:
-    """Fit the WGAN for `spec.epochs` epochs. `sample_pool()` returns a fresh (N, Z) tensor of
-    posterior samples at the start of every epoch (one z per training image). An epoch is one
-    pass of the critic over the pool: N / batch_size critic batches, n_critic per generator step.
-    With a `checkpoint`, a fit that was killed resumes from its last checkpoint and ends with the
-    same networks as an uninterrupted one. Returns one dict of mean metrics per epoch: critic
-    loss, Wasserstein estimate, penalty.
+    """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns a fresh (N, Z) tensor of
+    posterior samples at the start of every epoch (one z per training image; the same on every
+    rank). An epoch is one pass of the critic over the pool: N / batch_size critic batches,
+    n_critic per generator step. With a `checkpoint`, a fit that was killed resumes from its last
+    checkpoint and ends with the same networks as an uninterrupted one (on W processes every rank
+    passes the same file, with `write=True` on rank 0 only). Returns one dict of mean metrics per
+    epoch: critic loss, Wasserstein estimate, penalty, generator loss.
     """
     from tqdm.auto import tqdm
 
+    batch = params.batch_size
+    if batch < ctx.world:
+        raise ValueError(f"latent_gan.batch_size = {batch} is smaller than the {ctx.world} "
+                         "processes; raise it or use fewer processes")
     device = torch.device(device)
     gan.to(device).train()
-    torch.manual_seed(spec.seed)
-    opts = {"generator": adam(gan.generator.parameters(), lr=spec.lr, betas=(0.5, 0.999)),
-            "critic": adam(gan.critic_net.parameters(), lr=spec.lr, betas=(0.5, 0.999))}
+    torch.manual_seed(params.seed)
+    opts = {"generator": adam(gan.generator.parameters(), lr=params.lr, betas=(0.5, 0.999)),
+            "critic": adam(gan.critic_net.parameters(), lr=params.lr, betas=(0.5, 0.999))}
     opt_g, opt_d = opts["generator"], opts["critic"]
-    data_gen = torch.Generator().manual_seed(spec.seed)
-    checkpoint = checkpoint or LatentGANCheckpoint(None, spec)
-    start, history = checkpoint.resume(gan, opts, data_gen, device)
-    for epoch in range(start, spec.epochs):
+    data_gen = torch.Generator().manual_seed(params.seed)
+    settings = latent_gan_settings(params, gan.zdim)
+    state = checkpoint.resume(settings, gan, opts, data_gen, device) if checkpoint is not None else None
+    first_epoch, history = (int(state["epoch"]), list(state["history"])) if state is not None else (0, [])
+
+    def losses(part: Literal["critic", "generator"], noise: Tensor, real: Tensor | None = None,
+               alpha: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        if part == "critic":
+            return critic_loss(gan, noise, real, alpha, batch, params, ctx)
+        return generator_loss(gan, noise, batch, ctx)
+
+    loss_fn = data_parallel(ctx, gan, losses, find_unused_parameters=True)  # after the weights are loaded
+    start, stop = row_range(batch, ctx.rank, ctx.world)
+    for epoch in range(first_epoch, params.epochs):
         t0 = time.perf_counter()
         pool = sample_pool().to(device)
+        check_same_input(ctx, pool)
         n = pool.shape[0]
-        g_steps = max(1, n // (spec.batch_size * spec.n_critic))
-        if spec.max_steps_per_epoch is not None:
-            g_steps = min(g_steps, spec.max_steps_per_epoch)
-        perm = torch.randint(0, n, (g_steps * spec.n_critic, spec.batch_size), generator=data_gen).to(device)
+        g_steps = max(1, n // (batch * params.n_critic))
+        if params.max_steps_per_epoch is not None:
+            g_steps = min(g_steps, params.max_steps_per_epoch)
+        perm = torch.randint(0, n, (g_steps * params.n_critic, batch), generator=data_gen).to(device)
         sums = {"critic_loss": 0.0, "wasserstein": 0.0, "penalty": 0.0, "generator_loss": 0.0}
-        for step in tqdm(range(g_steps), desc=f"latent GAN {epoch + 1}/{spec.epochs}", disable=not progress, leave=False):
-            for c in range(spec.n_critic):
-                real = pool[perm[step * spec.n_critic + c]]
-                with torch.no_grad():
-                    fake = gan.sample(spec.batch_size, device=device)
-                penalty = gradient_penalty(gan.critic, real, fake, spec.penalty, k=spec.penalty_k, p=spec.penalty_p)
-                gap = gan.critic(fake).mean() - gan.critic(real).mean()
-                loss_d = -gap + penalty
-                if not torch.isfinite(loss_d):
+        for step in tqdm(range(g_steps), desc=f"latent GAN {epoch + 1}/{params.epochs}", disable=not progress,
+                         leave=False):
+            for c in range(params.n_critic):
+                real = pool[perm[step * params.n_critic + c]]
+                noise = torch.randn(batch, gan.noise_dim, device=device)  # gan.sample's draw
+                alpha = draw_alpha(params.penalty, batch, real)
+                loss, crit = loss_fn("critic", noise[start:stop], real[start:stop],
+                                     None if alpha is None else alpha[start:stop])
+                if not math.isfinite(crit["critic_loss"]):
                     raise FloatingPointError(f"latent GAN: non-finite critic loss at epoch {epoch + 1}, step {step}")
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
+                loss.backward()
                 opt_d.step()
-            loss_g = gan.critic(gan.sample(spec.batch_size, device=device)).mean()
+            noise = torch.randn(batch, gan.noise_dim, device=device)
+            loss, gen = loss_fn("generator", noise[start:stop])
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            loss.backward()
             opt_g.step()
-            sums["critic_loss"] += float(loss_d.detach())
-            sums["wasserstein"] += float(gap.detach())
-            sums["penalty"] += float(penalty.detach())
-            sums["generator_loss"] += float(loss_g.detach())
+            for key, v in {**crit, **gen}.items():
+                sums[key] += v
         metrics = {k: v / g_steps for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
-        checkpoint.after_epoch(epoch + 1, gan, opts, data_gen, history, device)
+        if checkpoint is not None:
+            checkpoint.after_epoch(epoch + 1, epochs=params.epochs, every=params.checkpoint_every,
+                                   settings=settings, module=gan, opts=opts, data_gen=data_gen, device=device,
+                                   history=history)
         if callback is not None:
             callback(epoch + 1, metrics)
     gan.eval()

@@ -1,5 +1,5 @@
 """Estimators of log Z, Z = ∫ f_λ(z) dz, for the pull-back prior f_λ(z) = N(z; 0, I)·exp(−β·D(G(z)))
-(paper eq. 4; SPEC "Estimating log Z"). All values are in nats.
+(paper eq. 4). All values are in nats.
 
 Three estimators, each returning a `LogZEstimate`:
 - `log_z_q_based`: the paper's evaluation protocol (§3.4, eq. 8), the posterior-based Ẑ_q over the
@@ -9,20 +9,22 @@ Three estimators, each returning a `LogZEstimate`:
 
 They need only `log_f: (..., Z) → (...)`, log f with its Gaussian constant (so Z = 1 at β = 0),
 and, for gradient moves, autograd through it. Both N(0, I)-IS and AIS are unbiased for Z, hence by
-Jensen LOWER estimates of log Z in expectation; the larger is the less optimistic (SPEC item 4).
+Jensen LOWER estimates of log Z in expectation; the larger is the less optimistic.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .mala import langevin_proposal, log_proposal_density, metropolis_accept
 from .posteriors import log_standard_normal
+from .prior import log_f_and_grad
 
 LogF = Callable[[Tensor], Tensor]
 RNG_BLOCK = 1024  # rows per random draw in `log_z_prior_is`; chunks are whole blocks (see there)
@@ -113,7 +115,7 @@ def log_z_q_based(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> LogZEstimate:
-    """The paper's q-based estimate ("paper_q"; §3.4 eq. 8, SPEC "Estimating log Z" item 2):
+    """The paper's q-based estimate ("paper_q"; §3.4 eq. 8):
 
         Ẑ_q = mean over images i and samples s of f(z_is)·N / q(z_is | e_i),  z_is ~ q(z | e_i),
         log Ẑ_q = log N + log mean(f/q),   N = n_train.
@@ -171,7 +173,7 @@ def log_z_prior_is(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> LogZEstimate:
-    """log Z = log E_{z~N(0,I)}[f(z)/N(z; 0, I)] by importance sampling ("prior_is"; SPEC item 3a).
+    """log Z = log E_{z~N(0,I)}[f(z)/N(z; 0, I)] by importance sampling ("prior_is").
 
     log wᵢ = log f(zᵢ) − log N(zᵢ; 0, I) = −β·D(G(zᵢ)), zᵢ ~ N(0, I); log Ẑ = log mean(w), with a
     running logsumexp and running Σw, Σw² for the delta-method std_err and the ESS (Σw)²/Σw².
@@ -179,7 +181,7 @@ def log_z_prior_is(
     RNG_BLOCK rows and `chunk` is rounded up to whole blocks, so the same generator state gives the
     same samples, hence the same estimate up to float64 summation order, for any chunk size.
     Unbiased for Z, so in expectation a lower estimate of log Z; when ESS is a handful of samples
-    out of millions the estimate and its std_err are both unreliable (FACTS: trained models).
+    out of millions the estimate and its std_err are both unreliable.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -218,12 +220,9 @@ def annealing_schedule(n_temps: int, kind: Literal["linear", "sigmoid"] = "sigmo
 
 
 def _log_ratio_and_grad(log_f: LogF, z: Tensor) -> tuple[Tensor, Tensor]:
-    """h(z) = log f(z) − log N(z; 0, I) (= −β·D(G(z))) and ∇h by autograd. (M, Z) → (M,), (M, Z)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        z_leaf = z.detach().clone().requires_grad_(True)
-        h = log_f(z_leaf) - log_standard_normal(z_leaf)
-        (grad,) = torch.autograd.grad(h.sum(), z_leaf)
-    return h.detach(), grad.detach()
+    """h(z) = log f(z) − log N(z; 0, I) (= −β·D(G(z))) and ∇h, by `prior.log_f_and_grad` applied
+    to the log-ratio. (M, Z) → (M,), (M, Z)."""
+    return log_f_and_grad(lambda x: log_f(x) - log_standard_normal(x), z)
 
 
 def _ais_one_seed(log_f, zdim, n_chains, temps, transition, step_size, n_leapfrog,
@@ -290,7 +289,7 @@ def log_z_ais(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> LogZEstimate:
-    """log Z by annealed importance sampling (Neal 2001) from N(0, I) to p_λ ("ais"; SPEC item 3b).
+    """log Z by annealed importance sampling (Neal 2001) from N(0, I) to p_λ ("ais").
 
     Path: π_t(z) ∝ N(z; 0, I)^(1−t)·f(z)^t = N(z; 0, I)·exp(t·h(z)), h = log f − log N(z; 0, I),
     for t in `annealing_schedule(n_temps, schedule)`. Each chain starts at z ~ N(0, I) (Z₀ = 1),

@@ -2,7 +2,7 @@
 
 For the pull-back prior the target is p_λ(z) ∝ f_λ(z) = exp(−E(z)) · const with
 
-    E(z) = β·D(G(z)) + ½‖z‖²       (SPEC, "Sampling", item 2),
+    E(z) = β·D(G(z)) + ½‖z‖² = −log f(z) − (Z/2)·log 2π,
 
 and one MALA step from z is
 
@@ -18,31 +18,27 @@ sampler in `vaepp.logz` uses the same move on tempered energies.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .posteriors import LOG_2PI
+from .prior import log_f_and_grad
 
 EnergyAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def energy_from_log_f(log_f: Callable[[Tensor], Tensor]) -> EnergyAndGrad:
-    """E(z) = −log f(z) − (Z/2)·log 2π and ∇E(z) by autograd, from a log f with its constant.
+    """E(z) = −log f(z) − (Z/2)·log 2π and ∇E(z) = −∇log f(z), from a log f with its constant.
 
-    With log f(z) = log N(z; 0, I) − β·D(G(z)) this is exactly β·D(G(z)) + ½‖z‖², the energy the
-    model's `energy_and_grad` returns. Works inside `torch.inference_mode()` (the graph is built in
-    a local non-inference region). z: (M, Z) → E (M,), ∇E (M, Z); E in nats.
+    With log f(z) = log N(z; 0, I) − β·D(G(z)) this is exactly β·D(G(z)) + ½‖z‖² (paper §4.3).
+    Works inside `torch.inference_mode()`. z: (M, Z) → E (M,), ∇E (M, Z); E in nats.
     """
 
     def energy_and_grad(z: Tensor) -> tuple[Tensor, Tensor]:
-        zdim = z.shape[-1]
-        with torch.inference_mode(False), torch.enable_grad():
-            z_leaf = z.detach().clone().requires_grad_(True)
-            energy = -log_f(z_leaf) - 0.5 * zdim * LOG_2PI
-            (grad,) = torch.autograd.grad(energy.sum(), z_leaf)
-        return energy.detach(), grad.detach()
+        value, grad = log_f_and_grad(log_f, z)
+        return -value - 0.5 * z.shape[-1] * LOG_2PI, -grad
 
     return energy_and_grad
 
@@ -80,7 +76,7 @@ def mala(
     metropolis: bool = True,
     progress: bool = False,
 ) -> tuple[Tensor, float, dict]:
-    """Run M MALA chains for n_steps on E(z) (paper §4.3; SPEC "Sampling" item 2).
+    """Run M MALA chains for n_steps on E(z) (paper §4.3).
 
     energy_and_grad: z (M, Z) → (E (M,), ∇E (M, Z)); use `energy_from_log_f(log_f)` to build it
     from a log f, or the model's `energy_and_grad`. z0: (M, Z) start points (e.g. latent-GAN

@@ -6,7 +6,6 @@ this same code. Shapes: images (B, C, H, W) in [0, 1]; latents (..., Z); densiti
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -14,7 +13,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import prior
 from .likelihoods import LikelihoodKind, bernoulli_log_prob, discretized_logistic_log_prob
+from .mala import energy_from_log_f
 from .nets import Arch, build_networks
 from .posteriors import (
     LOG_2PI,
@@ -25,33 +26,33 @@ from .posteriors import (
     log_standard_normal,
     sample_standard,
 )
-from .prior import beta_from_xi
 
 LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in float32
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a model; stored in every checkpoint."""
+    """Everything needed to rebuild a model; stored in every checkpoint. No defaults: the values
+    come from a run's `config.ModelParams` (`vaepp.study.model_spec`) with "auto" resolved."""
 
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]  # (C, H, W)
     zdim: int
-    likelihood: LikelihoodKind = "bernoulli"
-    logistic_scale: Literal["per_pixel", "scalar"] = "per_pixel"
-    arch: Arch = "mlp"
-    hidden: tuple[int, ...] = (500, 500)
-    channels: tuple[int, ...] = (16, 32, 64)
-    posterior: PosteriorKind = "truncated"
-    log_sigma_min: float = -5.0
-    n_flows: int = 0
-    pullback: bool = True
-    beta_max: float = 10.0
+    likelihood: LikelihoodKind
+    logistic_scale: Literal["per_pixel", "scalar"]
+    arch: Arch
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...]
+    posterior: PosteriorKind
+    log_sigma_min: float
+    n_flows: int  # 0: no planar flows
+    pullback: bool  # False: the plain VAE, β ≡ 0
+    beta_max: float  # w in β = w·sigmoid(ξ)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         d = dict(d)
         d["image_shape"] = tuple(d["image_shape"])
         d["hidden"] = tuple(d["hidden"])
@@ -75,7 +76,7 @@ class VAEPP(nn.Module):
             n_out=n_out,
         )
         self.n_channels = c
-        self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0 (SPEC)
+        self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0
         self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None
         # The paper's "learnable scalar γ": one log-scale shared by every pixel (FID runs).
         self.log_gamma = (
@@ -90,7 +91,7 @@ class VAEPP(nn.Module):
         """β = w·sigmoid(ξ) for VAEPP; exactly 0 for the plain VAE."""
         if not self.spec.pullback:
             return torch.zeros((), device=self.xi.device)
-        return beta_from_xi(self.xi, self.spec.beta_max)
+        return prior.beta_from_xi(self.xi, self.spec.beta_max)
 
     def model_parameters(self) -> list[nn.Parameter]:
         """Encoder, decoder, flows, γ and ξ: everything but the critic."""
@@ -161,11 +162,11 @@ class VAEPP(nn.Module):
 
     # ----- prior -------------------------------------------------------------------------
     def log_f_from_raw(self, z: Tensor, raw: Tensor) -> Tensor:
-        """log f(z) = log N(z; 0, I) − β·D(G(z)) reusing an existing decoder pass `raw`."""
-        log_n = log_standard_normal(z)
+        """log f(z) (`prior.log_f`) reusing an existing decoder pass `raw`; the plain VAE's
+        β ≡ 0 leaves log N(z; 0, I) without a critic pass. z (..., Z) → (...), nats."""
         if not self.spec.pullback:
-            return log_n
-        return log_n - self.beta * self.critic_images(self.image_mean(raw))
+            return log_standard_normal(z)
+        return prior.log_f(z, self.critic_images(self.image_mean(raw)), self.beta)
 
     def log_f(self, z: Tensor) -> Tensor:
         """log f(z) in nats, Gaussian constant kept: (..., Z) → (...)."""
@@ -179,12 +180,9 @@ class VAEPP(nn.Module):
         return self.log_px(x, raw), self.log_f_from_raw(z, raw)
 
     def energy_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """E(z) = β·D(G(z)) + ½‖z‖² = −log f(z) − (Z/2)·log 2π and ∇E, for MALA. z (M, Z)."""
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            energy = -self.log_f(z) - 0.5 * self.zdim * math.log(2.0 * math.pi)
-            (grad,) = torch.autograd.grad(energy.sum(), z)
-        return energy.detach(), grad
+        """MALA's E(z) = β·D(G(z)) + ½‖z‖² and ∇E (`mala.energy_from_log_f` of this log f).
+        z (M, Z) → (M,), (M, Z)."""
+        return energy_from_log_f(self.log_f)(z)
 
 
 def n_pixels(spec: ModelSpec) -> int:

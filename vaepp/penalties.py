@@ -1,19 +1,23 @@
-"""Gradient penalties R(e, ê) of the Wasserstein critics (SPEC "Gradient penalties").
+"""Gradient penalties R(e, ê) of the Wasserstein critics.
 
-ê = G(ε) are generated samples, x̂ = ê + α(e − ê) with α ~ U(0, 1) drawn once per example.
-Gradient norms are taken over all non-batch dimensions and built with create_graph=True, so
-the penalty can itself be differentiated (it is part of a loss).
+ê = G(ε) are generated samples, x̂ᵢ = êᵢ + αᵢ(eᵢ − êᵢ) with αᵢ ~ U(0, 1) drawn once per pair, and
+R = (1/m)·Σᵢ Rᵢ over the m pairs (eᵢ, êᵢ), with the per-pair terms
 
-| kind        | formula                                   | authors' defaults |
+| kind        | Rᵢ                                        | authors' defaults |
 |-------------|-------------------------------------------|-------------------|
-| wgan_gp     | k·E(‖∇D(x̂)‖ − 1)²   (Gulrajani et al. 2017) | k = 10            |
-| wgan_div_1  | k·E‖∇D(x̂)‖^p        (Wu et al. 2018)        | k = 2, p = 6      |
-| wgan_div_2  | (k/2)·(E‖∇D(e)‖^p + E‖∇D(ê)‖^p)             | k = 2, p = 6      |
+| wgan_gp     | k·(‖∇D(x̂ᵢ)‖ − 1)²   (Gulrajani et al. 2017) | k = 10            |
+| wgan_div_1  | k·‖∇D(x̂ᵢ)‖^p        (Wu et al. 2018)        | k = 2, p = 6      |
+| wgan_div_2  | (k/2)·(‖∇D(eᵢ)‖^p + ‖∇D(êᵢ)‖^p)             | k = 2, p = 6      |
+
+Gradient norms are taken over all non-batch dimensions and built with create_graph=True, so
+the penalty can itself be differentiated (it is part of a loss). Training writes its losses as
+sums over the rows a process holds (`penalty_sum`), so that W processes add up to one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -35,11 +39,44 @@ def critic_grad_norm(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return grad.flatten(1).norm(dim=1)
 
 
-def interpolate(real: Tensor, fake: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """x̂ = ê + α(e − ê), one α ~ U(0,1) per example, broadcast over the other dimensions."""
-    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    alpha = torch.rand(shape, device=real.device, dtype=real.dtype, generator=generator)
-    return fake + alpha * (real - fake)
+def draw_alpha(kind: PenaltyKind, m: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+    """α ~ U(0, 1), one per pair, for m pairs: (m, 1, …, 1), broadcasting over `like`'s trailing
+    dimensions; None for wgan_div_2, which interpolates nothing (and draws nothing)."""
+    if kind == "wgan_div_2":
+        return None
+    shape = (m,) + (1,) * (like.dim() - 1)
+    return torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator)
+
+
+def penalty_sum(
+    critic: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fake: Tensor,
+    alpha: Tensor | None,
+    kind: PenaltyKind,
+    *,
+    k: float,
+    p: float,
+) -> Tensor:
+    """Σ_i of the per-pair terms R_i in the module docstring's table, over the pairs (eᵢ, êᵢ) given,
+    with x̂ᵢ = êᵢ + αᵢ(eᵢ − êᵢ) for the given α (`draw_alpha`; None for wgan_div_2). A scalar.
+
+    The penalty of m pairs is this sum over them divided by m; a shard of the pairs (one rank of
+    `vaepp.distributed`) passes its rows of e, ê and α and its sum enters the global one.
+    real, fake: (b, ...) with the same shape, b ≥ 0.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
+    if kind not in PENALTY_KINDS:
+        raise ValueError(f"unknown penalty kind {kind!r}; allowed: {', '.join(PENALTY_KINDS)}")
+    if real.shape[0] == 0:
+        return real.new_zeros(())
+    if kind == "wgan_div_2":
+        return 0.5 * k * (critic_grad_norm(critic, real).pow(p).sum() + critic_grad_norm(critic, fake).pow(p).sum())
+    norm = critic_grad_norm(critic, fake + alpha * (real - fake))
+    if kind == "wgan_gp":
+        return k * (norm - 1.0).square().sum()
+    return k * norm.pow(p).sum()
 
 
 def gradient_penalty(
@@ -52,21 +89,10 @@ def gradient_penalty(
     p: float = 6.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """R(e, ê) for the chosen `kind` (table in the module docstring); a scalar tensor.
+    """R(e, ê) = (1/B)·Σᵢ Rᵢ for the chosen `kind`, α drawn here; a scalar tensor.
 
     real, fake: (B, ...) with the same shape; fake should come from G(ε) with ε ~ N(0, I).
     Gradients flow into the critic's parameters and, through `fake`, into the generator.
     """
-    if real.shape != fake.shape:
-        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
-    if kind == "wgan_gp":
-        norm = critic_grad_norm(critic, interpolate(real, fake, generator))
-        return k * ((norm - 1.0) ** 2).mean()
-    if kind == "wgan_div_1":
-        norm = critic_grad_norm(critic, interpolate(real, fake, generator))
-        return k * (norm**p).mean()
-    if kind == "wgan_div_2":
-        norm_real = critic_grad_norm(critic, real)
-        norm_fake = critic_grad_norm(critic, fake)
-        return 0.5 * k * ((norm_real**p).mean() + (norm_fake**p).mean())
-    raise ValueError(f"unknown penalty kind {kind!r}; allowed: {', '.join(PENALTY_KINDS)}")
+    alpha = draw_alpha(kind, real.shape[0], real, generator)
+    return penalty_sum(critic, real, fake, alpha, kind, k=k, p=p) / real.shape[0]

@@ -9,6 +9,7 @@ log f keeps the Gaussian constant, so Z = 1 exactly at β = 0 and VAEPP reduces 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +25,21 @@ def beta_from_xi(xi: Tensor, beta_max: float) -> Tensor:
 def log_f(z: Tensor, critic_on_decoded: Tensor, beta: Tensor) -> Tensor:
     """log f_λ(z) = log N(z; 0, I) − β·D(G(z)), in nats. z: (..., Z), critic values (...)."""
     return log_standard_normal(z) - beta * critic_on_decoded
+
+
+def log_f_and_grad(log_f: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
+    """log f(z) and its score ∇_z log f(z) by autograd, detached: (M, Z) → (M,), (M, Z), nats.
+
+    The one gradient of the prior that the samplers use: MALA's energy E = −log f − (Z/2)·log 2π
+    (`vaepp.mala.energy_from_log_f`) and AIS's log-ratio h = log f − log N(z; 0, I)
+    (`vaepp.logz`). Works inside `torch.inference_mode()` (the graph is built in a local
+    non-inference region).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        z_leaf = z.detach().clone().requires_grad_(True)
+        value = log_f(z_leaf)
+        (grad,) = torch.autograd.grad(value.sum(), z_leaf)
+    return value.detach(), grad.detach()
 
 
 def logmeanexp(x: Tensor, dim: int = -1) -> Tensor:
@@ -43,7 +59,7 @@ def log_z_train(
     Ẑ_N = mean_k exp(−β·D(G(ε_k))), ε_k ~ N(0, I): unbiased for Z (critic_on_prior_samples (K,)).
     Ẑ_q = mean_i f(z_i)·N / q(z_i | e_i), z_i ~ q(z | e_i), N = n_train (the real training-set
     size): the paper's q-based term; with full-support q its mean is N·Z, not Z, and with ±2σ
-    truncation it can sit far below; it is NOT an upper bound (SPEC, "Estimating log Z").
+    truncation it can sit far below; it is NOT an upper bound (see `vaepp.logz.log_z_q_based`).
     Gradients flow through both terms. Returns (log Z_train, log Ẑ_N, log Ẑ_q), scalars.
     """
     log_z_n = logmeanexp(-beta * critic_on_prior_samples, dim=0)

@@ -1,12 +1,12 @@
-"""From a validated run (`config.RunConfig`) to the library's specs: ModelSpec, TrainSpec,
-LatentGANSpec. The one place where "auto" settings are decided from the dataset."""
+"""From a validated run (`config.RunConfig`) to the library's arguments: the ModelSpec and the
+training algorithm (the train and latent-GAN params are passed as validated). The one place where
+"auto" settings are decided from the dataset."""
 
 from __future__ import annotations
 
 from .config import RunConfig
-from .latent_gan import LatentGANSpec
 from .model import ModelSpec
-from .train import TrainSpec
+from .train import Algorithm
 
 
 def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> ModelSpec:
@@ -35,13 +35,6 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
     )
 
 
-def train_spec(run: RunConfig) -> TrainSpec:
-    t = run.train
-    return TrainSpec(
-        algorithm="vaepp" if run.algorithm == "vaepp_flow" else run.algorithm,
-        **t.model_dump(),
-    )
-
-
-def latent_gan_spec(run: RunConfig) -> LatentGANSpec:
-    return LatentGANSpec(**{**run.latent_gan.model_dump(), "hidden": tuple(run.latent_gan.hidden)})
+def train_algorithm(run: RunConfig) -> Algorithm:
+    """The training algorithm of a run: `vaepp_flow` trains as VAEPP (Algorithm 2) with flows."""
+    return "vaepp" if run.algorithm == "vaepp_flow" else run.algorithm

@@ -1,67 +1,67 @@
 """Training: Algorithm 2 (VAEPP, one step), Algorithm 1 (Naive VAEPP, two steps) and the plain VAE.
 
-Per batch e (B images in [0, 1]), one posterior draw z ~ q(z|e) and K prior draws ε ~ N(0, I):
+Per global batch of B images e in [0, 1]: one posterior draw z_i ~ q(z|e_i), K prior draws
+ε_k ~ N(0, I), and the m = min(B, K) penalty pairs (e_i, G(ε_i)):
 
-    recon  = −mean_i log p(e_i | z_i)                        (soft Bernoulli target, eq. 7)
-    kl     = mean_i [log q(z_i|e_i) − log f(z_i)] + log Z_train
-    loss   = recon + kl + w·R(e, G(ε[:B]))                     (Algorithm 2)
+    recon  = −(1/B)·Σ_i log p(e_i | z_i)                       (soft Bernoulli target, eq. 7)
+    kl     = (1/B)·Σ_i [log q(z_i|e_i) − log f(z_i)] + log Z_train
+    loss   = recon + kl + w·(1/m)·Σ_{i<m} R_i                  (Algorithm 2)
 
-with log Z_train = log(½(Ẑ_N + Ẑ_q)) (see `prior.log_z_train`). The paper's Algorithm 2 line 6
-adds βζ to a maximised objective and line 9 updates ω without a gradient; here, as in the
-authors' code, the penalty is added to the loss, scaled by w (= `beta_max`), and encoder,
-decoder, critic and ξ take one Adam step together. Algorithm 1 takes the same loss without the
-penalty on everything but the critic, then one critic step on
-    mean D(e) − mean D(G(ε)) + c·R(e, G(ε))      (D low = real; the paper's line 14 swaps them)
-with Adam(β₁ = 0.5, β₂ = 0.999). The plain VAE is the same code with β ≡ 0 and log Z = 0.
+with log Z_train = log(½(Ẑ_N + Ẑ_q)) (`prior.log_z_train`). The paper's Algorithm 2 line 6 adds
+βζ to a maximised objective and line 9 updates ω without a gradient; here, as in the authors'
+code, the penalty is added to the loss, scaled by w (= `beta_max`), and encoder, decoder, critic
+and ξ take one Adam step together. Algorithm 1 takes the same loss without the penalty on
+everything but the critic, then one critic step on fresh prior samples,
+    (1/B)·Σ_i D(e_i) − (1/K)·Σ_k D(G(ε_k)) + c·(1/m)·Σ_{i<m} R_i
+(D low = real; the paper's line 14 swaps them) with Adam(β₁ = 0.5, β₂ = 0.999). The plain VAE is
+the same code with β ≡ 0 and log Z = 0.
+
+Every loss is written as a sum over the rows one process holds. On W processes
+(`vaepp.distributed`) the global batch is split into contiguous blocks E_r and rank r's loss is
+
+    loss_r = (W/B)·Σ_{i∈E_r} [−log p(e_i|z_i) + log q(z_i|e_i) − log f(z_i)] + log Z_train
+             + w·(W/m)·Σ_{i∈E_r, i<m} R_i,
+
+whose gradient averaged over the ranks (DistributedDataParallel) is the gradient of the loss
+above; with one process (W = 1, `ONE_PROCESS`) it is that loss. log Z_train needs all B posterior
+terms and all K prior samples: log f(z_i) and D(G(ε_k)) are gathered with a gradient
+(`distributed.gather_rows`), so every rank forms the one-process log Z_train. Every rank draws the
+random numbers of the whole global batch in the one-process order — the posterior ε, then the
+K prior ε, then the m α of the penalty — and evaluates the networks on its own rows only; rank r
+decodes the prior rows i ∈ E_r, i < m (its penalty pairs) plus a share of the rows m..K−1. So
+W processes give the one-process result up to float rounding.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .model import VAEPP
-from .penalties import PenaltyKind, gradient_penalty
+from .checkpoints import Checkpoint
+from .config import TrainParams
+from .distributed import DistContext, all_sum, check_same_input, data_parallel, gather_rows, row_range
+from .model import VAEPP, ModelSpec
+from .penalties import draw_alpha, penalty_sum
 from .posteriors import log_standard_normal
-from .prior import log_z_train
+from .prior import log_f, log_z_train
 
 Algorithm = Literal["vae", "naive_vaepp", "vaepp"]
 ALGORITHMS: tuple[str, ...] = ("vae", "naive_vaepp", "vaepp")
-CHECKPOINT_FORMAT = 1
+Part = Literal["model", "critic"]
+ONE_PROCESS = DistContext()
+# (e this rank's rows, B, part) → (this rank's loss, metrics of the global batch)
+StepLoss = Callable[[Tensor, int, Part], tuple[Tensor, dict[str, float]]]
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left in place."""
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Hyperparameters of one training run (authors' defaults where SPEC gives them)."""
-
-    algorithm: Algorithm = "vaepp"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-4
-    lr_halve_every: int = 200  # epochs
-    weight_decay: float = 2e-4  # L2 on weight matrices and kernels (not biases, ξ, γ)
-    n_prior_samples: int = 128  # K
-    penalty: PenaltyKind = "wgan_div_1"
-    penalty_k: float = 2.0
-    penalty_p: float = 6.0
-    critic_lr: float = 1e-4  # Algorithm 1 only
-    critic_penalty_weight: float = 1.0  # c in Algorithm 1's critic loss
-    clamp_kl: bool = False  # the authors' code clamps the batch KL term at ≥ 0; off by default
-    max_steps_per_epoch: int | None = None  # None = one pass over the training set
-    seed: int = 0
-    checkpoint_every: int = 1  # epochs
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -72,68 +72,145 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-# ----- the losses ----------------------------------------------------------------------------
-def elbo_terms(model: VAEPP, e: Tensor, *, n_train: int, n_prior_samples: int) -> dict[str, Tensor]:
-    """Differentiable terms of the (negative) ELBO for one batch e (B, C, H, W).
+def train_settings(spec: ModelSpec, params: TrainParams, algorithm: Algorithm) -> dict:
+    """The settings a training checkpoint and a model file record; a checkpoint resumes only
+    if they match: {"model_spec": …, "train_spec": {"algorithm", **params}}."""
+    return {"model_spec": spec.to_dict(), "train_spec": {"algorithm": algorithm, **params.model_dump()}}
 
-    Returns scalars recon, kl, log_z (with log_z_n, log_z_q for VAEPP), the critic's mean on
-    reconstructions and on prior samples, and `fake` = G(ε) (K, C, H, W) for the penalty.
+
+# ----- the losses, as sums over this rank's rows ------------------------------------------------
+def _prior_rows(ctx: DistContext, batch: int, n_prior: int) -> list[list[int]]:
+    """For every rank, the global indices of the prior samples it decodes: its penalty pairs
+    i ∈ E_r, i < m = min(B, K), first, then its share of the rows m..K−1."""
+    m = min(batch, n_prior)
+    rows = []
+    for r in range(ctx.world):
+        a, b = row_range(batch, r, ctx.world)
+        c, d = row_range(n_prior - m, r, ctx.world)
+        rows.append(list(range(min(a, m), min(b, m))) + list(range(m + c, m + d)))
+    return rows
+
+
+def elbo_terms(model: VAEPP, e: Tensor, batch: int, *, n_train: int, n_prior_samples: int,
+               ctx: DistContext = ONE_PROCESS) -> dict[str, Tensor]:
+    """This rank's terms of the negative ELBO; e: its rows E_r (b, C, H, W) of a batch of B.
+
+    Returns sums over i ∈ E_r: "recon" of −log p(e_i|z_i) and "kl" of log q(z_i|e_i) − log f(z_i),
+    nats. With a pull-back prior also the global log Z_train, log Ẑ_N, log Ẑ_q (scalars), the
+    sums "critic_recon" of D(G(z_i)) over E_r and "critic_prior" of D(G(ε_k)) over this rank's
+    prior rows, and "fake": G(ε_k) on those rows (its penalty pairs first), (k_r, C, H, W).
     """
+    start, stop = row_range(batch, ctx.rank, ctx.world)
     mu, log_sigma = model.encode(e)
-    z, log_q = model.sample_q(mu, log_sigma, 1)
-    z, log_q = z[0], log_q[0]  # (B, Z), (B,)
+    mu, log_sigma = gather_rows(ctx, mu, n=batch), gather_rows(ctx, log_sigma, n=batch)  # (B, Z)
+    z_all, log_q_all = model.sample_q(mu, log_sigma, 1)  # the one-process draw for all B
+    z_all, log_q_all = z_all[0], log_q_all[0]  # (B, Z), (B,)
+    z, log_q = z_all[start:stop], log_q_all[start:stop]
     raw = model.decode(z)
-    recon = -model.log_px(e, raw).mean()
-    out: dict[str, Tensor] = {"recon": recon}
+    recon = -model.log_px(e, raw).sum()
     if not model.spec.pullback:
-        out["kl"] = (log_q - log_standard_normal(z)).mean()
-        out["log_z"] = torch.zeros((), device=e.device)
-        return out
+        check_same_input(ctx, z_all)
+        return {"recon": recon, "kl": (log_q - log_standard_normal(z)).sum()}
     beta = model.beta
-    d_recon = model.critic_images(model.image_mean(raw))  # (B,)
-    log_f_z = log_standard_normal(z) - beta * d_recon
+    d_recon = model.critic_images(model.image_mean(raw))  # (b,)
+    log_f_z = log_f(z, d_recon, beta)  # (b,)
     eps = torch.randn(n_prior_samples, model.zdim, device=e.device, dtype=e.dtype)
-    fake = model.image_mean(model.decode(eps))  # (K, C, H, W)
-    d_prior = model.critic_images(fake)  # (K,)
-    log_z, log_z_n, log_z_q = log_z_train(beta, d_prior, log_f_z, log_q, n_train)
-    out.update(
-        kl=(log_q - log_f_z).mean() + log_z,
-        log_z=log_z,
-        log_z_n=log_z_n,
-        log_z_q=log_z_q,
-        critic_recon=d_recon.mean(),
-        critic_prior=d_prior.mean(),
-        fake=fake,
-    )
-    return out
+    check_same_input(ctx, z_all, eps)
+    prior_rows = _prior_rows(ctx, batch, n_prior_samples)
+    fake = model.image_mean(model.decode(eps[prior_rows[ctx.rank]]))  # (k_r, C, H, W)
+    d_prior_mine = model.critic_images(fake)  # (k_r,)
+    order = torch.tensor([i for rows in prior_rows for i in rows], device=e.device)
+    d_prior = torch.empty(n_prior_samples, device=e.device, dtype=d_prior_mine.dtype).index_copy(
+        0, order, gather_rows(ctx, d_prior_mine, [len(rows) for rows in prior_rows]))  # (K,)
+    log_z, log_z_n, log_z_q = log_z_train(beta, d_prior, gather_rows(ctx, log_f_z, n=batch), log_q_all, n_train)
+    return {"recon": recon, "kl": (log_q - log_f_z).sum(), "log_z": log_z, "log_z_n": log_z_n,
+            "log_z_q": log_z_q, "critic_recon": d_recon.sum(), "critic_prior": d_prior_mine.sum(), "fake": fake}
 
 
-def _penalty(model: VAEPP, e: Tensor, fake: Tensor, spec: TrainSpec) -> Tensor:
-    m = min(e.shape[0], fake.shape[0])
-    return gradient_penalty(
-        model.critic, e[:m], fake[:m], spec.penalty, k=spec.penalty_k, p=spec.penalty_p
-    )
+def _penalty_sum(critic, e: Tensor, fake: Tensor, batch: int, params: TrainParams, ctx: DistContext) -> Tensor:
+    """Σ R_i over this rank's penalty pairs (e_i, G(ε_i)), i ∈ E_r, i < m = min(B, K); the α of
+    all m pairs are drawn on every rank, as one process draws them."""
+    m = min(batch, params.n_prior_samples)
+    start, stop = row_range(batch, ctx.rank, ctx.world)
+    n_mine = max(0, min(stop, m) - start)
+    alpha = draw_alpha(params.penalty, m, e)
+    return penalty_sum(critic, e[:n_mine], fake[:n_mine], None if alpha is None else alpha[start : start + n_mine],
+                       params.penalty, k=params.penalty_k, p=params.penalty_p)
 
 
-def _kl(terms: dict[str, Tensor], spec: TrainSpec) -> Tensor:
-    return terms["kl"].clamp(min=0.0) if spec.clamp_kl else terms["kl"]
+def model_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, algorithm: Algorithm, *,
+               n_train: int, ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's loss of the model step (module docstring: the negative ELBO, plus w·R for
+    Algorithm 2) on its rows e of a batch of B, and the global batch's metrics in nats."""
+    w = ctx.world
+    t = elbo_terms(model, e, batch, n_train=n_train, n_prior_samples=params.n_prior_samples, ctx=ctx)
+    if not model.spec.pullback:
+        s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
+        recon, kl = s_recon / batch, s_kl / batch
+        loss = w * t["recon"] / batch + w * t["kl"] / batch
+        return loss, {"recon": float(recon), "kl": float(kl), "log_z": 0.0, "loss": float(recon + kl)}
+    log_z = t["log_z"]
+    s_recon, s_kl, s_d_recon, s_d_prior = all_sum(ctx, [t["recon"], t["kl"], t["critic_recon"], t["critic_prior"]])
+    recon, kl = s_recon / batch, s_kl / batch + log_z.detach()
+    clamped = params.clamp_kl and bool(kl < 0.0)  # the authors' clamp at ≥ 0: value 0, gradient 0
+    kl_term = 0.0 * log_z if clamped else w * t["kl"] / batch + log_z
+    loss = w * t["recon"] / batch + kl_term
+    loss_value = recon + (0.0 * kl if clamped else kl)
+    metrics = {"recon": float(recon), "kl": float(kl), "log_z": float(log_z.detach()),
+               "log_z_n": float(t["log_z_n"].detach()), "log_z_q": float(t["log_z_q"].detach()),
+               "critic_recon": float(s_d_recon / batch),
+               "critic_prior": float(s_d_prior / params.n_prior_samples)}
+    if algorithm == "vaepp":
+        m = min(batch, params.n_prior_samples)
+        pen = _penalty_sum(model.critic, e, t["fake"], batch, params, ctx)
+        loss = loss + model.spec.beta_max * (w * pen / m)
+        (s_pen,) = all_sum(ctx, [pen])
+        penalty = s_pen / m
+        loss_value = loss_value + model.spec.beta_max * penalty
+        metrics["penalty"] = float(penalty)
+    metrics["loss"] = float(loss_value)
+    return loss, metrics
 
 
-def _scalars(terms: dict[str, Tensor], model: VAEPP, **extra: Tensor) -> dict[str, float]:
-    out = {k: float(v.detach()) for k, v in terms.items() if k != "fake"}
-    out.update({k: float(v.detach()) for k, v in extra.items()})
-    out["elbo"] = -(out["recon"] + out["kl"])
-    out["beta"] = float(model.beta.detach())
-    return out
+def critic_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, *,
+                ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's loss of Algorithm 1's critic step on fresh prior samples, decoder frozen:
+    (1/B)·Σ D(e_i) − (1/K)·Σ D(G(ε_k)) + c·(1/m)·Σ R_i in its per-rank form; global metrics."""
+    w, big_k = ctx.world, params.n_prior_samples
+    m = min(batch, big_k)
+    with torch.no_grad():
+        eps = torch.randn(big_k, model.zdim, device=e.device, dtype=e.dtype)
+        fake = model.image_mean(model.decode(eps[_prior_rows(ctx, batch, big_k)[ctx.rank]]))
+    check_same_input(ctx, eps)
+    pen = _penalty_sum(model.critic, e, fake, batch, params, ctx)
+    d_real, d_fake = model.critic_images(e).sum(), model.critic_images(fake).sum()
+    c = params.critic_penalty_weight
+    loss = w * d_real / batch - w * d_fake / big_k + c * (w * pen / m)
+    s_real, s_fake, s_pen = all_sum(ctx, [d_real, d_fake, pen])
+    penalty = s_pen / m
+    return loss, {"critic_loss": float(s_real / batch - s_fake / big_k + c * penalty), "penalty": float(penalty)}
 
 
-def _check_finite(loss: Tensor, epoch: int, step: int, checkpoint_path: Path | None) -> None:
-    if not torch.isfinite(loss):
+def step_loss(model: VAEPP, params: TrainParams, algorithm: Algorithm, *, n_train: int,
+              ctx: DistContext = ONE_PROCESS) -> StepLoss:
+    """The losses of one step as one callable, (e_r, B, part) → (rank's loss, global metrics),
+    part "model" (`model_loss`) or "critic" (`critic_loss`). On W ranks it is wrapped for
+    DistributedDataParallel (`distributed.data_parallel`: construction broadcasts rank 0's
+    weights), so build it once per fit, after the weights are loaded."""
+
+    def losses(e: Tensor, batch: int, part: Part) -> tuple[Tensor, dict[str, float]]:
+        if part == "critic":
+            return critic_loss(model, e, batch, params, ctx=ctx)
+        return model_loss(model, e, batch, params, algorithm, n_train=n_train, ctx=ctx)
+
+    return data_parallel(ctx, model, losses, find_unused_parameters=algorithm != "vaepp")
+
+
+def _check_finite(value: float, epoch: int, step: int, checkpoint_path: Path | None) -> None:
+    if not math.isfinite(value):
         kept = (f"; last good checkpoint kept at {checkpoint_path}"
                 if checkpoint_path is not None and Path(checkpoint_path).is_file() else "")
-        raise NonFiniteLossError(
-            f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step}; training stopped{kept}"
-        )
+        raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, step {step}; training stopped{kept}")
 
 
 def adam(params, **kwargs) -> torch.optim.Adam:
@@ -142,23 +219,21 @@ def adam(params, **kwargs) -> torch.optim.Adam:
     return torch.optim.Adam(params, fused=True, **kwargs)
 
 
-def make_optimizers(model: VAEPP, spec: TrainSpec) -> dict[str, torch.optim.Optimizer]:
+def make_optimizers(model: VAEPP, params: TrainParams, algorithm: Algorithm) -> dict[str, torch.optim.Optimizer]:
     """Adam over (encoder, decoder, ξ, …) — plus the critic for Algorithm 2 — and, for
     Algorithm 1, a separate critic Adam(β₁ = 0.5, β₂ = 0.999). L2 only on ≥ 2-d weights."""
 
-    def groups(params):
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        rest = [p for p in params if p.dim() < 2]
-        return [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    def groups(ps):
+        ps = [p for p in ps if p.requires_grad]
+        decay = [p for p in ps if p.dim() >= 2]
+        rest = [p for p in ps if p.dim() < 2]
+        return [{"params": decay, "weight_decay": params.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-    if spec.algorithm == "vaepp":
-        return {"model": adam(groups(model.parameters()), lr=spec.lr)}
-    opts = {"model": adam(groups(model.model_parameters()), lr=spec.lr)}
-    if spec.algorithm == "naive_vaepp":
-        opts["critic"] = adam(
-            groups(model.critic.parameters()), lr=spec.critic_lr, betas=(0.5, 0.999)
-        )
+    if algorithm == "vaepp":
+        return {"model": adam(groups(model.parameters()), lr=params.lr)}
+    opts = {"model": adam(groups(model.model_parameters()), lr=params.lr)}
+    if algorithm == "naive_vaepp":
+        opts["critic"] = adam(groups(model.critic.parameters()), lr=params.critic_lr, betas=(0.5, 0.999))
     return opts
 
 
@@ -166,100 +241,77 @@ def train_step(
     model: VAEPP,
     opts: dict[str, torch.optim.Optimizer],
     e: Tensor,
-    spec: TrainSpec,
+    params: TrainParams,
+    algorithm: Algorithm,
     *,
     n_train: int,
+    ctx: DistContext = ONE_PROCESS,
+    loss_fn: StepLoss | None = None,
     epoch: int = 0,
     step: int = 0,
     checkpoint_path: Path | None = None,
 ) -> dict[str, float]:
-    """One step of the chosen algorithm on batch e; returns the batch's scalar metrics."""
-    terms = elbo_terms(model, e, n_train=n_train, n_prior_samples=spec.n_prior_samples)
-    if spec.algorithm == "vaepp":
-        penalty = _penalty(model, e, terms["fake"], spec)
-        loss = terms["recon"] + _kl(terms, spec) + model.spec.beta_max * penalty
-        _check_finite(loss, epoch, step, checkpoint_path)
-        opts["model"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["model"].step()
-        return _scalars(terms, model, loss=loss, penalty=penalty)
-
-    loss = terms["recon"] + _kl(terms, spec)
-    _check_finite(loss, epoch, step, checkpoint_path)
+    """One step of `algorithm` on the global batch e (B, C, H, W), the same on every rank (this
+    rank keeps its rows E_r); returns the global batch's metrics. loss_fn: `step_loss(...)`,
+    built once by `train`; built here when None (one process). The finiteness check is on the
+    global loss, so all ranks stop together."""
+    batch = e.shape[0]
+    if batch < ctx.world:
+        raise ValueError(f"train.batch_size = {batch} is smaller than the {ctx.world} processes; "
+                         "raise it or use fewer processes")
+    loss_fn = loss_fn or step_loss(model, params, algorithm, n_train=n_train, ctx=ctx)
+    start, stop = row_range(batch, ctx.rank, ctx.world)
+    e_r = e[start:stop]
+    loss, metrics = loss_fn(e_r, batch, "model")
+    _check_finite(metrics["loss"], epoch, step, checkpoint_path)
     opts["model"].zero_grad(set_to_none=True)
     loss.backward()
     opts["model"].step()
-    if spec.algorithm == "vae":
-        return _scalars(terms, model, loss=loss)
-
-    # Algorithm 1, critic step: fresh prior samples, decoder frozen (detached).
-    with torch.no_grad():
-        eps = torch.randn(spec.n_prior_samples, model.zdim, device=e.device, dtype=e.dtype)
-        fake = model.image_mean(model.decode(eps))
-    penalty = _penalty(model, e, fake, spec)
-    critic_loss = (
-        model.critic_images(e).mean()
-        - model.critic_images(fake).mean()
-        + spec.critic_penalty_weight * penalty
-    )
-    _check_finite(critic_loss, epoch, step, checkpoint_path)
-    opts["critic"].zero_grad(set_to_none=True)
-    critic_loss.backward()
-    opts["critic"].step()
-    model.zero_grad(set_to_none=True)  # the critic step also filled the VAE's .grad
-    return _scalars(terms, model, loss=loss, penalty=penalty, critic_loss=critic_loss)
+    if algorithm == "naive_vaepp":  # Algorithm 1, critic step
+        loss, critic_metrics = loss_fn(e_r, batch, "critic")
+        _check_finite(critic_metrics["critic_loss"], epoch, step, checkpoint_path)
+        opts["critic"].zero_grad(set_to_none=True)
+        loss.backward()
+        opts["critic"].step()
+        model.zero_grad(set_to_none=True)  # the critic step also filled the VAE's .grad
+        metrics.update(critic_metrics)
+    metrics["elbo"] = -(metrics["recon"] + metrics["kl"])
+    metrics["beta"] = float(model.beta.detach())
+    return metrics
 
 
 # ----- the loop --------------------------------------------------------------------------------
-def _rng_state(data_gen: torch.Generator, device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, data_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _lr_factor(epoch: int, spec: TrainSpec) -> float:
+def _lr_factor(epoch: int, params: TrainParams) -> float:
     """Learning rate halved every `lr_halve_every` epochs (authors: 200)."""
-    return 0.5 ** (epoch // spec.lr_halve_every)
+    return 0.5 ** (epoch // params.lr_halve_every)
 
 
 def train(
     model: VAEPP,
     train_images: Tensor,
-    spec: TrainSpec,
+    params: TrainParams,
+    algorithm: Algorithm,
     *,
     device: str | torch.device = "cpu",
+    ctx: DistContext = ONE_PROCESS,
     callback: Callable[[int, dict], None] | None = None,
-    checkpoint_path: Path | None = None,
-    checkpoint_extra: dict | None = None,
+    checkpoint: Checkpoint | None = None,
     progress: bool = False,
-    step_fn: Callable[..., dict[str, float]] = train_step,
-    write_checkpoints: bool = True,
 ) -> TrainResult:
-    """Train `model` on uint8 images (N, C, H, W) for `spec.epochs` epochs.
+    """Train `model` with `algorithm` on uint8 images (N, C, H, W) for `params.epochs` epochs.
 
-    Every `checkpoint_every` epochs (and at the end) the model, optimisers, ξ, RNG states,
-    epoch and history are written atomically to `checkpoint_path`; if that file exists when
-    training starts, training resumes from it, so a killed run finishes with the same result as
-    an uninterrupted one. `callback(epoch, metrics)` receives each epoch's mean metrics.
+    With a `checkpoint`, the fit's state is written every `checkpoint_every` epochs and at the
+    end, and a fit that finds one resumes from it, so a killed run finishes with the same result
+    as an uninterrupted one. `callback(epoch, metrics)` receives each epoch's mean metrics.
     A non-finite loss raises NonFiniteLossError and leaves the last checkpoint untouched.
-    On W processes (`vaepp.distributed`), every rank passes the same arguments with
-    `step_fn=ShardedTrainStep(ctx)`, and only rank 0 `write_checkpoints`; all ranks resume
-    from the same file.
+    On W processes every rank passes the same arguments and its `ctx`, and the same checkpoint
+    file with `write=True` on rank 0 only.
     """
-    from . import io as vio
     from tqdm.auto import tqdm
 
-    if (spec.algorithm == "vae") == model.spec.pullback:
+    if (algorithm == "vae") == model.spec.pullback:
         raise ValueError(
-            f"algorithm {spec.algorithm!r} needs a model with pullback={spec.algorithm != 'vae'} "
+            f"algorithm {algorithm!r} needs a model with pullback={algorithm != 'vae'} "
             f"(the plain VAE is β ≡ 0), got pullback={model.spec.pullback}"
         )
     device = torch.device(device)
@@ -268,51 +320,39 @@ def train(
     n_train = data.shape[0]
     if data.dtype != torch.uint8:
         raise TypeError(f"train_images must be uint8, got {data.dtype}")
-    torch.manual_seed(spec.seed)
-    data_gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    opts = make_optimizers(model, spec)
+    torch.manual_seed(params.seed)
+    data_gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    opts = make_optimizers(model, params, algorithm)
     result = TrainResult()
+    settings = train_settings(model.spec, params, algorithm)
     start_epoch = 0
-    if checkpoint_path is not None and write_checkpoints:
-        vio.remove_stale_temporaries(checkpoint_path)  # from a process killed while writing it
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        ckpt = vio.load_checkpoint(checkpoint_path, map_location=device)
-        if ckpt.get("train_spec") != spec.to_dict() or ckpt.get("model_spec") != model.spec.to_dict():
-            raise vio.CheckpointError(
-                f"{checkpoint_path}: checkpoint was written with other settings; "
-                "delete it to start afresh, or restore the settings it was written with"
-            )
-        model.load_state_dict(ckpt["model"])
-        for name, opt in opts.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        _set_rng_state(ckpt["rng"], data_gen, device)
-        start_epoch = int(ckpt["epoch"])
-        result.history = list(ckpt["history"])
-        result.seconds = float(ckpt["seconds"])
-        result.resumed_from_epoch = start_epoch
+    state = checkpoint.resume(settings, model, opts, data_gen, device) if checkpoint is not None else None
+    if state is not None:
+        start_epoch = result.resumed_from_epoch = int(state["epoch"])
+        result.history = list(state["history"])
+        result.seconds = float(state["seconds"])
+    loss_fn = step_loss(model, params, algorithm, n_train=n_train, ctx=ctx)  # after the weights are loaded
 
-    batch = spec.batch_size
+    batch = params.batch_size
     steps = n_train // batch
-    if spec.max_steps_per_epoch is not None:
-        steps = min(steps, spec.max_steps_per_epoch)
+    if params.max_steps_per_epoch is not None:
+        steps = min(steps, params.max_steps_per_epoch)
     if steps < 1:
         raise ValueError(f"batch_size {batch} exceeds the training set ({n_train} images)")
     model.train()
-    for epoch in range(start_epoch, spec.epochs):
+    for epoch in range(start_epoch, params.epochs):
         t0 = time.perf_counter()
         for opt in opts.values():
-            base = spec.lr if opt is opts["model"] else spec.critic_lr
+            base = params.lr if opt is opts["model"] else params.critic_lr
             for g in opt.param_groups:
-                g["lr"] = base * _lr_factor(epoch, spec)
+                g["lr"] = base * _lr_factor(epoch, params)
         perm = torch.randperm(n_train, generator=data_gen)[: steps * batch].to(device)
         sums: dict[str, float] = {}
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{params.epochs}", disable=not progress, leave=False)
         for step in bar:
             e = data[perm[step * batch : (step + 1) * batch]].float().div_(255.0)
-            m = step_fn(
-                model, opts, e, spec, n_train=n_train, epoch=epoch + 1, step=step,
-                checkpoint_path=checkpoint_path,
-            )
+            m = train_step(model, opts, e, params, algorithm, n_train=n_train, ctx=ctx, loss_fn=loss_fn,
+                           epoch=epoch + 1, step=step, checkpoint_path=None if checkpoint is None else checkpoint.path)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             if progress and step % 20 == 0:
@@ -321,29 +361,15 @@ def train(
         metrics["beta"] = float(model.beta.detach())
         metrics["epoch"] = epoch + 1
         metrics["seconds"] = time.perf_counter() - t0
-        metrics["lr"] = spec.lr * _lr_factor(epoch, spec)
+        metrics["lr"] = params.lr * _lr_factor(epoch, params)
         result.history.append(metrics)
         result.seconds += metrics["seconds"]
+        if checkpoint is not None:
+            checkpoint.after_epoch(epoch + 1, epochs=params.epochs, every=params.checkpoint_every,
+                                   settings=settings, module=model, opts=opts, data_gen=data_gen, device=device,
+                                   history=result.history, seconds=result.seconds)
         if callback is not None:
             callback(epoch + 1, metrics)
-        last = epoch + 1 == spec.epochs
-        if checkpoint_path is not None and write_checkpoints and ((epoch + 1) % spec.checkpoint_every == 0 or last):
-            vio.atomic_torch_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "model_spec": model.spec.to_dict(),
-                    "train_spec": spec.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                    "rng": _rng_state(data_gen, device),
-                    "epoch": epoch + 1,
-                    "history": result.history,
-                    "seconds": result.seconds,
-                    **(checkpoint_extra or {}),
-                },
-                checkpoint_path,
-            )
-    result.epochs = spec.epochs
+    result.epochs = params.epochs
     model.eval()
     return result
-

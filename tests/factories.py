@@ -1,0 +1,35 @@
+"""Settings for library tests, all from the tiny profile (tests/profiles_tiny.yaml) with per-test
+overrides: one source of values, validated as params.yaml is."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from pathlib import Path
+
+from vaepp.config import LatentGANParams, Params, TrainParams, load_params, resolve_run
+from vaepp.model import ModelSpec
+from vaepp.study import model_spec as _model_spec
+
+TINY = Path(__file__).with_name("profiles_tiny.yaml")
+
+
+@cache
+def tiny() -> Params:
+    return load_params(TINY)
+
+
+def train_params(**overrides) -> TrainParams:
+    """The tiny profile's `train` section with `overrides`, validated (a misspelt key fails)."""
+    return TrainParams(**{**tiny().train.model_dump(), **overrides})
+
+
+def latent_gan_params(**overrides) -> LatentGANParams:
+    """The tiny profile's `latent_gan` section with `overrides`, validated."""
+    return LatentGANParams(**{**tiny().latent_gan.model_dump(), **overrides})
+
+
+def model_spec(image_shape: tuple[int, int, int] = (1, 28, 28), *, binary: bool = True, **overrides) -> ModelSpec:
+    """The tiny profile's VAEPP model for images of `image_shape` ("auto" resolved for binary or
+    grey-level data), with `overrides` of ModelSpec fields (e.g. pullback=False, hidden=(8,))."""
+    return dataclasses.replace(_model_spec(resolve_run(tiny(), "vaepp"), image_shape, binary), **overrides)

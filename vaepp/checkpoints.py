@@ -1,0 +1,137 @@
+"""Saving and loading what the fits produce: trained models and resumable checkpoints.
+
+Two kinds of file, both written atomically and loaded with `weights_only=True` after every
+member's CRC-32 is checked (`vaepp.io`):
+
+- trained models, each carrying the settings that rebuild it (as nanoGPT's checkpoints carry
+  their config): models/<run>/vae.pt (`save_vae` / `load_vae`) and models/<run>/latent_gan.pt
+  (`save_latent_gan` / `load_latent_gan`);
+- the resumable state of a fit (`Checkpoint`), used by both `vaepp.train.train` and
+  `vaepp.latent_gan.fit_latent_gan`: the network, every optimiser's state, the global, CUDA and
+  data-order RNG states, the epoch and the history, written every `checkpoint_every` epochs and
+  after the last. A fit killed at any moment and rerun resumes from the last file written and
+  ends bitwise equal to an uninterrupted fit; a file of other settings is refused.
+
+File layout (format 1): {"format", **settings, "model": state_dict, ...}; a checkpoint adds
+"optimizers", "rng", "epoch", "history" and what the fit stores beside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import io as vio
+from .model import VAEPP, ModelSpec
+
+FORMAT = 1
+
+
+# ----- random number generators ------------------------------------------------------------------
+def rng_state(data_gen: torch.Generator, device: torch.device | str) -> dict:
+    """The global CPU RNG, the data-order generator and, on CUDA, the device's RNG."""
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, data_gen: torch.Generator, device: torch.device | str) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if torch.device(device).type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----- resumable fits ----------------------------------------------------------------------------
+class Checkpoint:
+    """The resumable state of one fit in the file `path`.
+
+    write=False: resume from the file but never write it (every rank of a W-process fit resumes
+    from the same file; only rank 0 writes). extra: fields stored beside the state (e.g. which
+    data and which VAE the fit used), for the caller to check before resuming. A writer clears
+    the temporaries that a process killed inside a write left behind.
+    """
+
+    def __init__(self, path: str | Path, *, write: bool = True, extra: dict | None = None):
+        self.path = Path(path)
+        self.write = write
+        self.extra = dict(extra or {})
+        if write:
+            vio.remove_stale_temporaries(self.path)
+
+    def resume(self, settings: dict, module: nn.Module, opts: dict[str, torch.optim.Optimizer],
+               data_gen: torch.Generator, device: torch.device | str) -> dict | None:
+        """None when there is no file. Otherwise load it, refuse it (CheckpointError) unless it
+        holds every `settings` field with that value, restore the module, the optimisers and the
+        RNG states, and return the file's dict ("epoch", "history", and what `after_epoch` stored)."""
+        if not self.path.exists():
+            return None
+        ckpt = vio.load_checkpoint(self.path, map_location=device)
+        if any(ckpt.get(key) != value for key, value in settings.items()):
+            raise vio.CheckpointError(
+                f"{self.path}: checkpoint was written with other settings; delete it to start "
+                "afresh, or restore the settings it was written with")
+        module.load_state_dict(ckpt["model"])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        set_rng_state(ckpt["rng"], data_gen, device)
+        return ckpt
+
+    def after_epoch(self, epoch: int, *, epochs: int, every: int, settings: dict, module: nn.Module,
+                    opts: dict[str, torch.optim.Optimizer], data_gen: torch.Generator,
+                    device: torch.device | str, **state) -> None:
+        """Write the state after `epoch` (counted from 1) if it is a multiple of `every` or the
+        last of `epochs`; `state` (e.g. history) is stored beside it."""
+        if not self.write or not (epoch % every == 0 or epoch == epochs):
+            return
+        vio.atomic_torch_save({
+            "format": FORMAT, **settings, "model": module.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in opts.items()},
+            "rng": rng_state(data_gen, device), "epoch": epoch, **state, **self.extra,
+        }, self.path)
+
+
+# ----- trained models ----------------------------------------------------------------------------
+def _cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def save_vae(path: str | Path, model: VAEPP, settings: dict, *, history: list[dict], **extra) -> Path:
+    """models/<run>/vae.pt: {"format", **settings ("model_spec", "train_spec"; see
+    `vaepp.train.train_settings`), "model" (CPU tensors), **extra (e.g. the run), "history"}."""
+    return vio.atomic_torch_save(
+        {"format": FORMAT, **settings, "model": _cpu_state(model), **extra, "history": history}, path)
+
+
+def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]:
+    """The trained VAE of `save_vae`, in eval mode on `device`, and the file's dict."""
+    ckpt = vio.load_checkpoint(path, map_location=device)
+    model = VAEPP(ModelSpec.from_dict(ckpt["model_spec"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def save_latent_gan(path: str | Path, gan: nn.Module, settings: dict, *, history: list[dict]) -> Path:
+    """models/<run>/latent_gan.pt: {"format", **settings ("spec", "zdim"; see
+    `vaepp.latent_gan.latent_gan_settings`), "model" (CPU tensors), "history"}."""
+    return vio.atomic_torch_save(
+        {"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
+
+
+def load_latent_gan(path: str | Path, device: torch.device | str):
+    """The latent GAN of `save_latent_gan`, in eval mode on `device`."""
+    from .latent_gan import LatentGAN  # latent_gan imports this module for its checkpoints
+
+    ckpt = vio.load_checkpoint(path, map_location=device)
+    spec = ckpt["spec"]
+    gan = LatentGAN(ckpt["zdim"], spec["noise_dim"], tuple(spec["hidden"]))
+    gan.load_state_dict(ckpt["model"])
+    return gan.to(device).eval()
+
+
+__all__ = ["Checkpoint", "FORMAT", "load_latent_gan", "load_vae", "rng_state", "save_latent_gan", "save_vae",
+           "set_rng_state"]
