@@ -143,6 +143,7 @@ def model_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, algorit
     """Rank r's loss of the model step (module docstring: the negative ELBO, plus w·R for
     Algorithm 2) on its rows e of a batch of B, and the global batch's metrics in nats."""
     w = ctx.world
+    # Scaled as (W·Σ)/B, not Σ·(W/B): with one process that is Σ/B, torch's mean to the last bit.
     t = elbo_terms(model, e, batch, n_train=n_train, n_prior_samples=params.n_prior_samples, ctx=ctx)
     if not model.spec.pullback:
         s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
