@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# A remote tracking server gets few, short retries, so that an outage cannot stall a stage.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 # What the stages import (requirements.txt). DVC runs `python stages/...` with the first `python`
 # on PATH; outside the project's environment that is another Python, and the stage would die on
@@ -45,9 +48,10 @@ check_environment()
 BUSY_CORES_FOR_PASSIVE = 0.5
 
 
-def busy_cores(window: float = 0.2, stat: Path = Path("/proc/stat")) -> float | None:
+def busy_cores(window: float = 0.1, stat: Path = Path("/proc/stat")) -> float | None:
     """Cores' worth of CPU time other processes use right now (Linux /proc/stat over `window`
-    seconds), or None where /proc/stat cannot be read."""
+    seconds), or None where /proc/stat cannot be read. /proc/stat counts 1/100 s ticks, so 0.1 s
+    on 2 cores resolves 0.05 cores: ten times finer than the threshold below."""
     import time
 
     def sample() -> tuple[int, int]:
@@ -77,6 +81,8 @@ def choose_omp_wait_policy(environ=os.environ, busy: Callable[[], float | None] 
     """
     if "OMP_WAIT_POLICY" in environ:
         return environ["OMP_WAIT_POLICY"]
+    if (os.cpu_count() or 1) == 1:
+        return "default"  # one OpenMP thread: no idle thread waits, so no sample is needed
     load = busy()
     if load is not None and load >= BUSY_CORES_FOR_PASSIVE:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -85,6 +91,28 @@ def choose_omp_wait_policy(environ=os.environ, busy: Callable[[], float | None] 
 
 
 OMP_WAIT_POLICY = choose_omp_wait_policy()
+
+
+def tracking_on(environ=os.environ) -> bool:
+    """False when VAEPP_MLFLOW turns MLflow tracking off (0, false, no, off)."""
+    return environ.get("VAEPP_MLFLOW", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def start_tracking_process(argv: list[str] = sys.argv, environ=os.environ):
+    """In a stage script's process with tracking on (rank 0 or not distributed), start the
+    tracking process now: it imports mlflow on the other core while this one imports torch
+    (vaepp.tracking.TrackerProcess), and `tracker()` hands it the stage's params. Started after
+    the load sample above, which would otherwise count it. None in any other process."""
+    script = Path(argv[0]).resolve() if argv and argv[0] not in ("", "-c", "-m") else None
+    if script is None or script.parent != ROOT / "stages" or not tracking_on(environ) \
+            or environ.get("RANK", "0") != "0":
+        return None
+    from vaepp.tracking import TrackerProcess
+
+    return TrackerProcess.start(ROOT)
+
+
+_TRACKING_PROCESS = start_tracking_process()
 
 
 def parser(description: str, *, run: bool = True, paths: tuple[str, ...] = ()) -> argparse.ArgumentParser:
@@ -152,32 +180,25 @@ def read_json(path: Path) -> dict:
         raise RuntimeError(f"{path}: cannot read ({err}); rerun the stage that writes it") from None
 
 
-def load_vae(path: Path, device: str):
-    """The trained VAE from models/<run>/vae.pt and the file's dict (`vaepp.checkpoints.load_vae`)."""
-    from vaepp.checkpoints import load_vae as _load_vae
-
-    return _load_vae(path, device)
-
-
 def tracker(params_path: str):
     """The pipeline's MLflow tracker (degrades to no logging with a warning if MLflow fails).
 
     Environment: DVC_EXP_NAME keys the parent run; MLFLOW_TRACKING_URI overrides the SQLite
     store at the repository root; MLFLOW_EXPERIMENT_NAME overrides "vaepp"; VAEPP_MLFLOW=0
-    turns tracking off. A remote server gets few, short retries so an outage cannot stall a run.
+    turns tracking off. In a stage script's process the tracker runs in the tracking process
+    started at import (same interface, same failure policy); elsewhere in this process.
     """
+    global _TRACKING_PROCESS
     from vaepp.tracking import EXPERIMENT, Tracker
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    return Tracker.for_pipeline(
-        tracking_root(), params_path=Path(params_path),
-        exp_name=os.environ.get("DVC_EXP_NAME", ""),
-        git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
-        experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
-        enabled=os.environ.get("VAEPP_MLFLOW", "1").strip().lower() not in ("0", "false", "no", "off"),
-    )
+    settings = dict(exp_name=os.environ.get("DVC_EXP_NAME", ""),
+                    git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
+                    tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                    experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    if _TRACKING_PROCESS is not None and tracking_on():
+        proc, _TRACKING_PROCESS = _TRACKING_PROCESS, None
+        return proc.open(tracking_root(), Path(params_path), **settings)
+    return Tracker.for_pipeline(tracking_root(), params_path=Path(params_path), enabled=tracking_on(), **settings)
 
 
 def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, body) -> int:
@@ -197,34 +218,6 @@ def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, b
         return body(args, run, ctx)
 
 
-def keep_or_discard_checkpoint(path: Path, expected: dict, ctx) -> None:
-    """Before a resumable fit: keep `path` if it loads and holds every `expected` field with that
-    value (the same settings, data and inputs), saying so; otherwise say why and delete it, so the
-    fit starts afresh. Rank 0 decides; every rank waits until it has."""
-    if ctx.is_writer and path.exists():
-        from vaepp import io as vio
-
-        try:
-            old = vio.load_checkpoint(path, map_location="cpu")
-        except vio.CheckpointError as err:
-            old, why = None, f"warning: {err}; starting afresh"
-        else:
-            why = f"{path}: written with other settings; starting afresh"
-        if old is None or any(old.get(k) != v for k, v in expected.items()):
-            print(why, file=sys.stderr)
-            path.unlink()
-        else:
-            print(f"{path}: resuming from epoch {old['epoch']}", file=sys.stderr)
-    ctx.barrier()  # every rank sees the checkpoint rank 0 kept (or deleted)
-
-
-def finish_checkpoint(path: Path) -> None:
-    """After a fit's outputs are written: its checkpoint has served (it only resumes a killed
-    fit), so remove it. A finished checkpoint left behind would make the next run of the stage,
-    after a code change, "resume" at the last epoch and write the old result again."""
-    path.unlink(missing_ok=True)
-
-
 def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -241,12 +234,27 @@ def numbers(metrics: dict) -> dict:
     return {k: v for k, v in flat(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def stage_run(args, stage: str, run, params: dict, ctx=None):
+    """The stage's MLflow child run (a context manager giving its log), with `params` flattened;
+    on ranks other than 0 a silent no-op."""
+    if ctx is not None and not ctx.is_writer:
+        from vaepp.tracking import Tracker
+
+        return Tracker(reason=f"rank {ctx.rank}").stage_run(stage, run.name, {})
+    return tracker(args.params).stage_run(stage, run.name, flat(params))
+
+
 def log_stage(args, stage: str, run, params: dict, metrics: dict, artifacts=()) -> None:
     """The stage's MLflow child run: its params, its final metrics and artifacts."""
-    with tracker(args.params).stage_run(stage, run.name, flat(params)) as log:
+    with stage_run(args, stage, run, params) as log:
         log.log_metrics(numbers(metrics))
         for path in artifacts:
             log.log_artifact(path)
+
+
+def say(message: str) -> None:
+    """A line for the user on stderr (stdout carries each stage's one-line result)."""
+    print(message, file=sys.stderr)
 
 
 def guarded(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:

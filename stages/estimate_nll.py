@@ -25,9 +25,10 @@ def _main(argv: list[str] | None) -> int:
 
 def _estimate(args, run, ctx) -> int:
     from vaepp import evaluate
+    from vaepp.checkpoints import load_vae
     from vaepp.io import atomic_write_json
 
-    model, _ = common.load_vae(args.vae, ctx.device)
+    model, _ = load_vae(args.vae, ctx.device)
     train, test, meta = common.load_data(args.data, run)
     metrics = evaluate.nll_protocol(model, ctx, train, test, run.nll, device=ctx.device,
                                     progress=not args.no_progress and ctx.is_writer)

@@ -26,11 +26,11 @@ def _main(argv: list[str] | None) -> int:
 
 def _sample(args, run, ctx) -> int:
     from vaepp import evaluate
-    from vaepp.checkpoints import load_latent_gan
+    from vaepp.checkpoints import load_latent_gan, load_vae
     from vaepp.io import atomic_torch_save, atomic_write_json
     from vaepp.sampling import save_grid
 
-    model, _ = common.load_vae(args.vae, ctx.device)
+    model, _ = load_vae(args.vae, ctx.device)
     gan = load_latent_gan(args.latent_gan, ctx.device)
     images, images_gan, metrics = evaluate.sampling_protocol(
         model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer)

@@ -95,6 +95,32 @@ class Checkpoint:
         }, self.path)
 
 
+def keep_or_discard(path: str | Path, expected: dict) -> str | None:
+    """Before a resumable fit: keep the checkpoint at `path` if it loads and holds every
+    `expected` field with that value (the same settings, data and inputs); otherwise delete it, so
+    the fit starts afresh. Returns what was done, for the log (None when there is no file). Call
+    on one process only (rank 0), before the others look for the file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        old = vio.load_checkpoint(path, map_location="cpu")
+    except vio.CheckpointError as err:
+        path.unlink()
+        return f"warning: {err}; starting afresh"
+    if any(old.get(k) != v for k, v in expected.items()):
+        path.unlink()
+        return f"{path}: written with other settings; starting afresh"
+    return f"{path}: resuming from epoch {old['epoch']}"
+
+
+def finish(path: str | Path) -> None:
+    """After a fit's outputs are written: its checkpoint has served (it only resumes a killed
+    fit), so remove it. A finished checkpoint left behind would make the next run of the stage,
+    after a code change, "resume" at the last epoch and write the old result again."""
+    Path(path).unlink(missing_ok=True)
+
+
 # ----- trained models ----------------------------------------------------------------------------
 def _cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -133,5 +159,5 @@ def load_latent_gan(path: str | Path, device: torch.device | str):
     return gan.to(device).eval()
 
 
-__all__ = ["Checkpoint", "FORMAT", "load_latent_gan", "load_vae", "rng_state", "save_latent_gan", "save_vae",
-           "set_rng_state"]
+__all__ = ["Checkpoint", "FORMAT", "finish", "keep_or_discard", "load_latent_gan", "load_vae", "rng_state",
+           "save_latent_gan", "save_vae", "set_rng_state"]

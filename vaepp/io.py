@@ -66,6 +66,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """One row per dict, columns the union of their keys ("epoch" first, then sorted); a key a
+    row lacks is an empty cell."""
+    import csv
+
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "epoch", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """JSON with sorted keys and a trailing newline; NaN/inf are refused (not valid JSON)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
