@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vaepp.config import ParamsError, load_params, load_run, parse_params, resolve_run
-from vaepp.study import model_spec, train_spec
+from vaepp.study import model_spec, train_algorithm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -118,6 +118,6 @@ def test_specs_from_runs():
     params = parse_params(with_change("runs.flow", {"algorithm": "vaepp_flow"}))
     flow = model_spec(resolve_run(params, "flow"), (1, 28, 28), binary=True)
     assert flow.n_flows == DEFAULT["model"]["n_flows"] and flow.posterior == "truncated"
-    assert train_spec(resolve_run(params, "flow")).algorithm == "vaepp"
+    assert train_algorithm(resolve_run(params, "flow")) == "vaepp"
     vae = model_spec(resolve_run(params, "vae"), (3, 32, 32), binary=False)
     assert not vae.pullback and vae.likelihood == "logistic" and vae.posterior == "normal"
