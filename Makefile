@@ -43,3 +43,7 @@ ui: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py
+
+# Rebuild DVC's offline plots page (.dvc/plots/offline.html) from npm; fails unless it matches its lock.
+plots-template: $(VENV_STAMP)
+	$(PY) scripts/vega_template.py
