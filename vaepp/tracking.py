@@ -1,6 +1,7 @@
 """Experiment tracking in MLflow: one parent run per pipeline execution, one child per stage.
 
-The only module of the project that imports mlflow (lazily: a disabled tracker never does).
+The only module of the project that imports mlflow (lazily: a disabled tracker never does, nor
+does a stage process, whose tracking process imports it).
 
 Store: by default the SQLite file `<root>/mlflow.db` with artifacts under the absolute
 `<root>/mlartifacts` (root = DVC_ROOT, so `dvc exp run --temp`/`--queue` copies keep their runs);
@@ -18,6 +19,10 @@ switches to no-op logging after ONE line on stderr:
     MLflow logging disabled: <why>; metrics are still in the DVC files
 Exceptions raised inside a `with` body are never swallowed.
 
+In a stage, the same tracker runs in a tracking process of its own (TrackerProcess, started
+before the stage imports torch, so that importing mlflow takes the other core): same interface,
+same failure policy, and a run is closed when its `with` block exits.
+
 Usage (stages):
     tracker = Tracker.for_pipeline(root, params_path, exp_name=..., tracking_uri=...)
     with tracker.stage_run("train", "vaepp", flat_params) as log:
@@ -32,18 +37,19 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import numbers
 import os
 import re
-import sqlite3
+import select
+import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 EXPERIMENT = "vaepp"
 MAX_KEY, MAX_PARAM, MAX_TAG, BATCH_PARAMS, BATCH_METRICS = 250, 6000, 8000, 100, 1000
@@ -66,6 +72,9 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def probe(uri: str, timeout_s: float) -> str | None:
     """Why the store at `uri` is unusable (checked within ~timeout_s), or None if it looks fine."""
+    import sqlite3
+    import urllib.request
+
     try:
         if uri.startswith(("http://", "https://")):
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
@@ -85,6 +94,14 @@ def probe(uri: str, timeout_s: float) -> str | None:
 
 def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
+def warning_line(why: str) -> str:
+    return f"MLflow logging disabled: {why}; metrics are still in the DVC files"
+
+
+def _print_warning(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def git_head(root: Path) -> str:
@@ -141,9 +158,11 @@ class Tracker:
     """The pipeline's tracking state; `Tracker.for_pipeline` builds it, never raising."""
 
     def __init__(self, client: Any = None, experiment_id: str | None = None, parent_id: str | None = None,
-                 tags: dict[str, str] | None = None, reason: str | None = None):
+                 tags: dict[str, str] | None = None, reason: str | None = None,
+                 warn: Callable[[str], None] | None = None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.tags, self.reason = dict(tags or {}), reason
+        self.warn = warn or _print_warning  # where the one warning line goes
 
     @property
     def enabled(self) -> bool:
@@ -152,7 +171,7 @@ class Tracker:
     def disable(self, why: str) -> None:
         """Stop logging; print the one warning line the first time."""
         if self.reason is None:
-            print(f"MLflow logging disabled: {why}; metrics are still in the DVC files", file=sys.stderr)
+            self.warn(warning_line(why))
         self.reason = self.reason or why
 
     def _call(self, fn, *args, **kwargs) -> Any:
@@ -164,21 +183,21 @@ class Tracker:
     @classmethod
     def for_pipeline(cls, root: Path, params_path: Path, *, exp_name: str = "", git_rev: str | None = None,
                      tracking_uri: str | None = None, experiment: str = EXPERIMENT, enabled: bool = True,
-                     timeout_s: float = 3.0) -> "Tracker":
+                     timeout_s: float = 3.0, warn: Callable[[str], None] | None = None) -> "Tracker":
         """Connect to the store and find or create this execution's parent run.
 
         root: the real repository (DVC_ROOT); default store `sqlite_uri(root)` and artifacts in
         `<root>/mlartifacts`. params_path: the params file whose sha256 keys plain repros.
         exp_name: DVC_EXP_NAME ("" for `dvc repro`). git_rev: defaults to `git rev-parse HEAD`
         in root. enabled=False gives a silent no-op tracker. Never raises: on failure the tracker
-        is disabled with one warning line.
+        is disabled with one warning line, passed to `warn` (default: printed on stderr).
         """
         if not enabled:
             return cls(reason="turned off")
         root = Path(root).resolve()
         uri = tracking_uri or sqlite_uri(root)
         why = probe(uri, timeout_s)
-        tracker = cls()
+        tracker = cls(warn=warn)
         if why:
             tracker.disable(why)
             return tracker
@@ -297,3 +316,241 @@ def _parent(client: Any, experiment_id: str, key: str, name: str, tags: dict, pa
         client.log_artifact(winner, str(params_path))
     return winner
 
+
+
+# ----- the same tracker in a process of its own --------------------------------------------------
+# `import mlflow` and its SQLAlchemy store take 1.5-2.5 s of one core, and `import torch` in a stage
+# leaves the machine's other core idle for about as long. So a stage process starts a tracking
+# process first (TrackerProcess.start) that imports mlflow while the stage imports torch; the stage
+# then talks to it through one JSON request per line on its stdin. Requests after the first
+# ("open": the arguments of Tracker.for_pipeline) are not answered, except "end" (the end of a run,
+# so that a run is closed when its `with` block exits); warnings come back on its stdout.
+END_TIMEOUT_S = 120.0  # longest wait for the tracking process to close a run (artifacts included)
+OPEN_TIMEOUT_S = 60.0  # longest wait for its answer to "open" (imports and store probe included)
+
+
+def serve() -> None:
+    """The tracking process's loop (`TrackerProcess` starts it): requests on stdin, replies on
+    stdout, mlflow's own log lines on stderr. A stage that goes away mid-run leaves it KILLED."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stage, which ends the run
+
+    def send(**msg: Any) -> None:
+        replies.write(json.dumps(msg) + "\n")
+        replies.flush()
+
+    try:  # the imports Tracker.for_pipeline needs, before the stage asks
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from mlflow import MlflowClient  # noqa: F401
+        from mlflow.entities import Metric, Param  # noqa: F401
+        if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except Exception:  # noqa: BLE001 - Tracker.for_pipeline reports it
+        pass
+    tracker, run = Tracker(reason="not opened"), None
+    log = RunLog(tracker, None)
+    for line in sys.stdin:
+        op = None
+        try:
+            req = json.loads(line)
+            op = req.pop("op")
+            if op == "open":
+                tracker = Tracker.for_pipeline(Path(req.pop("root")), Path(req.pop("params_path")), **req,
+                                               warn=lambda text: send(warning=text))
+                send(opened={"enabled": tracker.enabled, "reason": tracker.reason, "tags": tracker.tags,
+                             "parent_id": tracker.parent_id, "experiment_id": tracker.experiment_id})
+            elif op in ("stage_run", "parent_log"):
+                run = tracker.stage_run(**req) if op == "stage_run" else tracker.parent_log()
+                log = run.__enter__()
+            elif op == "log":
+                getattr(log, req["method"])(*req["args"])
+            elif op == "end":
+                run, ending = None, run
+                _end(ending, req["status"])
+        except Exception as err:  # noqa: BLE001 - a bad request must not end the stage's tracking
+            tracker.disable(f"tracking process: {_short(err)}")
+        if op == "end":
+            send(ended=True)
+    _end(run, "KILLED")  # the stage went away inside a run
+
+
+def _end(run: Any, status: str) -> None:
+    """Leave a stage_run/parent_log context as the stage's `with` block ended: FINISHED, FAILED or KILLED."""
+    if run is None:
+        return
+    err = {"FINISHED": None, "FAILED": RuntimeError("the stage failed"), "KILLED": KeyboardInterrupt()}[status]
+    run.__exit__(type(err) if err else None, err, None)  # runs end with `status`; nothing is raised here
+
+
+class TrackerProcess:
+    """A Tracker in a process of its own, for stage scripts: `stage_run` and `parent_log` as
+    Tracker's, every call returns at once except a run's end. Failure policy as Tracker's: one
+    warning line on stderr (also if the process dies or stops answering), then no-op logging."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self._buf, self._info, self._replies = proc, b"", None, {}
+        self.reason: str | None = None
+        self._warned = self._used = False
+
+    @classmethod
+    def start(cls, code_root: Path) -> "TrackerProcess":
+        """Start the process (it imports mlflow at once); `open` it once the stage knows its params.
+        code_root: the directory holding the `vaepp` package."""
+        code = f"import sys; sys.path.insert(0, {str(code_root)!r}); from vaepp.tracking import serve; serve()"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self = cls(proc)
+        import atexit
+
+        atexit.register(self.close)
+        return self
+
+    def open(self, root: Path, params_path: Path, **kwargs: Any) -> "TrackerProcess":
+        """Find or create the parent run, as Tracker.for_pipeline(root, params_path, **kwargs)."""
+        self._used = True
+        self._send(op="open", root=str(Path(root).resolve()), params_path=str(Path(params_path).resolve()), **kwargs)
+        return self
+
+    # --- Tracker's interface
+    @property
+    def enabled(self) -> bool:
+        return self._opened().get("enabled", False) and self.reason is None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self._opened().get("tags") or {}
+
+    @property
+    def parent_id(self) -> str | None:
+        return self._opened().get("parent_id")
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._opened().get("experiment_id")
+
+    def disable(self, why: str) -> None:
+        if not self._warned:
+            _print_warning(warning_line(why))
+        self._warned = True
+        self.reason = self.reason or why
+
+    @contextmanager
+    def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator["_RemoteLog"]:
+        """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body."""
+        self._send(op="stage_run", stage=stage, run=run, params={str(k): str(v) for k, v in params.items()})
+        with self._finishing():
+            yield _RemoteLog(self)
+
+    @contextmanager
+    def parent_log(self) -> Iterator["_RemoteLog"]:
+        """Log to the parent run itself; marks it FINISHED on exit (FAILED on error)."""
+        self._send(op="parent_log")
+        with self._finishing():
+            yield _RemoteLog(self)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Let the process finish (end of input) and wait for it; kill it after timeout_s."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=timeout_s if self._used else 0.0)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()  # never opened (a stage that does not track), or hung
+                self.proc.wait()
+        self._drain()
+
+    # --- the pipe
+    @contextmanager
+    def _finishing(self) -> Iterator[None]:
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._send(op="end", status=status)
+            self._wait("ended", END_TIMEOUT_S)
+
+    def _send(self, **msg: Any) -> None:
+        if self.reason is not None:
+            return
+        try:
+            self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as err:
+            self.disable(f"the tracking process ended ({_short(err)})")
+
+    def _opened(self) -> dict:
+        if self._info is None:
+            self._info = self._wait("opened", OPEN_TIMEOUT_S) or {}
+        return self._info
+
+    def _wait(self, key: str, timeout_s: float) -> Any:
+        """Read replies until one holds `key` and return its value; None after a failure."""
+        deadline = time.monotonic() + timeout_s
+        while self.reason is None or key == "opened":
+            value = self._take(key)
+            if value is not None:
+                return value
+            if self.proc.stdout.closed:
+                return None
+            left = deadline - time.monotonic()
+            ready = select.select([self.proc.stdout], [], [], max(left, 0.0))[0] if left > 0 else []
+            if not ready:
+                self.disable(f"the tracking process did not answer within {timeout_s:.0f} s")
+                self.proc.kill()
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                self.proc.stdout.close()
+                self.disable(f"the tracking process ended (exit code {self.proc.wait()})")
+                return None
+            self._buf += chunk
+        return None
+
+    def _take(self, key: str) -> Any:
+        """Handle the complete replies received so far; the value of the first holding `key`."""
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "warning" in msg:  # the process's tracker disabled itself: print its one line
+                text = msg.pop("warning")
+                if not self._warned:
+                    _print_warning(text)
+                self._warned = True
+                self.reason = self.reason or "disabled in the tracking process"
+            self._replies.update(msg)  # kept until asked for ("opened" may come while waiting for "ended")
+        return self._replies.pop(key, None)
+
+    def _drain(self) -> None:
+        """Print a warning still in the pipe after the process ended."""
+        if not self.proc.stdout.closed:
+            try:
+                self._buf += self.proc.stdout.read() or b""
+            except (OSError, ValueError):
+                pass
+            self._take("-")
+
+
+class _RemoteLog:
+    """RunLog's interface, sent to the tracking process (numbers as floats, params as strings)."""
+
+    def __init__(self, tracker: TrackerProcess):
+        self.tracker = tracker
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        values = {str(k): float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        self.tracker._send(op="log", method="log_metrics", args=[values, None if step is None else int(step)])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker._send(op="log", method="log_params", args=[{str(k): str(v) for k, v in params.items()}])
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.tracker._send(op="log", method="log_artifact", args=[str(path), artifact_path])
+
+    log_artifacts = log_artifact

@@ -1,0 +1,176 @@
+"""A stage's start-up: the tracking process (MLflow imported beside the stage, not in it), when a
+stage starts one, and the OpenMP wait-policy sample. The in-process tracker is tests/test_tracking.py's."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import common
+from vaepp.tracking import TrackerProcess, sqlite_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+WARNING = "MLflow logging disabled:"
+TAIL = "metrics are still in the DVC files"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "params.yaml").write_text("model:\n  zdim: 16\n")
+    return tmp_path
+
+
+@pytest.fixture
+def started():
+    procs = []
+
+    def start():
+        procs.append(TrackerProcess.start(ROOT))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.close(timeout_s=10)
+
+
+def runs(repo):
+    import mlflow
+
+    mlflow.set_tracking_uri(sqlite_uri(repo))
+    try:
+        return mlflow.search_runs(experiment_names=["vaepp"], order_by=["attributes.start_time ASC"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_runs_logged_through_the_process_share_one_parent(repo, started, capsys):
+    curve = repo / "curve.csv"
+    curve.write_text("epoch,elbo\n0,-1.5\n")
+    for stage in ("train", "estimate-nll"):
+        t = started().open(repo, repo / "params.yaml", exp_name="exp-p", git_rev="abc123")
+        with t.stage_run(stage, "vae", {"model.zdim": 16, "train.lr": 1e-3}) as log:
+            for epoch, elbo in enumerate([-3.0, -2.0, -1.0]):
+                log.log_metrics({"elbo": elbo, "note": "text is skipped", "flag": True}, step=epoch)
+            log.log_artifact(curve)
+        assert t.enabled and t.tags["dvc.exp_name"] == "exp-p" and t.parent_id
+    df = runs(repo)
+    parents, children = df[df["tags.vaepp.role"] == "parent"], df[df["tags.vaepp.role"] == "stage"]
+    assert len(parents) == 1 and len(children) == 2 and set(df.status) == {"FINISHED"}
+    assert set(children["tags.mlflow.parentRunId"]) == {parents.run_id.iloc[0]}
+    assert list(children["tags.dvc.stage"]) == ["train", "estimate-nll"]
+    train = children.iloc[0]
+    assert train["params.model.zdim"] == "16" and float(train["params.train.lr"]) == 1e-3
+    assert train["metrics.elbo"] == -1.0 and train["metrics.flag"] == 1.0 and "metrics.note" not in df.columns
+    assert (Path(train.artifact_uri) / "curve.csv").read_text() == curve.read_text()
+    assert WARNING not in capsys.readouterr().err
+
+
+def test_failed_and_interrupted_bodies_end_their_runs(repo, started):
+    t = started().open(repo, repo / "params.yaml", exp_name="e", git_rev="r")
+    with pytest.raises(ValueError, match="boom"):
+        with t.stage_run("train", "vae", {}):
+            raise ValueError("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with t.stage_run("estimate-nll", "vae", {}):
+            raise KeyboardInterrupt
+    with t.parent_log() as log:
+        log.log_metrics({"vae/nll_nats": 95.5})
+    df = runs(repo).set_index("tags.mlflow.runName")
+    assert df.loc["train:vae"].status == "FAILED" and df.loc["estimate-nll:vae"].status == "KILLED"
+    assert df.loc["e"].status == "FINISHED" and df.loc["e"]["metrics.vae/nll_nats"] == 95.5
+
+
+@pytest.mark.parametrize("trouble", ["unreachable", "process killed"])
+def test_trouble_degrades_with_one_warning(repo, started, capsys, trouble):
+    uri = "http://127.0.0.1:9" if trouble == "unreachable" else None
+    t = started().open(repo, repo / "params.yaml", exp_name="x", git_rev="r", tracking_uri=uri, timeout_s=1.0)
+    ran = []
+    with t.stage_run("train", "vae", {"a": 1}) as log:
+        if trouble == "process killed":
+            t.proc.kill()
+            t.proc.wait()
+        for epoch in range(3):
+            log.log_metrics({"elbo": -1.0}, step=epoch)
+        ran.append(True)
+    with t.parent_log() as log:
+        log.log_metrics({"x": 1.0})
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if WARNING in line]
+    assert ran == [True] and not t.enabled
+    assert len(lines) == 1 and TAIL in lines[0], err
+    assert ("127.0.0.1:9" if trouble == "unreachable" else "tracking process ended") in lines[0]
+
+
+STAGE = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from vaepp.tracking import TrackerProcess
+t = TrackerProcess.start(Path({root!r})).open(Path({repo!r}), Path({repo!r}) / "params.yaml", exp_name="k", git_rev="r")
+with t.stage_run("train", "vae", {{}}) as log:
+    log.log_metrics({{"elbo": -1.0}}, step=0)
+    assert t.enabled
+    print("running", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_stage_leaves_its_run_killed(repo):
+    """SIGKILL of the stage process: its tracking process sees the end of its input and ends
+    the open run KILLED (a stage killed while tracking in process left it RUNNING)."""
+    proc = subprocess.Popen([sys.executable, "-c", STAGE.format(root=str(ROOT), repo=str(repo))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        df = runs(repo)
+        child = df[df["tags.vaepp.role"] == "stage"]
+        if len(child) and child.status.iloc[0] != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert child.status.iloc[0] == "KILLED" and child["metrics.elbo"].iloc[0] == -1.0
+
+
+def test_tracker_hands_the_stage_params_to_the_started_process(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    for k in ("MLFLOW_TRACKING_URI", "VAEPP_MLFLOW"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "from-env")
+    monkeypatch.setattr(common, "_TRACKING_PROCESS", TrackerProcess.start(ROOT))
+    t = common.tracker("params.yaml")
+    try:
+        assert isinstance(t, TrackerProcess) and common._TRACKING_PROCESS is None
+        assert t.enabled and t.tags["dvc.exp_name"] == "from-env" and (repo / "mlflow.db").is_file()
+        assert not isinstance(common.tracker("params.yaml"), TrackerProcess)  # one process, one use
+    finally:
+        t.close()
+
+
+def test_only_a_stage_script_starts_a_tracking_process():
+    stage = str(ROOT / "stages" / "train.py")
+    for argv, env in [(["-c"], {}), ([str(ROOT / "bench" / "run_all.py")], {}), ([stage], {"VAEPP_MLFLOW": "0"}),
+                      ([stage], {"RANK": "1"})]:
+        assert common.start_tracking_process(argv, env) is None
+    p = common.start_tracking_process([stage], {"RANK": "0"})
+    try:
+        assert isinstance(p, TrackerProcess) and p.proc.poll() is None
+    finally:
+        start = time.monotonic()
+        p.close()  # never opened: ended at once, not waited for
+        assert p.proc.returncode is not None and time.monotonic() - start < 5
+
+
+def test_one_core_takes_no_load_sample(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+
+    def never():
+        raise AssertionError("sampled")
+
+    assert common.choose_omp_wait_policy({}, busy=never) == "default"
