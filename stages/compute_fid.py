@@ -2,11 +2,13 @@
 
 Inception: pytorch-fid's network (pool3, 2048-d) with its own weights, downloaded by pytorch-fid
 where the internet is available, otherwise converted offline from the registry copy and verified
-by checksum. Reference statistics are cached once per dataset file and protocol under
-$VAEPP_CACHE/fid_stats (`vaepp.evaluate.fid_protocol`). Output: the --out JSON.
+by checksum. FID and KID of both sample sets, beside both for held-out real images (the first
+n_samples images of the other split: the floor at this N). The reference and held-out features are
+cached once per dataset file and protocol under $VAEPP_CACHE/fid_stats
+(`vaepp.evaluate.fid_protocol`). Output: the --out JSON.
 With `distributed.nproc_per_node: N` (or under `torchrun`), every Inception batch of N·batch_size
 images is split across the N processes and its features gathered, so the feature sums are the
-one-process sums; only rank 0 writes (the metrics and a missing reference-statistics cache).
+one-process sums; only rank 0 writes (the metrics and a missing reference or held-out cache).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ def _compute(args, run, ctx) -> int:
     ctx.barrier()
     net = vdist.ShardedModule(fetch_fid_weights.load_inception(common.torch_home(), ctx.device), ctx)
     p = run.fid
-    reference = train if p.reference == "train" else test
+    held = evaluate.HELD_OUT[p.reference]
+    split = {"train": train, "test": test}
+    digest = {name: meta.get("sha256", {}).get(f"{name}.pt", "unrecorded") for name in split}
     metrics = evaluate.fid_protocol(
-        net, ctx, samples, samples_gan, reference, p, sampler=sampler, dataset=run.data.dataset,
-        reference_digest=meta.get("sha256", {}).get(f"{p.reference}.pt", "unrecorded"),
+        net, ctx, samples, samples_gan, split[p.reference], split[held], p, sampler=sampler,
+        dataset=run.data.dataset, reference_digest=digest[p.reference], held_out_digest=digest[held],
         stats_dir=common.cache_dir() / "fid_stats", device=ctx.device,
         progress=not args.no_progress and ctx.is_writer)
     if not ctx.is_writer:
@@ -50,7 +54,9 @@ def _compute(args, run, ctx) -> int:
     metrics["run"] = run.name
     atomic_write_json(args.out, metrics)
     common.log_stage(args, "compute-fid", run, p.model_dump(), metrics)
-    print(f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f} ({metrics['protocol']})")
+    print(f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f}, real held-out "
+          f"(floor) {metrics['fid_floor']:.2f}; KID {metrics['kid_mean']:.4f}, {metrics['kid_gan_mean']:.4f}, "
+          f"floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""FID: the Fréchet distance against closed forms, the feature statistics against numpy, the
-plumbing with a small fake network (as pytorch-fid's own tests do), checksums of weights and
-cached statistics, the offline weights against their source network, that the FID math imports
+"""FID: the Fréchet distance against closed forms, the feature statistics against numpy, KID
+against the closed-form MMD² of the cubic kernel, the plumbing with a small fake network (as
+pytorch-fid's own tests do), the floor and KID of the FID protocol, checksums of weights and
+cached statistics and features, the offline weights against their source network, that the FID math imports
 nothing that reaches the outside world, and (slow) MNIST train vs test in the measured range."""
 
 import io
@@ -163,6 +164,194 @@ def test_reference_statistics_cached_once_and_checked(tmp_path):
     assert str(path) in str(err.value) and calls == [1]  # never silently recomputed over
     with pytest.raises(ValueError, match="key"):
         fid.reference_statistics("../escape", images_fn, tmp_path, net)
+
+
+def test_reference_features_cache_the_statistics_of_reference_statistics_and_the_features(tmp_path):
+    net = FakeInception()
+    imgs = _images(40, 4)
+    mu, sigma, _ = fid.reference_statistics("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    got = fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    # The same running sums: bit-identical μ and Σ, so a FID against either is the same number.
+    assert np.array_equal(got.mu, mu) and np.array_equal(got.sigma, sigma)
+    assert torch.equal(got.features, fid.inception_features(net, imgs))
+    seen = len(net.seen)
+    hit = fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    assert len(net.seen) == seen  # no network pass on a hit
+    assert torch.equal(hit.features, got.features) and hit.features.dtype == torch.float64
+    assert np.array_equal(hit.mu, mu) and np.array_equal(hit.sigma, sigma)
+
+    path = fid.feature_cache_path(tmp_path, "toy-train-first40")
+    with np.load(path) as z:
+        fields = {k: z[k] for k in z.files}
+    assert fields["features"].dtype == np.float32  # the fake's activations are float32: stored exactly
+    with pytest.raises(fid.FidCacheError, match="another feature network"):
+        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, FakeInception(seed=1))
+    fields["features"][3, 2] += 1e-3  # a feature changed behind the checksum's back
+    buf = io.BytesIO()
+    np.savez(buf, **fields)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(fid.FidCacheError, match="checksum mismatch") as err:
+        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
+    assert str(path) in str(err.value) and "Remedy" in str(err.value)
+    path.write_bytes(buf.getvalue()[:300])
+    with pytest.raises(fid.FidCacheError, match="unreadable"):
+        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
+
+
+# ------------------------------------------------------------------ KID
+
+
+def _gaussian_moments(mu, sigma):
+    """The first three moment tensors E[x], E[x xᵀ], E[x ⊗ x ⊗ x] of N(μ, Σ)."""
+    m2 = sigma + np.outer(mu, mu)
+    m3 = (np.einsum("i,j,k->ijk", mu, mu, mu) + np.einsum("i,jk->ijk", mu, sigma)
+          + np.einsum("j,ik->ijk", mu, sigma) + np.einsum("k,ij->ijk", mu, sigma))
+    return mu, m2, m3
+
+
+def _cubic_mmd2(mu1, sigma1, mu2, sigma2):
+    """Population MMD² of the kernel k(x, y) = (xᵀy/d + 1)³ = Σ_k C(3, k) d^{-k} ⟨x^{⊗k}, y^{⊗k}⟩:
+    E k(x, y) = Σ_k C(3, k) d^{-k} ⟨M_k(P), M_k(Q)⟩ with M_k the k-th moment tensor, so
+
+        MMD²(P, Q) = Σ_{k=1}^{3} C(3, k) d^{-k} ‖M_k(P) − M_k(Q)‖²_F,
+
+    any P, Q with three moments; here both Gaussian."""
+    d = len(mu1)
+    return sum(c / d**k * np.sum((a - b) ** 2) for k, c, a, b in
+               zip((1, 2, 3), (3, 3, 1), _gaussian_moments(mu1, sigma1), _gaussian_moments(mu2, sigma2), strict=True))
+
+
+def _replicates(mu1, sigma1, mu2, sigma2, *, reps, n, m, seed):
+    """KID of `reps` independent sample pairs of n points each (m-row subsets): (reps,)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(reps):
+        x = torch.from_numpy(rng.multivariate_normal(mu1, sigma1, n))
+        y = torch.from_numpy(rng.multivariate_normal(mu2, sigma2, n))
+        out.append(fid.kernel_inception_distance(x, y, n_subsets=4, max_subset_size=m, seed=r).mean)
+    return np.array(out)
+
+
+def test_kid_matches_the_closed_form_mmd2_of_two_gaussians():
+    """Each replicate's KID is an unbiased estimate of the population MMD², so the mean over
+    independent replicates lies within a few Monte-Carlo standard errors of the closed form."""
+    rng = np.random.default_rng(3)
+    d = 3
+    mu1, mu2 = np.array([0.5, -0.2, 0.3]), np.array([0.2, 0.1, 0.4])
+    sigma1, sigma2 = _random_cov(d, rng) * 0.5, _random_cov(d, rng) * 0.8
+    exact = _cubic_mmd2(mu1, sigma1, mu2, sigma2)
+    kids = _replicates(mu1, sigma1, mu2, sigma2, reps=300, n=200, m=100, seed=1)
+    se = kids.std(ddof=1) / np.sqrt(len(kids))
+    assert exact > 10 * se  # the check can tell the closed form from 0
+    assert abs(kids.mean() - exact) < 4 * se, (kids.mean(), exact, se)
+
+
+def test_kid_is_unbiased_for_identical_laws_and_can_be_negative():
+    """Equal laws: MMD² = 0, and KID's mean over replicates is 0 within its standard error, with
+    about half the values negative; the V-statistic (diagonals kept) is visibly biased upward."""
+    mu, sigma = np.array([0.4, 0.1, -0.3]), _random_cov(3, np.random.default_rng(4))
+    assert _cubic_mmd2(mu, sigma, mu, sigma) == 0.0
+    kids = _replicates(mu, sigma, mu, sigma, reps=400, n=10, m=10, seed=2)
+    se = kids.std(ddof=1) / np.sqrt(len(kids))
+    assert abs(kids.mean()) < 4 * se, (kids.mean(), se)
+    assert 0.3 < (kids < 0).mean() < 0.7
+    rng = np.random.default_rng(2)
+    biased = []
+    for _ in range(400):
+        x, y = (torch.from_numpy(rng.multivariate_normal(mu, sigma, 10)) for _ in range(2))
+        k = fid.polynomial_kernel
+        biased.append(float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
+    assert np.mean(biased) > 10 * se
+
+
+def test_kid_vectorised_equals_the_pairwise_sum_and_is_seeded():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, 4, generator=gen, dtype=torch.float64) + 0.3
+
+    def k(a, b):
+        return (float(a @ b) / 4 + 1.0) ** 3
+
+    # Subsets of m = 7 = n_x rows: every x subset is all of x; y's vary.
+    m = 7
+    got = fid._kid_values(x, y, 3, m, seed=0, gram=False)
+    g = torch.Generator().manual_seed(0)
+    for value in got:
+        ix, iy = torch.randperm(7, generator=g)[:m], torch.randperm(9, generator=g)[:m]
+        xs, ys = x[ix], y[iy]
+        xx = sum(k(xs[i], xs[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+        yy = sum(k(ys[i], ys[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+        xy = sum(k(xs[i], ys[j]) for i in range(m) for j in range(m)) / m**2
+        assert float(value) == pytest.approx(xx + yy - 2 * xy, rel=1e-12, abs=1e-14)
+    # The full-Gram path gives the same numbers.
+    np.testing.assert_allclose(fid._kid_values(x, y, 3, m, seed=0, gram=True), got, rtol=1e-12, atol=1e-14)
+    a = fid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
+    assert a == fid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
+    assert a.subset_size == 7 and a.n_subsets == 20 and a.std > 0
+    assert a.mean != fid.kernel_inception_distance(x, y, n_subsets=20, seed=2).mean
+    whole = fid.kernel_inception_distance(x[:5], y[:5], n_subsets=10)  # m = n: every subset is the set
+    assert whole.std < 1e-12 * abs(whole.mean)
+    with pytest.raises(ValueError, match="width"):
+        fid.kernel_inception_distance(x, y[:, :3])
+
+
+# ------------------------------------------------------------------ the protocol: floor and KID
+
+
+def _uint8(n, seed):
+    return (_images(n, seed) * 255).round().to(torch.uint8)
+
+
+def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
+    from vaepp import evaluate
+    from vaepp.config import FIDParams
+    from vaepp.distributed import DistContext
+
+    net = FakeInception()
+    train, test = _uint8(50, 10), _uint8(35, 11)
+    samples, samples_gan = (_images(32, 12) ** 2 * 255).round().to(torch.uint8), _uint8(32, 13)  # darker; real-like
+    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16)
+    sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
+
+    def run():
+        return evaluate.fid_protocol(net, DistContext(), samples, samples_gan, train, test, p, sampler=sampler,
+                                     dataset="toy", reference_digest="a" * 64, held_out_digest="b" * 64,
+                                     stats_dir=tmp_path, device="cpu")
+
+    out = run()
+    unit = lambda t: t.float() / 255.0  # noqa: E731
+    kw = dict(batch_size=16)
+    # The FID of the samples by the path that made it before floor and KID existed: unchanged.
+    mu_r, sigma_r, _ = fid.reference_statistics("old", lambda: unit(train[:40]), tmp_path / "old", net, **kw)
+    for key, imgs in (("fid", samples), ("fid_gan", samples_gan)):
+        stats = fid.feature_stats(net, unit(imgs[:30]), **kw)
+        assert out[key] == fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r)
+    # The floor: the first 30 test images against the same 40 training images.
+    assert out["fid_floor"] == pytest.approx(fid.fid_from_images(net, unit(test[:30]), unit(train[:40]), **kw),
+                                             rel=1e-12)
+    ref = fid.inception_features(net, unit(train[:40]))
+    for prefix, imgs in (("kid", samples[:30]), ("kid_gan", samples_gan[:30]), ("kid_floor", test[:30])):
+        want = fid.kernel_inception_distance(fid.inception_features(net, unit(imgs)), ref, seed=evaluate.KID_SEED)
+        got = (out[f"{prefix}_mean"], out[f"{prefix}_std"])
+        assert got == pytest.approx((want.mean, want.std), rel=1e-9, abs=1e-15)
+    assert out["kid_subset_size"] == 30 and out["kid_subsets"] == 100
+    assert out["held_out"] == "test" and out["n_held_out"] == 30 and out["n_reference"] == 40
+    assert "floor: the first 30 test images (held out) vs the same 40 train images" in out["protocol"]
+    assert out["fid"] > out["fid_floor"] > 0  # darkened samples score worse than real images
+    # Both sets cached under keys naming split, count and the prepared file's digest.
+    assert fid.feature_cache_path(tmp_path, "toy-test-first30-bbbbbbbbbbbb").is_file()
+    assert fid.feature_cache_path(tmp_path, "toy-train-first40-aaaaaaaaaaaa").is_file()
+    seen = len(net.seen)
+    again = run()
+    assert len(net.seen) - seen == 2 * 2  # the two sample sets only (2 batches each): no reference or floor pass
+    assert {k: v for k, v in again.items() if not k.startswith("seconds")} == {
+        k: v for k, v in out.items() if not k.startswith("seconds")}
+    # Reference = test: the held-out images come from the training split.
+    p_test = FIDParams(n_samples=30, reference="test", n_reference=35, batch_size=16)
+    flip = evaluate.fid_protocol(net, DistContext(), samples, samples_gan, test, train, p_test, sampler=sampler,
+                                 dataset="toy", reference_digest="b" * 64, held_out_digest="a" * 64,
+                                 stats_dir=tmp_path, device="cpu")
+    assert flip["held_out"] == "train" and "the first 30 train images (held out)" in flip["protocol"]
 
 
 # ------------------------------------------------------------------ the boundary

@@ -81,8 +81,12 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
                  "mala_acceptance": 0.61 if pull else None,
                  "sampler": "latent GAN + MALA" if pull else "prior N(0, I)"},
         "fid": {"run": name, "fid": 30.0 + zdim / 4 + rng.random(), "fid_gan": 35.0 + rng.random(),
-                "n_samples": 500, "n_reference": 500, "reference": "train",
-                "protocol": "500 samples vs the first 500 train images of mnist, pytorch-fid Inception pool3",
+                "fid_floor": 21.5, "kid_mean": 0.035, "kid_std": 0.002,
+                "kid_gan_mean": 0.045, "kid_gan_std": 0.003, "kid_floor_mean": 0.0004,
+                "kid_floor_std": 0.001, "kid_subset_size": 250, "kid_floor_subset_size": 250, "kid_subsets": 100,
+                "n_samples": 500, "n_reference": 500, "reference": "train", "n_held_out": 500, "held_out": "test",
+                "protocol": "500 samples vs the first 500 train images of mnist, pytorch-fid Inception pool3; "
+                            "floor: the first 500 test images (held out) vs the same 500 train images",
                 "sampler": "latent GAN + MALA" if pull else "prior N(0, I)",
                 "mala_acceptance": 0.61 if pull else None, "mala_steps": 200, "mala_step_size": 1e-5,
                 "seconds": 50.0},
@@ -166,6 +170,10 @@ def test_measured_cells_come_from_the_json_and_carry_their_protocol(study):
     fid = _ours_cells(tabs["table4"], "VAEPP", "MNIST")[0]
     assert fid.value == written["vaepp"]["fid"]["fid"] and "acceptance 0.610" in fid.protocol
     assert "500 samples vs the first 500 train images" in fid.protocol
+    assert "floor (real held-out images" in fid.protocol and "NOT comparable with the paper's FID" in fid.protocol
+    paper = runs.loc[runs["run"] == "vaepp"].iloc[0].copy()  # the same run at the paper's protocol
+    paper[["fid.n_samples", "fid.n_reference"]] = [5000, 50000]
+    assert "COMPARABLE with the paper's FID" in report.measure(paper, "fid").protocol
     vae_fid = _ours_cells(tabs["table4"], "Plain VAE, z ~ N(0, I)", "MNIST")[0]
     assert vae_fid.value == written["vae"]["fid"]["fid"]
 
@@ -251,7 +259,8 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
     for run, (value, err) in parsed.items():
         assert value == pytest.approx(written[run]["nll"]["nll_nats"], abs=0.005)
         assert err == pytest.approx(written[run]["nll"]["nll_stderr"], abs=0.005)
-    fid = t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"].str.extract(r"^\s*(\d+\.\d+) \((\w+)\)").dropna()
+    fid = t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"].str.extract(
+        r"^\s*(\d+\.\d+) \(floor 21\.5; KID 0\.035 ± 0\.002\) \((\w+)\)").dropna()
     assert {r: float(v) for v, r in fid.to_numpy()} == pytest.approx(
         {r: written[r]["fid"]["fid"] for r in SWEEP}, abs=0.005)
     logz = md["log Z estimates and the NLL under each"]

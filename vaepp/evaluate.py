@@ -13,8 +13,9 @@ protocol is unit-tested without DVC:
   reported beside it, never in its place. The plain VAE has log Z = 0 exactly.
 - `sampling_protocol`: paper §4.3. Pull-back runs: z₀ from the latent GAN, then MALA on
   E(z) = β·D(G(z)) + ½‖z‖²; "GAN-VAEPP" decodes z₀ directly. Plain VAE: z ~ N(0, I), its prior.
-- `fid_protocol`: FID (Heusel et al. 2017) of both sample sets against the first n reference
-  images, with the reference statistics cached per dataset file and protocol.
+- `fid_protocol`: FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) of both sample sets
+  against the first n reference images, beside both for as many held-out real images (the
+  floor), with the reference and held-out features cached per dataset file and protocol.
 
 Seeds: the NLL uses nll.seed for the q-based estimate, seed + 1 for N(0, I)-IS, seed + 100 + s
 for AIS seed s and seed + 2 for the test-set samples, so every estimate has its own stream.
@@ -149,18 +150,29 @@ def sampling_protocol(model, gan, ctx: vdist.DistContext, params: MALAParams, *,
 
 # What fid.json repeats of mala.json, so a FID is read with the sampler that made its images.
 SAMPLER_FIELDS = ("sampler", "mala_acceptance", "mala_steps", "mala_step_size")
+# KID's subset protocol (Bińkowski et al. 2018): 100 subsets of m = min(1000, n) rows, one seed.
+KID_SUBSETS, KID_MAX_SUBSET, KID_SEED = 100, 1000, 0
+# The floor's held-out images: the split that is not the reference.
+HELD_OUT = {"train": "test", "test": "train"}
 
 
 def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tensor, reference: Tensor,
-                 params: FIDParams, *, sampler: dict, dataset: str, reference_digest: str, stats_dir: Path,
-                 device: torch.device | str, progress: bool = False) -> dict:
-    """FID of the MALA samples and of the latent-GAN samples against the first n_reference images.
+                 held_out: Tensor, params: FIDParams, *, sampler: dict, dataset: str, reference_digest: str,
+                 held_out_digest: str, stats_dir: Path, device: torch.device | str,
+                 progress: bool = False) -> dict:
+    """FID and KID of the MALA samples and of the latent-GAN samples against the first n_reference
+    images, beside the same FID and KID for real held-out images (the floor).
 
+    reference: uint8 images (N, C, H, W) of split `params.reference`; held_out: those of the other
+    split, whose first n_samples images are scored against the same reference set, so the floor
+    is the FID that real images get at this N and protocol (FID is biased upward at finite N;
+    Bińkowski et al. 2018, "Demystifying MMD GANs"). KID: the unbiased MMD² with the cubic kernel
+    (`fid.kernel_inception_distance`), from the same Inception features as the FID.
     net: the Inception network (a `ShardedModule` on W processes: each rank evaluates batch_size
-    images of every W·batch_size batch). reference_digest: the prepared file's SHA-256, part of
-    the statistics' cache key, so statistics of one dataset file are never reused for another.
+    images of every W·batch_size batch). reference_digest, held_out_digest: the prepared files'
+    SHA-256, part of the cache keys, so features of one dataset file are never reused for another.
     sampler: the sampling stage's metrics, whose SAMPLER_FIELDS are copied into the result.
-    Only rank 0 writes the cache and returns FIDs (other ranks return {}).
+    Only rank 0 writes the caches and returns the metrics (other ranks return {}).
     """
     from . import fid
 
@@ -170,34 +182,67 @@ def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tens
                          "raise mala.n_samples or lower fid.n_samples")
     t0 = time.perf_counter()
     batch = p.batch_size * ctx.world
+    held = HELD_OUT[p.reference]
     n_ref = min(p.n_reference, reference.shape[0])
-    key = f"{dataset}-{p.reference}-first{n_ref}-{reference_digest[:12]}"
+    n_held = min(p.n_samples, held_out.shape[0])
     kw = dict(batch_size=batch, device=device, progress=progress)
-    cached = ctx.broadcast_flag((stats_dir / f"{key}.npz").exists())  # the file reference_statistics keeps
-    ref_batches = lambda: unit_batches(reference[:n_ref], batch)  # noqa: E731
-    mu_r = sigma_r = None
-    if ctx.is_writer:
-        mu_r, sigma_r, _ = fid.reference_statistics(key, ref_batches, stats_dir, net, **kw)
-    elif not cached:  # take part in rank 0's sharded feature pass; rank 0 writes the cache
-        fid.feature_stats(net, ref_batches(), **kw)
 
-    def fid_of(images: Tensor) -> float | None:
-        stats = fid.feature_stats(net, unit_batches(images[: p.n_samples], batch), **kw)
-        return fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r) if ctx.is_writer else None
+    def cached_set(key: str, images: Tensor) -> fid.FeatureSet | None:
+        """The set's features from the cache, or from one sharded pass that rank 0 caches."""
+        hit = ctx.broadcast_flag(fid.feature_cache_path(stats_dir, key).exists())
+        if ctx.is_writer:
+            return fid.reference_features(key, lambda: unit_batches(images, batch), stats_dir, net, **kw)
+        if not hit:  # take part in rank 0's sharded feature pass; rank 0 writes the cache
+            fid.feature_stats(net, unit_batches(images, batch), **kw)
+        return None
 
-    value, value_gan = fid_of(samples), fid_of(samples_gan)  # GAN-VAEPP: z₀ decoded directly
+    ref = cached_set(f"{dataset}-{p.reference}-first{n_ref}-{reference_digest[:12]}", reference[:n_ref])
+    t_floor = time.perf_counter()
+    floor = cached_set(f"{dataset}-{held}-first{n_held}-{held_out_digest[:12]}", held_out[:n_held])
+    t_floor = time.perf_counter() - t_floor
+
+    def kid(features: Tensor) -> fid.KernelDistance:
+        return fid.kernel_inception_distance(features, ref.features, n_subsets=KID_SUBSETS,
+                                             max_subset_size=KID_MAX_SUBSET, seed=KID_SEED)
+
+    def scores(images: Tensor) -> tuple[float, fid.KernelDistance] | None:
+        batches = unit_batches(images[: p.n_samples], batch)
+        if not ctx.is_writer:
+            fid.feature_stats(net, batches, **kw)
+            return None
+        features, stats = fid.features_and_stats(net, batches, **kw)
+        return fid.frechet_distance(*stats.mean_cov(), ref.mu, ref.sigma), kid(features)
+
+    ours, ours_gan = scores(samples), scores(samples_gan)  # GAN-VAEPP: z₀ decoded directly
     if not ctx.is_writer:
         return {}
+    (value, k_mala), (value_gan, k_gan) = ours, ours_gan
+    k_floor = kid(floor.features)
     return {
         "fid": value,
+        "fid_floor": fid.frechet_distance(floor.mu, floor.sigma, ref.mu, ref.sigma),
+        "kid_mean": k_mala.mean,
+        "kid_std": k_mala.std,
         "fid_gan": value_gan,
+        "kid_gan_mean": k_gan.mean,
+        "kid_gan_std": k_gan.std,
+        "kid_floor_mean": k_floor.mean,
+        "kid_floor_std": k_floor.std,
+        "kid_subset_size": k_mala.subset_size,
+        "kid_floor_subset_size": k_floor.subset_size,
+        "kid_subsets": KID_SUBSETS,
         "n_samples": p.n_samples,
         "n_reference": n_ref,
         "reference": p.reference,
+        "n_held_out": n_held,
+        "held_out": held,
         "protocol": (f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
-                     "pytorch-fid Inception pool3"),
+                     f"pytorch-fid Inception pool3; floor: the first {n_held} {held} images (held out) vs the "
+                     f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², mean ± sd over "
+                     f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}"),
         **{k: sampler.get(k) for k in SAMPLER_FIELDS},
         "seconds": time.perf_counter() - t0,
+        "seconds_floor": t_floor,
     }
 
 

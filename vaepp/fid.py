@@ -9,6 +9,12 @@ network (Heusel et al. 2017):
 5000 samples vs the training set; Dai & Wipf's numbers use 10k samples vs 10k test images. The
 protocol is the caller's choice and belongs in the reference-statistics key.
 
+FID is biased upward at finite N (roughly by Tr Σ / N; Bińkowski et al. 2018, "Demystifying MMD
+GANs"), so even two sets of real images score well above zero at a few hundred images. Two
+companions read from the same features: the Kernel Inception Distance (KID, the unbiased MMD²
+with the cubic polynomial kernel of Bińkowski et al. 2018), and the caller's real-vs-real FID at
+the same N (the floor), for which `reference_features` caches a held-out set's features.
+
 The network is an argument everywhere: pytorch-fid's InceptionV3 with verified weights comes from
 `fetch_fid_weights.load_inception`; tests pass a small stand-in. Reference statistics are cached in
 a directory the caller names. This module reads no environment and fetches nothing.
@@ -21,6 +27,7 @@ import io
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -144,17 +151,33 @@ class FeatureStats:
         return mu.numpy(), cov.numpy()
 
 
-def feature_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
-                  device: torch.device | str = "cpu", progress: bool = False) -> FeatureStats:
-    """FeatureStats of the pool3 features of `images`, streamed (features are not kept)."""
+def _stream_stats(batches: Iterator[Tensor], kept: list[Tensor] | None) -> FeatureStats:
+    """FeatureStats of (B, d) feature batches, appending each batch to `kept` when given."""
     stats: FeatureStats | None = None
-    for feats in iter_features(net, images, batch_size=batch_size, device=device, progress=progress):
+    for feats in batches:
         if stats is None:  # the width comes from the network (2048 for pool3)
             stats = FeatureStats(feats.shape[1])
         stats.update(feats)
+        if kept is not None:
+            kept.append(feats)
     if stats is None:
         raise ValueError("no images")
     return stats
+
+
+def feature_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
+                  device: torch.device | str = "cpu", progress: bool = False) -> FeatureStats:
+    """FeatureStats of the pool3 features of `images`, streamed (features are not kept)."""
+    return _stream_stats(iter_features(net, images, batch_size=batch_size, device=device, progress=progress), None)
+
+
+def features_and_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
+                       device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, FeatureStats]:
+    """(features (N, 2048) float64, FeatureStats) from one pass: the statistics are those of
+    `feature_stats` (the same batches through the same running sums), the features feed KID."""
+    kept: list[Tensor] = []
+    stats = _stream_stats(iter_features(net, images, batch_size=batch_size, device=device, progress=progress), kept)
+    return torch.cat(kept), stats
 
 
 def _resolvable(eigenvalues: np.ndarray) -> np.ndarray:
@@ -193,37 +216,145 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 # ----------------------------------------------------------------------------------------------
-# Cached reference statistics and the end-to-end FID
+# Kernel Inception Distance
+# ----------------------------------------------------------------------------------------------
+
+class KernelDistance(NamedTuple):
+    """KID over random subsets: the mean and sample standard deviation (n_subsets − 1) of the
+    per-subset unbiased MMD² (unitless), the subset size m and the number of subsets. When m equals
+    both set sizes every subset is the whole set and std is 0 by construction, not an error bar."""
+
+    mean: float
+    std: float
+    subset_size: int
+    n_subsets: int
+
+
+def polynomial_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """k(x, y) = (xᵀy / d + 1)³ for every pair of rows: a (n, d), b (m, d) → (n, m), float64."""
+    d = a.shape[1]
+    return (a.double() @ b.double().T / d + 1.0) ** 3
+
+
+def mmd2_unbiased(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor) -> float:
+    """The unbiased MMD² from kernel blocks of m_x and m_y samples (Gretton et al. 2012, "A Kernel
+    Two-Sample Test", MMD²_u):
+
+        Σ_{i≠j} k(x_i, x_j) / (m_x(m_x−1)) + Σ_{i≠j} k(y_i, y_j) / (m_y(m_y−1)) − 2 Σ_{i,j} k(x_i, y_j) / (m_x m_y).
+
+    k_xx (m_x, m_x), k_yy (m_y, m_y), k_xy (m_x, m_y). The diagonals k(x_i, x_i) are left out (with
+    them the estimate is biased upward by O(1/m)); k_xy keeps its diagonal, x and y being
+    independent. Unbiased, so it can be negative when the two laws are (nearly) equal.
+    """
+    m_x, m_y = k_xx.shape[0], k_yy.shape[0]
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m_x * (m_x - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (m_y * (m_y - 1))
+    return float(within_x + within_y - 2.0 * k_xy.sum() / (m_x * m_y))
+
+
+def _kid_values(feats_x: Tensor, feats_y: Tensor, n_subsets: int, m: int, seed: int, gram: bool) -> Tensor:
+    """MMD²_u of `n_subsets` subset pairs (m rows of each set drawn without replacement by a
+    generator seeded with `seed`): (n_subsets,) float64. gram=True indexes the full kernel matrices
+    (one product each), gram=False forms each subset's blocks; the same numbers up to rounding."""
+    x, y = feats_x.double(), feats_y.double()
+    n_x, n_y = x.shape[0], y.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    if gram:
+        k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    values = torch.empty(n_subsets, dtype=torch.float64)
+    for s in range(n_subsets):  # vectorised within a subset; only the subsets loop
+        ix = torch.randperm(n_x, generator=gen)[:m]
+        iy = torch.randperm(n_y, generator=gen)[:m]
+        if gram:
+            blocks = (k_xx[ix[:, None], ix], k_yy[iy[:, None], iy], k_xy[ix[:, None], iy])
+        else:
+            xs, ys = x[ix], y[iy]  # (m, d) each
+            blocks = (polynomial_kernel(xs, xs), polynomial_kernel(ys, ys), polynomial_kernel(xs, ys))
+        values[s] = mmd2_unbiased(*blocks)
+    return values
+
+
+def kernel_inception_distance(feats_x: Tensor, feats_y: Tensor, *, n_subsets: int = 100,
+                              max_subset_size: int = 1000, seed: int = 0) -> KernelDistance:
+    """KID (Bińkowski et al. 2018, "Demystifying MMD GANs", and their reference code): the
+    unbiased MMD² with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³ between two feature
+    sets, averaged over `n_subsets` random subset pairs of m = min(max_subset_size, n_x, n_y) rows.
+
+    feats_x (n_x, d), feats_y (n_y, d): e.g. pool3 features of samples and of reference images.
+    The same seed draws the same subsets, so KIDs computed with one seed are reproducible and
+    share their subset noise. Unlike FID, KID has no bias at finite N (it can be negative).
+    """
+    if feats_x.dim() != 2 or feats_y.dim() != 2 or feats_x.shape[1] != feats_y.shape[1]:
+        raise ValueError(f"need (n, d) features of one width, got {tuple(feats_x.shape)} and {tuple(feats_y.shape)}")
+    n_x, n_y = feats_x.shape[0], feats_y.shape[0]
+    m = min(max_subset_size, n_x, n_y)
+    if m < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of at least 2 rows and at least 1 subset, got m = {m}, "
+                         f"n_subsets = {n_subsets}")
+    # Kernel entries to evaluate: the full matrices once, or three m × m blocks per subset.
+    gram = (n_x + n_y) ** 2 <= 3 * n_subsets * m * m
+    values = _kid_values(feats_x, feats_y, n_subsets, m, seed, gram)
+    std = float(values.std(correction=1)) if n_subsets > 1 else 0.0
+    return KernelDistance(float(values.mean()), std, m, n_subsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached reference statistics and features, and the end-to-end FID
 # ----------------------------------------------------------------------------------------------
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
-def _stats_digest(mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str) -> str:
+def _stats_digest(mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str,
+                  features: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
-    for part in (key.encode(), network.encode(), str(int(n)).encode(),
-                 np.ascontiguousarray(mu, np.float64).tobytes(),
-                 np.ascontiguousarray(sigma, np.float64).tobytes()):
+    parts = [key.encode(), network.encode(), str(int(n)).encode(),
+             np.ascontiguousarray(mu, np.float64).tobytes(), np.ascontiguousarray(sigma, np.float64).tobytes()]
+    if features is not None:  # files of `reference_features`; a statistics-only digest is unchanged
+        parts += [f"{features.dtype.str}{features.shape}".encode(), np.ascontiguousarray(features).tobytes()]
+    for part in parts:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()
 
 
-def _load_cached_stats(path: Path, key: str, network: str) -> tuple[np.ndarray, np.ndarray, int]:
+def _load_cached_stats(path: Path, key: str, network: str, *, with_features: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(μ, Σ, n, features or None) of a cache file, after its checksum, key and network checks."""
     remedy = f"Remedy: delete {path} and rerun (the statistics are recomputed)."
     try:
         with np.load(path, allow_pickle=False) as z:
             mu, sigma, n = z["mu"], z["sigma"], int(z["n"])
+            feats = z["features"] if with_features else None
             stored_key, stored_net, digest = str(z["key"]), str(z["network"]), str(z["sha256"])
     except Exception as err:  # truncated zip, missing field, bad dtype: all mean unusable
         raise FidCacheError(f"unreadable reference statistics {path} ({type(err).__name__}: {err}). {remedy}") from err
-    if digest != _stats_digest(mu, sigma, n, stored_key, stored_net):
+    if digest != _stats_digest(mu, sigma, n, stored_key, stored_net, feats):
         raise FidCacheError(f"checksum mismatch in reference statistics {path} (corrupt). {remedy}")
+    if feats is not None and feats.shape != (n, mu.shape[0]):
+        raise FidCacheError(f"{path} holds features of shape {feats.shape}, not ({n}, {mu.shape[0]}). {remedy}")
     if stored_key != key:
         raise FidCacheError(f"{path} holds statistics for key {stored_key!r}, not {key!r}. {remedy}")
     if stored_net != network:
         raise FidCacheError(f"{path} was computed with another feature network "
                             f"({stored_net[:16]}… vs {network[:16]}…). {remedy}")
-    return mu, sigma, n
+    return mu, sigma, n, feats
+
+
+def _write_cached_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str,
+                        features: np.ndarray | None = None) -> None:
+    """The .npz of `_load_cached_stats`, written to a temp file and os.replace'd."""
+    fields = dict(mu=mu, sigma=sigma, n=np.int64(n), key=np.str_(key), network=np.str_(network),
+                  sha256=np.str_(_stats_digest(mu, sigma, n, key, network, features)))
+    if features is not None:
+        fields["features"] = features
+    buf = io.BytesIO()
+    np.savez(buf, **fields)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.match(key):
+        raise ValueError(f"key must be a plain file-name stem, got {key!r}")
 
 
 def reference_statistics(key: str, images_fn: Callable[[], Iterable[Tensor] | Tensor], cache_dir: Path,
@@ -237,19 +368,55 @@ def reference_statistics(key: str, images_fn: Callable[[], Iterable[Tensor] | Te
     that fails its checksum, or was made with another network, raises FidCacheError with the
     remedy; it is never silently recomputed over.
     """
-    if not _KEY_RE.match(key):
-        raise ValueError(f"key must be a plain file-name stem, got {key!r}")
+    _check_key(key)
     network = str(getattr(net, "fid_weights_sha256", "unrecorded"))
     path = Path(cache_dir) / f"{key}.npz"
     if path.exists():
-        return _load_cached_stats(path, key, network)
+        return _load_cached_stats(path, key, network)[:3]
     stats = feature_stats(net, images_fn(), batch_size=batch_size, device=device, progress=progress)
     mu, sigma = stats.mean_cov()
-    buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(stats.n), key=np.str_(key), network=np.str_(network),
-             sha256=np.str_(_stats_digest(mu, sigma, stats.n, key, network)))
-    atomic_write_bytes(path, buf.getvalue())
+    _write_cached_stats(path, mu, sigma, stats.n, key, network)
     return mu, sigma, stats.n
+
+
+class FeatureSet(NamedTuple):
+    """An image set's pool3 features (n, 2048) float64, with μ (2048,) and Σ (2048, 2048) as np.float64."""
+
+    features: Tensor
+    mu: np.ndarray
+    sigma: np.ndarray
+
+
+def feature_cache_path(cache_dir: Path, key: str) -> Path:
+    """Where `reference_features` keeps the set named `key`."""
+    return Path(cache_dir) / f"{key}.features.npz"
+
+
+def reference_features(key: str, images_fn: Callable[[], Iterable[Tensor] | Tensor], cache_dir: Path,
+                       net: nn.Module, *, batch_size: int = 50, device: torch.device | str = "cpu",
+                       progress: bool = False) -> FeatureSet:
+    """Features, μ and Σ of a reference or held-out set, cached as `<cache_dir>/<key>.features.npz`.
+
+    As `reference_statistics` (the same key rule, fields, checksum over all of them, network check,
+    atomic write and FidCacheError on a bad file), plus the features for KID. μ and Σ come from
+    the same running sums as `feature_stats`, so a FID against them is the FID against
+    `reference_statistics` of the same images. Features are stored as float32 when that is exact
+    (pool3 activations are float32; 2048 floats = 8 KiB per image), else as float64.
+    """
+    _check_key(key)
+    network = str(getattr(net, "fid_weights_sha256", "unrecorded"))
+    path = feature_cache_path(cache_dir, key)
+    if path.exists():
+        mu, sigma, _, feats = _load_cached_stats(path, key, network, with_features=True)
+        return FeatureSet(torch.from_numpy(feats.astype(np.float64)), mu, sigma)
+    features, stats = features_and_stats(net, images_fn(), batch_size=batch_size, device=device, progress=progress)
+    mu, sigma = stats.mean_cov()
+    stored = features.numpy()
+    as_f32 = stored.astype(np.float32)
+    if np.array_equal(as_f32.astype(np.float64), stored):
+        stored = as_f32
+    _write_cached_stats(path, mu, sigma, stats.n, key, network, stored)
+    return FeatureSet(features, mu, sigma)
 
 
 def fid_from_images(net: nn.Module, images_a: Iterable[Tensor] | Tensor, images_b: Iterable[Tensor] | Tensor,

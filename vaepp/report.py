@@ -138,12 +138,50 @@ def _nll_protocol(row: pd.Series) -> str:
             f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}")
 
 
+# The paper's FID protocol (§4.3): 5000 samples against the training set (50k-60k images here).
+PAPER_FID_SAMPLES, PAPER_FID_MIN_REFERENCE = 5000, 50_000
+
+
+def _kid_keys(metric: str) -> tuple[str, str]:
+    """fid.json's KID mean and sd beside `metric` (fid → kid_*, fid_gan → kid_gan_*)."""
+    prefix = "fid.kid" if metric == "fid" else "fid.kid_gan"
+    return f"{prefix}_mean", f"{prefix}_std"
+
+
+def _kid_spread_is_zero(row: pd.Series) -> bool:
+    """True when KID's subsets are the whole sets (m = n), so its sd over subsets is 0 by construction."""
+    m, n, n_ref = (_num(row, f"fid.{k}") for k in ("kid_subset_size", "n_samples", "n_reference"))
+    return m is not None and n is not None and n_ref is not None and m >= min(n, n_ref)
+
+
+def _paper_fid_comparable(row: pd.Series) -> bool:
+    return (_num(row, "fid.n_samples") == PAPER_FID_SAMPLES and row.get("fid.reference") == "train"
+            and (_num(row, "fid.n_reference") or 0) >= PAPER_FID_MIN_REFERENCE and not row["stand_in"])
+
+
 def _fid_protocol(row: pd.Series, metric: str) -> str:
     acc = _num(row, "fid.mala_acceptance")
     mala = (f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
             if acc is not None else "")
     how = "latent GAN z₀ decoded directly (no MALA)" if metric == "fid_gan" else f"sampler {row['fid.sampler']}{mala}"
-    return f"{_describe(row)}; FID: {row.get('fid.protocol')}; {how}"
+    floor, k_floor, k_floor_sd = (_num(row, f"fid.{k}") for k in ("fid_floor", "kid_floor_mean", "kid_floor_std"))
+    if floor is None:
+        beside = "no floor or KID recorded (fid.json predates them: rerun compute-fid)"
+    else:
+        spread = ("; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
+                  if _kid_spread_is_zero(row) else "")
+        beside = (f"floor (real held-out images scored the same way) FID {floor:.2f}, KID {k_floor:.4f} ± "
+                  f"{k_floor_sd:.4f}; FID is biased upward at small N (real images score the floor), KID is not"
+                  f"{spread}")
+    n, ref, n_ref = _num(row, "fid.n_samples"), row.get("fid.reference"), _num(row, "fid.n_reference")
+    if _paper_fid_comparable(row):
+        verdict = (f"COMPARABLE with the paper's FID: made with its protocol ({PAPER_FID_SAMPLES} samples vs the "
+                   "training set)")
+    else:
+        verdict = (f"NOT comparable with the paper's FID ({PAPER_FID_SAMPLES} samples vs the training set): "
+                   f"{int(n) if n is not None else '?'} samples vs {int(n_ref) if n_ref is not None else '?'} {ref} "
+                   "images; compare it with its floor and with our other runs at the same protocol only")
+    return f"{_describe(row)}; FID: {row.get('fid.protocol')}; {how}; {beside}. {verdict}."
 
 
 def measure(row: pd.Series, metric: str) -> Measured:
@@ -155,7 +193,13 @@ def measure(row: pd.Series, metric: str) -> Measured:
                         protocol=f"{row['run']}: metrics/{row['run']}/{kind}.json is missing")
     if kind == "fid":
         value = float(row[f"fid.{metric}"])
-        return Measured(f"{value:.2f}", value, None, row["run"], _fid_protocol(row, metric))
+        floor = _num(row, "fid.fid_floor")
+        kid, kid_sd = (_num(row, k) for k in _kid_keys(metric))
+        text = f"{value:.2f}"
+        if floor is not None and kid is not None:  # fid.json files before floor and KID have neither
+            sd = "" if _kid_spread_is_zero(row) or kid_sd is None else f" ± {kid_sd:.3f}"
+            text += f" (floor {floor:.1f}; KID {kid:.3f}{sd})"
+        return Measured(text, value, None, row["run"], _fid_protocol(row, metric))
     nats, err = float(row["nll.nll_nats"]), float(row["nll.nll_stderr"])
     value = nats if metric == "nll_nats" else float(row["nll.bpd"])
     err = err if metric == "nll_nats" else err * value / nats  # bits/dim = nats / (H·W·C·ln 2)
