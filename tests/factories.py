@@ -33,3 +33,21 @@ def model_spec(image_shape: tuple[int, int, int] = (1, 28, 28), *, binary: bool 
     """The tiny profile's VAEPP model for images of `image_shape` ("auto" resolved for binary or
     grey-level data), with `overrides` of ModelSpec fields (e.g. pullback=False, hidden=(8,))."""
     return dataclasses.replace(_model_spec(resolve_run(tiny(), "vaepp"), image_shape, binary), **overrides)
+
+
+def tiny_params_yaml(overrides: dict) -> str:
+    """The tiny profile as YAML with `overrides` merged in key by key (a nested mapping merges,
+    anything else replaces), validated: a params file for a stage test."""
+    import yaml
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        return out
+
+    raw = merge(yaml.safe_load(TINY.read_text()), overrides)
+    from vaepp.config import parse_params
+
+    parse_params(raw, source="test params")
+    return yaml.safe_dump(raw, sort_keys=False)

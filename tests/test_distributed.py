@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from factories import latent_gan_params, model_spec, train_params
+from factories import latent_gan_params, model_spec, tiny_params_yaml, train_params
 from stage_args import stage_argv
 from vaepp import distributed as vdist
 from vaepp.checkpoints import Checkpoint
@@ -165,7 +166,7 @@ def _fid_batches():
 
 
 # ----- the stages, in a scratch project ----------------------------------------------------------
-STAGE_PARAMS = """
+STAGE_OVERRIDES = yaml.safe_load("""
 device: cpu
 distributed: {nproc_per_node: 1, backend: gloo}
 datasets: [mnist]
@@ -178,7 +179,8 @@ nll: {n_importance: 4, chunk: 64, batch_images: 4,
               q_based_images: 16}}
 mala: {n_samples: 6, n_steps: 3}
 runs: {vaepp: {algorithm: vaepp}}
-"""
+""")
+STAGE_PARAMS = tiny_params_yaml(STAGE_OVERRIDES)
 STAGES = ("train", "fit_latent_gan", "estimate_nll", "sample_mala")
 CHECKPOINTS = ["checkpoints/vaepp/train.ckpt", "checkpoints/vaepp/latent_gan.ckpt"]  # removed at the end
 RANK0_OUTPUTS = ["models/vaepp/vae.pt", "plots/vaepp/train_curve.csv",
@@ -467,7 +469,7 @@ def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
     two, one = tmp_path / "two", tmp_path / "one"
     for root in (two, one):
         _make_project(root)
-    (two / "params.yaml").write_text(STAGE_PARAMS.replace("nproc_per_node: 1", "nproc_per_node: 2"))
+    (two / "params.yaml").write_text(tiny_params_yaml({**STAGE_OVERRIDES, "distributed": {"nproc_per_node": 2, "backend": "gloo"}}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *stage_argv("train", "vaepp", "--no-progress")],
