@@ -98,20 +98,38 @@ def tracking_on(environ=os.environ) -> bool:
     return environ.get("VAEPP_MLFLOW", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def is_stage_script(argv: list[str] = sys.argv) -> bool:
+    """True in the process of `python stages/<name>.py`."""
+    return bool(argv) and argv[0] not in ("", "-c", "-m") and Path(argv[0]).resolve().parent == ROOT / "stages"
+
+
 def start_tracking_process(argv: list[str] = sys.argv, environ=os.environ):
     """In a stage script's process with tracking on (rank 0 or not distributed), start the
     tracking process now: it imports mlflow on the other core while this one imports torch
     (vaepp.tracking.TrackerProcess), and `tracker()` hands it the stage's params. Started after
     the load sample above, which would otherwise count it. None in any other process."""
-    script = Path(argv[0]).resolve() if argv and argv[0] not in ("", "-c", "-m") else None
-    if script is None or script.parent != ROOT / "stages" or not tracking_on(environ) \
-            or environ.get("RANK", "0") != "0":
+    if not is_stage_script(argv) or not tracking_on(environ) or environ.get("RANK", "0") != "0":
         return None
     from vaepp.tracking import TrackerProcess
 
     return TrackerProcess.start(ROOT)
 
 
+def _freeze_objects_at_exit() -> None:
+    """The last exit handler of a stage process: move every live object into the garbage
+    collector's permanent generation (gc.freeze), so that the interpreter's final collections do
+    not walk torch's and torch._dynamo's object graphs once more (0.8 s down to 0.2 s measured on
+    2 cores). Exit handlers, flushes and reference-count finalisers still run; the memory of what
+    stays goes back with the process."""
+    import gc
+
+    gc.freeze()
+
+
+if is_stage_script():
+    import atexit
+
+    atexit.register(_freeze_objects_at_exit)  # exit handlers run last-in first-out: after the stage's own
 _TRACKING_PROCESS = start_tracking_process()
 
 

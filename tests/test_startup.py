@@ -174,3 +174,19 @@ def test_one_core_takes_no_load_sample(monkeypatch):
         raise AssertionError("sampled")
 
     assert common.choose_omp_wait_policy({}, busy=never) == "default"
+
+
+def test_bench_rows_state_the_target_and_the_parts():
+    from bench import startup
+
+    res = {"measured": True, "stage": "train@vae", "repeats": 5, "fixed_cost_s": 4.2, "dvc_part_s": 1.0,
+           "process_part_s": 3.2, "work_s": 0.05, "dvc_noop_s": 0.5,
+           "mlflow_in_process": {"import_torch_s": 2.9, "import_mlflow_after_torch_s": 1.5,
+                                 "mlflow_open_s": 0.1, "mlflow_stage_run_s": 0.1}}
+    rows = startup.rows(res)
+    assert rows[0].figure == "7 stage fixed cost (per stage)" and rows[0].target == "<= 5 s" and rows[0].met
+    assert rows[0].value.startswith("4.2 s") and "1.0 s" in rows[1].value and "3.2 s" in rows[2].value
+    assert startup.rows({**res, "fixed_cost_s": 5.5})[0].met is False
+    missing = startup.rows({"measured": False, "reason": "no dvc"})
+    assert len(missing) == 1 and "not measured: no dvc" in missing[0].value
+    assert "less the training loop's own seconds" in startup.NOTE.format(repeats=5)

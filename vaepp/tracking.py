@@ -373,6 +373,9 @@ def serve() -> None:
         if op == "end":
             send(ended=True)
     _end(run, "KILLED")  # the stage went away inside a run
+    import gc
+
+    gc.freeze()  # exit without walking mlflow's object graph once more (see stages/common.py)
 
 
 def _end(run: Any, status: str) -> None:
@@ -391,7 +394,7 @@ class TrackerProcess:
     def __init__(self, proc: subprocess.Popen):
         self.proc, self._buf, self._info, self._replies = proc, b"", None, {}
         self.reason: str | None = None
-        self._warned = self._used = False
+        self._warned = self._used = self._pending = False
 
     @classmethod
     def start(cls, code_root: Path) -> "TrackerProcess":
@@ -449,15 +452,19 @@ class TrackerProcess:
             yield _RemoteLog(self)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Let the process finish (end of input) and wait for it; kill it after timeout_s."""
+        """End the process's input. Never opened (a stage that does not track): kill it. With
+        requests sent since the last run's end: wait up to timeout_s for it to carry them out,
+        then kill it. Otherwise every run is closed already: let it exit on its own."""
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
-                self.proc.wait(timeout=timeout_s if self._used else 0.0)
+                if not self._used or self._pending:
+                    self.proc.wait(timeout=timeout_s if self._used else 0.0)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()  # never opened (a stage that does not track), or hung
+                self.proc.kill()
                 self.proc.wait()
-        self._drain()
+        if self.proc.returncode is not None:
+            self._drain()
 
     # --- the pipe
     @contextmanager
@@ -471,11 +478,13 @@ class TrackerProcess:
             raise
         finally:
             self._send(op="end", status=status)
-            self._wait("ended", END_TIMEOUT_S)
+            if self._wait("ended", END_TIMEOUT_S):
+                self._pending = False
 
     def _send(self, **msg: Any) -> None:
         if self.reason is not None:
             return
+        self._pending = True
         try:
             self.proc.stdin.write((json.dumps(msg) + "\n").encode())
             self.proc.stdin.flush()
