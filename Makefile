@@ -12,7 +12,7 @@ UI_HOST ?= 127.0.0.1
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup test test-slow repro repro-paper ui bench clean-outputs
+.PHONY: setup lint test test-slow repro repro-paper ui bench clean-outputs
 
 $(VENV_STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,11 @@ $(VENV_STAMP): requirements.txt
 	touch $@
 
 setup: $(VENV_STAMP)
+
+# ruff (pinned in requirements.txt, configured in pyproject.toml): the linter, then the formatter as
+# a check; both report before the target fails.
+lint: $(VENV_STAMP)
+	status=0; .venv/bin/ruff check . || status=1; .venv/bin/ruff format --check . || status=1; exit $$status
 
 test: $(VENV_STAMP)
 	$(PY) scripts/ensure_chromium.py || true

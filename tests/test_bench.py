@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,10 @@ import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import compute, fid_bench, pipeline, run_all
+from bench.common import net_flops
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import compute, fid_bench, pipeline, run_all  # noqa: E402
-from bench.common import net_flops  # noqa: E402
-
 TINY = ROOT / "tests" / "profiles_tiny.yaml"
 
 
@@ -50,18 +47,18 @@ def test_train_step_flops_match_executed_matmuls(tmp_path, arch, run):
     ResNets torch's conv double backward executes ~6.35F instead of 6F for the penalty, so the
     count stays below the executed total by less than 2%. (Algorithm 1's critic step
     differentiates w.r.t. a leaf inside autograd.grad, which FlopCounterMode cannot trace.)"""
-    from vaepp.study import train_spec
+    from vaepp.study import train_algorithm
     from vaepp.train import make_optimizers, train_step
 
     params = _params(tmp_path, arch=arch, channels=[4, 8, 8])
     b = compute.build(params, run)
-    spec = train_spec(b.run)
+    train, algorithm = b.run.train, train_algorithm(b.run)
     model = b.model.train()
-    opts = make_optimizers(model, spec)
-    e = compute.random_images(spec.batch_size, b.image_shape)
+    opts = make_optimizers(model, train, algorithm)
+    e = compute.random_images(train.batch_size, b.image_shape)
     with FlopCounterMode(display=False) as counter:
-        train_step(model, opts, e, spec, n_train=b.n_train)
-    counted = compute.train_step_flops(spec.algorithm, b, spec.batch_size, spec.n_prior_samples)
+        train_step(model, opts, e, train, algorithm, n_train=b.n_train)
+    counted = compute.train_step_flops(algorithm, b, train.batch_size, train.n_prior_samples)
     executed = counter.get_total_flops()
     if arch == "mlp":
         assert counted == pytest.approx(executed, rel=1e-3)
@@ -70,12 +67,18 @@ def test_train_step_flops_match_executed_matmuls(tmp_path, arch, run):
 
 
 def test_vaepp_step_costs_about_three_vae_steps():
-    """Issue 8's arithmetic for the default networks: a VAEPP step ≈ 3× a VAE step, and Naive
+    """FLOP arithmetic for the default networks: a VAEPP step ≈ 3× a VAE step, and Naive
     VAEPP (two steps) more than VAEPP."""
     params = ROOT / "params.yaml"
-    cost = {run: compute.train_step_flops(
-        {"vae": "vae", "naive": "naive_vaepp", "vaepp": "vaepp"}[run],
-        compute.build(params, "vae" if run == "vae" else "vaepp"), 128, 128) for run in ("vae", "naive", "vaepp")}
+    cost = {
+        run: compute.train_step_flops(
+            {"vae": "vae", "naive": "naive_vaepp", "vaepp": "vaepp"}[run],
+            compute.build(params, "vae" if run == "vae" else "vaepp"),
+            128,
+            128,
+        )
+        for run in ("vae", "naive", "vaepp")
+    }
     assert 3.0 < cost["vaepp"] / cost["vae"] < 4.5
     assert cost["naive"] > cost["vaepp"]
 
@@ -101,8 +104,7 @@ def test_run_all_quick_writes_table_and_json(tmp_path, capsys):
         assert block["mala"]["n_chains"] == 20 and block["mala"]["chain_steps_per_s"] > 0
     assert torch.get_num_threads() == threads[0]  # restored after the single-thread block
     printed = capsys.readouterr().out
-    for figure in ("NLL achieved / matmul limit", "train vaepp GFLOP/s / vae's", "MALA / FLOP limit",
-                   "whole bench"):
+    for figure in ("NLL achieved / matmul limit", "train vaepp GFLOP/s / vae's", "MALA / FLOP limit", "whole bench"):
         assert figure in printed
         assert any(row["figure"].endswith(figure) for row in res["table"])
 
@@ -151,7 +153,6 @@ def test_fid_bench_skips_end_to_end_when_over_budget(tmp_path):
     """Under a budget too small for two Inception processes, the comparison is skipped and says
     why, while the in-process figures are still measured."""
     torch_home, wheels = run_all._stage_paths()
-    res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10,
-                              seconds_left=1.0)
+    res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10, seconds_left=1.0)
     assert res["end_to_end"]["measured"] is False and "budget" in res["end_to_end"]["reason"]
     assert res["vaepp_images_per_s"] > 0 and res["fid_in_process"] > 1.0

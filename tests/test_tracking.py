@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from stage_helpers import RUN, VAE, params, train_cmd, workspace
+from stage_helpers import env as stage_env
 from vaepp.tracking import Tracker, mlflow_key, sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,10 @@ def test_stages_of_one_execution_share_one_parent(repo):
 
     history = MlflowClient(sqlite_uri(repo)).get_metric_history(train.run_id, "elbo")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (0, -120.5), (1, -110.25), (2, -101.0)]
+        (0, -120.5),
+        (1, -110.25),
+        (2, -101.0),
+    ]
     # artifacts under the absolute artifact root, as files a temp-run copy cannot take away
     assert train.artifact_uri == str(repo.resolve() / "mlartifacts" / train.run_id / "artifacts")
     logged = Path(train.artifact_uri) / "train_curve.csv"
@@ -129,15 +134,15 @@ def test_duplicate_parents_resolve_to_the_oldest(repo):
     from mlflow import MlflowClient
 
     client = MlflowClient(sqlite_uri(repo))
-    dup = client.create_run(first.experiment_id, run_name="race",
-                            tags={**first.tags, "vaepp.role": "parent"}).info.run_id
+    dup = client.create_run(
+        first.experiment_id, run_name="race", tags={**first.tags, "vaepp.role": "parent"}
+    ).info.run_id
     assert tracker(repo, exp_name="race").parent_id == first.parent_id != dup
 
 
 STAGE_PROCESS = """
 import sys
 from pathlib import Path
-sys.path.insert(0, {root!r})
 from vaepp.tracking import Tracker
 t = Tracker.for_pipeline(Path({repo!r}), Path({repo!r}) / "params.yaml", exp_name="together", git_rev="r")
 with t.stage_run("train", sys.argv[1], {{"zdim": 16}}) as log:
@@ -148,8 +153,12 @@ assert t.enabled
 
 def test_stage_processes_started_together_share_one_parent(repo):
     tracker(repo, exp_name="earlier")  # the store exists, as after any earlier execution
-    code = STAGE_PROCESS.format(root=str(ROOT), repo=str(repo))
-    procs = [subprocess.Popen([sys.executable, "-c", code, f"run{i}"], stderr=subprocess.PIPE) for i in range(3)]
+    code = STAGE_PROCESS.format(repo=str(repo))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}  # `vaepp` importable, as in the test session
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, f"run{i}"], env=env, stderr=subprocess.PIPE) for i in range(3)
+    ]
     errors = [p.communicate(timeout=120)[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert not any(WARNING in e for e in errors), errors
@@ -222,7 +231,6 @@ def test_failure_mid_run_warns_once_and_the_body_goes_on(repo, capsys):
 
 
 def test_stage_edge_reads_the_environment(repo, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT))
     from stages import common
 
     monkeypatch.chdir(repo)
@@ -252,14 +260,26 @@ def test_make_ui_serves_the_runs(repo):
     loads over HTTP on 127.0.0.1 and the REST API finds the parent and child runs."""
     root = Path(__file__).resolve().parents[1]
     if not (root / ".venv" / ".installed").is_file():
-        pytest.skip("`make ui` runs from the project's .venv, which `make test` creates; run the tests with `make test`")
+        pytest.skip("`make ui` runs from the project's .venv, which `make test` creates: run the tests with it")
     two_stages(repo)
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(
-        ["make", "--no-print-directory", "-C", str(root), "ui", f"UI_PORT={port}",
-         f"MLFLOW_DB={repo / 'mlflow.db'}", f"MLFLOW_ARTIFACTS={repo / 'mlartifacts'}"],
-        env=env, stdout=(log := open(repo / "ui.log", "w")), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(root),
+            "ui",
+            f"UI_PORT={port}",
+            f"MLFLOW_DB={repo / 'mlflow.db'}",
+            f"MLFLOW_ARTIFACTS={repo / 'mlartifacts'}",
+        ],
+        env=env,
+        stdout=(log := open(repo / "ui.log", "w")),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -274,11 +294,12 @@ def test_make_ui_serves_the_runs(repo):
             assert time.monotonic() < deadline, "mlflow server did not answer /health within 60 s"
             time.sleep(0.5)
         with urllib.request.urlopen(base + "/", timeout=10) as resp:
-            assert resp.status == 200 and b"<div id=\"root\"" in resp.read().lower().replace(b"'", b'"')
+            assert resp.status == 200 and b'<div id="root"' in resp.read().lower().replace(b"'", b'"')
 
         def api(path, body):
-            req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return json.loads(resp.read())
 
@@ -286,11 +307,11 @@ def test_make_ui_serves_the_runs(repo):
         exp_id = exp["experiments"][0]["experiment_id"]
         found = api("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
-        parent = [r for r, t in zip(found, tags) if t["vaepp.role"] == "parent"]
+        parent = [r for r, t in zip(found, tags, strict=True) if t["vaepp.role"] == "parent"]
         assert len(found) == 3 and len(parent) == 1
         pid = parent[0]["info"]["run_id"]
         assert sorted(t["dvc.stage"] for t in tags if t.get("mlflow.parentRunId") == pid) == ["estimate-nll", "train"]
-        train = next(r for r, t in zip(found, tags) if t.get("dvc.stage") == "train")
+        train = next(r for r, t in zip(found, tags, strict=True) if t.get("dvc.stage") == "train")
         assert {m["key"]: m["value"] for m in train["data"]["metrics"]}["elbo"] == -101.0
         url = f"{base}/get-artifact?path=train_curve.csv&run_uuid={train['info']['run_id']}"
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -304,3 +325,54 @@ def test_make_ui_serves_the_runs(repo):
             proc.wait()
         log.close()
     assert f"MLflow UI: http://127.0.0.1:{port}/" in (repo / "ui.log").read_text()
+
+
+@pytest.mark.parametrize("trouble", ["unreachable", pytest.param("locked", marks=pytest.mark.slow)])
+def test_training_stage_survives_mlflow_trouble_with_one_warning(tmp_path, trouble):
+    """A real train stage with the tracking server unreachable (port 9) or the SQLite store
+    locked by another writer: it finishes, writes its outputs, warns exactly once."""
+    work = workspace(tmp_path / "w", params(epochs=1))
+    extra = {"VAEPP_MLFLOW": "1", "DVC_ROOT": str(work)}
+    con = None
+    if trouble == "unreachable":
+        extra["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    else:
+        con = sqlite3.connect(work / "mlflow.db", isolation_level=None)
+        con.execute("CREATE TABLE t (x)")
+        con.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        proc = subprocess.run(
+            train_cmd(), cwd=work, env=stage_env(**extra), capture_output=True, text=True, timeout=600
+        )
+        seconds = time.monotonic() - start
+    finally:
+        if con is not None:
+            con.close()
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if WARNING in line]
+    assert len(warnings) == 1, proc.stderr
+    assert ("127.0.0.1:9" if trouble == "unreachable" else "locked") in warnings[0]
+    assert "Traceback" not in proc.stderr
+    assert (work / VAE).is_file() and (work / "metrics" / RUN / "train.json").is_file()
+    print(f"train stage with MLflow {trouble}: {seconds:.1f} s")
+
+
+def test_mlflow_ui_binds_to_localhost_unless_asked():
+    """`make ui` serves on 127.0.0.1 by default, even when the shell exports HOST (tcsh does);
+    `make ui UI_HOST=0.0.0.0` is the explicit opt-in."""
+    text = (ROOT / "Makefile").read_text()
+    assert "UI_HOST ?= 127.0.0.1" in text.splitlines()
+
+    def server_line(*args: str) -> str:
+        e = {k: v for k, v in os.environ.items() if k not in ("UI_HOST", "UI_PORT")}
+        e.update(HOST="0.0.0.0", PORT="1")
+        out = subprocess.run(["make", "-n", "ui", *args], cwd=ROOT, env=e, capture_output=True, text=True)
+        lines = [line for line in out.stdout.replace("\\\n", " ").splitlines() if "mlflow server" in line]
+        assert len(lines) == 1, out.stdout + out.stderr
+        return lines[0]
+
+    assert "--host 127.0.0.1 " in server_line()
+    assert "--host 0.0.0.0 " in server_line("UI_HOST=0.0.0.0")
+    line = server_line("UI_PORT=5999")
+    assert "--port 5999" in line and f"sqlite:///{ROOT}/mlflow.db" in line
