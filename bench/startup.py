@@ -190,9 +190,11 @@ train@<run>` less the training loop's own seconds, median of {repeats} runs. Inc
 process's start and pipeline load (paid once per `dvc repro` for all stages: an upper bound per
 stage), DVC's checks of the stage, caching its outputs and writing dvc.lock, interpreter start,
 every import (torch; torch._dynamo, which torch.optim loads on the first optimiser), the OpenMP
-wait-policy sample (0.1 s), params, loading the data, building the model, opening and closing the
-MLflow runs (SQLite store at the copy's root, created beforehand by an untimed run), interpreter
-exit. "of which DVC" = that wall time less the same command's run without DVC.\
+wait-policy sample (0.1 s), params, loading the data, building the model, MLflow (the stage's
+tracking process imports mlflow and opens the runs beside it; the stage waits where it must: a run's
+end; SQLite store at the copy's root, created beforehand by an untimed run), interpreter exit.
+"of which DVC" = that wall time less the same command's run without DVC. Machine load counts:
+compare the load average printed with the cores.\
 """
 
 
