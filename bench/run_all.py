@@ -17,28 +17,56 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, before torch)
 import torch  # noqa: E402
 
 from bench import compute, fid_bench, pipeline, startup  # noqa: E402
 from bench.common import ROOT, Row, format_table  # noqa: E402
+from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, before torch)
 
 BUDGET_S = 15 * 60  # issue 8: the whole of `make bench` in under 15 minutes
 RESERVE_S = 250  # kept for what follows FID (pipeline overhead and stage fixed cost, matmul again), a margin
 RUNS = ["vae", "naive_vaepp", "vaepp"]
 
 # Short timed blocks, many of them: on a shared machine the best block is the least disturbed.
-FULL = dict(matmul_sizes=[256, 512, 768, 1024, 2048], matmul_repeats=10, nll_images=64, nll_samples=1000,
-            nll_repeats=5, train_steps=5, train_repeats=12, train_warmup=3, mala_steps=10,
-            mala_repeats=6, fid_images=64, import_repeats=1, matmul_seconds=1.5, layer_mm_seconds=0.5,
-            startup_repeats=5)
-QUICK = dict(matmul_sizes=[64], matmul_repeats=1, nll_images=4, nll_samples=16, nll_repeats=1,
-             train_steps=1, train_repeats=1, train_warmup=1, mala_steps=2, mala_repeats=1,
-             fid_images=2, import_repeats=1, matmul_seconds=0.0, layer_mm_seconds=0.0, startup_repeats=1)
+FULL = dict(
+    matmul_sizes=[256, 512, 768, 1024, 2048],
+    matmul_repeats=10,
+    nll_images=64,
+    nll_samples=1000,
+    nll_repeats=5,
+    train_steps=5,
+    train_repeats=12,
+    train_warmup=3,
+    mala_steps=10,
+    mala_repeats=6,
+    fid_images=64,
+    import_repeats=1,
+    matmul_seconds=1.5,
+    layer_mm_seconds=0.5,
+    startup_repeats=5,
+)
+QUICK = dict(
+    matmul_sizes=[64],
+    matmul_repeats=1,
+    nll_images=4,
+    nll_samples=16,
+    nll_repeats=1,
+    train_steps=1,
+    train_repeats=1,
+    train_warmup=1,
+    mala_steps=2,
+    mala_repeats=1,
+    fid_images=2,
+    import_repeats=1,
+    matmul_seconds=0.0,
+    layer_mm_seconds=0.0,
+    startup_repeats=1,
+)
 
 
 def machine() -> dict:
@@ -50,10 +78,17 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_1min": os.getloadavg()[0], "omp_wait_policy": OMP_WAIT_POLICY}
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1min": os.getloadavg()[0],
+        "omp_wait_policy": OMP_WAIT_POLICY,
+    }
 
 
 def _stage_paths() -> tuple[Path, Path]:
@@ -78,15 +113,31 @@ def compute_block(params: Path, sizes: dict, say) -> dict:
     res: dict = {}
     say("NLL importance sampling")
     built = compute.build(params, "vaepp")
-    res["nll"] = compute.nll_bench(built, n_images=sizes["nll_images"], n_importance=sizes["nll_samples"],
-                                   repeats=sizes["nll_repeats"], peak_gflops=peak,
-                                   mm_seconds=sizes["layer_mm_seconds"])
+    res["nll"] = compute.nll_bench(
+        built,
+        n_images=sizes["nll_images"],
+        n_importance=sizes["nll_samples"],
+        repeats=sizes["nll_repeats"],
+        peak_gflops=peak,
+        mm_seconds=sizes["layer_mm_seconds"],
+    )
     say("training steps")
-    res["train"] = compute.train_bench(params, RUNS, steps=sizes["train_steps"], repeats=sizes["train_repeats"],
-                                       warmup=sizes["train_warmup"], peak_gflops=peak)
+    res["train"] = compute.train_bench(
+        params,
+        RUNS,
+        steps=sizes["train_steps"],
+        repeats=sizes["train_repeats"],
+        warmup=sizes["train_warmup"],
+        peak_gflops=peak,
+    )
     say("MALA")
-    res["mala"] = compute.mala_bench(built, n_chains=built.run.mala.n_samples, n_steps=sizes["mala_steps"],
-                                     repeats=sizes["mala_repeats"], peak_gflops=peak)
+    res["mala"] = compute.mala_bench(
+        built,
+        n_chains=built.run.mala.n_samples,
+        n_steps=sizes["mala_steps"],
+        repeats=sizes["mala_repeats"],
+        peak_gflops=peak,
+    )
     say("matmul limit again")
     mm_end = compute.matmul_gflops(sizes["matmul_sizes"], sizes["matmul_repeats"], sizes["matmul_seconds"])
     res["matmul"] = {"start": mm_start, "end": mm_end, "peak_gflops": max(peak, mm_end["peak_gflops"])}
@@ -98,26 +149,34 @@ def run(params: Path, sizes: dict, *, do_fid: bool = True, do_pipeline: bool = T
     t_start = time.perf_counter()
     res: dict = {"machine": machine(), "params": str(params), "sizes": sizes, "compute": {}}
     threads = thread_counts()
+
+    def say(msg: str, tag: str = "") -> None:
+        print(f"[bench {time.perf_counter() - t_start:6.1f} s] {tag}{msg}", file=sys.stderr, flush=True)
+
     for n in threads:
         torch.set_num_threads(n)
-        say = lambda msg: print(f"[bench {time.perf_counter() - t_start:6.1f} s] {n} thread(s): {msg}",  # noqa: E731
-                                file=sys.stderr, flush=True)
-        res["compute"][str(n)] = compute_block(params, sizes, say)
+        res["compute"][str(n)] = compute_block(params, sizes, partial(say, tag=f"{n} thread(s): "))
     torch.set_num_threads(threads[0])
-    say = lambda msg: print(f"[bench {time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if do_fid:
         say("FID (Inception on the CPU: the slow part)")
         torch_home, wheels = _stage_paths()
         fid_params = compute.build(params, "vaepp").run.fid
         with tempfile.TemporaryDirectory(prefix="vaepp-bench-fid-") as tmp:
-            res["fid"] = fid_bench.fid_bench(Path(tmp), torch_home, wheels, n_images=sizes["fid_images"],
-                                             batch_size=fid_params.batch_size, n_reference=fid_params.n_reference,
-                                             seconds_left=BUDGET_S - RESERVE_S - (time.perf_counter() - t_start))
+            res["fid"] = fid_bench.fid_bench(
+                Path(tmp),
+                torch_home,
+                wheels,
+                n_images=sizes["fid_images"],
+                batch_size=fid_params.batch_size,
+                n_reference=fid_params.n_reference,
+                seconds_left=BUDGET_S - RESERVE_S - (time.perf_counter() - t_start),
+            )
     if do_pipeline:
         say("pipeline overhead")
-        res["pipeline"] = {"dvc_noop": pipeline.dvc_noop(),
-                           "imports": pipeline.import_times(pipeline.stage_modules(),
-                                                            repeats=sizes["import_repeats"])}
+        res["pipeline"] = {
+            "dvc_noop": pipeline.dvc_noop(),
+            "imports": pipeline.import_times(pipeline.stage_modules(), repeats=sizes["import_repeats"]),
+        }
         say("stage fixed cost (a tiny copy of the project, its train stage through dvc repro)")
         res["pipeline"]["stage_fixed_cost"] = startup.measure(sizes["startup_repeats"])
     res["total_seconds"] = time.perf_counter() - t_start
@@ -136,9 +195,14 @@ def rescale(res: dict, factor: float) -> None:
 
 def rows(res: dict) -> list[Row]:
     load = (res["machine"]["load_average_1min"], res["load_average_1min_end"])
-    out = [Row("0 machine load (1-min load average)", f"{load[0]:.1f} at start, {load[1]:.1f} at end "
-               f"on {res['machine']['cores']} cores", "quiet: < cores"),
-           Row("0 OpenMP wait policy (stages' choice)", res["machine"]["omp_wait_policy"], "—")]
+    out = [
+        Row(
+            "0 machine load (1-min load average)",
+            f"{load[0]:.1f} at start, {load[1]:.1f} at end on {res['machine']['cores']} cores",
+            "quiet: < cores",
+        ),
+        Row("0 OpenMP wait policy (stages' choice)", res["machine"]["omp_wait_policy"], "—"),
+    ]
     for threads, block in res["compute"].items():
         out += compute_rows(block, f"[{threads} thr] ")
     out += other_rows(res)
@@ -147,35 +211,73 @@ def rows(res: dict) -> list[Row]:
 
 def compute_rows(block: dict, tag: str) -> list[Row]:
     mm, nll, tr, ma = block["matmul"], block["nll"], block["train"], block["mala"]
-    out = [Row(f"1 {tag}matmul float32 limit (best size)",
-               f"{mm['peak_gflops']:.0f} GFLOP/s (start {mm['start']['peak_gflops']:.0f}, "
-               f"end {mm['end']['peak_gflops']:.0f})", "reference")]
+    out = [
+        Row(
+            f"1 {tag}matmul float32 limit (best size)",
+            f"{mm['peak_gflops']:.0f} GFLOP/s (start {mm['start']['peak_gflops']:.0f}, "
+            f"end {mm['end']['peak_gflops']:.0f})",
+            "reference",
+        )
+    ]
     out += [
-        Row(f"2 {tag}NLL importance samples/s", f"{nll['samples_per_s']:,.0f} ({nll['flops_per_sample'] / 1e6:.2f} "
-            f"MFLOP/sample, {nll['gflops']:.0f} GFLOP/s)"),
-        Row(f"2 {tag}NLL achieved / matmul limit", f"{nll['ratio_to_matmul']:.2f}", ">= 0.50",
-            nll["ratio_to_matmul"] >= 0.5),
-        Row(f"2 {tag}NLL / its layers' matmuls alone", f"{nll['ratio_to_layer_matmuls']:.2f} (matmuls alone: "
-            f"{nll['layer_matmuls_samples_per_s']:,.0f} samples/s)"),
-        Row(f"2 {tag}NLL 10^8 samples (extrapolated)", f"{nll['seconds_for_1e8_samples']:,.0f} s", "< 3600 s",
-            nll["seconds_for_1e8_samples"] < 3600),
+        Row(
+            f"2 {tag}NLL importance samples/s",
+            f"{nll['samples_per_s']:,.0f} ({nll['flops_per_sample'] / 1e6:.2f} "
+            f"MFLOP/sample, {nll['gflops']:.0f} GFLOP/s)",
+        ),
+        Row(
+            f"2 {tag}NLL achieved / matmul limit",
+            f"{nll['ratio_to_matmul']:.2f}",
+            ">= 0.50",
+            nll["ratio_to_matmul"] >= 0.5,
+        ),
+        Row(
+            f"2 {tag}NLL / its layers' matmuls alone",
+            f"{nll['ratio_to_layer_matmuls']:.2f} (matmuls alone: {nll['layer_matmuls_samples_per_s']:,.0f} samples/s)",
+        ),
+        Row(
+            f"2 {tag}NLL 10^8 samples (extrapolated)",
+            f"{nll['seconds_for_1e8_samples']:,.0f} s",
+            "< 3600 s",
+            nll["seconds_for_1e8_samples"] < 3600,
+        ),
     ]
     for name, r in tr.items():
-        out.append(Row(f"3 {tag}train {name} s/epoch", f"{r['seconds_per_epoch']:.1f} s best block, "
-                       f"{r['seconds_per_epoch_median']:.1f} s median ({r['flops_per_step'] / 1e9:.2f} "
-                       f"GFLOP/step, {r['gflops']:.0f} GFLOP/s best)"))
+        out.append(
+            Row(
+                f"3 {tag}train {name} s/epoch",
+                f"{r['seconds_per_epoch']:.1f} s best block, "
+                f"{r['seconds_per_epoch_median']:.1f} s median ({r['flops_per_step'] / 1e9:.2f} "
+                f"GFLOP/step, {r['gflops']:.0f} GFLOP/s best)",
+            )
+        )
     if "vae" in tr:
-        out.append(Row(f"3 {tag}train vae GFLOP/s / matmul limit", f"{tr['vae']['ratio_to_matmul']:.2f}", ">= 0.40",
-                       tr["vae"]["ratio_to_matmul"] >= 0.4))
+        out.append(
+            Row(
+                f"3 {tag}train vae GFLOP/s / matmul limit",
+                f"{tr['vae']['ratio_to_matmul']:.2f}",
+                ">= 0.40",
+                tr["vae"]["ratio_to_matmul"] >= 0.4,
+            )
+        )
         for name in (n for n in tr if n != "vae"):
             r = tr[name]
-            out.append(Row(f"3 {tag}train {name} FLOPs/step / vae's", f"{r['flops_ratio_to_vae']:.2f}",
-                           "≈ 3 (arithmetic)"))
-            out.append(Row(f"3 {tag}train {name} GFLOP/s / vae's", f"{r['gflops_ratio_to_vae']:.2f}", ">= 0.80",
-                           r["gflops_ratio_to_vae"] >= 0.8))
+            out.append(
+                Row(f"3 {tag}train {name} FLOPs/step / vae's", f"{r['flops_ratio_to_vae']:.2f}", "≈ 3 (arithmetic)")
+            )
+            out.append(
+                Row(
+                    f"3 {tag}train {name} GFLOP/s / vae's",
+                    f"{r['gflops_ratio_to_vae']:.2f}",
+                    ">= 0.80",
+                    r["gflops_ratio_to_vae"] >= 0.8,
+                )
+            )
     out += [
-        Row(f"4 {tag}MALA chain-steps/s", f"{ma['chain_steps_per_s']:,.0f} (limit {ma['limit_chain_steps_per_s']:,.0f}, "
-            f"{ma['n_chains']} chains)"),
+        Row(
+            f"4 {tag}MALA chain-steps/s",
+            f"{ma['chain_steps_per_s']:,.0f} (limit {ma['limit_chain_steps_per_s']:,.0f}, {ma['n_chains']} chains)",
+        ),
         Row(f"4 {tag}MALA / FLOP limit", f"{ma['ratio_to_limit']:.2f}"),
     ]
     return out
@@ -186,34 +288,56 @@ def other_rows(res: dict) -> list[Row]:
     if "fid" in res:
         f = res["fid"]
         out += [
-            Row("5 FID vaepp Inception images/s", f"{f['vaepp_images_per_s']:.2f} (in process, "
-                f"{2 * f['n_images_per_set']} images; Fréchet distance {f['seconds_frechet']:.1f} s)"),
+            Row(
+                "5 FID vaepp Inception images/s",
+                f"{f['vaepp_images_per_s']:.2f} (in process, "
+                f"{2 * f['n_images_per_set']} images; Fréchet distance {f['seconds_frechet']:.1f} s)",
+            ),
         ]
         e2e = f["end_to_end"]
         if e2e["measured"]:
             out += [
-                Row("5 FID end to end vs pytorch-fid CLI", f"{e2e['vaepp_process_wall_s']:.1f} s vs "
-                    f"{e2e['cli_wall_s']:.1f} s (speed ratio {e2e['speed_ratio_vaepp_to_cli']:.2f})", ">= 1.00",
-                    e2e["speed_ratio_vaepp_to_cli"] >= 1.0),
-                Row("5 FID values vaepp / pytorch-fid CLI", f"{e2e['fid_vaepp_process']:.3f} / {e2e['fid_cli']:.3f} "
-                    f"(rel. diff {e2e['fid_relative_difference_cli']:.1e})"),
+                Row(
+                    "5 FID end to end vs pytorch-fid CLI",
+                    f"{e2e['vaepp_process_wall_s']:.1f} s vs "
+                    f"{e2e['cli_wall_s']:.1f} s (speed ratio {e2e['speed_ratio_vaepp_to_cli']:.2f})",
+                    ">= 1.00",
+                    e2e["speed_ratio_vaepp_to_cli"] >= 1.0,
+                ),
+                Row(
+                    "5 FID values vaepp / pytorch-fid CLI",
+                    f"{e2e['fid_vaepp_process']:.3f} / {e2e['fid_cli']:.3f} "
+                    f"(rel. diff {e2e['fid_relative_difference_cli']:.1e})",
+                ),
             ]
         else:
             out.append(Row("5 FID end to end vs pytorch-fid CLI", f"not measured: {e2e['reason']}", ">= 1.00"))
         out += [
-            Row("5 FID reference stats: cache, reuse", f"{f['reference_cache_miss_s']:.1f} s, "
-                f"{f['reference_cache_hit_s'] * 1e3:.0f} ms ({f['n_images_per_set']} images)", "reuse < 10% of cache",
-                f["reference_cache_hit_s"] < 0.1 * f["reference_cache_miss_s"]),
-            Row("5 FID reference stats for params", f"{f['reference_seconds_for_params']:.0f} s once "
-                f"({f['n_reference_params']} images)"),
+            Row(
+                "5 FID reference stats: cache, reuse",
+                f"{f['reference_cache_miss_s']:.1f} s, "
+                f"{f['reference_cache_hit_s'] * 1e3:.0f} ms ({f['n_images_per_set']} images)",
+                "reuse < 10% of cache",
+                f["reference_cache_hit_s"] < 0.1 * f["reference_cache_miss_s"],
+            ),
+            Row(
+                "5 FID reference stats for params",
+                f"{f['reference_seconds_for_params']:.0f} s once ({f['n_reference_params']} images)",
+            ),
         ]
     if "pipeline" in res:
         p = res["pipeline"]
         noop = p["dvc_noop"]
-        out.append(Row("6 dvc repro (no-op)", f"{noop['seconds']:.1f} s" if noop["measured"]
-                       else f"not measured: {noop['reason']}"))
+        out.append(
+            Row(
+                "6 dvc repro (no-op)",
+                f"{noop['seconds']:.1f} s" if noop["measured"] else f"not measured: {noop['reason']}",
+            )
+        )
         imp = p["imports"]
-        out.append(Row("6 python start / import torch", f"{imp['python_start_s']:.2f} s / {imp['import_torch_s']:.2f} s"))
+        out.append(
+            Row("6 python start / import torch", f"{imp['python_start_s']:.2f} s / {imp['import_torch_s']:.2f} s")
+        )
         for m, s in imp["modules"].items():
             out.append(Row(f"6 import {m}", f"{s:.2f} s"))
         if "stage_fixed_cost" in p:
@@ -232,25 +356,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["startup"], help="only this figure: startup = the stage fixed cost")
     args = p.parse_args(argv)
     if args.only == "startup":
-        return only_startup(args.out if args.out != p.get_default("out") else None,
-                            QUICK["startup_repeats"] if args.quick else FULL["startup_repeats"])
+        return only_startup(
+            args.out if args.out != p.get_default("out") else None,
+            QUICK["startup_repeats"] if args.quick else FULL["startup_repeats"],
+        )
     from vaepp.config import ParamsError
     from vaepp.io import atomic_write_json
 
     params = Path(args.params)
     if not params.is_absolute():
-        params = (Path.cwd() / params)
+        params = Path.cwd() / params
     try:
-        res, table = run(params, QUICK if args.quick else FULL, do_fid=not args.no_fid,
-                         do_pipeline=not args.no_pipeline)
+        res, table = run(
+            params, QUICK if args.quick else FULL, do_fid=not args.no_fid, do_pipeline=not args.no_pipeline
+        )
     except ParamsError as err:
         print(f"bench: {err}", file=sys.stderr)
         return 2
     res["quick"] = args.quick
     res["table"] = [r.__dict__ for r in table]
     atomic_write_json(args.out, res)
-    print(f"Benchmarks, {res['machine']['date']}, {res['machine']['cpu']}, {res['machine']['torch_threads']} "
-          f"torch threads{' (QUICK: sizes too small to mean anything)' if args.quick else ''}")
+    print(
+        f"Benchmarks, {res['machine']['date']}, {res['machine']['cpu']}, {res['machine']['torch_threads']} "
+        f"torch threads{' (QUICK: sizes too small to mean anything)' if args.quick else ''}"
+    )
     print(format_table(table))
     fixed = res.get("pipeline", {}).get("stage_fixed_cost", {})
     if fixed.get("measured"):
@@ -267,8 +396,10 @@ def only_startup(out: str | None, repeats: int) -> int:
     res = {"machine": machine(), "stage_fixed_cost": startup.measure(repeats)}
     if out:
         atomic_write_json(out, res)
-    print(f"Stage fixed cost, {res['machine']['date']}, {res['machine']['cpu']}, load average "
-          f"{res['machine']['load_average_1min']:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(
+        f"Stage fixed cost, {res['machine']['date']}, {res['machine']['cpu']}, load average "
+        f"{res['machine']['load_average_1min']:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
     print(format_table(startup.rows(res["stage_fixed_cost"])))
     if res["stage_fixed_cost"].get("measured"):
         print(startup.NOTE.format(repeats=repeats))

@@ -46,11 +46,19 @@ TARGET_S = 5.0
 def _env(project: Path) -> dict[str, str]:
     """A stage's environment under `make repro`: this Python's bin first on PATH (DVC runs the
     first `python`), no DVC/MLflow/OpenMP settings from outside, tracking on."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "MLFLOW_")) and k not in ("OMP_WAIT_POLICY", "VAEPP_MLFLOW", "VAEPP_DEBUG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DVC_", "MLFLOW_")) and k not in ("OMP_WAIT_POLICY", "VAEPP_MLFLOW", "VAEPP_DEBUG")
+    }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", VAEPP_MLFLOW="1",
-               VAEPP_CACHE=str(project / ".cache"), GIT_CONFIG_NOSYSTEM="1")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        VAEPP_MLFLOW="1",
+        VAEPP_CACHE=str(project / ".cache"),
+        GIT_CONFIG_NOSYSTEM="1",
+    )
     return env
 
 
@@ -87,9 +95,18 @@ def make_project(dest: Path, src: Path = ROOT) -> tuple[str, str]:
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 256, (N_TRAIN, 1, 28, 28), generator=g, dtype=torch.uint8)
     test = torch.randint(0, 256, (N_TEST, 1, 28, 28), generator=g, dtype=torch.uint8)
-    save_prepared(dest / "data" / raw["data"]["dataset"], train, test,
-                  {"dataset": raw["data"]["dataset"], "binary": True, "label": "synthetic bench data",
-                   "source": "synthetic bench data", "stand_in": True})
+    save_prepared(
+        dest / "data" / raw["data"]["dataset"],
+        train,
+        test,
+        {
+            "dataset": raw["data"]["dataset"],
+            "binary": True,
+            "label": "synthetic bench data",
+            "source": "synthetic bench data",
+            "stand_in": True,
+        },
+    )
     (dest / ".gitignore").write_text("/data\n/models\n/mlflow.db\n/mlartifacts\n/.cache\n/checkpoints\n")
     env = _env(dest)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "-c", "commit.gpgsign=false"]
@@ -140,8 +157,9 @@ def tracking_parts(project: Path, env: dict[str, str], repeats: int) -> dict:
     child run with a metric. The stages pay it in their tracking process instead, beside torch."""
     rows = []
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", PARTS], cwd=project, env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", PARTS], cwd=project, env=env, capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"tracking parts failed: {proc.stderr.strip()[-300:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -206,14 +224,21 @@ def rows(res: dict) -> list:
         return [Row("7 stage fixed cost (per stage)", f"not measured: {res.get('reason')}", f"<= {TARGET_S:.0f} s")]
     m = res["mlflow_in_process"]
     return [
-        Row("7 stage fixed cost (per stage)", f"{res['fixed_cost_s']:.1f} s (median of {res['repeats']}, "
-            f"{res['stage']}; its work {res['work_s']:.2f} s not counted)", f"<= {TARGET_S:.0f} s",
-            res["fixed_cost_s"] <= TARGET_S),
+        Row(
+            "7 stage fixed cost (per stage)",
+            f"{res['fixed_cost_s']:.1f} s (median of {res['repeats']}, "
+            f"{res['stage']}; its work {res['work_s']:.2f} s not counted)",
+            f"<= {TARGET_S:.0f} s",
+            res["fixed_cost_s"] <= TARGET_S,
+        ),
         Row("7   of which DVC", f"{res['dvc_part_s']:.1f} s (no-op dvc repro of the stage: {res['dvc_noop_s']:.1f} s)"),
         Row("7   of which the stage's process", f"{res['process_part_s']:.1f} s"),
-        Row("7   MLflow if it ran in the stage's process", f"import {m['import_mlflow_after_torch_s']:.1f} s after "
+        Row(
+            "7   MLflow if it ran in the stage's process",
+            f"import {m['import_mlflow_after_torch_s']:.1f} s after "
             f"torch's {m['import_torch_s']:.1f} s, open {m['mlflow_open_s']:.2f} s, "
-            f"run {m['mlflow_stage_run_s']:.2f} s (a tracking process does it beside torch)"),
+            f"run {m['mlflow_stage_run_s']:.2f} s (a tracking process does it beside torch)",
+        ),
     ]
 
 

@@ -12,8 +12,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,8 +28,18 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # What the stages import (requirements.txt). DVC runs `python stages/...` with the first `python`
 # on PATH; outside the project's environment that is another Python, and the stage would die on
 # an import deep inside, after DVC has already removed its previous outputs.
-REQUIRED_MODULES = ("torch", "torchvision", "pytorch_fid", "pandas", "matplotlib", "mlflow", "pydantic",
-                    "yaml", "tqdm", "scipy")
+REQUIRED_MODULES = (
+    "torch",
+    "torchvision",
+    "pytorch_fid",
+    "pandas",
+    "matplotlib",
+    "mlflow",
+    "pydantic",
+    "yaml",
+    "tqdm",
+    "scipy",
+)
 
 
 def check_environment() -> None:
@@ -38,8 +48,11 @@ def check_environment() -> None:
 
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: {sys.executable} has no {', '.join(missing)}: run the pipeline in the project's environment "
-              "(`make repro`, or `make setup` then `source .venv/bin/activate` before `dvc ...`)", file=sys.stderr)
+        print(
+            f"error: {sys.executable} has no {', '.join(missing)}: run the pipeline in the project's environment "
+            "(`make repro`, or `make setup` then `source .venv/bin/activate` before `dvc ...`)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
@@ -209,10 +222,12 @@ def tracker(params_path: str):
     global _TRACKING_PROCESS
     from vaepp.tracking import EXPERIMENT, Tracker
 
-    settings = dict(exp_name=os.environ.get("DVC_EXP_NAME", ""),
-                    git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
-                    tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                    experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    settings = dict(
+        exp_name=os.environ.get("DVC_EXP_NAME", ""),
+        git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+    )
     if _TRACKING_PROCESS is not None and tracking_on():
         proc, _TRACKING_PROCESS = _TRACKING_PROCESS, None
         return proc.open(tracking_root(), Path(params_path), **settings)

@@ -122,8 +122,9 @@ with t.stage_run("train", "vae", {{}}) as log:
 def test_a_killed_stage_leaves_its_run_killed(repo):
     """SIGKILL of the stage process: its tracking process sees the end of its input and ends
     the open run KILLED (a stage killed while tracking in process left it RUNNING)."""
-    proc = subprocess.Popen([sys.executable, "-c", STAGE.format(root=str(ROOT), repo=str(repo))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAGE.format(root=str(ROOT), repo=str(repo))], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -155,8 +156,12 @@ def test_tracker_hands_the_stage_params_to_the_started_process(repo, monkeypatch
 
 def test_only_a_stage_script_starts_a_tracking_process():
     stage = str(ROOT / "stages" / "train.py")
-    for argv, env in [(["-c"], {}), ([str(ROOT / "bench" / "run_all.py")], {}), ([stage], {"VAEPP_MLFLOW": "0"}),
-                      ([stage], {"RANK": "1"})]:
+    for argv, env in [
+        (["-c"], {}),
+        ([str(ROOT / "bench" / "run_all.py")], {}),
+        ([stage], {"VAEPP_MLFLOW": "0"}),
+        ([stage], {"RANK": "1"}),
+    ]:
         assert common.start_tracking_process(argv, env) is None
     p = common.start_tracking_process([stage], {"RANK": "0"})
     try:
@@ -179,10 +184,22 @@ def test_one_core_takes_no_load_sample(monkeypatch):
 def test_bench_rows_state_the_target_and_the_parts():
     from bench import startup
 
-    res = {"measured": True, "stage": "train@vae", "repeats": 5, "fixed_cost_s": 4.2, "dvc_part_s": 1.0,
-           "process_part_s": 3.2, "work_s": 0.05, "dvc_noop_s": 0.5,
-           "mlflow_in_process": {"import_torch_s": 2.9, "import_mlflow_after_torch_s": 1.5,
-                                 "mlflow_open_s": 0.1, "mlflow_stage_run_s": 0.1}}
+    res = {
+        "measured": True,
+        "stage": "train@vae",
+        "repeats": 5,
+        "fixed_cost_s": 4.2,
+        "dvc_part_s": 1.0,
+        "process_part_s": 3.2,
+        "work_s": 0.05,
+        "dvc_noop_s": 0.5,
+        "mlflow_in_process": {
+            "import_torch_s": 2.9,
+            "import_mlflow_after_torch_s": 1.5,
+            "mlflow_open_s": 0.1,
+            "mlflow_stage_run_s": 0.1,
+        },
+    }
     rows = startup.rows(res)
     assert rows[0].figure == "7 stage fixed cost (per stage)" and rows[0].target == "<= 5 s" and rows[0].met
     assert rows[0].value.startswith("4.2 s") and "1.0 s" in rows[1].value and "3.2 s" in rows[2].value

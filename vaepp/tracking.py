@@ -47,9 +47,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 EXPERIMENT = "vaepp"
 MAX_KEY, MAX_PARAM, MAX_TAG, BATCH_PARAMS, BATCH_METRICS = 250, 6000, 8000, 100, 1000
@@ -67,7 +68,7 @@ def mlflow_key(key: str) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def probe(uri: str, timeout_s: float) -> str | None:
@@ -115,7 +116,7 @@ def git_head(root: Path) -> str:
 class RunLog:
     """Logging into one MLflow run; every call is a no-op once the tracker is disabled."""
 
-    def __init__(self, tracker: "Tracker", run_id: str | None):
+    def __init__(self, tracker: Tracker, run_id: str | None):
         self.tracker, self.run_id = tracker, run_id
 
     def _ok(self) -> bool:
@@ -123,7 +124,7 @@ class RunLog:
 
     def _batch(self, kind: str, items: list, size: int) -> None:
         for i in range(0, len(items), size):  # MLflow's per-request limits
-            self.tracker._call(self.tracker.client.log_batch, self.run_id, **{kind: items[i:i + size]})
+            self.tracker._call(self.tracker.client.log_batch, self.run_id, **{kind: items[i : i + size]})
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Numeric (and bool) values of `metrics` at `step` (0 if None); others are skipped."""
@@ -131,8 +132,15 @@ class RunLog:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self._batch("metrics", [Metric(mlflow_key(k), float(v), now, int(step or 0))
-                                    for k, v in metrics.items() if isinstance(v, numbers.Real)], BATCH_METRICS)
+            self._batch(
+                "metrics",
+                [
+                    Metric(mlflow_key(k), float(v), now, int(step or 0))
+                    for k, v in metrics.items()
+                    if isinstance(v, numbers.Real)
+                ],
+                BATCH_METRICS,
+            )
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params as strings truncated to MLflow's 6000 characters."""
@@ -157,9 +165,15 @@ class RunLog:
 class Tracker:
     """The pipeline's tracking state; `Tracker.for_pipeline` builds it, never raising."""
 
-    def __init__(self, client: Any = None, experiment_id: str | None = None, parent_id: str | None = None,
-                 tags: dict[str, str] | None = None, reason: str | None = None,
-                 warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        client: Any = None,
+        experiment_id: str | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        reason: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.tags, self.reason = dict(tags or {}), reason
         self.warn = warn or _print_warning  # where the one warning line goes
@@ -181,9 +195,19 @@ class Tracker:
             self.disable(_short(err))
 
     @classmethod
-    def for_pipeline(cls, root: Path, params_path: Path, *, exp_name: str = "", git_rev: str | None = None,
-                     tracking_uri: str | None = None, experiment: str = EXPERIMENT, enabled: bool = True,
-                     timeout_s: float = 3.0, warn: Callable[[str], None] | None = None) -> "Tracker":
+    def for_pipeline(
+        cls,
+        root: Path,
+        params_path: Path,
+        *,
+        exp_name: str = "",
+        git_rev: str | None = None,
+        tracking_uri: str | None = None,
+        experiment: str = EXPERIMENT,
+        enabled: bool = True,
+        timeout_s: float = 3.0,
+        warn: Callable[[str], None] | None = None,
+    ) -> Tracker:
         """Connect to the store and find or create this execution's parent run.
 
         root: the real repository (DVC_ROOT); default store `sqlite_uri(root)` and artifacts in
@@ -203,13 +227,19 @@ class Tracker:
             return tracker
         try:
             rev = git_rev or git_head(root)
-            params_hash = hashlib.sha256(Path(params_path).read_bytes()).hexdigest() \
-                if Path(params_path).is_file() else "missing"
+            params_hash = (
+                hashlib.sha256(Path(params_path).read_bytes()).hexdigest() if Path(params_path).is_file() else "missing"
+            )
             exp_name = exp_name.replace("'", "_")
             key = f"exp:{exp_name}" if exp_name else f"repro:{rev}:{params_hash}"
             name = exp_name or f"repro-{rev[:8]}-{params_hash[:8]}"
-            tracker.tags = {"dvc.exp_name": exp_name, "dvc.git_rev": rev, "mlflow.source.git.commit": rev,
-                            "vaepp.pipeline_key": key, "dvc.params_sha256": params_hash}
+            tracker.tags = {
+                "dvc.exp_name": exp_name,
+                "dvc.git_rev": rev,
+                "mlflow.source.git.commit": rev,
+                "vaepp.pipeline_key": key,
+                "dvc.params_sha256": params_hash,
+            }
             logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
             from mlflow import MlflowClient
 
@@ -217,8 +247,7 @@ class Tracker:
             db = _sqlite_path(uri)  # a local store: artifacts beside it in the repo, a file to lock
             tracker.experiment_id = _experiment(tracker.client, experiment, root / "mlartifacts" if db else None)
             with _lock(db, timeout_s):
-                tracker.parent_id = _parent(tracker.client, tracker.experiment_id, key, name, tracker.tags,
-                                            params_path)
+                tracker.parent_id = _parent(tracker.client, tracker.experiment_id, key, name, tracker.tags, params_path)
         except Exception as err:  # noqa: BLE001
             tracker.disable(f"{uri}: {_short(err)}")
         return tracker
@@ -226,10 +255,23 @@ class Tracker:
     @contextmanager
     def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator[RunLog]:
         """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body."""
-        tags = {**self.tags, "dvc.stage": stage, "dvc.run": run, "vaepp.role": "stage",
-                "mlflow.parentRunId": self.parent_id}
-        info = self._call(self.client.create_run, self.experiment_id, run_name=f"{stage}:{run}",
-                          tags={k: str(v)[:MAX_TAG] for k, v in tags.items()}) if self.enabled else None
+        tags = {
+            **self.tags,
+            "dvc.stage": stage,
+            "dvc.run": run,
+            "vaepp.role": "stage",
+            "mlflow.parentRunId": self.parent_id,
+        }
+        info = (
+            self._call(
+                self.client.create_run,
+                self.experiment_id,
+                run_name=f"{stage}:{run}",
+                tags={k: str(v)[:MAX_TAG] for k, v in tags.items()},
+            )
+            if self.enabled
+            else None
+        )
         log = RunLog(self, info.info.run_id if info else None)
         log.log_params(params)
         if log.run_id:
@@ -264,8 +306,11 @@ def _experiment(client: Any, name: str, artifacts: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=str(artifacts) if artifacts else None,
-                                            tags={"mlflow.experimentKind": "custom_model_development"})
+            return client.create_experiment(
+                name,
+                artifact_location=str(artifacts) if artifacts else None,
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
         except Exception:  # noqa: BLE001 - created meanwhile by another stage process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -307,15 +352,15 @@ def _parent(client: Any, experiment_id: str, key: str, name: str, tags: dict, pa
     found = oldest()
     if found:
         return found[0].info.run_id
-    mine = client.create_run(experiment_id, run_name=name,
-                             tags={**{k: str(v)[:MAX_TAG] for k, v in tags.items()}, "vaepp.role": "parent"})
+    mine = client.create_run(
+        experiment_id, run_name=name, tags={**{k: str(v)[:MAX_TAG] for k, v in tags.items()}, "vaepp.role": "parent"}
+    )
     winner = oldest()[0].info.run_id
     if winner != mine.info.run_id:
         client.delete_run(mine.info.run_id)
     elif Path(params_path).is_file():
         client.log_artifact(winner, str(params_path))
     return winner
-
 
 
 # ----- the same tracker in a process of its own --------------------------------------------------
@@ -344,6 +389,7 @@ def serve() -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow import MlflowClient  # noqa: F401
         from mlflow.entities import Metric, Param  # noqa: F401
+
         if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     except Exception:  # noqa: BLE001 - Tracker.for_pipeline reports it
@@ -356,10 +402,18 @@ def serve() -> None:
             req = json.loads(line)
             op = req.pop("op")
             if op == "open":
-                tracker = Tracker.for_pipeline(Path(req.pop("root")), Path(req.pop("params_path")), **req,
-                                               warn=lambda text: send(warning=text))
-                send(opened={"enabled": tracker.enabled, "reason": tracker.reason, "tags": tracker.tags,
-                             "parent_id": tracker.parent_id, "experiment_id": tracker.experiment_id})
+                tracker = Tracker.for_pipeline(
+                    Path(req.pop("root")), Path(req.pop("params_path")), **req, warn=lambda text: send(warning=text)
+                )
+                send(
+                    opened={
+                        "enabled": tracker.enabled,
+                        "reason": tracker.reason,
+                        "tags": tracker.tags,
+                        "parent_id": tracker.parent_id,
+                        "experiment_id": tracker.experiment_id,
+                    }
+                )
             elif op in ("stage_run", "parent_log"):
                 run = tracker.stage_run(**req) if op == "stage_run" else tracker.parent_log()
                 log = run.__enter__()
@@ -397,7 +451,7 @@ class TrackerProcess:
         self._warned = self._used = self._pending = False
 
     @classmethod
-    def start(cls, code_root: Path) -> "TrackerProcess":
+    def start(cls, code_root: Path) -> TrackerProcess:
         """Start the process (it imports mlflow at once); `open` it once the stage knows its params.
         code_root: the directory holding the `vaepp` package."""
         code = f"import sys; sys.path.insert(0, {str(code_root)!r}); from vaepp.tracking import serve; serve()"
@@ -408,7 +462,7 @@ class TrackerProcess:
         atexit.register(self.close)
         return self
 
-    def open(self, root: Path, params_path: Path, **kwargs: Any) -> "TrackerProcess":
+    def open(self, root: Path, params_path: Path, **kwargs: Any) -> TrackerProcess:
         """Find or create the parent run, as Tracker.for_pipeline(root, params_path, **kwargs)."""
         self._used = True
         self._send(op="open", root=str(Path(root).resolve()), params_path=str(Path(params_path).resolve()), **kwargs)
@@ -438,14 +492,14 @@ class TrackerProcess:
         self.reason = self.reason or why
 
     @contextmanager
-    def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator["_RemoteLog"]:
+    def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator[_RemoteLog]:
         """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body."""
         self._send(op="stage_run", stage=stage, run=run, params={str(k): str(v) for k, v in params.items()})
         with self._finishing():
             yield _RemoteLog(self)
 
     @contextmanager
-    def parent_log(self) -> Iterator["_RemoteLog"]:
+    def parent_log(self) -> Iterator[_RemoteLog]:
         """Log to the parent run itself; marks it FINISHED on exit (FAILED on error)."""
         self._send(op="parent_log")
         with self._finishing():
