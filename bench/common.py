@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -97,5 +97,5 @@ def format_table(rows: list[Row]) -> str:
     heads = ("figure", "value", "target", "met")
     cells = [(r.figure, r.value, r.target, {True: "yes", False: "NO", None: ""}[r.met]) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda c: "  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip()  # noqa: E731
+    line = lambda c: "  ".join(s.ljust(w) for s, w in zip(c, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])

@@ -48,17 +48,22 @@ def matmul_gflops(sizes: list[int], repeats: int, seconds_per_size: float = 1.5)
     """float32 GFLOP/s of square n×n @ n×n products (2n³ FLOPs each): the fastest single call
     per size (at least `repeats` calls, for at least `seconds_per_size`).
     Returns {"by_size": {n: GFLOP/s}, "peak_gflops": max over sizes}."""
-    by_size = {n: 2.0 * n**3 / _best_mm_seconds(n, n, n, min_calls=repeats, seconds=seconds_per_size) / 1e9
-               for n in sizes}
+    by_size = {
+        n: 2.0 * n**3 / _best_mm_seconds(n, n, n, min_calls=repeats, seconds=seconds_per_size) / 1e9 for n in sizes
+    }
     return {"by_size": by_size, "peak_gflops": max(by_size.values())}
 
 
 def linear_shapes(net: torch.nn.Module, example: torch.Tensor) -> list[tuple[int, int, int]]:
     """(rows, in, out) of every Linear call of `net(example)`, in call order."""
     shapes: list[tuple[int, int, int]] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(
-        (i[0].numel() // m.in_features, m.in_features, m.out_features)))
-        for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: shapes.append((i[0].numel() // m.in_features, m.in_features, m.out_features))
+        )
+        for m in net.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         with torch.no_grad():
             net(example)
@@ -95,17 +100,26 @@ def build(params: Path, run_name: str) -> Built:
 
     run = load_run(params, run_name)
     if run.data.dataset not in DATASETS:
-        raise ValueError(f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
-                         f"bench/compute.py; bench one of {', '.join(DATASETS)}")
+        raise ValueError(
+            f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
+            f"bench/compute.py; bench one of {', '.join(DATASETS)}"
+        )
     shape, binary, n_train = DATASETS[run.data.dataset]
     n_train = min(n_train, run.data.n_train) if run.data.n_train else n_train
     torch.manual_seed(0)
     model = VAEPP(model_spec(run, shape, binary)).eval()
     x = torch.rand(8, *shape)
     z = torch.randn(8, model.zdim)
-    return Built(run, model, shape, binary, n_train,
-                 enc=net_flops(model.encoder, x), dec=net_flops(model.decoder, z),
-                 crit=net_flops(model.critic, x))
+    return Built(
+        run,
+        model,
+        shape,
+        binary,
+        n_train,
+        enc=net_flops(model.encoder, x),
+        dec=net_flops(model.decoder, z),
+        crit=net_flops(model.critic, x),
+    )
 
 
 def random_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -115,8 +129,9 @@ def random_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.T
 
 
 # ----- 2. NLL ------------------------------------------------------------------------------------
-def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_gflops: float,
-              mm_seconds: float = 0.5) -> dict:
+def nll_bench(
+    b: Built, *, n_images: int, n_importance: int, repeats: int, peak_gflops: float, mm_seconds: float = 0.5
+) -> dict:
     """Importance samples per second of `vaepp.nll.estimate_nll` with the params' chunk and batch.
 
     FLOPs per sample: one decoder and one critic forward (the decoder output serves log p(x|z) and
@@ -130,12 +145,13 @@ def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_
 
     p = b.run.nll
     images = random_images(n_images, b.image_shape, seed=1)
-    batches = [images[i:i + p.batch_images] for i in range(0, n_images, p.batch_images)]
+    batches = [images[i : i + p.batch_images] for i in range(0, n_images, p.batch_images)]
     gen = torch.Generator().manual_seed(p.seed)
 
     def once():
-        return estimate_nll(b.model, batches, n_importance=n_importance, log_z=0.0,
-                            binarize=b.binary, chunk=p.chunk, generator=gen)
+        return estimate_nll(
+            b.model, batches, n_importance=n_importance, log_z=0.0, binarize=b.binary, chunk=p.chunk, generator=gen
+        )
 
     t = best_time(once, repeats=repeats)
     samples = n_images * n_importance
@@ -146,19 +162,26 @@ def nll_bench(b: Built, *, n_images: int, n_importance: int, repeats: int, peak_
     # (only for MLPs: a convolution is not one matmul).
     rows = min(p.chunk, samples)
     if b.run.model.arch == "mlp":
-        shapes = (linear_shapes(b.model.decoder, torch.randn(rows, b.model.zdim))
-                  + linear_shapes(b.model.critic, torch.rand(rows, *b.image_shape)))
+        shapes = linear_shapes(b.model.decoder, torch.randn(rows, b.model.zdim)) + linear_shapes(
+            b.model.critic, torch.rand(rows, *b.image_shape)
+        )
         mm_rate = rows / layer_matmul_seconds(shapes, repeats=5, seconds_each=mm_seconds)
     else:
         mm_rate = float("nan")
     paper_samples = 1e8  # 10^4 test images × 10^3 samples × 10 passes (paper, MNIST)
     return {
-        "samples_per_s": rate, "flops_per_sample": flops, "gflops": achieved,
+        "samples_per_s": rate,
+        "flops_per_sample": flops,
+        "gflops": achieved,
         "ratio_to_matmul": achieved / peak_gflops,
-        "layer_matmuls_samples_per_s": mm_rate, "ratio_to_layer_matmuls": rate / mm_rate,
+        "layer_matmuls_samples_per_s": mm_rate,
+        "ratio_to_layer_matmuls": rate / mm_rate,
         "seconds_for_1e8_samples": paper_samples / rate,
-        "n_images": n_images, "n_importance": n_importance, "chunk": p.chunk,
-        "batch_images": p.batch_images, "seconds_best": t,
+        "n_images": n_images,
+        "n_importance": n_importance,
+        "chunk": p.chunk,
+        "batch_images": p.batch_images,
+        "seconds_best": t,
     }
 
 
@@ -185,18 +208,15 @@ def train_step_flops(algorithm: str, b: Built, batch: int, k_prior: int) -> floa
     if algorithm == "vae":
         return vae
     if algorithm == "vaepp":
-        return (vae + B * 3 * D.forward + K * (3 * G.forward - G.first_layer + 3 * D.forward)
-                + m * 6 * D.forward)
+        return vae + B * 3 * D.forward + K * (3 * G.forward - G.first_layer + 3 * D.forward) + m * 6 * D.forward
     if algorithm == "naive_vaepp":
         vae_step = vae + B * 2 * D.forward + K * (3 * G.forward - G.first_layer + 2 * D.forward)
-        critic_step = (K * G.forward + m * 5 * D.forward
-                       + (B + K) * (3 * D.forward - D.first_layer))
+        critic_step = K * G.forward + m * 5 * D.forward + (B + K) * (3 * D.forward - D.first_layer)
         return vae_step + critic_step
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
-def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warmup: int,
-                peak_gflops: float) -> dict:
+def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warmup: int, peak_gflops: float) -> dict:
     """Seconds per step of `vaepp.train.train_step` for each run, on random images, with the same
     per-step data path as `vaepp.train.train` (uint8 slice → float / 255).
 
@@ -223,7 +243,7 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
         n_batches = data.shape[0] // B
         t0 = time.perf_counter()
         for s in range(n):
-            e = data[(s % n_batches) * B:(s % n_batches + 1) * B].float().div_(255.0)
+            e = data[(s % n_batches) * B : (s % n_batches + 1) * B].float().div_(255.0)
             train_step(model, opts, e, spec, algorithm, n_train=b.n_train)
         return time.perf_counter() - t0
 
@@ -241,14 +261,18 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
         flops = train_step_flops(algorithm, b, spec.batch_size, spec.n_prior_samples)
         steps_per_epoch = b.n_train // spec.batch_size
         out[name] = {
-            "algorithm": algorithm, "seconds_per_step": best[name],
-            "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": best[name] * steps_per_epoch,
+            "algorithm": algorithm,
+            "seconds_per_step": best[name],
+            "steps_per_epoch": steps_per_epoch,
+            "seconds_per_epoch": best[name] * steps_per_epoch,
             # the median block: closer to a sustained epoch (the best block is a quiet moment
             # with the bench's few batches in cache)
             "seconds_per_epoch_median": median[name] * steps_per_epoch,
-            "flops_per_step": flops, "gflops": flops / best[name] / 1e9,
+            "flops_per_step": flops,
+            "gflops": flops / best[name] / 1e9,
             "ratio_to_matmul": flops / best[name] / 1e9 / peak_gflops,
-            "batch_size": spec.batch_size, "n_prior_samples": spec.n_prior_samples,
+            "batch_size": spec.batch_size,
+            "n_prior_samples": spec.n_prior_samples,
         }
     if "vae" in out:
         for name in runs:
@@ -270,10 +294,15 @@ def mala_bench(b: Built, *, n_chains: int, n_steps: int, repeats: int, peak_gflo
     step_size = b.run.mala.step_size
     gen = torch.Generator().manual_seed(b.run.mala.seed)
     z0 = torch.randn(n_chains, b.model.zdim, generator=gen)
-    t = best_time(lambda: mala(b.model.energy_and_grad, z0, n_steps, step_size, generator=gen),
-                  repeats=repeats)
+    t = best_time(lambda: mala(b.model.energy_and_grad, z0, n_steps, step_size, generator=gen), repeats=repeats)
     rate = n_chains * n_steps / t
     flops = 2.0 * (b.dec.forward + b.crit.forward)
     limit = peak_gflops * 1e9 / flops
-    return {"chain_steps_per_s": rate, "flops_per_chain_step": flops, "limit_chain_steps_per_s": limit,
-            "ratio_to_limit": rate / limit, "n_chains": n_chains, "n_steps": n_steps}
+    return {
+        "chain_steps_per_s": rate,
+        "flops_per_chain_step": flops,
+        "limit_chain_steps_per_s": limit,
+        "ratio_to_limit": rate / limit,
+        "n_chains": n_chains,
+        "n_steps": n_steps,
+    }

@@ -9,7 +9,7 @@ Two sets A (the reference) and B (the "samples") of n images, 28×28 grey, also 
     (vaepp.fetch_fid_weights' load_inception, then vaepp.fid's reference_statistics (hit),
     feature_stats, frechet_distance), so
     both pay interpreter start, imports, network load, PNG decoding and the matrix square root.
-The Inception network costs ~0.2 s per image on 2 CPU cores (FACTS): n stays small.
+The Inception network costs ~0.2 s per image on 2 CPU cores: n stays small.
 """
 
 from __future__ import annotations
@@ -86,8 +86,17 @@ def _timed_subprocess(cmd: list[str], env: dict, timeout: float) -> tuple[float,
     return wall, float(found[-1])
 
 
-def fid_bench(workdir: Path, torch_home: Path, wheel_cache: Path, *, n_images: int, batch_size: int,
-              n_reference: int, seconds_left: float = float("inf"), timeout: float = 900.0) -> dict:
+def fid_bench(
+    workdir: Path,
+    torch_home: Path,
+    wheel_cache: Path,
+    *,
+    n_images: int,
+    batch_size: int,
+    n_reference: int,
+    seconds_left: float = float("inf"),
+    timeout: float = 900.0,
+) -> dict:
     """All FID figures (see the module docstring); temporary files go under `workdir`.
 
     The two end-to-end runs are skipped (with the reason recorded) when, at the throughput just
@@ -128,37 +137,75 @@ def fid_bench(workdir: Path, torch_home: Path, wheel_cache: Path, *, n_images: i
     rate = 2 * n_images / (t_miss + t_b)
 
     out = {
-        "n_images_per_set": n_images, "batch_size": batch_size,
-        "seconds_ensure_weights": t_weights, "seconds_load_network": t_load,
-        "vaepp_images_per_s": rate, "seconds_frechet": t_frechet, "fid_in_process": fid_in_process,
-        "reference_cache_miss_s": t_miss, "reference_cache_hit_s": t_hit,
-        "reference_seconds_for_params": n_reference / rate, "n_reference_params": n_reference,
+        "n_images_per_set": n_images,
+        "batch_size": batch_size,
+        "seconds_ensure_weights": t_weights,
+        "seconds_load_network": t_load,
+        "vaepp_images_per_s": rate,
+        "seconds_frechet": t_frechet,
+        "fid_in_process": fid_in_process,
+        "reference_cache_miss_s": t_miss,
+        "reference_cache_hit_s": t_hit,
+        "reference_seconds_for_params": n_reference / rate,
+        "n_reference_params": n_reference,
     }
     # Each process: ~10 s of start, imports, network load and square root, then n images.
     needed = 2 * (n_images / rate + 10.0 + t_load + t_frechet)
     if needed > seconds_left:
-        out["end_to_end"] = {"measured": False, "reason": f"needs ~{needed:.0f} s at the measured rate, "
-                                                          f"{seconds_left:.0f} s left in the budget"}
+        out["end_to_end"] = {
+            "measured": False,
+            "reason": f"needs ~{needed:.0f} s at the measured rate, {seconds_left:.0f} s left in the budget",
+        }
         return out
     env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)}
     cli_wall, fid_cli = _timed_subprocess(
-        [sys.executable, "-m", "pytorch_fid", str(dir_b), str(cache / "bench-a.npz"), "--device", "cpu",
-         "--batch-size", str(batch_size)], env, timeout)
+        [
+            sys.executable,
+            "-m",
+            "pytorch_fid",
+            str(dir_b),
+            str(cache / "bench-a.npz"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            str(batch_size),
+        ],
+        env,
+        timeout,
+    )
     ours_wall, fid_ours = _timed_subprocess(
-        [sys.executable, "-m", "bench.fid_bench", "--worker", str(dir_b), str(cache), "bench-a",
-         "--torch-home", str(torch_home), "--batch-size", str(batch_size)], env, timeout)
+        [
+            sys.executable,
+            "-m",
+            "bench.fid_bench",
+            "--worker",
+            str(dir_b),
+            str(cache),
+            "bench-a",
+            "--torch-home",
+            str(torch_home),
+            "--batch-size",
+            str(batch_size),
+        ],
+        env,
+        timeout,
+    )
     out["end_to_end"] = {
-        "measured": True, "cli_wall_s": cli_wall, "vaepp_process_wall_s": ours_wall,
+        "measured": True,
+        "cli_wall_s": cli_wall,
+        "vaepp_process_wall_s": ours_wall,
         "speed_ratio_vaepp_to_cli": cli_wall / ours_wall,
-        "fid_vaepp_process": fid_ours, "fid_cli": fid_cli,
+        "fid_vaepp_process": fid_ours,
+        "fid_cli": fid_cli,
         "fid_relative_difference_cli": abs(fid_ours - fid_cli) / max(abs(fid_cli), 1e-12),
     }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="FID of a PNG folder against cached reference statistics "
-                                            "through vaepp.fid (bench worker)")
+    p = argparse.ArgumentParser(
+        description="FID of a PNG folder against cached reference statistics through vaepp.fid (bench worker)"
+    )
     p.add_argument("--worker", nargs=3, metavar=("PNG_DIR", "CACHE_DIR", "KEY"), required=True)
     p.add_argument("--torch-home", required=True, help="directory holding hub/checkpoints/<weights>")
     p.add_argument("--batch-size", type=int, default=50)

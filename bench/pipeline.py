@@ -38,33 +38,34 @@ def stage_modules(root: Path = ROOT) -> list[str]:
 def import_times(modules: list[str], *, repeats: int = 1) -> dict:
     """{module: seconds} of importing each module in a fresh interpreter, start-up subtracted;
     best of `repeats`. Also "python_start_s" and "import_torch_s" for scale."""
+
     def best(code: str) -> float:
         return min(_wall([sys.executable, "-c", code]) for _ in range(repeats))
 
     start = best("pass")
     out = {m: max(0.0, best(f"import {m}") - start) for m in modules}
-    return {"python_start_s": start, "import_torch_s": max(0.0, best("import torch") - start),
-            "modules": out}
+    return {"python_start_s": start, "import_torch_s": max(0.0, best("import torch") - start), "modules": out}
 
 
 def dvc_noop(root: Path = ROOT) -> dict:
     """Wall seconds of `dvc repro` when nothing but always-changed stages is out of date."""
     if not (root / "dvc.lock").exists():
         return {"measured": False, "reason": "no pipeline outputs (no dvc.lock)"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
         return {"measured": False, "reason": f"dvc status failed: {proc.stderr.strip()[-200:]}"}
     try:
         status = json.loads(proc.stdout or "{}")
     except ValueError:
         return {"measured": False, "reason": f"dvc status printed no JSON: {proc.stdout[-200:]!r}"}
-    stale = sorted(name for name, changes in status.items()
-                   if any(c != "always changed" for c in changes))
+    stale = sorted(name for name, changes in status.items() if any(c != "always changed" for c in changes))
     if stale:
-        return {"measured": False,
-                "reason": f"pipeline outputs out of date ({len(stale)} stages, e.g. {stale[0]}); "
-                          "a repro would run them"}
+        return {
+            "measured": False,
+            "reason": f"pipeline outputs out of date ({len(stale)} stages, e.g. {stale[0]}); a repro would run them",
+        }
     always = sorted(status)
     seconds = _wall([sys.executable, "-m", "dvc", "repro"], timeout=600)
     return {"measured": True, "seconds": seconds, "always_changed_stages_rerun": always}

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark of issue 8 in one run, printed as a table with each figure's
+"""`make bench`: every benchmark in one run, printed as a table with each figure's
 target and written to reports/bench.json.
 
 Order: matmul limit, NLL, training, MALA, FID, pipeline overhead (a no-op `dvc repro`, import
@@ -28,7 +28,7 @@ from bench import compute, fid_bench, pipeline, startup  # noqa: E402
 from bench.common import ROOT, Row, format_table  # noqa: E402
 from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, before torch)
 
-BUDGET_S = 15 * 60  # issue 8: the whole of `make bench` in under 15 minutes
+BUDGET_S = 15 * 60  # the whole of `make bench` in under 15 minutes
 RESERVE_S = 250  # kept for what follows FID (pipeline overhead and stage fixed cost, matmul again), a margin
 RUNS = ["vae", "naive_vaepp", "vaepp"]
 

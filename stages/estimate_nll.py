@@ -30,16 +30,19 @@ def _estimate(args, run, ctx) -> int:
 
     model, _ = load_vae(args.vae, ctx.device)
     train, test, meta = common.load_data(args.data, run)
-    metrics = evaluate.nll_protocol(model, ctx, train, test, run.nll, device=ctx.device,
-                                    progress=not args.no_progress and ctx.is_writer)
+    metrics = evaluate.nll_protocol(
+        model, ctx, train, test, run.nll, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+    )
     if not ctx.is_writer:
         return 0
     metrics.update(run=run.name, **evaluate.dataset_fields(run.data.dataset, meta))
     atomic_write_json(args.out, metrics)
     common.log_stage(args, "estimate-nll", run, run.nll.model_dump(), metrics)
     by = ", ".join(f"{k} {v:.2f}" for k, v in metrics["nll_nats_by_log_z"].items())
-    print(f"{run.name}: NLL {metrics['nll_nats']:.2f} ± {metrics['nll_stderr']:.2f} nats "
-          f"(log Z: {metrics['log_z_headline']}); by log Z: {by}; plain-VAE prior {metrics['nll_vae_prior_nats']:.2f}")
+    print(
+        f"{run.name}: NLL {metrics['nll_nats']:.2f} ± {metrics['nll_stderr']:.2f} nats "
+        f"(log Z: {metrics['log_z_headline']}); by log Z: {by}; plain-VAE prior {metrics['nll_vae_prior_nats']:.2f}"
+    )
     return 0
 
 

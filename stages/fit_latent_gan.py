@@ -18,8 +18,9 @@ from stages import common  # noqa: E402
 
 
 def _main(argv: list[str] | None) -> int:
-    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "latent_gan", "out", "checkpoint")
-                         ).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "latent_gan", "out", "checkpoint")).parse_args(
+        argv
+    )
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
     return common.distributed_main(args, run, dev, __file__, argv, _fit)
@@ -33,12 +34,25 @@ def _fit(args, run, ctx) -> int:
     images, _, meta = common.load_data(args.data, run)
     with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx) as log:
         gan, history, settings, gap = study.fit_run_latent_gan(
-            run, model, args.vae, images, meta, ctx, checkpoint_path=args.checkpoint, say=common.say,
-            callback=lambda epoch, m: log.log_metrics(m, step=epoch), progress=not args.no_progress and ctx.is_writer)
+            run,
+            model,
+            args.vae,
+            images,
+            meta,
+            ctx,
+            checkpoint_path=args.checkpoint,
+            say=common.say,
+            callback=lambda epoch, m: log.log_metrics(m, step=epoch),
+            progress=not args.no_progress and ctx.is_writer,
+        )
         if not ctx.is_writer:
             return 0
-        metrics = {**{f"final_{k}": v for k, v in history[-1].items()}, **gap,
-                   "epochs": run.latent_gan.epochs, "seconds": sum(h["seconds"] for h in history)}
+        metrics = {
+            **{f"final_{k}": v for k, v in history[-1].items()},
+            **gap,
+            "epochs": run.latent_gan.epochs,
+            "seconds": sum(h["seconds"] for h in history),
+        }
         checkpoints.save_latent_gan(args.latent_gan, gan, settings, history=history)
         atomic_write_json(args.out, metrics)
         checkpoints.finish(args.checkpoint)

@@ -35,8 +35,10 @@ def _main(argv: list[str] | None) -> int:
     log = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
     train, test, meta = prepare(args.dataset, common.cache_dir(), log=log)
     save_prepared(args.out, train, test, meta)
-    print(f"{meta['label']}: {train.shape[0]} train / {test.shape[0]} test images "
-          f"{tuple(train.shape[1:])} → {args.out} ({meta['source']}; {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"{meta['label']}: {train.shape[0]} train / {test.shape[0]} test images "
+        f"{tuple(train.shape[1:])} → {args.out} ({meta['source']}; {time.perf_counter() - t0:.1f} s)"
+    )
     return 0
 
 

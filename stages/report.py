@@ -15,8 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import common  # noqa: E402
 
-PATTERNS = {"metrics": "{run} and {kind}", "meta": "{dataset}", "train_curve": "{run}", "grid": "{run}",
-            "grid_gan": "{run}"}
+PATTERNS = {
+    "metrics": "{run} and {kind}",
+    "meta": "{dataset}",
+    "train_curve": "{run}",
+    "grid": "{run}",
+    "grid_gan": "{run}",
+}
 
 
 def _main(argv: list[str] | None) -> int:
@@ -33,15 +38,17 @@ def _main(argv: list[str] | None) -> int:
     runs = report.collect(Path("."), params, {name: getattr(args, name) for name in PATTERNS})
     tabs = report.tables(runs)
     out = args.out
-    atomic_write_text(out / "index.html", report.render_html(
-        runs, tabs, Path("."), title=f"VAEPP reproduction — profile “{params.profile}”"))
+    atomic_write_text(
+        out / "index.html",
+        report.render_html(runs, tabs, Path("."), title=f"VAEPP reproduction — profile “{params.profile}”"),
+    )
     atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))
         for name in ("index.html", "tables.md", "metrics.csv"):
             log.log_artifact(out / name, "report")
-    done = [r for r, ok in zip(runs["run"], runs["has_nll"] | runs["has_fid"]) if ok]
+    done = [r for r, ok in zip(runs["run"], runs["has_nll"] | runs["has_fid"], strict=True) if ok]
     print(f"report: {len(runs)} runs ({len(done)} with NLL or FID) → {out}/index.html, tables.md, metrics.csv")
     return 0
 

@@ -33,7 +33,8 @@ def _sample(args, run, ctx) -> int:
     model, _ = load_vae(args.vae, ctx.device)
     gan = load_latent_gan(args.latent_gan, ctx.device)
     images, images_gan, metrics = evaluate.sampling_protocol(
-        model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer)
+        model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+    )
     if not ctx.is_writer:
         return 0
     out = args.samples
@@ -42,11 +43,14 @@ def _sample(args, run, ctx) -> int:
     save_grid(images[:100], out / "grid.png")
     save_grid(images_gan[:100], out / "grid_gan.png")
     atomic_write_json(args.out, metrics)
-    common.log_stage(args, "sample-mala", run, run.mala.model_dump(), metrics,
-                     artifacts=(out / "grid.png", out / "grid_gan.png"))
+    common.log_stage(
+        args, "sample-mala", run, run.mala.model_dump(), metrics, artifacts=(out / "grid.png", out / "grid_gan.png")
+    )
     acc = metrics["mala_acceptance"]
-    print(f"{run.name}: {run.mala.n_samples} samples ({metrics['sampler']})"
-          + (f", MALA acceptance {acc:.3f}" if acc is not None else ""))
+    print(
+        f"{run.name}: {run.mala.n_samples} samples ({metrics['sampler']})"
+        + (f", MALA acceptance {acc:.3f}" if acc is not None else "")
+    )
     return 0
 
 

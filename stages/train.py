@@ -31,15 +31,31 @@ def _train(args, run, ctx) -> int:
     images, _, meta = common.load_data(args.data, run)
     with common.stage_run(args, "train", run, run.model_dump(), ctx) as log:
         model, result, settings = study.fit_vae(
-            run, images, meta, ctx, checkpoint_path=args.checkpoint, say=common.say,
-            callback=lambda epoch, m: log.log_metrics(m, step=epoch), progress=not args.no_progress and ctx.is_writer)
+            run,
+            images,
+            meta,
+            ctx,
+            checkpoint_path=args.checkpoint,
+            say=common.say,
+            callback=lambda epoch, m: log.log_metrics(m, step=epoch),
+            progress=not args.no_progress and ctx.is_writer,
+        )
         if not ctx.is_writer:
             return 0
-        metrics = {"run": run.name, "dataset": run.data.dataset, **evaluate.training_summary(
-            result.history, algorithm=run.algorithm, n_train=int(images.shape[0]), seconds=result.seconds,
-            resumed_from_epoch=result.resumed_from_epoch)}
-        checkpoints.save_vae(args.vae, model, settings, run=run.model_dump(mode="json"), dataset_meta=meta,
-                             history=result.history)
+        metrics = {
+            "run": run.name,
+            "dataset": run.data.dataset,
+            **evaluate.training_summary(
+                result.history,
+                algorithm=run.algorithm,
+                n_train=int(images.shape[0]),
+                seconds=result.seconds,
+                resumed_from_epoch=result.resumed_from_epoch,
+            ),
+        }
+        checkpoints.save_vae(
+            args.vae, model, settings, run=run.model_dump(mode="json"), dataset_meta=meta, history=result.history
+        )
         atomic_write_csv(args.curve, result.history)
         atomic_write_json(args.out, metrics)
         checkpoints.finish(args.checkpoint)

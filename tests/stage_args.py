@@ -29,6 +29,6 @@ def stage_argv(stage: str, key: str | None = None, *extra: str, dvc_yaml: Path =
 def report_files(dvc_yaml: Path = DVC_YAML) -> dict[str, str]:
     """The report stage's input path patterns ({"metrics": "metrics/{run}/{kind}.json", ...})."""
     argv = stage_argv("report", dvc_yaml=dvc_yaml)
-    pairs = dict(zip(argv[::2], argv[1::2]))
+    pairs = dict(zip(argv[::2], argv[1::2], strict=True))
     names = ("metrics", "meta", "train_curve", "grid", "grid_gan")
     return {name: pairs[f"--{name.replace('_', '-')}"] for name in names}

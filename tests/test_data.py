@@ -58,8 +58,9 @@ def shared_cache():
     return cache
 
 
-@pytest.mark.parametrize("dataset,md5,folder", [("mnist", MNIST_MD5, "MNIST"),
-                                               ("fashion_mnist", FASHION_MD5, "FashionMNIST")])
+@pytest.mark.parametrize(
+    "dataset,md5,folder", [("mnist", MNIST_MD5, "MNIST"), ("fashion_mnist", FASHION_MD5, "FashionMNIST")]
+)
 def test_raw_sources_give_60000_10000_images_with_pinned_checksums(shared_cache, dataset, md5, folder):
     train, test, meta = prepare(dataset, shared_cache)
     assert train.shape == (60000, 1, 28, 28) and test.shape == (10000, 1, 28, 28)
@@ -133,8 +134,15 @@ def test_static_mnist_standin_is_labelled_split_and_fixed(shared_cache):
     assert abs(test.double().mean().item() / 255 - e.mean().item()) < 5 * se
 
 
-@pytest.mark.parametrize("dataset,label", [("omniglot", "Omniglot"), ("cifar10", "CIFAR-10"),
-                                           ("celeba", "CelebA"), ("static_mnist", "Static MNIST (Larochelle)")])
+@pytest.mark.parametrize(
+    "dataset,label",
+    [
+        ("omniglot", "Omniglot"),
+        ("cifar10", "CIFAR-10"),
+        ("celeba", "CelebA"),
+        ("static_mnist", "Static MNIST (Larochelle)"),
+    ],
+)
 def test_unavailable_datasets_fail_fast_offline(tmp_path, offline, dataset, label):
     t0 = time.perf_counter()
     with pytest.raises(DataError) as err:
@@ -179,8 +187,15 @@ def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys
 def test_stage_reports_an_unavailable_dataset_in_one_line(tmp_path, monkeypatch, offline, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
-    argv = ["--params", str(common.ROOT / "params.yaml"), "--dataset", "cifar10", "--out", "data/cifar10",
-            "--no-progress"]
+    argv = [
+        "--params",
+        str(common.ROOT / "params.yaml"),
+        "--dataset",
+        "cifar10",
+        "--out",
+        "data/cifar10",
+        "--no-progress",
+    ]
     assert prepare_data.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10: cannot be downloaded") and len(err.splitlines()) == 1
@@ -328,8 +343,12 @@ def test_static_mnist_loader_parses_amat_files_and_checks_them(tmp_path, monkeyp
     train, test, meta = prepare("static_mnist", tmp_path)
     assert train.shape == (4, 1, 28, 28) and test.shape == (3, 1, 28, 28)
     assert torch.equal(train.flatten(1), torch.from_numpy(written["train"]).to(torch.uint8) * 255)
-    assert meta["stand_in"] is False and meta["binary"] is True and set(meta["raw_sha256"]) == {
-        "binarized_mnist_train.amat", "binarized_mnist_valid.amat", "binarized_mnist_test.amat"}
+    assert (
+        meta["stand_in"] is False
+        and meta["binary"] is True
+        and set(meta["raw_sha256"])
+        == {"binarized_mnist_train.amat", "binarized_mnist_valid.amat", "binarized_mnist_test.amat"}
+    )
     # a truncated file is detected and named
     (tmp_path / "static_mnist" / "binarized_mnist_test.amat").write_text("0 1 0\n")
     monkeypatch.setattr(tv_utils, "download_url", lambda url, root, filename: None)  # "already there"

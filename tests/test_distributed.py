@@ -42,10 +42,16 @@ TRAIN_CASES = [
     ("vae", {"pullback": False}, {"algorithm": "vae"}),
     ("naive", {}, {"algorithm": "naive_vaepp", "penalty": "wgan_gp", "penalty_k": 10.0}),
     ("vaepp", {}, {"algorithm": "vaepp"}),
-    ("vaepp_k_gt_b", {"posterior": "normal", "n_flows": 2}, {"algorithm": "vaepp", "n_prior_samples": 11,
-                                                             "penalty": "wgan_div_2"}),
-    ("vaepp_k_lt_b", {}, {"algorithm": "vaepp", "n_prior_samples": 5, "penalty": "wgan_gp",
-                          "penalty_k": 10.0, "clamp_kl": True}),
+    (
+        "vaepp_k_gt_b",
+        {"posterior": "normal", "n_flows": 2},
+        {"algorithm": "vaepp", "n_prior_samples": 11, "penalty": "wgan_div_2"},
+    ),
+    (
+        "vaepp_k_lt_b",
+        {},
+        {"algorithm": "vaepp", "n_prior_samples": 5, "penalty": "wgan_gp", "penalty_k": 10.0, "clamp_kl": True},
+    ),
 ]
 
 
@@ -126,10 +132,13 @@ def _estimators(model, encode, log_px_model, log_f, energy) -> dict:
     out = {}
     for name, kw in {"split_samples": dict(chunk=64), "split_images": dict(rng_rows=5, chunk=5)}.items():
         g = torch.Generator().manual_seed(3)
-        r = estimate_nll(log_px_model, batches, n_importance=7, n_passes=2, log_z=0.4, generator=g,
-                         return_per_image=True, **kw)
-        out[f"nll_{name}"] = {k: r[k] for k in ("nll_nats", "nll_stderr", "nll_mc_stderr", "ess_mean",
-                                                 "nll_nats_plain_vae", "log_px_nats")}
+        r = estimate_nll(
+            log_px_model, batches, n_importance=7, n_passes=2, log_z=0.4, generator=g, return_per_image=True, **kw
+        )
+        out[f"nll_{name}"] = {
+            k: r[k]
+            for k in ("nll_nats", "nll_stderr", "nll_mc_stderr", "ess_mean", "nll_nats_plain_vae", "log_px_nats")
+        }
     g = torch.Generator().manual_seed(4)
     q = log_z_q_based(batches, encode, model.sample_q, log_f, n_train=100, n_per_image=9, chunk=20, generator=g)
     g = torch.Generator().manual_seed(5)
@@ -183,10 +192,19 @@ runs: {vaepp: {algorithm: vaepp}}
 STAGE_PARAMS = tiny_params_yaml(STAGE_OVERRIDES)
 STAGES = ("train", "fit_latent_gan", "estimate_nll", "sample_mala")
 CHECKPOINTS = ["checkpoints/vaepp/train.ckpt", "checkpoints/vaepp/latent_gan.ckpt"]  # removed at the end
-RANK0_OUTPUTS = ["models/vaepp/vae.pt", "plots/vaepp/train_curve.csv",
-                 "metrics/vaepp/train.json", "models/vaepp/latent_gan.pt", "metrics/vaepp/latent_gan.json",
-                 "metrics/vaepp/nll.json", "samples/vaepp/images.pt", "samples/vaepp/images_gan.pt",
-                 "samples/vaepp/grid.png", "metrics/vaepp/mala.json", "mlflow.db"]
+RANK0_OUTPUTS = [
+    "models/vaepp/vae.pt",
+    "plots/vaepp/train_curve.csv",
+    "metrics/vaepp/train.json",
+    "models/vaepp/latent_gan.pt",
+    "metrics/vaepp/latent_gan.json",
+    "metrics/vaepp/nll.json",
+    "samples/vaepp/images.pt",
+    "samples/vaepp/images_gan.pt",
+    "samples/vaepp/grid.png",
+    "metrics/vaepp/mala.json",
+    "mlflow.db",
+]
 
 
 def _make_project(root: Path) -> None:
@@ -194,13 +212,25 @@ def _make_project(root: Path) -> None:
 
     g = torch.Generator().manual_seed(0)
     images = lambda n: ((torch.rand(n, 1, 8, 8, generator=g) > 0.5) * 255).to(torch.uint8)  # noqa: E731
-    save_prepared(root / "data" / "mnist", images(64), images(8),
-                  {"binary": True, "source": "test", "label": "MNIST (test stand-in)", "stand_in": True})
+    save_prepared(
+        root / "data" / "mnist",
+        images(64),
+        images(8),
+        {"binary": True, "source": "test", "label": "MNIST (test stand-in)", "stand_in": True},
+    )
     (root / "params.yaml").write_text(STAGE_PARAMS)
 
 
-_WRITE_EVENTS = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "tempfile.mkstemp",
-                 "sqlite3.connect", "os.truncate"}
+_WRITE_EVENTS = {
+    "os.rename",
+    "os.mkdir",
+    "os.remove",
+    "os.rmdir",
+    "shutil.rmtree",
+    "tempfile.mkstemp",
+    "sqlite3.connect",
+    "os.truncate",
+}
 
 
 def _record_writes(root: Path, log: list) -> None:
@@ -210,8 +240,9 @@ def _record_writes(root: Path, log: list) -> None:
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or \
-                (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
         else:
             writing = event in _WRITE_EVENTS
         targets = args[:2] if event == "os.rename" else args[:1]  # a rename writes its destination
@@ -256,10 +287,16 @@ def _rank_scenarios(ctx: vdist.DistContext, out: Path) -> dict:
     model = _eval_model()
     sharded = vdist.ShardedLatentModel(model, ctx)
     torch.manual_seed(12)
-    res["pool"] = posterior_samples(lambda e: model.sample_q(*sharded.encode(e.double()), 1)[0][0], _images(30),
-                                    batch_size=7)
-    res["estimators"] = _estimators(model, sharded.encode, sharded, vdist.sharded_log_f(ctx, model.log_f),
-                                    vdist.shard_rows(ctx, model.energy_and_grad))
+    res["pool"] = posterior_samples(
+        lambda e: model.sample_q(*sharded.encode(e.double()), 1)[0][0], _images(30), batch_size=7
+    )
+    res["estimators"] = _estimators(
+        model,
+        sharded.encode,
+        sharded,
+        vdist.sharded_log_f(ctx, model.log_f),
+        vdist.shard_rows(ctx, model.energy_and_grad),
+    )
     net = vdist.ShardedModule(_FakeInception(), ctx)
     with torch.inference_mode():
         res["fid"] = {"features": [net(x)[0] for x in _fid_batches()], "sha": net.fid_weights_sha256}
@@ -267,8 +304,9 @@ def _rank_scenarios(ctx: vdist.DistContext, out: Path) -> dict:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     out = Path(out)
     # a deadlock fails within minutes instead of torch's default 30
@@ -301,11 +339,12 @@ def _close(a, b, *, rtol, atol, what):
             _close(a[k], b[k], rtol=rtol, atol=atol, what=f"{what}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, rtol=rtol, atol=atol, what=f"{what}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol), \
+        assert torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol), (
             f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+        )
     elif isinstance(a, float):
         assert abs(a - b) <= atol + rtol * abs(b), f"{what}: {a} vs {b}"
     else:
@@ -417,7 +456,7 @@ def test_stages_on_two_ranks_write_only_from_rank_zero(ranks):
 
 # ----- pieces without processes ----------------------------------------------------------------
 def test_row_ranges_cover_every_row_once():
-    for n in range(0, 13):
+    for n in range(13):
         for world in range(1, 6):
             blocks = [vdist.row_range(n, r, world) for r in range(world)]
             assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
@@ -434,8 +473,17 @@ def test_launch_from_env_and_relaunch():
     with pytest.raises(ValueError, match="inconsistent"):
         vdist.launch_from_env({"WORLD_SIZE": "2", "RANK": "2"})
     cmd = vdist.relaunch_command(vdist.Launch(), 3, "stages/train.py", ["--run", "a"], "py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                   "stages/train.py", "--", "--run", "a"]
+    assert cmd == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        "stages/train.py",
+        "--",
+        "--run",
+        "a",
+    ]
     assert vdist.relaunch_command(vdist.Launch(), 1, "s.py", [], "py") is None
     assert vdist.relaunch_command(vdist.launch_from_env({"WORLD_SIZE": "1"}), 3, "s.py", [], "py") is None
 
@@ -456,7 +504,7 @@ def test_one_process_context_is_the_identity():
     assert vdist.gather_rows(ctx, x, n=4) is x
     sharded = vdist.ShardedLatentModel(model, ctx)
     e = _test_batches(model)[0]
-    assert all(torch.equal(a, b) for a, b in zip(sharded.encode(e), model.encode(e)))
+    assert all(torch.equal(a, b) for a, b in zip(sharded.encode(e), model.encode(e), strict=True))
 
 
 def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
@@ -469,11 +517,19 @@ def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
     two, one = tmp_path / "two", tmp_path / "one"
     for root in (two, one):
         _make_project(root)
-    (two / "params.yaml").write_text(tiny_params_yaml({**STAGE_OVERRIDES, "distributed": {"nproc_per_node": 2, "backend": "gloo"}}))
+    (two / "params.yaml").write_text(
+        tiny_params_yaml({**STAGE_OVERRIDES, "distributed": {"nproc_per_node": 2, "backend": "gloo"}})
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *stage_argv("train", "vaepp", "--no-progress")],
-                          cwd=two, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "train.py"), *stage_argv("train", "vaepp", "--no-progress")],
+        cwd=two,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.chdir(one)
     monkeypatch.setenv("VAEPP_MLFLOW", "0")

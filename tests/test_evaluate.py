@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_nll import SHAPE, ZDIM, LinearGaussianVAE
 
+from test_nll import SHAPE, ZDIM, LinearGaussianVAE
 from vaepp import evaluate
 from vaepp.config import LogZParams, NLLParams
 from vaepp.distributed import DistContext
@@ -29,10 +29,12 @@ class PullbackLinearVAE(LinearGaussianVAE):
 
 
 def params(**log_z) -> NLLParams:
-    budget = dict(prior_is_samples=200_000, ais_chains=256, ais_temps=200, ais_seeds=2, q_based_per_image=20,
-                  q_based_images=None)
-    return NLLParams(n_importance=500, n_passes=1, chunk=4096, batch_images=16, seed=0,
-                     log_z=LogZParams(**{**budget, **log_z}))
+    budget = dict(
+        prior_is_samples=200_000, ais_chains=256, ais_temps=200, ais_seeds=2, q_based_per_image=20, q_based_images=None
+    )
+    return NLLParams(
+        n_importance=500, n_passes=1, chunk=4096, batch_images=16, seed=0, log_z=LogZParams(**{**budget, **log_z})
+    )
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -75,6 +77,7 @@ def test_protocol_is_reproducible_and_each_estimate_has_its_own_seed():
     a = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
     b = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    c = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2),
-                              small.model_copy(update={"seed": 1}), device="cpu")
+    c = evaluate.nll_protocol(
+        model, DistContext(), images(16, 1), images(8, 2), small.model_copy(update={"seed": 1}), device="cpu"
+    )
     assert c["log_z"]["prior_is"]["log_z"] != a["log_z"]["prior_is"]["log_z"]

@@ -46,7 +46,8 @@ def test_frechet_distance_agrees_with_pytorch_fid_on_general_covariances():
     mu1, mu2 = RNG.standard_normal(d), RNG.standard_normal(d)
     s1, s2 = _random_cov(d, RNG), _random_cov(d, RNG)
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-        calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+        calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8
+    )
 
 
 def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
@@ -204,8 +205,12 @@ def test_reference_features_cache_the_statistics_of_reference_statistics_and_the
 def _gaussian_moments(mu, sigma):
     """The first three moment tensors E[x], E[x xᵀ], E[x ⊗ x ⊗ x] of N(μ, Σ)."""
     m2 = sigma + np.outer(mu, mu)
-    m3 = (np.einsum("i,j,k->ijk", mu, mu, mu) + np.einsum("i,jk->ijk", mu, sigma)
-          + np.einsum("j,ik->ijk", mu, sigma) + np.einsum("k,ij->ijk", mu, sigma))
+    m3 = (
+        np.einsum("i,j,k->ijk", mu, mu, mu)
+        + np.einsum("i,jk->ijk", mu, sigma)
+        + np.einsum("j,ik->ijk", mu, sigma)
+        + np.einsum("k,ij->ijk", mu, sigma)
+    )
     return mu, m2, m3
 
 
@@ -217,8 +222,12 @@ def _cubic_mmd2(mu1, sigma1, mu2, sigma2):
 
     any P, Q with three moments; here both Gaussian."""
     d = len(mu1)
-    return sum(c / d**k * np.sum((a - b) ** 2) for k, c, a, b in
-               zip((1, 2, 3), (3, 3, 1), _gaussian_moments(mu1, sigma1), _gaussian_moments(mu2, sigma2), strict=True))
+    return sum(
+        c / d**k * np.sum((a - b) ** 2)
+        for k, c, a, b in zip(
+            (1, 2, 3), (3, 3, 1), _gaussian_moments(mu1, sigma1), _gaussian_moments(mu2, sigma2), strict=True
+        )
+    )
 
 
 def _replicates(mu1, sigma1, mu2, sigma2, *, reps, n, m, seed):
@@ -314,9 +323,21 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
 
     def run():
-        return evaluate.fid_protocol(net, DistContext(), samples, samples_gan, train, test, p, sampler=sampler,
-                                     dataset="toy", reference_digest="a" * 64, held_out_digest="b" * 64,
-                                     stats_dir=tmp_path, device="cpu")
+        return evaluate.fid_protocol(
+            net,
+            DistContext(),
+            samples,
+            samples_gan,
+            train,
+            test,
+            p,
+            sampler=sampler,
+            dataset="toy",
+            reference_digest="a" * 64,
+            held_out_digest="b" * 64,
+            stats_dir=tmp_path,
+            device="cpu",
+        )
 
     out = run()
     unit = lambda t: t.float() / 255.0  # noqa: E731
@@ -327,8 +348,9 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
         stats = fid.feature_stats(net, unit(imgs[:30]), **kw)
         assert out[key] == fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r)
     # The floor: the first 30 test images against the same 40 training images.
-    assert out["fid_floor"] == pytest.approx(fid.fid_from_images(net, unit(test[:30]), unit(train[:40]), **kw),
-                                             rel=1e-12)
+    assert out["fid_floor"] == pytest.approx(
+        fid.fid_from_images(net, unit(test[:30]), unit(train[:40]), **kw), rel=1e-12
+    )
     ref = fid.inception_features(net, unit(train[:40]))
     for prefix, imgs in (("kid", samples[:30]), ("kid_gan", samples_gan[:30]), ("kid_floor", test[:30])):
         want = fid.kernel_inception_distance(fid.inception_features(net, unit(imgs)), ref, seed=evaluate.KID_SEED)
@@ -345,12 +367,25 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     again = run()
     assert len(net.seen) - seen == 2 * 2  # the two sample sets only (2 batches each): no reference or floor pass
     assert {k: v for k, v in again.items() if not k.startswith("seconds")} == {
-        k: v for k, v in out.items() if not k.startswith("seconds")}
+        k: v for k, v in out.items() if not k.startswith("seconds")
+    }
     # Reference = test: the held-out images come from the training split.
     p_test = FIDParams(n_samples=30, reference="test", n_reference=35, batch_size=16)
-    flip = evaluate.fid_protocol(net, DistContext(), samples, samples_gan, test, train, p_test, sampler=sampler,
-                                 dataset="toy", reference_digest="b" * 64, held_out_digest="a" * 64,
-                                 stats_dir=tmp_path, device="cpu")
+    flip = evaluate.fid_protocol(
+        net,
+        DistContext(),
+        samples,
+        samples_gan,
+        test,
+        train,
+        p_test,
+        sampler=sampler,
+        dataset="toy",
+        reference_digest="b" * 64,
+        held_out_digest="a" * 64,
+        stats_dir=tmp_path,
+        device="cpu",
+    )
     assert flip["held_out"] == "train" and "the first 30 train images (held out)" in flip["protocol"]
 
 

@@ -18,8 +18,9 @@ def test_latent_gan_moves_towards_the_posterior_samples():
     target_mean = torch.tensor([2.0, -1.0, 0.5])
     scale = torch.tensor([0.5, 1.5, 1.0])
     pool = lambda: target_mean + scale * torch.randn(4096, 3)  # noqa: E731
-    spec = latent_gan_params(noise_dim=8, hidden=(64, 64), epochs=6, batch_size=128, lr=1e-3,
-                             penalty="wgan_gp", penalty_k=10.0)
+    spec = latent_gan_params(
+        noise_dim=8, hidden=(64, 64), epochs=6, batch_size=128, lr=1e-3, penalty="wgan_gp", penalty_k=10.0
+    )
     gan = _gan(3, spec)
     with torch.no_grad():
         before = moment_gap(gan.sample(4096), pool())
@@ -40,8 +41,9 @@ def test_posterior_samples_one_per_image_in_batches():
 
 
 def _spec(**kw):
-    return latent_gan_params(**{"noise_dim": 4, "hidden": (16, 16), "epochs": 4, "batch_size": 32, "n_critic": 2,
-                                "lr": 1e-3, **kw})
+    return latent_gan_params(
+        **{"noise_dim": 4, "hidden": (16, 16), "epochs": 4, "batch_size": 32, "n_critic": 2, "lr": 1e-3, **kw}
+    )
 
 
 def _pool():
@@ -74,7 +76,7 @@ def test_interrupted_fit_resumes_to_the_same_networks(tmp_path):
     torch.manual_seed(123)  # a different start: everything that matters comes from the checkpoint
     resumed = _gan(3, spec)
     rest = fit_latent_gan(resumed, _pool, spec, checkpoint=Checkpoint(path))
-    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
     assert drop(rest) == drop(history) and len(rest) == 4

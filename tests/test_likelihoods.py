@@ -18,7 +18,7 @@ def test_discretized_logistic_sums_to_one_over_256_values():
     g = torch.Generator().manual_seed(0)
     n_params = 50
     # random means in and beyond [−1, 1], log-scales from very sharp to very broad
-    mean = (torch.rand(n_params, generator=g, dtype=torch.float64) * 3 - 1.5)
+    mean = torch.rand(n_params, generator=g, dtype=torch.float64) * 3 - 1.5
     log_scale = torch.rand(n_params, generator=g, dtype=torch.float64) * 9 - 7
     values = torch.arange(256, dtype=torch.float64) / 255.0  # every 8-bit value
     # shape (256, n_params, 1, 1, 1): one "image" of one pixel per (value, parameter) pair
@@ -68,8 +68,9 @@ def test_truncated_normal_integrates_to_one_and_stays_in_box():
     dens = log_posterior("truncated", z, mu.double(), log_sigma.double()).exp()
     integral = torch.trapezoid(dens, z.squeeze(-1))
     assert abs(float(integral) - 1.0) < 1e-4
-    eps = sample_standard("truncated", (100000, 3), device="cpu", dtype=torch.float32,
-                          generator=torch.Generator().manual_seed(0))
+    eps = sample_standard(
+        "truncated", (100000, 3), device="cpu", dtype=torch.float32, generator=torch.Generator().manual_seed(0)
+    )
     assert eps.abs().max() <= 2.0
     # the variance of N(0,1) truncated at ±2: 1 − 2·2·φ(2)/0.9545
     phi2 = math.exp(-2.0) / math.sqrt(2 * math.pi)
@@ -108,7 +109,8 @@ def test_bernoulli_matches_cross_entropy_at_extreme_logits_and_broadcasts():
     x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.5), generator=g)
     got = bernoulli_log_prob(logits, x)  # (5, 3)
     ce = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.double(), x.double().expand_as(logits), reduction="none")
+        logits.double(), x.double().expand_as(logits), reduction="none"
+    )
     want = -ce.flatten(-3).sum(-1)
     assert got.shape == (5, 3)
     assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-4)

@@ -1,5 +1,6 @@
 """log-Z estimators on the linear critic D(G(z)) = a·z, where f(z) = N(z; 0, I)·exp(−β a·z),
-p_λ = N(−βa, I) and log Z = β²‖a‖²/2 exactly (SPEC, "The prior"). Tolerances: 4 standard errors."""
+p_λ = N(−βa, I) and log Z = β²‖a‖²/2 exactly (the linear critic of a pull-back prior, paper eq. 4).
+Tolerances: 4 standard errors."""
 
 import math
 
@@ -131,8 +132,16 @@ def test_paper_q_with_full_support_posteriors_estimates_n_times_z():
     # Wide posteriors near p_λ = N(−βa, I): the weights are well behaved and the estimate is
     # log Z + log N, i.e. too high by log N: the paper's estimate targets N·Z, not Z.
     mus, encode, sample_q = _point_posteriors(n_train, 1.0, False, 3, -BETA * a, 0.3)
-    est = log_z_q_based(mus.split(20), encode, sample_q, log_f, n_train, n_per_image=2000,
-                        chunk=4096, generator=torch.Generator().manual_seed(4))
+    est = log_z_q_based(
+        mus.split(20),
+        encode,
+        sample_q,
+        log_f,
+        n_train,
+        n_per_image=2000,
+        chunk=4096,
+        generator=torch.Generator().manual_seed(4),
+    )
     assert est.name == "paper_q" and est.n_samples == n_train * 2000
     assert abs(est.log_z - (truth + math.log(n_train))) < 4 * est.std_err
     assert est.extra["log_mean_f_over_q"] == pytest.approx(est.log_z - math.log(n_train))
@@ -144,8 +153,9 @@ def test_paper_q_drifts_far_from_log_z_with_narrow_posteriors():
     m = -BETA * a
     # Narrow posteriors placed at draws from p_λ itself: an aggregate posterior that covers p_λ.
     mus, encode, sample_q = _point_posteriors(n_train, sigma, True, 5, m, 1.0)
-    est = log_z_q_based(mus.split(64), encode, sample_q, log_f, n_train, n_per_image=500,
-                        generator=torch.Generator().manual_seed(6))
+    est = log_z_q_based(
+        mus.split(64), encode, sample_q, log_f, n_train, n_per_image=500, generator=torch.Generator().manual_seed(6)
+    )
     # Truncated q: E[f/q | e_i] = ∫_{box_i} f = Z·P_{p_λ}(box_i), exactly computable.
     ndtr = torch.special.ndtr
     p_box = (ndtr(mus + 2 * sigma - m) - ndtr(mus - 2 * sigma - m)).prod(-1)  # (N,)
@@ -156,7 +166,8 @@ def test_paper_q_drifts_far_from_log_z_with_narrow_posteriors():
     # Full-support narrow Normals: the mean is N·Z (above log Z), but the mass sits in tails q
     # never visits, so the realised estimate is far below log Z as well: not a bound either way.
     mus, encode, sample_q = _point_posteriors(n_train, sigma, False, 5, m, 1.0)
-    est_normal = log_z_q_based(mus.split(64), encode, sample_q, log_f, n_train, n_per_image=500,
-                               generator=torch.Generator().manual_seed(6))
+    est_normal = log_z_q_based(
+        mus.split(64), encode, sample_q, log_f, n_train, n_per_image=500, generator=torch.Generator().manual_seed(6)
+    )
     assert est_normal.log_z < truth - 10.0
     assert truth + math.log(n_train) - est_normal.log_z > 10.0

@@ -1,4 +1,4 @@
-"""MALA on the linear critic: E(z) = β a·z + ½‖z‖², target p_λ = N(−βa, I) (SPEC, "The prior").
+"""MALA on the linear critic: E(z) = β a·z + ½‖z‖², target p_λ = N(−βa, I) (paper eq. 4 with a linear critic).
 
 Chains are independent, so the ensemble of M chains at the final step is M independent draws
 (once mixed): each coordinate's mean has standard error 1/√M and its variance 1 has standard
@@ -51,7 +51,7 @@ def test_mala_reproduces_target_mean_and_unit_variance():
     assert per_step.shape == (150,) and acceptance == pytest.approx(per_step.mean().item())
     assert 0.7 < acceptance < 1.0  # a small step on a Gaussian: most proposals are accepted
     # The mean energy settles at its stationary value E[β a·z + ½‖z‖²] = −β² + (Z + β²)/2.
-    e_stat = -BETA**2 + 0.5 * (ZDIM + BETA**2)
+    e_stat = -(BETA**2) + 0.5 * (ZDIM + BETA**2)
     tail = stats["energy_mean_per_step"][-50:].mean().item()
     assert abs(tail - e_stat) < 4.0 * math.sqrt((ZDIM / 2 + BETA**2) / M)
 
@@ -62,8 +62,7 @@ def test_too_large_step_still_targets_the_law_but_ula_is_biased():
     z, acceptance, _ = mala(eg, _start(3), 400, alpha, generator=torch.Generator().manual_seed(4))
     _check_target(z, a)
     assert acceptance < 0.5  # far from the small-step regime: the correction is doing the work
-    z_ula, acc_ula, _ = mala(eg, _start(3), 400, alpha, metropolis=False,
-                             generator=torch.Generator().manual_seed(4))
+    z_ula, acc_ula, _ = mala(eg, _start(3), 400, alpha, metropolis=False, generator=torch.Generator().manual_seed(4))
     assert acc_ula == 1.0
     _check_target(z_ula, a, var=1.0 / (1.0 - alpha / 2.0))  # ULA's law, exactly as predicted
     assert (z_ula.var(0) > 3.0).all()  # measurably wrong: variance 4 instead of 1
@@ -71,8 +70,9 @@ def test_too_large_step_still_targets_the_law_but_ula_is_biased():
 
 def test_adaptation_reaches_target_acceptance():
     _, eg = linear_critic()
-    z, _, stats = mala(eg, _start(5), 300, 3.0, adapt=True, target_accept=0.65,
-                       generator=torch.Generator().manual_seed(6))
+    z, _, stats = mala(
+        eg, _start(5), 300, 3.0, adapt=True, target_accept=0.65, generator=torch.Generator().manual_seed(6)
+    )
     # With 4000 chains the per-step rate has sd ≈ 0.008; the adapted α hovers near the target.
     assert abs(stats["acceptance_per_step"][-100:].mean().item() - 0.65) < 0.03
     assert stats["step_size"] < 3.0
@@ -118,6 +118,7 @@ def test_proposal_density_is_the_langevin_gaussian():
 
 def test_nan_energy_region_is_never_entered():
     """A proposal whose energy is NaN (outside the model's domain) is rejected, not accepted."""
+
     def eg(z):
         e = 0.5 * z.square().sum(-1)
         return torch.where(z[:, 0] > 0.5, torch.full_like(e, math.nan), e), z

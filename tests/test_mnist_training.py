@@ -36,5 +36,7 @@ def test_two_mnist_epochs_lower_the_loss(mnist_train, run_name):
     # Epoch means over 468 batches each: the second epoch's loss is lower by far more than the
     # batch-to-batch noise of a mean (a few tenths of a nat).
     assert second["loss"] < first["loss"] - 1.0, (first["loss"], second["loss"])
-    print(f"{run_name}: loss {first['loss']:.2f} → {second['loss']:.2f} nats, "
-          f"{first['seconds']:.1f} + {second['seconds']:.1f} s")
+    print(
+        f"{run_name}: loss {first['loss']:.2f} → {second['loss']:.2f} nats, "
+        f"{first['seconds']:.1f} + {second['seconds']:.1f} s"
+    )

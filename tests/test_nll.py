@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from factories import model_spec
 
+from factories import model_spec
 from vaepp.model import VAEPP
 from vaepp.nll import estimate_nll
 from vaepp.posteriors import LOG_2PI, log_normal, log_standard_normal
@@ -76,9 +76,17 @@ def _images(model, n, seed):
 
 
 def _run(model, x, S, *, seed=0, chunk=4096, batch=16, **kw):
-    return estimate_nll(model, x.split(batch), n_importance=S, log_z={"exact": model.log_z},
-                        binarize=False, chunk=chunk, generator=torch.Generator().manual_seed(seed),
-                        return_per_image=True, **kw)
+    return estimate_nll(
+        model,
+        x.split(batch),
+        n_importance=S,
+        log_z={"exact": model.log_z},
+        binarize=False,
+        chunk=chunk,
+        generator=torch.Generator().manual_seed(seed),
+        return_per_image=True,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("S", [10, 100, 1000])
@@ -143,8 +151,15 @@ def test_passes_average_and_seed_determinism():
 def test_several_log_z_estimates_are_labelled():
     model = LinearGaussianVAE(beta=1.0)
     x = _images(model, 4, seed=6)
-    out = estimate_nll(model, [x], n_importance=20, binarize=False, headline="ais",
-                       log_z={"paper_q": -3.0, "ais": 0.7}, generator=torch.Generator().manual_seed(0))
+    out = estimate_nll(
+        model,
+        [x],
+        n_importance=20,
+        binarize=False,
+        headline="ais",
+        log_z={"paper_q": -3.0, "ais": 0.7},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out["headline_log_z"] == "ais"
     assert out["nll_nats_by_log_z"]["paper_q"] == pytest.approx(out["nll_nats"] - 3.7)
     with pytest.raises(ValueError, match="headline"):
@@ -161,8 +176,9 @@ def test_vaepp_with_beta_zero_equals_plain_vae():
     e = torch.rand(12, 1, 6, 6, generator=torch.Generator().manual_seed(0))
 
     def nll(model):
-        return estimate_nll(model, e.split(5), n_importance=64, chunk=100, log_z=0.0,
-                            generator=torch.Generator().manual_seed(3))
+        return estimate_nll(
+            model, e.split(5), n_importance=64, chunk=100, log_z=0.0, generator=torch.Generator().manual_seed(3)
+        )
 
     zero = nll(_tiny_vaepp(beta_max=0.0))  # β = 0·sigmoid(ξ) = 0: p_λ = N(0, I), Z = 1
     # Equal up to float32 rounding of log f (the plain-VAE term is recomputed in float64).
@@ -177,8 +193,12 @@ def test_vaepp_with_beta_zero_equals_plain_vae():
 def test_vaepp_model_is_chunk_independent_in_float32():
     model = _tiny_vaepp(beta_max=10.0)
     e = torch.rand(20, 1, 6, 6, generator=torch.Generator().manual_seed(1))
-    out = [estimate_nll(model, e.split(8), n_importance=100, chunk=c, log_z=0.25,
-                        generator=torch.Generator().manual_seed(5)) for c in (8, 333, 10**5)]
+    out = [
+        estimate_nll(
+            model, e.split(8), n_importance=100, chunk=c, log_z=0.25, generator=torch.Generator().manual_seed(5)
+        )
+        for c in (8, 333, 10**5)
+    ]
     for r in out[1:]:
         assert r["nll_nats"] == pytest.approx(out[0]["nll_nats"], rel=1e-6)
         assert r["nll_nats_plain_vae"] == pytest.approx(out[0]["nll_nats_plain_vae"], rel=1e-6)

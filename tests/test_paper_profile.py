@@ -50,11 +50,21 @@ def test_paper_profile_validates_at_the_authors_settings():
     assert params.profile == "paper" and len(params.runs) >= 30
     mnist = resolve_run(params, "mnist_vaepp")
     assert (mnist.model.arch, mnist.model.zdim, mnist.model.beta_max) == ("resnet", 13, 10.0)
-    assert (mnist.train.epochs, mnist.train.lr, mnist.train.batch_size, mnist.train.lr_halve_every) == (1000, 1e-4, 128, 200)
+    assert (mnist.train.epochs, mnist.train.lr, mnist.train.batch_size, mnist.train.lr_halve_every) == (
+        1000,
+        1e-4,
+        128,
+        200,
+    )
     assert mnist.nll.n_importance * mnist.nll.n_passes * 10_000 == 10**8  # the paper's 10⁸ samples on MNIST
     assert (mnist.mala.step_size, mnist.mala.n_steps, mnist.fid.n_samples) == (1e-5, 2000, 5000)
     cifar = resolve_run(params, "cifar_vaepp")
-    assert (cifar.model.zdim, cifar.model.beta_max, cifar.model.likelihood, cifar.train.epochs) == (1024, 1000.0, "logistic", 800)
+    assert (cifar.model.zdim, cifar.model.beta_max, cifar.model.likelihood, cifar.train.epochs) == (
+        1024,
+        1000.0,
+        "logistic",
+        800,
+    )
     fid_run = resolve_run(params, "fid_celeba_vaepp")
     assert (fid_run.model.zdim, fid_run.model.logistic_scale, fid_run.latent_gan.epochs) == (128, "scalar", 1600)
 
@@ -81,9 +91,21 @@ def tiny_paper_params() -> dict:
     raw["data"] = {**raw["data"], "n_train": 32, "n_test": 4}
     raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 8, "n_prior_samples": 8, "max_steps_per_epoch": 2}
     raw["latent_gan"] = {**raw["latent_gan"], "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1}
-    raw["nll"] = {**raw["nll"], "n_importance": 4, "n_passes": 2, "chunk": 64, "batch_images": 4,
-                  "log_z": {"prior_is_samples": 16, "ais_chains": 4, "ais_temps": 3, "ais_seeds": 2,
-                            "q_based_per_image": 2, "q_based_images": 4}}
+    raw["nll"] = {
+        **raw["nll"],
+        "n_importance": 4,
+        "n_passes": 2,
+        "chunk": 64,
+        "batch_images": 4,
+        "log_z": {
+            "prior_is_samples": 16,
+            "ais_chains": 4,
+            "ais_temps": 3,
+            "ais_seeds": 2,
+            "q_based_per_image": 2,
+            "q_based_images": 4,
+        },
+    }
     raw["mala"] = {**raw["mala"], "n_samples": 4, "n_steps": 2}
     raw["fid"] = {**raw["fid"], "n_samples": 4, "n_reference": 4, "batch_size": 4}
     for run in raw["runs"].values():  # runs pin their own epochs (800, 400, 1600)
@@ -102,19 +124,34 @@ def write_standins(work: Path, datasets) -> None:
         shape = SHAPES.get(ds, (1, 28, 28))
         train = torch.randint(0, 256, (32, *shape), generator=g, dtype=torch.uint8)
         test = torch.randint(0, 256, (8, *shape), generator=g, dtype=torch.uint8)
-        save_prepared(work / "data" / ds, train, test, {
-            "dataset": ds, "binary": ds not in SHAPES, "label": f"{ds} (synthetic CPU stand-in)",
-            "source": "synthetic test data", "stand_in": True})
+        save_prepared(
+            work / "data" / ds,
+            train,
+            test,
+            {
+                "dataset": ds,
+                "binary": ds not in SHAPES,
+                "label": f"{ds} (synthetic CPU stand-in)",
+                "source": "synthetic test data",
+                "stand_in": True,
+            },
+        )
 
 
 @pytest.fixture(scope="module")
 def tiny_paper_study(tmp_path_factory):
     """Every run of the paper profile through train → fit-latent-gan → estimate-nll → sample-mala
     (and compute-fid for FID_RUNS) → report, in-process, on the stand-ins."""
-    from stages import common, compute_fid, estimate_nll, fit_latent_gan, report as report_stage, sample_mala, train
+    from stages import common, compute_fid, estimate_nll, fit_latent_gan, sample_mala, train
+    from stages import report as report_stage
 
-    STAGE_NAMES = {train: "train", fit_latent_gan: "fit-latent-gan", estimate_nll: "estimate-nll",
-                   sample_mala: "sample-mala", compute_fid: "compute-fid"}
+    STAGE_NAMES = {
+        train: "train",
+        fit_latent_gan: "fit-latent-gan",
+        estimate_nll: "estimate-nll",
+        sample_mala: "sample-mala",
+        compute_fid: "compute-fid",
+    }
 
     work = tmp_path_factory.mktemp("paper")
     raw = tiny_paper_params()

@@ -44,8 +44,9 @@ def test_gp_penalty_on_interpolates_with_a_known_gradient():
     # so E(‖∇D‖ − 1)² = E(2α − 1)² = 1/3.
     n = 200000
     u = torch.nn.functional.normalize(torch.randn(n, 4, dtype=torch.float64), dim=1)
-    got = gradient_penalty(quadratic_critic, 2 * u, torch.zeros_like(u), "wgan_gp", k=1.0,
-                           generator=torch.Generator().manual_seed(0))
+    got = gradient_penalty(
+        quadratic_critic, 2 * u, torch.zeros_like(u), "wgan_gp", k=1.0, generator=torch.Generator().manual_seed(0)
+    )
     se = math.sqrt(4 / 45 / n)  # Var (2α−1)² = E(2α−1)^4 − 1/9 = 1/5 − 1/9
     assert abs(float(got.detach()) - 1 / 3) < 4 * se
 
@@ -97,8 +98,10 @@ def test_penalty_sums_over_shards_add_up_to_the_penalty(kind):
     critic = lambda x: torch.tanh(lin(x)).squeeze(-1)  # noqa: E731  (a non-constant gradient)
     real, fake = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
     alpha = draw_alpha(kind, 7, real, torch.Generator().manual_seed(1))
-    parts = [penalty_sum(critic, real[a:b], fake[a:b], None if alpha is None else alpha[a:b], kind, k=3.0, p=4.0)
-             for a, b in ((0, 3), (3, 7))]
+    parts = [
+        penalty_sum(critic, real[a:b], fake[a:b], None if alpha is None else alpha[a:b], kind, k=3.0, p=4.0)
+        for a, b in ((0, 3), (3, 7))
+    ]
     whole = gradient_penalty(critic, real, fake, kind, k=3.0, p=4.0, generator=torch.Generator().manual_seed(1))
     assert torch.isclose(sum(parts) / 7, whole, rtol=1e-12, atol=0.0)
     assert penalty_sum(critic, real[:0], fake[:0], None, kind, k=3.0, p=4.0) == 0.0  # a rank without pairs

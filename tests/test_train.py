@@ -14,8 +14,15 @@ ALGOS = ["vae", "naive_vaepp", "vaepp"]
 
 def make(algorithm, arch="mlp", likelihood="bernoulli", seed=0, **kw):
     torch.manual_seed(seed)
-    spec = model_spec((1, 12, 12), arch=arch, hidden=(32, 32), channels=(4, 8), likelihood=likelihood,
-                      pullback=algorithm != "vae", **kw)
+    spec = model_spec(
+        (1, 12, 12),
+        arch=arch,
+        hidden=(32, 32),
+        channels=(4, 8),
+        likelihood=likelihood,
+        pullback=algorithm != "vae",
+        **kw,
+    )
     return VAEPP(spec), train_params(batch_size=16, n_prior_samples=16, lr=1e-3, epochs=2, seed=seed)
 
 
@@ -128,8 +135,13 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     model, params = make("vaepp")
     train(model, images, params.model_copy(update={"epochs": 1}), "vaepp", checkpoint=Checkpoint(tmp_path / "c.ckpt"))
     with pytest.raises(CheckpointError, match="other settings"):
-        train(make("vaepp")[0], images, params.model_copy(update={"epochs": 1, "lr": 1e-4}), "vaepp",
-              checkpoint=Checkpoint(tmp_path / "c.ckpt"))
+        train(
+            make("vaepp")[0],
+            images,
+            params.model_copy(update={"epochs": 1, "lr": 1e-4}),
+            "vaepp",
+            checkpoint=Checkpoint(tmp_path / "c.ckpt"),
+        )
 
 
 def test_model_file_rebuilds_the_trained_model(tmp_path):

@@ -63,8 +63,14 @@ class Checkpoint:
         if write:
             vio.remove_stale_temporaries(self.path)
 
-    def resume(self, settings: dict, module: nn.Module, opts: dict[str, torch.optim.Optimizer],
-               data_gen: torch.Generator, device: torch.device | str) -> dict | None:
+    def resume(
+        self,
+        settings: dict,
+        module: nn.Module,
+        opts: dict[str, torch.optim.Optimizer],
+        data_gen: torch.Generator,
+        device: torch.device | str,
+    ) -> dict | None:
         """None when there is no file. Otherwise load it, refuse it (CheckpointError) unless it
         holds every `settings` field with that value, restore the module, the optimisers and the
         RNG states, and return the file's dict ("epoch", "history", and what `after_epoch` stored)."""
@@ -74,25 +80,44 @@ class Checkpoint:
         if any(ckpt.get(key) != value for key, value in settings.items()):
             raise vio.CheckpointError(
                 f"{self.path}: checkpoint was written with other settings; delete it to start "
-                "afresh, or restore the settings it was written with")
+                "afresh, or restore the settings it was written with"
+            )
         module.load_state_dict(ckpt["model"])
         for name, opt in opts.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         set_rng_state(ckpt["rng"], data_gen, device)
         return ckpt
 
-    def after_epoch(self, epoch: int, *, epochs: int, every: int, settings: dict, module: nn.Module,
-                    opts: dict[str, torch.optim.Optimizer], data_gen: torch.Generator,
-                    device: torch.device | str, **state) -> None:
+    def after_epoch(
+        self,
+        epoch: int,
+        *,
+        epochs: int,
+        every: int,
+        settings: dict,
+        module: nn.Module,
+        opts: dict[str, torch.optim.Optimizer],
+        data_gen: torch.Generator,
+        device: torch.device | str,
+        **state,
+    ) -> None:
         """Write the state after `epoch` (counted from 1) if it is a multiple of `every` or the
         last of `epochs`; `state` (e.g. history) is stored beside it."""
         if not self.write or not (epoch % every == 0 or epoch == epochs):
             return
-        vio.atomic_torch_save({
-            "format": FORMAT, **settings, "model": module.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "rng": rng_state(data_gen, device), "epoch": epoch, **state, **self.extra,
-        }, self.path)
+        vio.atomic_torch_save(
+            {
+                "format": FORMAT,
+                **settings,
+                "model": module.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                "rng": rng_state(data_gen, device),
+                "epoch": epoch,
+                **state,
+                **self.extra,
+            },
+            self.path,
+        )
 
 
 def keep_or_discard(path: str | Path, expected: dict) -> str | None:
@@ -130,7 +155,8 @@ def save_vae(path: str | Path, model: VAEPP, settings: dict, *, history: list[di
     """models/<run>/vae.pt: {"format", **settings ("model_spec", "train_spec"; see
     `vaepp.train.train_settings`), "model" (CPU tensors), **extra (e.g. the run), "history"}."""
     return vio.atomic_torch_save(
-        {"format": FORMAT, **settings, "model": _cpu_state(model), **extra, "history": history}, path)
+        {"format": FORMAT, **settings, "model": _cpu_state(model), **extra, "history": history}, path
+    )
 
 
 def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]:
@@ -144,8 +170,7 @@ def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]
 def save_latent_gan(path: str | Path, gan: nn.Module, settings: dict, *, history: list[dict]) -> Path:
     """models/<run>/latent_gan.pt: {"format", **settings ("spec", "zdim"; see
     `vaepp.latent_gan.latent_gan_settings`), "model" (CPU tensors), "history"}."""
-    return vio.atomic_torch_save(
-        {"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
+    return vio.atomic_torch_save({"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
 
 
 def load_latent_gan(path: str | Path, device: torch.device | str):
@@ -159,5 +184,15 @@ def load_latent_gan(path: str | Path, device: torch.device | str):
     return gan.to(device).eval()
 
 
-__all__ = ["Checkpoint", "FORMAT", "finish", "keep_or_discard", "load_latent_gan", "load_vae", "rng_state",
-           "save_latent_gan", "save_vae", "set_rng_state"]
+__all__ = [
+    "Checkpoint",
+    "FORMAT",
+    "finish",
+    "keep_or_discard",
+    "load_latent_gan",
+    "load_vae",
+    "rng_state",
+    "save_latent_gan",
+    "save_vae",
+    "set_rng_state",
+]

@@ -2,9 +2,10 @@
 
 A study is a set of named runs. Each run names an algorithm and may override any key of the
 shared sections `data`, `model`, `train`, `latent_gan`, `nll`, `mala`, `fid` (a run's
-`model: {zdim: 32}` changes only that run); everything else is shared, so `dvc exp run -S model.zdim=256` changes every run that
-does not pin its own zdim. Unknown keys, wrong types and out-of-range values raise ParamsError
-with one line naming the key, the value and what is allowed.
+`model: {zdim: 32}` changes only that run); everything else is shared, so
+`dvc exp run -S model.zdim=256` changes every run that does not pin its own zdim. Unknown keys,
+wrong types and out-of-range values raise ParamsError with one line naming the key, the value and
+what is allowed.
 
 Every setting that changes a result is required: the library has no silent default for it, so
 params.yaml (or a profile) states the whole study. Only `checkpoint_every` (how often a fit saves
@@ -15,14 +16,20 @@ float rounding) may be left out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dataset = Literal[
-    "mnist", "fashion_mnist", "static_mnist_standin", "static_mnist", "omniglot", "cifar10",
-    "cifar10_smoke", "celeba",
+    "mnist",
+    "fashion_mnist",
+    "static_mnist_standin",
+    "static_mnist",
+    "omniglot",
+    "cifar10",
+    "cifar10_smoke",
+    "celeba",
 ]
 RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow"]
 Penalty = Literal["wgan_gp", "wgan_div_1", "wgan_div_2"]
@@ -56,8 +63,8 @@ class _Section(BaseModel):
 
 class DataParams(_Section):
     dataset: Dataset
-    n_train: Optional[int] = Field(gt=0)  # first n training images (None = all)
-    n_test: Optional[int] = Field(gt=0)  # first n test images used by evaluation
+    n_train: int | None = Field(gt=0)  # first n training images (None = all)
+    n_test: int | None = Field(gt=0)  # first n test images used by evaluation
 
 
 class ModelParams(_Section):
@@ -88,7 +95,7 @@ class TrainParams(_Section):
     critic_lr: float = Field(gt=0.0, le=1.0)
     critic_penalty_weight: float = Field(ge=0.0)
     clamp_kl: bool
-    max_steps_per_epoch: Optional[int] = Field(gt=0)
+    max_steps_per_epoch: int | None = Field(gt=0)
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)
 
@@ -103,7 +110,7 @@ class LatentGANParams(_Section):
     penalty: Penalty
     penalty_k: float = Field(ge=0.0)
     penalty_p: float = Field(gt=0.0)
-    max_steps_per_epoch: Optional[int] = Field(gt=0)
+    max_steps_per_epoch: int | None = Field(gt=0)
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)
 
@@ -116,7 +123,7 @@ class LogZParams(_Section):
     ais_temps: int = Field(gt=1)
     ais_seeds: int = Field(gt=0)
     q_based_per_image: int = Field(gt=0)  # paper protocol: 1000 on MNIST
-    q_based_images: Optional[int] = Field(gt=0)  # None = the whole training set
+    q_based_images: int | None = Field(gt=0)  # None = the whole training set
 
 
 class NLLParams(_Section):
@@ -227,12 +234,20 @@ def resolve_run(params: Params, name: str) -> RunConfig:
             sections[key] = cls(**_deep_merge(base, getattr(run, key)))
         except ValidationError as err:
             raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
-    return RunConfig(name=name, algorithm=run.algorithm, device=params.device,
-                     distributed=params.distributed, **sections)
+    return RunConfig(
+        name=name, algorithm=run.algorithm, device=params.device, distributed=params.distributed, **sections
+    )
 
 
-_SECTIONS = {"data": DataParams, "model": ModelParams, "train": TrainParams,
-             "latent_gan": LatentGANParams, "nll": NLLParams, "mala": MALAParams, "fid": FIDParams}
+_SECTIONS = {
+    "data": DataParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "latent_gan": LatentGANParams,
+    "nll": NLLParams,
+    "mala": MALAParams,
+    "fid": FIDParams,
+}
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

@@ -83,8 +83,9 @@ def load_prepared(directory: str | Path, *, verify: bool = True) -> PreparedData
         except (CheckpointError, KeyError) as err:
             raise DataError(f"{path}: unreadable prepared data ({err}) — {remedy}") from None
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise DataError(f"{path}: expected uint8 (N, C, H, W) images, got {images.dtype} "
-                            f"{tuple(images.shape)} — {remedy}")
+            raise DataError(
+                f"{path}: expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)} — {remedy}"
+            )
         parts[split] = images
     return PreparedData(train=parts["train"], test=parts["test"], meta=meta)
 
@@ -143,6 +144,8 @@ def load_idx(dataset: str, cache: str | Path) -> tuple[Tensor, Tensor]:
         train = cls(str(cache), train=True, download=False).data
         test = cls(str(cache), train=False, download=False).data
     except RuntimeError as err:
-        raise DataError(f"{layout.label}: torchvision cannot read the raw files under "
-                        f"{cache} ({error_line(err)}); rerun to fetch them") from None
+        raise DataError(
+            f"{layout.label}: torchvision cannot read the raw files under "
+            f"{cache} ({error_line(err)}); rerun to fetch them"
+        ) from None
     return train.unsqueeze(1).contiguous(), test.unsqueeze(1).contiguous()  # (N, 1, 28, 28)

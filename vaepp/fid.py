@@ -46,6 +46,7 @@ class FidCacheError(RuntimeError):
 # Features and statistics
 # ----------------------------------------------------------------------------------------------
 
+
 def _batches(images: Iterable[Tensor] | Tensor, batch_size: int) -> Iterator[Tensor]:
     """Yield (B, C, H, W) chunks of at most batch_size from a tensor or an iterable of batches."""
     if isinstance(images, Tensor):
@@ -54,7 +55,7 @@ def _batches(images: Iterable[Tensor] | Tensor, batch_size: int) -> Iterator[Ten
         if block.dim() == 3:  # a single (C, H, W) image
             block = block.unsqueeze(0)
         for start in range(0, block.shape[0], batch_size):
-            yield block[start:start + batch_size]
+            yield block[start : start + batch_size]
 
 
 def _prepare(batch: Tensor, device: torch.device | str) -> Tensor:
@@ -72,13 +73,20 @@ def _prepare(batch: Tensor, device: torch.device | str) -> Tensor:
     return x
 
 
-def iter_features(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
-                  device: torch.device | str = "cpu", progress: bool = False) -> Iterator[Tensor]:
+def iter_features(
+    net: nn.Module,
+    images: Iterable[Tensor] | Tensor,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Iterator[Tensor]:
     """Yield (B, 2048) float64 CPU feature batches of `net` (pool3), under inference_mode."""
     total = images.shape[0] if isinstance(images, Tensor) else None
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=total, unit="img", desc="inception")
     with torch.inference_mode():
         for batch in _batches(images, batch_size):
@@ -92,8 +100,14 @@ def iter_features(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_si
         bar.close()
 
 
-def inception_features(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
-                       device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+def inception_features(
+    net: nn.Module,
+    images: Iterable[Tensor] | Tensor,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Tensor:
     """Pool3 features of every image: (N, 2048) float64.
 
     images: a float tensor (N, C, H, W) in [0, 1] with C = 1 (repeated to 3) or 3, or an iterable
@@ -165,14 +179,26 @@ def _stream_stats(batches: Iterator[Tensor], kept: list[Tensor] | None) -> Featu
     return stats
 
 
-def feature_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
-                  device: torch.device | str = "cpu", progress: bool = False) -> FeatureStats:
+def feature_stats(
+    net: nn.Module,
+    images: Iterable[Tensor] | Tensor,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> FeatureStats:
     """FeatureStats of the pool3 features of `images`, streamed (features are not kept)."""
     return _stream_stats(iter_features(net, images, batch_size=batch_size, device=device, progress=progress), None)
 
 
-def features_and_stats(net: nn.Module, images: Iterable[Tensor] | Tensor, *, batch_size: int = 50,
-                       device: torch.device | str = "cpu", progress: bool = False) -> tuple[Tensor, FeatureStats]:
+def features_and_stats(
+    net: nn.Module,
+    images: Iterable[Tensor] | Tensor,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[Tensor, FeatureStats]:
     """(features (N, 2048) float64, FeatureStats) from one pass: the statistics are those of
     `feature_stats` (the same batches through the same running sums), the features feed KID."""
     kept: list[Tensor] = []
@@ -218,6 +244,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # ----------------------------------------------------------------------------------------------
 # Kernel Inception Distance
 # ----------------------------------------------------------------------------------------------
+
 
 class KernelDistance(NamedTuple):
     """KID over random subsets: the mean and sample standard deviation (n_subsets − 1) of the
@@ -274,8 +301,9 @@ def _kid_values(feats_x: Tensor, feats_y: Tensor, n_subsets: int, m: int, seed: 
     return values
 
 
-def kernel_inception_distance(feats_x: Tensor, feats_y: Tensor, *, n_subsets: int = 100,
-                              max_subset_size: int = 1000, seed: int = 0) -> KernelDistance:
+def kernel_inception_distance(
+    feats_x: Tensor, feats_y: Tensor, *, n_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0
+) -> KernelDistance:
     """KID (Bińkowski et al. 2018, "Demystifying MMD GANs", and their reference code): the
     unbiased MMD² with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³ between two feature
     sets, averaged over `n_subsets` random subset pairs of m = min(max_subset_size, n_x, n_y) rows.
@@ -289,8 +317,9 @@ def kernel_inception_distance(feats_x: Tensor, feats_y: Tensor, *, n_subsets: in
     n_x, n_y = feats_x.shape[0], feats_y.shape[0]
     m = min(max_subset_size, n_x, n_y)
     if m < 2 or n_subsets < 1:
-        raise ValueError(f"KID needs subsets of at least 2 rows and at least 1 subset, got m = {m}, "
-                         f"n_subsets = {n_subsets}")
+        raise ValueError(
+            f"KID needs subsets of at least 2 rows and at least 1 subset, got m = {m}, n_subsets = {n_subsets}"
+        )
     # Kernel entries to evaluate: the full matrices once, or three m × m blocks per subset.
     gram = (n_x + n_y) ** 2 <= 3 * n_subsets * m * m
     values = _kid_values(feats_x, feats_y, n_subsets, m, seed, gram)
@@ -305,11 +334,17 @@ def kernel_inception_distance(feats_x: Tensor, feats_y: Tensor, *, n_subsets: in
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
-def _stats_digest(mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str,
-                  features: np.ndarray | None = None) -> str:
+def _stats_digest(
+    mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str, features: np.ndarray | None = None
+) -> str:
     h = hashlib.sha256()
-    parts = [key.encode(), network.encode(), str(int(n)).encode(),
-             np.ascontiguousarray(mu, np.float64).tobytes(), np.ascontiguousarray(sigma, np.float64).tobytes()]
+    parts = [
+        key.encode(),
+        network.encode(),
+        str(int(n)).encode(),
+        np.ascontiguousarray(mu, np.float64).tobytes(),
+        np.ascontiguousarray(sigma, np.float64).tobytes(),
+    ]
     if features is not None:  # files of `reference_features`; a statistics-only digest is unchanged
         parts += [f"{features.dtype.str}{features.shape}".encode(), np.ascontiguousarray(features).tobytes()]
     for part in parts:
@@ -317,8 +352,9 @@ def _stats_digest(mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: 
     return h.hexdigest()
 
 
-def _load_cached_stats(path: Path, key: str, network: str, *, with_features: bool = False
-                       ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+def _load_cached_stats(
+    path: Path, key: str, network: str, *, with_features: bool = False
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """(μ, Σ, n, features or None) of a cache file, after its checksum, key and network checks."""
     remedy = f"Remedy: delete {path} and rerun (the statistics are recomputed)."
     try:
@@ -335,16 +371,24 @@ def _load_cached_stats(path: Path, key: str, network: str, *, with_features: boo
     if stored_key != key:
         raise FidCacheError(f"{path} holds statistics for key {stored_key!r}, not {key!r}. {remedy}")
     if stored_net != network:
-        raise FidCacheError(f"{path} was computed with another feature network "
-                            f"({stored_net[:16]}… vs {network[:16]}…). {remedy}")
+        raise FidCacheError(
+            f"{path} was computed with another feature network ({stored_net[:16]}… vs {network[:16]}…). {remedy}"
+        )
     return mu, sigma, n, feats
 
 
-def _write_cached_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str,
-                        features: np.ndarray | None = None) -> None:
+def _write_cached_stats(
+    path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: str, network: str, features: np.ndarray | None = None
+) -> None:
     """The .npz of `_load_cached_stats`, written to a temp file and os.replace'd."""
-    fields = dict(mu=mu, sigma=sigma, n=np.int64(n), key=np.str_(key), network=np.str_(network),
-                  sha256=np.str_(_stats_digest(mu, sigma, n, key, network, features)))
+    fields = dict(
+        mu=mu,
+        sigma=sigma,
+        n=np.int64(n),
+        key=np.str_(key),
+        network=np.str_(network),
+        sha256=np.str_(_stats_digest(mu, sigma, n, key, network, features)),
+    )
     if features is not None:
         fields["features"] = features
     buf = io.BytesIO()
@@ -357,9 +401,16 @@ def _check_key(key: str) -> None:
         raise ValueError(f"key must be a plain file-name stem, got {key!r}")
 
 
-def reference_statistics(key: str, images_fn: Callable[[], Iterable[Tensor] | Tensor], cache_dir: Path,
-                         net: nn.Module, *, batch_size: int = 50, device: torch.device | str = "cpu",
-                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+def reference_statistics(
+    key: str,
+    images_fn: Callable[[], Iterable[Tensor] | Tensor],
+    cache_dir: Path,
+    net: nn.Module,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(μ (2048,), Σ (2048, 2048), n) of a reference set, cached as `<cache_dir>/<key>.npz`.
 
     `key` names dataset and protocol (e.g. "mnist-train-all", "mnist-test-10k"); `images_fn` is
@@ -392,9 +443,16 @@ def feature_cache_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"{key}.features.npz"
 
 
-def reference_features(key: str, images_fn: Callable[[], Iterable[Tensor] | Tensor], cache_dir: Path,
-                       net: nn.Module, *, batch_size: int = 50, device: torch.device | str = "cpu",
-                       progress: bool = False) -> FeatureSet:
+def reference_features(
+    key: str,
+    images_fn: Callable[[], Iterable[Tensor] | Tensor],
+    cache_dir: Path,
+    net: nn.Module,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> FeatureSet:
     """Features, μ and Σ of a reference or held-out set, cached as `<cache_dir>/<key>.features.npz`.
 
     As `reference_statistics` (the same key rule, fields, checksum over all of them, network check,
@@ -419,8 +477,15 @@ def reference_features(key: str, images_fn: Callable[[], Iterable[Tensor] | Tens
     return FeatureSet(features, mu, sigma)
 
 
-def fid_from_images(net: nn.Module, images_a: Iterable[Tensor] | Tensor, images_b: Iterable[Tensor] | Tensor,
-                    *, batch_size: int = 50, device: torch.device | str = "cpu", progress: bool = False) -> float:
+def fid_from_images(
+    net: nn.Module,
+    images_a: Iterable[Tensor] | Tensor,
+    images_b: Iterable[Tensor] | Tensor,
+    *,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> float:
     """FID between two image sets (each as for inception_features), unitless."""
     kw = dict(batch_size=batch_size, device=device, progress=progress)
     mu_a, sigma_a = feature_stats(net, images_a, **kw).mean_cov()

@@ -110,8 +110,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every member and compares its CRC-32
     except Exception as err:  # BadZipFile, EOFError, zlib.error, NotImplementedError, ...: unusable
-        raise CheckpointError(f"{path}: not a complete checkpoint archive ({_why(err)}); it is "
-                              f"truncated or corrupt — {remedy}") from None
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint archive ({_why(err)}); it is truncated or corrupt — {remedy}"
+        ) from None
     if bad is not None:
         raise CheckpointError(f"{path}: CRC-32 mismatch in {bad!r} (corrupt file) — {remedy}")
     try:
@@ -122,8 +123,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"objects other than tensors — {remedy}"
         ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a checkpoint of this project (a {type(obj).__name__}); "
-                              f"{remedy}")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (a {type(obj).__name__}); {remedy}")
     return obj
 
 

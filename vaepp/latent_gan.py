@@ -70,8 +70,15 @@ def posterior_samples(encode_sample: Callable[[Tensor], Tensor], images: Tensor,
     return torch.cat(out)
 
 
-def critic_loss(gan: LatentGAN, noise: Tensor, real: Tensor, alpha: Tensor | None, batch: int,
-                params: LatentGANParams, ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+def critic_loss(
+    gan: LatentGAN,
+    noise: Tensor,
+    real: Tensor,
+    alpha: Tensor | None,
+    batch: int,
+    params: LatentGANParams,
+    ctx: DistContext = ONE_PROCESS,
+) -> tuple[Tensor, dict[str, float]]:
     """Rank r's critic loss on its rows (noise u (b, noise), real z (b, Z), α (b, 1)) of a batch of
     B, and the global metrics: critic_loss, wasserstein = mean D(fake) − mean D(real), penalty."""
     w = ctx.world
@@ -85,8 +92,9 @@ def critic_loss(gan: LatentGAN, noise: Tensor, real: Tensor, alpha: Tensor | Non
     return loss, {"critic_loss": float(-gap + penalty), "wasserstein": float(gap), "penalty": float(penalty)}
 
 
-def generator_loss(gan: LatentGAN, noise: Tensor, batch: int,
-                   ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+def generator_loss(
+    gan: LatentGAN, noise: Tensor, batch: int, ctx: DistContext = ONE_PROCESS
+) -> tuple[Tensor, dict[str, float]]:
     """Rank r's generator loss on its rows of the noise (b, noise) of a batch of B; global metric."""
     g = gan.critic(gan.generator(noise)).sum()
     (s_g,) = all_sum(ctx, [g])
@@ -116,21 +124,26 @@ def fit_latent_gan(
 
     batch = params.batch_size
     if batch < ctx.world:
-        raise ValueError(f"latent_gan.batch_size = {batch} is smaller than the {ctx.world} "
-                         "processes; raise it or use fewer processes")
+        raise ValueError(
+            f"latent_gan.batch_size = {batch} is smaller than the {ctx.world} "
+            "processes; raise it or use fewer processes"
+        )
     device = torch.device(device)
     gan.to(device).train()
     torch.manual_seed(params.seed)
-    opts = {"generator": adam(gan.generator.parameters(), lr=params.lr, betas=(0.5, 0.999)),
-            "critic": adam(gan.critic_net.parameters(), lr=params.lr, betas=(0.5, 0.999))}
+    opts = {
+        "generator": adam(gan.generator.parameters(), lr=params.lr, betas=(0.5, 0.999)),
+        "critic": adam(gan.critic_net.parameters(), lr=params.lr, betas=(0.5, 0.999)),
+    }
     opt_g, opt_d = opts["generator"], opts["critic"]
     data_gen = torch.Generator().manual_seed(params.seed)
     settings = latent_gan_settings(params, gan.zdim)
     state = checkpoint.resume(settings, gan, opts, data_gen, device) if checkpoint is not None else None
     first_epoch, history = (int(state["epoch"]), list(state["history"])) if state is not None else (0, [])
 
-    def losses(part: Literal["critic", "generator"], noise: Tensor, real: Tensor | None = None,
-               alpha: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    def losses(
+        part: Literal["critic", "generator"], noise: Tensor, real: Tensor | None = None, alpha: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         if part == "critic":
             return critic_loss(gan, noise, real, alpha, batch, params, ctx)
         return generator_loss(gan, noise, batch, ctx)
@@ -147,14 +160,16 @@ def fit_latent_gan(
             g_steps = min(g_steps, params.max_steps_per_epoch)
         perm = torch.randint(0, n, (g_steps * params.n_critic, batch), generator=data_gen).to(device)
         sums = {"critic_loss": 0.0, "wasserstein": 0.0, "penalty": 0.0, "generator_loss": 0.0}
-        for step in tqdm(range(g_steps), desc=f"latent GAN {epoch + 1}/{params.epochs}", disable=not progress,
-                         leave=False):
+        for step in tqdm(
+            range(g_steps), desc=f"latent GAN {epoch + 1}/{params.epochs}", disable=not progress, leave=False
+        ):
             for c in range(params.n_critic):
                 real = pool[perm[step * params.n_critic + c]]
                 noise = torch.randn(batch, gan.noise_dim, device=device)  # gan.sample's draw
                 alpha = draw_alpha(params.penalty, batch, real)
-                loss, crit = loss_fn("critic", noise[start:stop], real[start:stop],
-                                     None if alpha is None else alpha[start:stop])
+                loss, crit = loss_fn(
+                    "critic", noise[start:stop], real[start:stop], None if alpha is None else alpha[start:stop]
+                )
                 if not math.isfinite(crit["critic_loss"]):
                     raise FloatingPointError(f"latent GAN: non-finite critic loss at epoch {epoch + 1}, step {step}")
                 opt_d.zero_grad(set_to_none=True)
@@ -171,9 +186,17 @@ def fit_latent_gan(
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
         if checkpoint is not None:
-            checkpoint.after_epoch(epoch + 1, epochs=params.epochs, every=params.checkpoint_every,
-                                   settings=settings, module=gan, opts=opts, data_gen=data_gen, device=device,
-                                   history=history)
+            checkpoint.after_epoch(
+                epoch + 1,
+                epochs=params.epochs,
+                every=params.checkpoint_every,
+                settings=settings,
+                module=gan,
+                opts=opts,
+                data_gen=data_gen,
+                device=device,
+                history=history,
+            )
         if callback is not None:
             callback(epoch + 1, metrics)
     gan.eval()

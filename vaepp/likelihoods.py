@@ -55,11 +55,7 @@ def discretized_logistic_log_prob(mean: Tensor, log_scale: Tensor, x: Tensor) ->
     # would lose precision when both are near 1; instead use
     #   σ(a) − σ(b) = σ(a)·σ(−b)·(1 − e^{b − a}),  valid for a > b,
     # whose three factors are each computed stably in log space (a − b = 2/(255 s) > 0).
-    log_mid = (
-        F.logsigmoid(plus_in)
-        + F.logsigmoid(-min_in)
-        + torch.log(-torch.expm1(min_in - plus_in))
-    )
+    log_mid = F.logsigmoid(plus_in) + F.logsigmoid(-min_in) + torch.log(-torch.expm1(min_in - plus_in))
     lowest = y < -1.0 + 1.0 / 255.0
     highest = y > 1.0 - 1.0 / 255.0
     log_p = torch.where(lowest, log_cdf_plus, torch.where(highest, log_one_minus_cdf_min, log_mid))

@@ -157,8 +157,7 @@ def log_z_q_based(
         std_err=acc.std_err,
         n_samples=acc.n,
         ess=acc.ess,
-        extra={"log_mean_f_over_q": log_mean, "n_train": n_train, "n_images": n_images,
-               "n_per_image": n_per_image},
+        extra={"log_mean_f_over_q": log_mean, "n_train": n_train, "n_images": n_images, "n_per_image": n_per_image},
     )
 
 
@@ -197,12 +196,17 @@ def log_z_prior_is(
                 parts.append(torch.randn(rows, zdim, generator=generator, device=device, dtype=dtype))
             z = torch.cat(parts)  # (≤ chunk, Z)
             acc.update(log_f(z).double() - log_standard_normal(z.double()))
-    return LogZEstimate(name="prior_is", log_z=acc.log_mean, std_err=acc.std_err,
-                        n_samples=acc.n, ess=acc.ess, extra={"chunk_rows": blocks_per_chunk * RNG_BLOCK})
+    return LogZEstimate(
+        name="prior_is",
+        log_z=acc.log_mean,
+        std_err=acc.std_err,
+        n_samples=acc.n,
+        ess=acc.ess,
+        extra={"chunk_rows": blocks_per_chunk * RNG_BLOCK},
+    )
 
 
-def annealing_schedule(n_temps: int, kind: Literal["linear", "sigmoid"] = "sigmoid",
-                       sharpness: float = 4.0) -> Tensor:
+def annealing_schedule(n_temps: int, kind: Literal["linear", "sigmoid"] = "sigmoid", sharpness: float = 4.0) -> Tensor:
     """Inverse temperatures 0 = t₀ < t₁ < … < t_K = 1, K = n_temps, float64 (K + 1,).
 
     "sigmoid" (Grosse et al. 2015): t_k ∝ σ(δ(2k/K − 1)), rescaled to [0, 1], δ = sharpness;
@@ -225,8 +229,21 @@ def _log_ratio_and_grad(log_f: LogF, z: Tensor) -> tuple[Tensor, Tensor]:
     return log_f_and_grad(lambda x: log_f(x) - log_standard_normal(x), z)
 
 
-def _ais_one_seed(log_f, zdim, n_chains, temps, transition, step_size, n_leapfrog,
-                  target_accept, adapt_rate, seed, device, dtype, progress):
+def _ais_one_seed(
+    log_f,
+    zdim,
+    n_chains,
+    temps,
+    transition,
+    step_size,
+    n_leapfrog,
+    target_accept,
+    adapt_rate,
+    seed,
+    device,
+    dtype,
+    progress,
+):
     """One AIS run: returns (log weights (n_chains,) float64, mean acceptance, final step size)."""
     gen = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
     z = torch.randn(n_chains, zdim, generator=gen, device=device, dtype=dtype)  # (M, Z) ~ π₀
@@ -246,9 +263,12 @@ def _ais_one_seed(log_f, zdim, n_chains, temps, transition, step_size, n_leapfro
             h_new, grad_h_new = _log_ratio_and_grad(log_f, z_new)
             energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
             grad_e_new = z_new - t * grad_h_new
-            log_ratio = (energy - energy_new
-                         + log_proposal_density(z, z_new, grad_e_new, alpha)
-                         - log_proposal_density(z_new, z, grad_e, alpha))
+            log_ratio = (
+                energy
+                - energy_new
+                + log_proposal_density(z, z_new, grad_e_new, alpha)
+                - log_proposal_density(z_new, z, grad_e, alpha)
+            )
         elif transition == "hmc":
             momentum = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
             z_new, p_new, g_new = z, momentum - 0.5 * alpha * grad_e, None
@@ -258,8 +278,7 @@ def _ais_one_seed(log_f, zdim, n_chains, temps, transition, step_size, n_leapfro
                 g_new = z_new - t * grad_h_new
                 p_new = p_new - (alpha if step < n_leapfrog - 1 else 0.5 * alpha) * g_new
             energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
-            log_ratio = (energy + 0.5 * momentum.square().sum(-1)
-                         - energy_new - 0.5 * p_new.square().sum(-1))
+            log_ratio = energy + 0.5 * momentum.square().sum(-1) - energy_new - 0.5 * p_new.square().sum(-1)
         else:
             raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
         accepted = metropolis_accept(log_ratio, gen)
@@ -317,8 +336,20 @@ def log_z_ais(
     with torch.inference_mode():
         for seed in seeds:
             log_w, acc_rate, alpha = _ais_one_seed(
-                log_f, zdim, n_chains, temps, transition, step_size, n_leapfrog,
-                target_accept, adapt_rate, seed, device, dtype, progress)
+                log_f,
+                zdim,
+                n_chains,
+                temps,
+                transition,
+                step_size,
+                n_leapfrog,
+                target_accept,
+                adapt_rate,
+                seed,
+                device,
+                dtype,
+                progress,
+            )
             run = StreamingLogMeanExp()
             run.update(log_w)
             pooled.update(log_w)
@@ -337,8 +368,17 @@ def log_z_ais(
         std_err=std_err,
         n_samples=pooled.n,
         ess=pooled.ess,
-        extra={"log_z_per_seed": per_seed, "seed_mean": seeds_t.mean().item(), "seed_std": seed_std,
-               "ess_per_seed": ess_per_seed, "acceptance_per_seed": acceptance,
-               "final_step_size_per_seed": final_steps, "n_temps": n_temps, "n_chains": n_chains,
-               "transition": transition, "schedule": schedule, "seeds": list(seeds)},
+        extra={
+            "log_z_per_seed": per_seed,
+            "seed_mean": seeds_t.mean().item(),
+            "seed_std": seed_std,
+            "ess_per_seed": ess_per_seed,
+            "acceptance_per_seed": acceptance,
+            "final_step_size_per_seed": final_steps,
+            "n_temps": n_temps,
+            "n_chains": n_chains,
+            "transition": transition,
+            "schedule": schedule,
+            "seeds": list(seeds),
+        },
     )

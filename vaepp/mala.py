@@ -58,8 +58,7 @@ def log_proposal_density(z_to: Tensor, z_from: Tensor, grad_from: Tensor, step_s
 def metropolis_accept(log_ratio: Tensor, generator=None) -> Tensor:
     """Per-chain accept mask: log U < log_ratio, U ~ U(0, 1). A NaN ratio (the proposal left the
     region where the energy is finite) is rejected. (M,) → bool (M,)."""
-    log_u = torch.log(torch.rand(log_ratio.shape, device=log_ratio.device, dtype=log_ratio.dtype,
-                                 generator=generator))
+    log_u = torch.log(torch.rand(log_ratio.shape, device=log_ratio.device, dtype=log_ratio.dtype, generator=generator))
     return torch.nan_to_num(log_ratio, nan=-math.inf) > log_u
 
 
@@ -112,7 +111,8 @@ def mala(
         energy_new, grad_new = energy_and_grad(z_new)
         if metropolis:
             log_ratio = (
-                energy - energy_new
+                energy
+                - energy_new
                 + log_proposal_density(z, z_new, grad_new, alpha)
                 - log_proposal_density(z_new, z, grad, alpha)
             )

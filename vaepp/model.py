@@ -80,9 +80,7 @@ class VAEPP(nn.Module):
         self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None
         # The paper's "learnable scalar γ": one log-scale shared by every pixel (FID runs).
         self.log_gamma = (
-            nn.Parameter(torch.zeros(()))
-            if spec.likelihood == "logistic" and spec.logistic_scale == "scalar"
-            else None
+            nn.Parameter(torch.zeros(())) if spec.likelihood == "logistic" and spec.logistic_scale == "scalar" else None
         )
 
     # ----- parameters of the prior -------------------------------------------------------

@@ -3,7 +3,8 @@ family (LeakyReLU 0.2, no normalisation), sized from explicit arguments.
 
 Shapes: images (B, C, H, W) in [0, 1]; the encoder returns (μ, log σ_raw), each (B, Z); the
 decoder returns its raw output (B, n_out·C, H, W) which the model splits into likelihood
-parameters; the critic returns D(x), (B,). LOW D means "looks real" (SPEC).
+parameters; the critic returns D(x), (B,). LOW D means "looks real" (as in the authors' code;
+the paper's Algorithm 1 line 14 swaps the roles).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +23,7 @@ SLOPE = 0.2  # LeakyReLU negative slope used throughout (authors' code)
 def _mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers with LeakyReLU(0.2) between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.LeakyReLU(SLOPE))
@@ -87,7 +87,7 @@ class MLPCritic(nn.Module):
 def _down_trunk(c_in: int, channels: list[int]) -> nn.Sequential:
     """conv to channels[0], then one stride-2 pre-activation block per further channel count."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, channels[0], 3, padding=1)]
-    for a, b in zip(channels[:-1], channels[1:]):
+    for a, b in zip(channels[:-1], channels[1:], strict=True):
         layers.append(PreActBlock(a, b, stride=2))
     layers.append(nn.LeakyReLU(SLOPE))
     return nn.Sequential(*layers)
@@ -131,9 +131,7 @@ class ResNetCritic(nn.Module):
 class ResNetDecoder(nn.Module):
     """The encoder's mirror: linear to 64×⌈H/4⌉×⌈W/4⌉, up-blocks 64 → 32 → 16, conv out, crop."""
 
-    def __init__(
-        self, image_shape: tuple[int, int, int], zdim: int, channels: list[int], n_out: int
-    ):
+    def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int], n_out: int):
         super().__init__()
         c, h, w = image_shape
         self.image_hw = (h, w)
@@ -142,7 +140,7 @@ class ResNetDecoder(nn.Module):
         rev = list(reversed(channels))
         self.head = nn.Linear(zdim, rev[0] * self.hh * self.ww)
         self.c0 = rev[0]
-        self.blocks = nn.Sequential(*[PreActBlock(a, b, up=True) for a, b in zip(rev[:-1], rev[1:])])
+        self.blocks = nn.Sequential(*[PreActBlock(a, b, up=True) for a, b in zip(rev[:-1], rev[1:], strict=True)])
         self.out = nn.Conv2d(rev[-1], n_out * c, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

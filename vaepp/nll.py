@@ -1,5 +1,5 @@
-"""Test negative log-likelihood by importance sampling from the encoder posterior (SPEC
-"Evaluation protocols"; paper §5, Table 1 caption).
+"""Test negative log-likelihood by importance sampling from the encoder posterior (paper §5,
+Table 1 caption).
 
 Per test image e and pass p (x = a fresh Bernoulli draw of e on binary data, else x = e):
 
@@ -13,7 +13,8 @@ NLL of the same model (prior N(0, I), log Z = 0) comes from the same samples.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -30,8 +31,9 @@ class LatentModel(Protocol):
     def encode(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """(B, ...) → μ, log σ, each (B, Z)."""
 
-    def sample_q(self, mu: Tensor, log_sigma: Tensor, n: int,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_q(
+        self, mu: Tensor, log_sigma: Tensor, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """z (n, B, Z) ~ q(z|e) and log q(z|e) (n, B), in nats."""
 
     def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,7 @@ def estimate_nll(
     progress: bool = False,
     return_per_image: bool = False,
 ) -> dict:
-    """Importance-sampled test NLL −log p(x), in nats and bits/dim (SPEC "Evaluation protocols").
+    """Importance-sampled test NLL −log p(x), in nats and bits/dim (paper §5, Table 1).
 
     model: a `LatentModel`; data: iterable of test batches e (B, ...), values in [0, 1] when
     binarize (then x ~ Bernoulli(e), fresh every pass; else x = e). n_importance S samples per
@@ -82,9 +84,9 @@ def estimate_nll(
     every image of the batch (≈ rng_rows rows per draw); each decoder call (`log_px_and_log_f`,
     one decoder pass shared by log p(x|z) and D(G(z))) takes the whole draws that fit in `chunk`
     rows (at least one), and a running logsumexp over chunks makes memory independent of S.
-    Chunks of 1k–5k rows keep the decoder's activations in cache (FACTS). The random stream
-    depends on the seed, the batches and rng_rows but not on `chunk`, so the result does not
-    depend on `chunk` beyond float rounding.
+    Chunks of 1k–5k rows keep the decoder's activations in cache (measured: 30–50% faster than
+    20k rows). The random stream depends on the seed, the batches and rng_rows but not on
+    `chunk`, so the result does not depend on `chunk` beyond float rounding.
 
     Two standard errors, both of the mean NLL in nats:
       nll_stderr: over the test set, sd_i(−log p̂(x_i)) / √n_images with each image's value first
@@ -127,18 +129,24 @@ def estimate_nll(
                 x = torch.bernoulli(e, generator=generator) if binarize else e
                 for start in range(0, S, n_per_chunk):
                     n_chunk = min(n_per_chunk, S - start)
-                    draws = [model.sample_q(mu, log_sigma, min(n_draw, n_chunk - i), generator=generator)
-                             for i in range(0, n_chunk, n_draw)]
+                    draws = [
+                        model.sample_q(mu, log_sigma, min(n_draw, n_chunk - i), generator=generator)
+                        for i in range(0, n_chunk, n_draw)
+                    ]
                     z = torch.cat([d[0] for d in draws])  # (n, B, Z)
                     log_q = torch.cat([d[1] for d in draws]).double()  # (n, B)
                     log_px, log_f = model.log_px_and_log_f(x, z)  # (n, B) each
                     log_px = log_px.double() - log_q
                     log_w = log_px + log_f.double()  # without −log Ẑ
                     log_w_plain = log_px + log_standard_normal(z.double())
-                    chunk_lse = torch.stack([  # (4, B)
-                        torch.logsumexp(log_w, dim=0), torch.logsumexp(2.0 * log_w, dim=0),
-                        torch.logsumexp(log_w_plain, dim=0), torch.logsumexp(2.0 * log_w_plain, dim=0),
-                    ])
+                    chunk_lse = torch.stack(
+                        [  # (4, B)
+                            torch.logsumexp(log_w, dim=0),
+                            torch.logsumexp(2.0 * log_w, dim=0),
+                            torch.logsumexp(log_w_plain, dim=0),
+                            torch.logsumexp(2.0 * log_w_plain, dim=0),
+                        ]
+                    )
                     acc[:, p] = torch.logaddexp(acc[:, p], chunk_lse)
             lse_parts.append(acc[0])  # (P, B) each
             lse2_parts.append(acc[1])

@@ -64,14 +64,15 @@ _NLL_LOGISTIC = {"likelihood": "logistic", "logistic_scale": "per_pixel"}  # the
 
 
 def _ours(label: str, algorithm: str, metric: Metric | None = None, **match) -> Row:
-    return Row(label, match={"algorithm": algorithm, **match}, metric=metric, group="This project only",
-               ours_only=True)
+    return Row(label, match={"algorithm": algorithm, **match}, metric=metric, group="This project only", ours_only=True)
 
 
 def _vaepp_rows(values: dict[str, dict[str, str]]) -> tuple[Row, ...]:
     names = {"Naive VAEPP": "naive_vaepp", "VAEPP": "vaepp", "VAEPP+Flow": "vaepp_flow"}
-    return tuple(Row(label, values.get(label, {}), match={"algorithm": alg, "penalty": _DIV1},
-                     group="VAEPP (this paper)") for label, alg in names.items())
+    return tuple(
+        Row(label, values.get(label, {}), match={"algorithm": alg, "penalty": _DIV1}, group="VAEPP (this paper)")
+        for label, alg in names.items()
+    )
 
 
 def _peers(group: str, rows: dict[str, tuple[str, str]]) -> tuple[Row, ...]:
@@ -81,28 +82,52 @@ def _peers(group: str, rows: dict[str, tuple[str, str]]) -> tuple[Row, ...]:
 TABLE1 = PaperTable(
     key="table1",
     title="Table 1: test NLL on MNIST (nats) and CIFAR-10 (bits/dim)",
-    caption=("Paper: 10⁸ importance samples in all on MNIST (10⁴ test images × 10³ samples × 10 passes), "
-             "log Z from the q-based estimate; CIFAR-10 with a discretised logistic likelihood, dim z 1024. "
-             "The paper's caption also gives a plain VAE with q(z|e) on MNIST: 83.30 nats (81.10 with q(z|x))."),
+    caption=(
+        "Paper: 10⁸ importance samples in all on MNIST (10⁴ test images × 10³ samples × 10 passes), "
+        "log Z from the q-based estimate; CIFAR-10 with a discretised logistic likelihood, dim z 1024. "
+        "The paper's caption also gives a plain VAE with q(z|e) on MNIST: 83.30 nats (81.10 with q(z|x))."
+    ),
     columns=(
         Column("mnist", "MNIST (NLL, nats)", {"dataset": "mnist", **_NLL_BINARY}, "nll_nats"),
         Column("cifar10", "CIFAR-10 (bits/dim)", {"dataset": "cifar10", **_NLL_LOGISTIC}, "bpd"),
     ),
     rows=(
-        *_peers("With autoregressive", {
-            "PixelCNN": ("81.30", "3.14"), "DRAW": ("80.97", "3.58"), "IAF-VAE": ("79.88", "3.11"),
-            "PixelVAE++": ("78.00", "2.90"), "PixelRNN": ("79.20", "3.00"), "VLAE": ("79.03", "2.95"),
-            "PixelSNAIL": ("–", "2.85"), "PixelHVAE with VampPrior": ("78.45", "–"),
-        }),
-        *_peers("Without autoregressive", {
-            "Implicit Optimal Priors": ("83.21", "–"), "Discrete VAE": ("81.01", "–"), "LARS": ("80.30", "–"),
-            "VampPrior": ("79.75", "–"), "BIVA": ("78.59", "3.08"),
-        }),
-        Row("VAE, q(z|e) (paper caption)", {"mnist": "83.30", "cifar10": "–"}, match={"algorithm": "vae"},
-            group="Without autoregressive"),
-        *_vaepp_rows({"Naive VAEPP": {"mnist": "76.49", "cifar10": "3.15"},
-                      "VAEPP": {"mnist": "76.37", "cifar10": "2.91"},
-                      "VAEPP+Flow": {"mnist": "76.23", "cifar10": "2.84"}}),
+        *_peers(
+            "With autoregressive",
+            {
+                "PixelCNN": ("81.30", "3.14"),
+                "DRAW": ("80.97", "3.58"),
+                "IAF-VAE": ("79.88", "3.11"),
+                "PixelVAE++": ("78.00", "2.90"),
+                "PixelRNN": ("79.20", "3.00"),
+                "VLAE": ("79.03", "2.95"),
+                "PixelSNAIL": ("–", "2.85"),
+                "PixelHVAE with VampPrior": ("78.45", "–"),
+            },
+        ),
+        *_peers(
+            "Without autoregressive",
+            {
+                "Implicit Optimal Priors": ("83.21", "–"),
+                "Discrete VAE": ("81.01", "–"),
+                "LARS": ("80.30", "–"),
+                "VampPrior": ("79.75", "–"),
+                "BIVA": ("78.59", "3.08"),
+            },
+        ),
+        Row(
+            "VAE, q(z|e) (paper caption)",
+            {"mnist": "83.30", "cifar10": "–"},
+            match={"algorithm": "vae"},
+            group="Without autoregressive",
+        ),
+        *_vaepp_rows(
+            {
+                "Naive VAEPP": {"mnist": "76.49", "cifar10": "3.15"},
+                "VAEPP": {"mnist": "76.37", "cifar10": "2.91"},
+                "VAEPP+Flow": {"mnist": "76.23", "cifar10": "2.84"},
+            }
+        ),
     ),
 )
 
@@ -111,15 +136,23 @@ TABLE2 = PaperTable(
     title="Table 2: test NLL (nats) on Static MNIST, Fashion-MNIST and Omniglot",
     caption="Paper: binary data, Bernoulli likelihood, truncated-Normal posterior, q-based log Z.",
     columns=(
-        Column("static_mnist", "Static MNIST", {"dataset": ("static_mnist", "static_mnist_standin"), **_NLL_BINARY},
-               "nll_nats"),
+        Column(
+            "static_mnist",
+            "Static MNIST",
+            {"dataset": ("static_mnist", "static_mnist_standin"), **_NLL_BINARY},
+            "nll_nats",
+        ),
         Column("fashion_mnist", "Fashion-MNIST", {"dataset": "fashion_mnist", **_NLL_BINARY}, "nll_nats"),
         Column("omniglot", "Omniglot", {"dataset": "omniglot", **_NLL_BINARY}, "nll_nats"),
     ),
     rows=(
-        *_vaepp_rows({"Naive VAEPP": {"static_mnist": "78.06", "fashion_mnist": "214.63", "omniglot": "90.72"},
-                      "VAEPP": {"static_mnist": "77.73", "fashion_mnist": "213.24", "omniglot": "89.60"},
-                      "VAEPP+Flow": {"static_mnist": "77.66", "fashion_mnist": "213.19", "omniglot": "89.24"}}),
+        *_vaepp_rows(
+            {
+                "Naive VAEPP": {"static_mnist": "78.06", "fashion_mnist": "214.63", "omniglot": "90.72"},
+                "VAEPP": {"static_mnist": "77.73", "fashion_mnist": "213.24", "omniglot": "89.60"},
+                "VAEPP+Flow": {"static_mnist": "77.66", "fashion_mnist": "213.19", "omniglot": "89.24"},
+            }
+        ),
         _ours("Plain VAE", "vae"),
     ),
 )
@@ -129,8 +162,9 @@ TABLE3 = PaperTable(
     title="Table 3: CIFAR-10 bits/dim of Naive VAEPP and VAEPP by gradient-penalty strategy",
     caption="Paper: CIFAR-10, dim z 1024, discretised logistic likelihood.",
     columns=(
-        Column("naive_vaepp", "Naive VAEPP", {"algorithm": "naive_vaepp", "dataset": "cifar10", **_NLL_LOGISTIC},
-               "bpd"),
+        Column(
+            "naive_vaepp", "Naive VAEPP", {"algorithm": "naive_vaepp", "dataset": "cifar10", **_NLL_LOGISTIC}, "bpd"
+        ),
         Column("vaepp", "VAEPP", {"algorithm": "vaepp", "dataset": "cifar10", **_NLL_LOGISTIC}, "bpd"),
     ),
     rows=(
@@ -143,9 +177,11 @@ TABLE3 = PaperTable(
 TABLE4 = PaperTable(
     key="table4",
     title="Table 4: FID of samples (lower is better)",
-    caption=("Paper: 5000 samples against the training set, TF Inception pool3; the Best GAN and other VAE "
-             "rows come from Dai & Wipf (2019), who used 10k samples against 10k test images. GAN-VAEPP "
-             "decodes the latent GAN's z₀ directly; VAEPP runs MALA from z₀ first."),
+    caption=(
+        "Paper: 5000 samples against the training set, TF Inception pool3; the Best GAN and other VAE "
+        "rows come from Dai & Wipf (2019), who used 10k samples against 10k test images. GAN-VAEPP "
+        "decodes the latent GAN's z₀ directly; VAEPP runs MALA from z₀ first."
+    ),
     columns=(
         Column("mnist", "MNIST", {"dataset": "mnist"}, "fid"),
         Column("fashion_mnist", "Fashion", {"dataset": "fashion_mnist"}, "fid"),
@@ -153,15 +189,29 @@ TABLE4 = PaperTable(
         Column("celeba", "CelebA", {"dataset": "celeba"}, "fid"),
     ),
     rows=(
-        *(Row(label, dict(zip(("mnist", "fashion_mnist", "cifar10", "celeba"), values)), group="Peers")
-          for label, values in {
-              "Best GAN": ("~10", "~32", "~70", "~49"), "VAE+Flow": ("54.8", "62.1", "81.2", "65.7"),
-              "WAE-MMD": ("115.0", "101.7", "80.9", "62.9"), "2-Stage VAE": ("12.6", "29.3", "72.9", "44.4"),
-          }.items()),
-        Row("GAN-VAEPP", {"mnist": "12.7", "fashion_mnist": "26.4", "cifar10": "74.1", "celeba": "53.4"},
-            match={"algorithm": "vaepp"}, metric="fid_gan", group="VAEPP (this paper)"),
-        Row("VAEPP", {"mnist": "12.0", "fashion_mnist": "26.4", "cifar10": "71.0", "celeba": "53.4"},
-            match={"algorithm": "vaepp"}, metric="fid", group="VAEPP (this paper)"),
+        *(
+            Row(label, dict(zip(("mnist", "fashion_mnist", "cifar10", "celeba"), values, strict=True)), group="Peers")
+            for label, values in {
+                "Best GAN": ("~10", "~32", "~70", "~49"),
+                "VAE+Flow": ("54.8", "62.1", "81.2", "65.7"),
+                "WAE-MMD": ("115.0", "101.7", "80.9", "62.9"),
+                "2-Stage VAE": ("12.6", "29.3", "72.9", "44.4"),
+            }.items()
+        ),
+        Row(
+            "GAN-VAEPP",
+            {"mnist": "12.7", "fashion_mnist": "26.4", "cifar10": "74.1", "celeba": "53.4"},
+            match={"algorithm": "vaepp"},
+            metric="fid_gan",
+            group="VAEPP (this paper)",
+        ),
+        Row(
+            "VAEPP",
+            {"mnist": "12.0", "fashion_mnist": "26.4", "cifar10": "71.0", "celeba": "53.4"},
+            match={"algorithm": "vaepp"},
+            metric="fid",
+            group="VAEPP (this paper)",
+        ),
         _ours("Naive VAEPP, latent GAN + MALA", "naive_vaepp", "fid"),
         _ours("Naive VAEPP, latent GAN z₀ decoded", "naive_vaepp", "fid_gan"),
         _ours("VAEPP+Flow, latent GAN + MALA", "vaepp_flow", "fid"),
@@ -173,7 +223,7 @@ TABLE4 = PaperTable(
 
 TABLES: tuple[PaperTable, ...] = (TABLE1, TABLE2, TABLE3, TABLE4)
 
-# The paper's §3.4 calls its q-based estimate of Z an upper bound; it is not (SPEC "Estimating log Z").
+# The paper's §3.4 calls its q-based estimate of Z an upper bound; it is not (see vaepp/logz.py, log_z_q_based).
 NOT_A_BOUND = (
     "The paper's q-based estimate (paper_q) is NOT an upper bound on log Z, whatever the paper's §3.4 "
     "says: with the ±2σ truncated posterior it counts only the prior mass inside the posteriors' boxes "

@@ -33,9 +33,7 @@ def log_standard_normal(z: Tensor) -> Tensor:
     return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
-def sample_standard(
-    kind: PosteriorKind, shape: tuple[int, ...], *, device, dtype, generator=None
-) -> Tensor:
+def sample_standard(kind: PosteriorKind, shape: tuple[int, ...], *, device, dtype, generator=None) -> Tensor:
     """ε with the posterior's standardised law: N(0,1), or N(0,1) truncated to [−2, 2].
 
     The truncated draw is by inversion, ε = Φ⁻¹(u), u ~ U(Φ(−2), Φ(2)): exact, with no rejection
@@ -82,7 +80,7 @@ class PlanarFlows(nn.Module):
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z: (..., Z) → (f(z) (..., Z), Σ log|det ∂f/∂z| (...))."""
         log_det = torch.zeros(z.shape[:-1], device=z.device, dtype=z.dtype)
-        for u, w, b in zip(self.u, self.w, self.b):
+        for u, w, b in zip(self.u, self.w, self.b, strict=True):
             wu = (w * u).sum()
             u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / (w.square().sum() + 1e-12)
             a = z @ w + b  # (...)

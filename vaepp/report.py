@@ -32,10 +32,12 @@ KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # the metrics files of a 
 FILE_KEYS = ("train_curve", "grid", "grid_gan")  # the curve and sample grids shown per run
 BINARY = ("mnist", "fashion_mnist", "static_mnist", "static_mnist_standin", "omniglot")
 # Datasets with no offline source (vaepp/fetch_data.py): offline, their cells say why they were not run.
-NEEDS_INTERNET = {"static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
-                  "omniglot": "needs the internet (torchvision download)",
-                  "cifar10": "needs the internet (torchvision download)",
-                  "celeba": "needs the internet (torchvision download from Google Drive)"}
+NEEDS_INTERNET = {
+    "static_mnist": "needs the internet (torchvision download_url of the Larochelle files)",
+    "omniglot": "needs the internet (torchvision download)",
+    "cifar10": "needs the internet (torchvision download)",
+    "celeba": "needs the internet (torchvision download from Google Drive)",
+}
 
 
 NO_SUCH_RUN = "no run of the params matches (add one under `runs:`)"
@@ -81,11 +83,18 @@ def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataF
         ds = run.data.dataset
         meta = _read_json(root / files["meta"].format(dataset=ds)) or {}
         lik = run.model.likelihood  # "auto": Bernoulli on binary data (the rule of study.model_spec)
-        row = {"run": name, "algorithm": run.algorithm, "dataset": ds, "dataset_label": meta.get("label", ds),
-               "dataset_source": meta.get("source", "not prepared"), "stand_in": bool(meta.get("stand_in", False)),
-               "zdim": run.model.zdim, "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
-               "likelihood": lik if lik != "auto" else "bernoulli" if meta.get("binary", ds in BINARY) else "logistic",
-               "logistic_scale": run.model.logistic_scale}
+        row = {
+            "run": name,
+            "algorithm": run.algorithm,
+            "dataset": ds,
+            "dataset_label": meta.get("label", ds),
+            "dataset_source": meta.get("source", "not prepared"),
+            "stand_in": bool(meta.get("stand_in", False)),
+            "zdim": run.model.zdim,
+            "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
+            "likelihood": lik if lik != "auto" else "bernoulli" if meta.get("binary", ds in BINARY) else "logistic",
+            "logistic_scale": run.model.logistic_scale,
+        }
         for kind in KINDS:
             found = _read_json(root / files["metrics"].format(run=name, kind=kind))
             row[f"has_{kind}"] = found is not None
@@ -119,14 +128,16 @@ def _num(row: pd.Series, key: str) -> float | None:
 def _by_log_z(row: pd.Series) -> dict[str, float]:
     """The run's NLL (nats) under each log-Z estimate: {estimator name: nll}."""
     pre = "nll.nll_nats_by_log_z."
-    return {c[len(pre):]: float(row[c]) for c in row.index if c.startswith(pre) and _num(row, c) is not None}
+    return {c[len(pre) :]: float(row[c]) for c in row.index if c.startswith(pre) and _num(row, c) is not None}
 
 
 def _describe(row: pd.Series) -> str:
     pen = "" if row["penalty"] in ("none", "wgan_div_1") else f", {row['penalty']}"
     stand = " — a STAND-IN, not the paper's data" if row["stand_in"] else ""
-    return (f"{row['run']} ({row['algorithm']}, dim z {row['zdim']}{pen}): {row['dataset_label']} "
-            f"from {row['dataset_source']}{stand}")
+    return (
+        f"{row['run']} ({row['algorithm']}, dim z {row['zdim']}{pen}): {row['dataset_label']} "
+        f"from {row['dataset_source']}{stand}"
+    )
 
 
 def _nll_protocol(row: pd.Series) -> str:
@@ -134,8 +145,10 @@ def _nll_protocol(row: pd.Series) -> str:
     lz, se = _num(row, f"nll.log_z.{head}.log_z"), _num(row, f"nll.log_z.{head}.std_err")
     lz_text = f" = {lz:.2f} ± {se:.2f}" if lz is not None and se is not None else ""
     under = ", ".join(f"{name} {v:.2f}" for name, v in _by_log_z(row).items())
-    return (f"{_describe(row)}; {row.get('nll.protocol')}{lz_text}; "
-            f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}")
+    return (
+        f"{_describe(row)}; {row.get('nll.protocol')}{lz_text}; "
+        f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}"
+    )
 
 
 # The paper's FID protocol (§4.3): 5000 samples against the training set (50k-60k images here).
@@ -155,32 +168,47 @@ def _kid_spread_is_zero(row: pd.Series) -> bool:
 
 
 def _paper_fid_comparable(row: pd.Series) -> bool:
-    return (_num(row, "fid.n_samples") == PAPER_FID_SAMPLES and row.get("fid.reference") == "train"
-            and (_num(row, "fid.n_reference") or 0) >= PAPER_FID_MIN_REFERENCE and not row["stand_in"])
+    return (
+        _num(row, "fid.n_samples") == PAPER_FID_SAMPLES
+        and row.get("fid.reference") == "train"
+        and (_num(row, "fid.n_reference") or 0) >= PAPER_FID_MIN_REFERENCE
+        and not row["stand_in"]
+    )
 
 
 def _fid_protocol(row: pd.Series, metric: str) -> str:
     acc = _num(row, "fid.mala_acceptance")
-    mala = (f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
-            if acc is not None else "")
+    mala = (
+        f", {int(row['fid.mala_steps'])} MALA steps of size {row['fid.mala_step_size']:g}, acceptance {acc:.3f}"
+        if acc is not None
+        else ""
+    )
     how = "latent GAN z₀ decoded directly (no MALA)" if metric == "fid_gan" else f"sampler {row['fid.sampler']}{mala}"
     floor, k_floor, k_floor_sd = (_num(row, f"fid.{k}") for k in ("fid_floor", "kid_floor_mean", "kid_floor_std"))
     if floor is None:
         beside = "no floor or KID recorded (fid.json predates them: rerun compute-fid)"
     else:
-        spread = ("; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
-                  if _kid_spread_is_zero(row) else "")
-        beside = (f"floor (real held-out images scored the same way) FID {floor:.2f}, KID {k_floor:.4f} ± "
-                  f"{k_floor_sd:.4f}; FID is biased upward at small N (real images score the floor), KID is not"
-                  f"{spread}")
+        spread = (
+            "; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
+            if _kid_spread_is_zero(row)
+            else ""
+        )
+        beside = (
+            f"floor (real held-out images scored the same way) FID {floor:.2f}, KID {k_floor:.4f} ± "
+            f"{k_floor_sd:.4f}; FID is biased upward at small N (real images score the floor), KID is not"
+            f"{spread}"
+        )
     n, ref, n_ref = _num(row, "fid.n_samples"), row.get("fid.reference"), _num(row, "fid.n_reference")
     if _paper_fid_comparable(row):
-        verdict = (f"COMPARABLE with the paper's FID: made with its protocol ({PAPER_FID_SAMPLES} samples vs the "
-                   "training set)")
+        verdict = (
+            f"COMPARABLE with the paper's FID: made with its protocol ({PAPER_FID_SAMPLES} samples vs the training set)"
+        )
     else:
-        verdict = (f"NOT comparable with the paper's FID ({PAPER_FID_SAMPLES} samples vs the training set): "
-                   f"{int(n) if n is not None else '?'} samples vs {int(n_ref) if n_ref is not None else '?'} {ref} "
-                   "images; compare it with its floor and with our other runs at the same protocol only")
+        verdict = (
+            f"NOT comparable with the paper's FID ({PAPER_FID_SAMPLES} samples vs the training set): "
+            f"{int(n) if n is not None else '?'} samples vs {int(n_ref) if n_ref is not None else '?'} {ref} "
+            "images; compare it with its floor and with our other runs at the same protocol only"
+        )
     return f"{_describe(row)}; FID: {row.get('fid.protocol')}; {how}; {beside}. {verdict}."
 
 
@@ -189,8 +217,11 @@ def measure(row: pd.Series, metric: str) -> Measured:
     kind = "fid" if metric.startswith("fid") else "nll"
     if not row[f"has_{kind}"]:
         why = NEEDS_INTERNET.get(row["dataset"])
-        return Measured(f"not run — {why}" if why else "not run", run=row["run"],
-                        protocol=f"{row['run']}: metrics/{row['run']}/{kind}.json is missing")
+        return Measured(
+            f"not run — {why}" if why else "not run",
+            run=row["run"],
+            protocol=f"{row['run']}: metrics/{row['run']}/{kind}.json is missing",
+        )
     if kind == "fid":
         value = float(row[f"fid.{metric}"])
         floor = _num(row, "fid.fid_floor")
@@ -212,8 +243,9 @@ def _allowed(value: str | tuple[str, ...]) -> tuple[str, ...]:  # a Match condit
 
 def _matches(runs: pd.DataFrame, match: dict) -> pd.Series:
     """Runs meeting every condition of `match` (key → allowed value or tuple of them)."""
-    return pd.concat([runs[k].isin(_allowed(v)) for k, v in match.items()] or [pd.Series(True, index=runs.index)],
-                     axis=1).all(axis=1)
+    return pd.concat(
+        [runs[k].isin(_allowed(v)) for k, v in match.items()] or [pd.Series(True, index=runs.index)], axis=1
+    ).all(axis=1)
 
 
 def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
@@ -223,8 +255,9 @@ def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
     if sel.empty:
         datasets = _allowed(col.match.get("dataset", ()))
         why = [NEEDS_INTERNET[d] for d in datasets if d in NEEDS_INTERNET]
-        return [Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets)
-                         else f"not run — {NO_SUCH_RUN}")]
+        return [
+            Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets) else f"not run — {NO_SUCH_RUN}")
+        ]
     return [measure(r, row.metric or col.metric) for _, r in sel.iterrows()]
 
 
@@ -265,23 +298,49 @@ def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
     recs = []
     for _, r in runs[runs["has_nll"]].iterrows():
         for name, nll in _by_log_z(r).items():
-            g = lambda k: _num(r, f"nll.log_z.{name}.{k}")  # noqa: E731
-            recs.append({"run": r["run"], "estimator": name, "log_z": g("log_z") if name != "exact" else 0.0,
-                         "std_err": g("std_err"), "ess": g("ess"), "n_samples": g("n_samples"),
-                         "seed_sd": g("extra.seed_std"), "nll_nats": nll, "headline": name == r["nll.log_z_headline"]})
+            got = {
+                k: _num(r, f"nll.log_z.{name}.{k}") for k in ("log_z", "std_err", "ess", "n_samples", "extra.seed_std")
+            }
+            recs.append(
+                {
+                    "run": r["run"],
+                    "estimator": name,
+                    "log_z": got["log_z"] if name != "exact" else 0.0,
+                    "std_err": got["std_err"],
+                    "ess": got["ess"],
+                    "n_samples": got["n_samples"],
+                    "seed_sd": got["extra.seed_std"],
+                    "nll_nats": nll,
+                    "headline": name == r["nll.log_z_headline"],
+                }
+            )
         if r["algorithm"] != "vae":  # pull-back runs: the training estimate; the same model under N(0, I)
-            recs += [{"run": r["run"], "estimator": "train (epoch mean)", "log_z": _num(r, "train.log_z_train")},
-                     {"run": r["run"], "estimator": "plain VAE prior N(0, I)", "log_z": 0.0,
-                      "nll_nats": _num(r, "nll.nll_vae_prior_nats")}]
+            recs += [
+                {"run": r["run"], "estimator": "train (epoch mean)", "log_z": _num(r, "train.log_z_train")},
+                {
+                    "run": r["run"],
+                    "estimator": "plain VAE prior N(0, I)",
+                    "log_z": 0.0,
+                    "nll_nats": _num(r, "nll.nll_vae_prior_nats"),
+                },
+            ]
     cols = ["run", "estimator", "log_z", "std_err", "ess", "n_samples", "seed_sd", "nll_nats", "headline"]
     return pd.DataFrame(recs, columns=cols).fillna({"headline": False}).astype({"n_samples": "Int64"})
 
 
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
-    """"<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
-    keys = {"nll_nats": "nll.nll_nats", "nll_stderr": "nll.nll_stderr", "bpd": "nll.bpd",
-            "nll_vae_prior_nats": "nll.nll_vae_prior_nats", "fid": "fid.fid", "fid_gan": "fid.fid_gan",
-            "mala_acceptance": "mala.mala_acceptance", "elbo": "train.elbo", "beta": "train.beta"}
+    """ "<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
+    keys = {
+        "nll_nats": "nll.nll_nats",
+        "nll_stderr": "nll.nll_stderr",
+        "bpd": "nll.bpd",
+        "nll_vae_prior_nats": "nll.nll_vae_prior_nats",
+        "fid": "fid.fid",
+        "fid_gan": "fid.fid_gan",
+        "mala_acceptance": "mala.mala_acceptance",
+        "elbo": "train.elbo",
+        "beta": "train.beta",
+    }
     out = {}
     for _, r in runs.iterrows():
         out.update({f"{r['run']}/{name}": float(r[col]) for name, col in keys.items() if _num(r, col) is not None})
@@ -302,7 +361,7 @@ def dimz_figure(points: pd.DataFrame) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8))
-    for ax, (col, label) in zip(fig.subplots(1, 2), (("bpd", "NLL (bits/dim)"), ("fid", "FID"))):
+    for ax, (col, label) in zip(fig.subplots(1, 2), (("bpd", "NLL (bits/dim)"), ("fid", "FID")), strict=True):
         for (ds, alg), g in points.dropna(subset=[col]).groupby(["dataset_label", "algorithm"]):
             ax.plot(g["zdim"], g[col], marker="o", label=f"{ds} · {alg}")
         if points[col].notna().any():
@@ -319,14 +378,17 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
     """Figure 2 analogue: per-epoch training curves of the runs on `dataset`. Base64 PNG or None."""
     from matplotlib.figure import Figure
 
-    curves = {r["run"]: (r["algorithm"], pd.read_csv(root / r["file.train_curve"]))
-              for _, r in runs[runs["dataset"] == dataset].iterrows() if r["file.train_curve"]}
+    curves = {
+        r["run"]: (r["algorithm"], pd.read_csv(root / r["file.train_curve"]))
+        for _, r in runs[runs["dataset"] == dataset].iterrows()
+        if r["file.train_curve"]
+    }
     panels = [c for c in ("loss", "elbo", "log_z", "beta", "penalty") if any(c in d for _, d in curves.values())]
     if not curves or not panels:
         return None
     fig = Figure(figsize=(3.2 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, col in zip(axes, panels):
+    for ax, col in zip(axes, panels, strict=True):
         for i, (name, (alg, d)) in enumerate(curves.items()):  # one colour per run in every panel
             if col in d:
                 ax.plot(d["epoch"], d[col], marker=".", color=f"C{i}", label=f"{name} ({alg})")
@@ -367,8 +429,13 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
 
 def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
     """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
-    parts = ["# VAEPP: measured results beside the paper's", "", "Paper columns are the paper's numbers; ours "
-             "columns are this project's measurements (NLL: mean ± standard error); [n] names a cell's protocol.", ""]
+    parts = [
+        "# VAEPP: measured results beside the paper's",
+        "",
+        "Paper columns are the paper's numbers; ours "
+        "columns are this project's measurements (NLL: mean ± standard error); [n] names a cell's protocol.",
+        "",
+    ]
     for df in tabs.values():
         notes = _notes(df)
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
@@ -392,7 +459,7 @@ def _html_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     body, group = [], None
     for rec in df.itertuples(index=False):
         tds = []
-        for col, v in zip(df.columns, rec):
+        for col, v in zip(df.columns, rec, strict=True):
             if col == "Group":  # shown once per group, as the paper prints it
                 v, group = ("" if v == group else v), v
             if isinstance(v, Measured):
@@ -410,39 +477,53 @@ def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
-def render_html(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path,
-                title: str = "VAEPP reproduction report") -> str:
+def render_html(
+    runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path, title: str = "VAEPP reproduction report"
+) -> str:
     """One self-contained HTML page: tables, Figure 4 and 2 analogues, log-Z estimates, sample grids."""
     root, e = Path(root), html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
-           f"</head><body><h1>{e(title)}</h1><p>Grey columns: the numbers printed in the paper. Blue columns: "
-           "this project's measurements (NLL: mean ± standard error over test images and passes), each with its "
-           "run and a numbered protocol note (dataset source, sample counts, which log Z, FID protocol). "
-           "“not run”: no metrics file exists for that cell.</p>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
+        f"</head><body><h1>{e(title)}</h1><p>Grey columns: the numbers printed in the paper. Blue columns: "
+        "this project's measurements (NLL: mean ± standard error over test images and passes), each with its "
+        "run and a numbered protocol note (dataset source, sample counts, which log Z, FID protocol). "
+        "“not run”: no metrics file exists for that cell.</p>"
+    ]
     for df in tabs.values():
         notes = _notes(df)
-        out += [f"<h2>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
-                _html_table(df, notes), "<ol class='notes'>"
-                + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>"]
+        out += [
+            f"<h2>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
+            _html_table(df, notes),
+            "<ol class='notes'>" + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>",
+        ]
     pts = dimz_points(runs)
-    out += ["<h2>Figure 4 analogue: NLL and FID against dim z</h2>", f"<p><small>Paper: {e(FIGURE4)}</small></p>",
-            _img(dimz_figure(pts), "dim z plot"),
-            _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4))))]
+    out += [
+        "<h2>Figure 4 analogue: NLL and FID against dim z</h2>",
+        f"<p><small>Paper: {e(FIGURE4)}</small></p>",
+        _img(dimz_figure(pts), "dim z plot"),
+        _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4)))),
+    ]
     out.append("<h2>Figure 2 analogue: training curves, Naive VAEPP against VAEPP</h2>")
     for ds in dict.fromkeys(runs["dataset"]):
         b64 = curves_figure(root, runs, ds)
         label = runs.loc[runs["dataset"] == ds, "dataset_label"].iloc[0]
         out.append(f"<h3>{e(label)}</h3>" + (_img(b64, f"training curves {ds}") if b64 else "<p>not run</p>"))
     var = ", ".join(f"{v:g} ({k} q)" for k, v in VARIANCE_Z_HAT_MNIST.items())
-    out += ["<h2>log Z estimates and the NLL under each</h2>", f"<p class='warn'>{e(NOT_A_BOUND)}</p>",
-            _html_table(logz_table(runs)), f"<p><small>Paper, MNIST: variance of Ẑ with 10⁹ samples {e(var)}."
-            " ESS: effective sample size (Σw)²/Σw² of each importance-sampling estimate; seed_sd: AIS "
-            "spread over seeds; nll_nats: the NLL computed with that log Z.</small></p>"]
+    out += [
+        "<h2>log Z estimates and the NLL under each</h2>",
+        f"<p class='warn'>{e(NOT_A_BOUND)}</p>",
+        _html_table(logz_table(runs)),
+        f"<p><small>Paper, MNIST: variance of Ẑ with 10⁹ samples {e(var)}."
+        " ESS: effective sample size (Σw)²/Σw² of each importance-sampling estimate; seed_sd: AIS "
+        "spread over seeds; nll_nats: the NLL computed with that log Z.</small></p>",
+    ]
     out.append("<h2>Samples</h2><div class='grids'>")
     for _, r in runs.iterrows():
         pull = r["algorithm"] != "vae"
-        for key, what in (("grid", "latent GAN + MALA" if pull else "plain VAE, z ~ N(0, I)"),
-                          ("grid_gan", "GAN-VAEPP: z₀ decoded" if pull else "VAE + latent GAN")):
+        for key, what in (
+            ("grid", "latent GAN + MALA" if pull else "plain VAE, z ~ N(0, I)"),
+            ("grid_gan", "GAN-VAEPP: z₀ decoded" if pull else "VAE + latent GAN"),
+        ):
             path = r[f"file.{key}"]  # "" when missing
             body = _img(base64.b64encode((root / path).read_bytes()).decode(), what) if path else "<p>not run</p>"
             out.append(f"<figure>{body}<figcaption>{e(r['run'])}: {e(what)}</figcaption></figure>")

@@ -9,8 +9,8 @@ for the latent GAN, posterior samples of the same VAE file): `checkpoints.keep_o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,9 +32,7 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
     `vaepp_flow` runs add `model.n_flows` planar flows; `vae` runs have no pull-back (β ≡ 0)."""
     m = run.model
     likelihood = m.likelihood if m.likelihood != "auto" else ("bernoulli" if binary else "logistic")
-    posterior = m.posterior if m.posterior != "auto" else (
-        "truncated" if likelihood == "bernoulli" else "normal"
-    )
+    posterior = m.posterior if m.posterior != "auto" else ("truncated" if likelihood == "bernoulli" else "normal")
     return ModelSpec(
         image_shape=tuple(image_shape),
         zdim=m.zdim,
@@ -65,9 +63,17 @@ def _resume_or_start(ctx: DistContext, path: Path, expected: dict, say: Say | No
     ctx.barrier()
 
 
-def fit_vae(run: RunConfig, images: Tensor, meta: dict, ctx: DistContext, *, checkpoint_path: Path,
-            callback: Callable[[int, dict], None] | None = None, progress: bool = False,
-            say: Say | None = None) -> tuple[VAEPP, TrainResult, dict]:
+def fit_vae(
+    run: RunConfig,
+    images: Tensor,
+    meta: dict,
+    ctx: DistContext,
+    *,
+    checkpoint_path: Path,
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    say: Say | None = None,
+) -> tuple[VAEPP, TrainResult, dict]:
     """The train stage's work: the run's model trained on uint8 images (N, C, H, W), resuming a
     matching checkpoint at `checkpoint_path`. Returns (model, result, settings for `save_vae`)."""
     spec = model_spec(run, tuple(images.shape[1:]), meta["binary"])
@@ -78,15 +84,33 @@ def fit_vae(run: RunConfig, images: Tensor, meta: dict, ctx: DistContext, *, che
     torch.manual_seed(run.train.seed)
     model = VAEPP(spec)
     extra = {"run": run.model_dump(mode="json"), "dataset_meta": meta, **origin}
-    result = train(model, images, run.train, algorithm, device=ctx.device, ctx=ctx, callback=callback,
-                   progress=progress, checkpoint=checkpoints.Checkpoint(checkpoint_path, write=ctx.is_writer,
-                                                                        extra=extra))
+    result = train(
+        model,
+        images,
+        run.train,
+        algorithm,
+        device=ctx.device,
+        ctx=ctx,
+        callback=callback,
+        progress=progress,
+        checkpoint=checkpoints.Checkpoint(checkpoint_path, write=ctx.is_writer, extra=extra),
+    )
     return model, result, settings
 
 
-def fit_run_latent_gan(run: RunConfig, model: VAEPP, vae_path: Path, images: Tensor, meta: dict,
-                       ctx: DistContext, *, checkpoint_path: Path, callback: Callable[[int, dict], None] | None = None,
-                       progress: bool = False, say: Say | None = None) -> tuple[LatentGAN, list[dict], dict, dict]:
+def fit_run_latent_gan(
+    run: RunConfig,
+    model: VAEPP,
+    vae_path: Path,
+    images: Tensor,
+    meta: dict,
+    ctx: DistContext,
+    *,
+    checkpoint_path: Path,
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    say: Say | None = None,
+) -> tuple[LatentGAN, list[dict], dict, dict]:
     """The fit-latent-gan stage's work (paper §4.3): the latent GAN fitted to one posterior draw
     per training image, redrawn every epoch, resuming a matching checkpoint. Returns (gan,
     history, settings for `save_latent_gan`, moment gaps between 10⁴ GAN samples and the pool)."""
@@ -101,11 +125,22 @@ def fit_run_latent_gan(run: RunConfig, model: VAEPP, vae_path: Path, images: Ten
     pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
     gan = LatentGAN(model.zdim, params.noise_dim, params.hidden)
     settings = latent_gan_settings(params, model.zdim)
-    origin = {"vae_sha256": io.file_digest(vae_path), "data_sha256": meta.get("sha256"),
-              "n_train": int(images.shape[0])}
+    origin = {
+        "vae_sha256": io.file_digest(vae_path),
+        "data_sha256": meta.get("sha256"),
+        "n_train": int(images.shape[0]),
+    }
     _resume_or_start(ctx, checkpoint_path, {**settings, **origin}, say)
-    history = fit_latent_gan(gan, pool, params, device=ctx.device, ctx=ctx, progress=progress, callback=callback,
-                             checkpoint=checkpoints.Checkpoint(checkpoint_path, write=ctx.is_writer, extra=origin))
+    history = fit_latent_gan(
+        gan,
+        pool,
+        params,
+        device=ctx.device,
+        ctx=ctx,
+        progress=progress,
+        callback=callback,
+        checkpoint=checkpoints.Checkpoint(checkpoint_path, write=ctx.is_writer, extra=origin),
+    )
     with torch.inference_mode():
         gap = moment_gap(gan.sample(10000, device=ctx.device), pool()[:10000])
     return gan, history, settings, gap

@@ -91,8 +91,9 @@ def _prior_rows(ctx: DistContext, batch: int, n_prior: int) -> list[list[int]]:
     return rows
 
 
-def elbo_terms(model: VAEPP, e: Tensor, batch: int, *, n_train: int, n_prior_samples: int,
-               ctx: DistContext = ONE_PROCESS) -> dict[str, Tensor]:
+def elbo_terms(
+    model: VAEPP, e: Tensor, batch: int, *, n_train: int, n_prior_samples: int, ctx: DistContext = ONE_PROCESS
+) -> dict[str, Tensor]:
     """This rank's terms of the negative ELBO; e: its rows E_r (b, C, H, W) of a batch of B.
 
     Returns sums over i ∈ E_r: "recon" of −log p(e_i|z_i) and "kl" of log q(z_i|e_i) − log f(z_i),
@@ -121,10 +122,19 @@ def elbo_terms(model: VAEPP, e: Tensor, batch: int, *, n_train: int, n_prior_sam
     d_prior_mine = model.critic_images(fake)  # (k_r,)
     order = torch.tensor([i for rows in prior_rows for i in rows], device=e.device)
     d_prior = torch.empty(n_prior_samples, device=e.device, dtype=d_prior_mine.dtype).index_copy(
-        0, order, gather_rows(ctx, d_prior_mine, [len(rows) for rows in prior_rows]))  # (K,)
+        0, order, gather_rows(ctx, d_prior_mine, [len(rows) for rows in prior_rows])
+    )  # (K,)
     log_z, log_z_n, log_z_q = log_z_train(beta, d_prior, gather_rows(ctx, log_f_z, n=batch), log_q_all, n_train)
-    return {"recon": recon, "kl": (log_q - log_f_z).sum(), "log_z": log_z, "log_z_n": log_z_n,
-            "log_z_q": log_z_q, "critic_recon": d_recon.sum(), "critic_prior": d_prior_mine.sum(), "fake": fake}
+    return {
+        "recon": recon,
+        "kl": (log_q - log_f_z).sum(),
+        "log_z": log_z,
+        "log_z_n": log_z_n,
+        "log_z_q": log_z_q,
+        "critic_recon": d_recon.sum(),
+        "critic_prior": d_prior_mine.sum(),
+        "fake": fake,
+    }
 
 
 def _penalty_sum(critic, e: Tensor, fake: Tensor, batch: int, params: TrainParams, ctx: DistContext) -> Tensor:
@@ -134,12 +144,27 @@ def _penalty_sum(critic, e: Tensor, fake: Tensor, batch: int, params: TrainParam
     start, stop = row_range(batch, ctx.rank, ctx.world)
     n_mine = max(0, min(stop, m) - start)
     alpha = draw_alpha(params.penalty, m, e)
-    return penalty_sum(critic, e[:n_mine], fake[:n_mine], None if alpha is None else alpha[start : start + n_mine],
-                       params.penalty, k=params.penalty_k, p=params.penalty_p)
+    return penalty_sum(
+        critic,
+        e[:n_mine],
+        fake[:n_mine],
+        None if alpha is None else alpha[start : start + n_mine],
+        params.penalty,
+        k=params.penalty_k,
+        p=params.penalty_p,
+    )
 
 
-def model_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, algorithm: Algorithm, *,
-               n_train: int, ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+def model_loss(
+    model: VAEPP,
+    e: Tensor,
+    batch: int,
+    params: TrainParams,
+    algorithm: Algorithm,
+    *,
+    n_train: int,
+    ctx: DistContext = ONE_PROCESS,
+) -> tuple[Tensor, dict[str, float]]:
     """Rank r's loss of the model step (module docstring: the negative ELBO, plus w·R for
     Algorithm 2) on its rows e of a batch of B, and the global batch's metrics in nats."""
     w = ctx.world
@@ -157,10 +182,15 @@ def model_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, algorit
     kl_term = 0.0 * log_z if clamped else w * t["kl"] / batch + log_z
     loss = w * t["recon"] / batch + kl_term
     loss_value = recon + (0.0 * kl if clamped else kl)
-    metrics = {"recon": float(recon), "kl": float(kl), "log_z": float(log_z.detach()),
-               "log_z_n": float(t["log_z_n"].detach()), "log_z_q": float(t["log_z_q"].detach()),
-               "critic_recon": float(s_d_recon / batch),
-               "critic_prior": float(s_d_prior / params.n_prior_samples)}
+    metrics = {
+        "recon": float(recon),
+        "kl": float(kl),
+        "log_z": float(log_z.detach()),
+        "log_z_n": float(t["log_z_n"].detach()),
+        "log_z_q": float(t["log_z_q"].detach()),
+        "critic_recon": float(s_d_recon / batch),
+        "critic_prior": float(s_d_prior / params.n_prior_samples),
+    }
     if algorithm == "vaepp":
         m = min(batch, params.n_prior_samples)
         pen = _penalty_sum(model.critic, e, t["fake"], batch, params, ctx)
@@ -173,8 +203,9 @@ def model_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, algorit
     return loss, metrics
 
 
-def critic_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, *,
-                ctx: DistContext = ONE_PROCESS) -> tuple[Tensor, dict[str, float]]:
+def critic_loss(
+    model: VAEPP, e: Tensor, batch: int, params: TrainParams, *, ctx: DistContext = ONE_PROCESS
+) -> tuple[Tensor, dict[str, float]]:
     """Rank r's loss of Algorithm 1's critic step on fresh prior samples, decoder frozen:
     (1/B)·Σ D(e_i) − (1/K)·Σ D(G(ε_k)) + c·(1/m)·Σ R_i in its per-rank form; global metrics."""
     w, big_k = ctx.world, params.n_prior_samples
@@ -192,8 +223,9 @@ def critic_loss(model: VAEPP, e: Tensor, batch: int, params: TrainParams, *,
     return loss, {"critic_loss": float(s_real / batch - s_fake / big_k + c * penalty), "penalty": float(penalty)}
 
 
-def step_loss(model: VAEPP, params: TrainParams, algorithm: Algorithm, *, n_train: int,
-              ctx: DistContext = ONE_PROCESS) -> StepLoss:
+def step_loss(
+    model: VAEPP, params: TrainParams, algorithm: Algorithm, *, n_train: int, ctx: DistContext = ONE_PROCESS
+) -> StepLoss:
     """The losses of one step as one callable, (e_r, B, part) → (rank's loss, global metrics),
     part "model" (`model_loss`) or "critic" (`critic_loss`). On W ranks it is wrapped for
     DistributedDataParallel (`distributed.data_parallel`: construction broadcasts rank 0's
@@ -209,8 +241,11 @@ def step_loss(model: VAEPP, params: TrainParams, algorithm: Algorithm, *, n_trai
 
 def _check_finite(value: float, epoch: int, step: int, checkpoint_path: Path | None) -> None:
     if not math.isfinite(value):
-        kept = (f"; last good checkpoint kept at {checkpoint_path}"
-                if checkpoint_path is not None and Path(checkpoint_path).is_file() else "")
+        kept = (
+            f"; last good checkpoint kept at {checkpoint_path}"
+            if checkpoint_path is not None and Path(checkpoint_path).is_file()
+            else ""
+        )
         raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, step {step}; training stopped{kept}")
 
 
@@ -258,8 +293,9 @@ def train_step(
     global loss, so all ranks stop together."""
     batch = e.shape[0]
     if batch < ctx.world:
-        raise ValueError(f"train.batch_size = {batch} is smaller than the {ctx.world} processes; "
-                         "raise it or use fewer processes")
+        raise ValueError(
+            f"train.batch_size = {batch} is smaller than the {ctx.world} processes; raise it or use fewer processes"
+        )
     loss_fn = loss_fn or step_loss(model, params, algorithm, n_train=n_train, ctx=ctx)
     start, stop = row_range(batch, ctx.rank, ctx.world)
     e_r = e[start:stop]
@@ -352,8 +388,19 @@ def train(
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{params.epochs}", disable=not progress, leave=False)
         for step in bar:
             e = data[perm[step * batch : (step + 1) * batch]].float().div_(255.0)
-            m = train_step(model, opts, e, params, algorithm, n_train=n_train, ctx=ctx, loss_fn=loss_fn,
-                           epoch=epoch + 1, step=step, checkpoint_path=None if checkpoint is None else checkpoint.path)
+            m = train_step(
+                model,
+                opts,
+                e,
+                params,
+                algorithm,
+                n_train=n_train,
+                ctx=ctx,
+                loss_fn=loss_fn,
+                epoch=epoch + 1,
+                step=step,
+                checkpoint_path=None if checkpoint is None else checkpoint.path,
+            )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             if progress and step % 20 == 0:
@@ -366,9 +413,18 @@ def train(
         result.history.append(metrics)
         result.seconds += metrics["seconds"]
         if checkpoint is not None:
-            checkpoint.after_epoch(epoch + 1, epochs=params.epochs, every=params.checkpoint_every,
-                                   settings=settings, module=model, opts=opts, data_gen=data_gen, device=device,
-                                   history=result.history, seconds=result.seconds)
+            checkpoint.after_epoch(
+                epoch + 1,
+                epochs=params.epochs,
+                every=params.checkpoint_every,
+                settings=settings,
+                module=model,
+                opts=opts,
+                data_gen=data_gen,
+                device=device,
+                history=result.history,
+                seconds=result.seconds,
+            )
         if callback is not None:
             callback(epoch + 1, metrics)
     result.epochs = params.epochs
