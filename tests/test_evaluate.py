@@ -81,3 +81,40 @@ def test_protocol_is_reproducible_and_each_estimate_has_its_own_seed():
         model, DistContext(), images(16, 1), images(8, 2), small.model_copy(update={"seed": 1}), device="cpu"
     )
     assert c["log_z"]["prior_is"]["log_z"] != a["log_z"]["prior_is"]["log_z"]
+
+
+def test_total_error_holds_the_log_z_error_and_covers_the_actual_error():
+    """On the linear case the true log Z is known, so each run's actual NLL error is known: with
+    a deliberately small log-Z budget its spread over seeds is mostly log Ẑ's error, which the
+    total standard error states and the test-set and Monte-Carlo errors alone do not."""
+    model = PullbackLinearVAE(beta=1.5)
+    train, test = images(32, 1), images(16, 2)
+    exact = -model.exact_log_px(test.double().div(255.0)).mean().item()
+    small = params(prior_is_samples=64, ais_chains=8, ais_temps=30, ais_seeds=2, q_based_per_image=2)
+    errors, stated, without_log_z = [], [], []
+    for seed in range(8):
+        out = evaluate.nll_protocol(
+            model, DistContext(), train, test, small.model_copy(update={"seed": seed}), device="cpu"
+        )
+        headline_err = out["log_z"][out["log_z_headline"]]["std_err"]
+        assert out["nll_log_z_stderr"] == headline_err
+        assert out["nll_total_stderr"] == pytest.approx(
+            math.sqrt(out["nll_stderr"] ** 2 + out["nll_mc_stderr"] ** 2 + headline_err**2), rel=1e-12
+        )
+        errors.append(out["nll_nats"] - exact)  # the same test images: no test-set error in it
+        stated.append(math.hypot(out["nll_mc_stderr"], headline_err))
+        without_log_z.append(out["nll_mc_stderr"])
+    rms = lambda v: math.sqrt(sum(x * x for x in v) / len(v))  # noqa: E731
+    assert rms(errors) < 3 * rms(stated)  # the stated error covers the actual one
+    assert rms(errors) > 3 * rms(without_log_z)  # and the log-Z part is what does it
+
+
+def test_pass_spread_is_reported_only_with_several_passes():
+    model = PullbackLinearVAE(beta=1.0)
+    small = params(prior_is_samples=1024, ais_chains=16, ais_temps=10, ais_seeds=1, q_based_per_image=2)
+    one = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    three = evaluate.nll_protocol(
+        model, DistContext(), images(16, 1), images(8, 2), small.model_copy(update={"n_passes": 3}), device="cpu"
+    )
+    assert "nll_pass_sd" not in one and three["nll_pass_sd"] > 0.0
+    assert three["nll_pass_sd"] < 1.0  # S = 500 samples per image: the pass means agree closely

@@ -24,6 +24,7 @@ for AIS seed s and seed + 2 for the test-set samples, so every estimate has its 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,7 +121,10 @@ def nll_protocol(
     """Test NLL (nats, bits/dim) under every estimate of log Z, with the headline one named.
 
     train, test: uint8 images (N, C, H, W), already cut to the run's n_train / n_test. On
-    Bernoulli data every pass binarises the test images afresh (x ~ Bernoulli(e)).
+    Bernoulli data every pass binarises the test images afresh (x ~ Bernoulli(e)). Errors, nats:
+    nll_stderr (test set), nll_mc_stderr (importance sampler), nll_log_z_stderr (the headline
+    log Ẑ's own, for AIS its spread over seeds), nll_total_stderr (`total_stderr`), and with
+    n_passes > 1 nll_pass_sd, the sd of the pass means (the paper's "std").
     """
     t0 = time.perf_counter()
     estimates, headline = log_z_protocol(model, ctx, train, params, device=device, progress=progress)
@@ -139,10 +143,13 @@ def nll_protocol(
         generator=torch.Generator(device=device).manual_seed(p.seed + 2),
         progress=progress,
     )
-    return {
+    log_z_stderr = estimates[headline]["std_err"] if estimates else 0.0  # the exact log Z = 0 has none
+    out = {
         "nll_nats": nll["nll_nats"],
         "nll_stderr": nll["nll_stderr"],
         "nll_mc_stderr": nll["nll_mc_stderr"],
+        "nll_log_z_stderr": log_z_stderr,
+        "nll_total_stderr": total_stderr(nll["nll_stderr"], nll["nll_mc_stderr"], log_z_stderr),
         "bpd": nll["nll_bpd"],
         "n_importance_total": nll["n_importance_total"],
         "n_importance_per_image": p.n_importance,
@@ -160,6 +167,19 @@ def nll_protocol(
         ),
         "seconds": time.perf_counter() - t0,
     }
+    if "nll_pass_sd" in nll:
+        out["nll_pass_sd"] = nll["nll_pass_sd"]
+    return out
+
+
+def total_stderr(test_set: float, monte_carlo: float, log_z: float) -> float:
+    """The NLL's whole standard error, nats: √(se_test² + se_MC² + se_logZ²).
+
+    log Ẑ enters every image's NLL as the same constant, so its error does not average out over
+    the test set: it adds in quadrature to the test-set error (sd over images / √n) and the
+    importance sampler's Monte-Carlo error. The test-set term already holds part of the Monte-Carlo
+    noise, so the sum errs on the large side."""
+    return math.sqrt(test_set**2 + monte_carlo**2 + log_z**2)
 
 
 def sampling_protocol(

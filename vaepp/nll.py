@@ -104,6 +104,8 @@ def estimate_nll(
         same samples under the prior N(0, I) (log f = log N(z; 0, I), log Z = 0);
       ess_mean: mean over images × passes of the per-image ESS (Σw)²/Σw² of the VAEPP weights;
       n_images, n_passes, n_importance, n_importance_total = images × passes × S;
+      nll_pass_sd (n_passes > 1 only): the sd of the P pass means of the NLL, the paper's "std"
+        (how much a repeat of the whole evaluation on the same images moves the mean);
       with return_per_image: log_px_nats and log_px_nats_plain_vae, (P, n_images) tensors.
     """
     if n_importance < 1 or n_passes < 1 or chunk < 1 or rng_rows < 1:
@@ -195,6 +197,8 @@ def estimate_nll(
         "n_importance": S,
         "n_importance_total": n_images * n_passes * S,
     }
+    if n_passes > 1:
+        out["nll_pass_sd"] = (-log_px_base.mean(1)).std().item()  # (P,) pass means, sd with P − 1
     if return_per_image:
         out["log_px_nats"] = log_px_base - named[headline]
         out["log_px_nats_plain_vae"] = log_px_plain
