@@ -211,6 +211,46 @@ def read_json(path: Path) -> dict:
         raise RuntimeError(f"{path}: cannot read ({err}); rerun the stage that writes it") from None
 
 
+SHARED_SECTIONS = ("data", "model", "train", "latent_gan", "nll", "mala", "fid")
+
+
+def shared_params(params_path: str | Path) -> dict[str, str]:
+    """The params file's shared sections flattened with dots (`model.zdim`), its `profile` and
+    `runs` (the run names, comma-separated): what the parent MLflow run carries. {} if unreadable."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(params_path).read_text()) or {}
+    except Exception:  # noqa: BLE001 - an unreadable params file fails in load_run, not here
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    out = flat({k: raw[k] for k in SHARED_SECTIONS if isinstance(raw.get(k), dict)})
+    if "profile" in raw:
+        out["profile"] = raw["profile"]
+    if isinstance(raw.get("runs"), dict):
+        out["runs"] = ",".join(map(str, raw["runs"]))
+    return {k: str(v) for k, v in out.items()}
+
+
+def dataset_input(run, meta: dict, data_root: Path | None = None, context: str = "eval") -> dict[str, str] | None:
+    """The MLflow dataset input of a stage: name (the dataset), source (JSON: the prepared data
+    directory `<data_root>/<dataset>` when known, and meta.json's source description), digest (the
+    first 16 hex digits of SHA-256 over the prepared files' SHA-256s, in file-name order), context.
+    None without meta (no prepared data known)."""
+    import hashlib
+
+    if not meta:
+        return None
+    files = sorted((meta.get("sha256") or {}).items())
+    digest = (
+        hashlib.sha256("".join(f"{f}:{h}\n" for f, h in files).encode()).hexdigest()[:16] if files else "unrecorded"
+    )
+    source = {"uri": f"{Path(data_root).as_posix()}/{run.data.dataset}"} if data_root is not None else {}
+    source["description"] = str(meta.get("source", "unknown"))
+    return {"name": run.data.dataset, "source": json.dumps(source), "digest": digest, "context": context}
+
+
 def tracker(params_path: str):
     """The pipeline's MLflow tracker (degrades to no logging with a warning if MLflow fails).
 
@@ -227,6 +267,7 @@ def tracker(params_path: str):
         git_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
         experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+        parent_params=shared_params(params_path) if tracking_on() else {},
     )
     if _TRACKING_PROCESS is not None and tracking_on():
         proc, _TRACKING_PROCESS = _TRACKING_PROCESS, None
@@ -268,19 +309,19 @@ def numbers(metrics: dict) -> dict:
     return {k: v for k, v in flat(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def stage_run(args, stage: str, run, params: dict, ctx=None):
-    """The stage's MLflow child run (a context manager giving its log), with `params` flattened;
-    on ranks other than 0 a silent no-op."""
+def stage_run(args, stage: str, run, params: dict, ctx=None, dataset: dict | None = None):
+    """The stage's MLflow child run (a context manager giving its log), with `params` flattened
+    and `dataset` (`dataset_input`) as its dataset input; on ranks other than 0 a silent no-op."""
     if ctx is not None and not ctx.is_writer:
         from vaepp.tracking import Tracker
 
         return Tracker(reason=f"rank {ctx.rank}").stage_run(stage, run.name, {})
-    return tracker(args.params).stage_run(stage, run.name, flat(params))
+    return tracker(args.params).stage_run(stage, run.name, flat(params), dataset=dataset)
 
 
-def log_stage(args, stage: str, run, params: dict, metrics: dict, artifacts=()) -> None:
-    """The stage's MLflow child run: its params, its final metrics and artifacts."""
-    with stage_run(args, stage, run, params) as log:
+def log_stage(args, stage: str, run, params: dict, metrics: dict, artifacts=(), dataset: dict | None = None) -> None:
+    """The stage's MLflow child run: its params, dataset input, final metrics and artifacts."""
+    with stage_run(args, stage, run, params, dataset=dataset) as log:
         log.log_metrics(numbers(metrics))
         for path in artifacts:
             log.log_artifact(path)

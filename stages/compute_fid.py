@@ -45,27 +45,31 @@ def _compute(args, run, ctx) -> int:
     held = evaluate.HELD_OUT[p.reference]
     split = {"train": train, "test": test}
     digest = {name: meta.get("sha256", {}).get(f"{name}.pt", "unrecorded") for name in split}
-    metrics = evaluate.fid_protocol(
-        net,
-        ctx,
-        samples,
-        samples_gan,
-        split[p.reference],
-        split[held],
-        p,
-        sampler=sampler,
-        dataset=run.data.dataset,
-        reference_digest=digest[p.reference],
-        held_out_digest=digest[held],
-        stats_dir=common.cache_dir() / "fid_stats",
-        device=ctx.device,
-        progress=not args.no_progress and ctx.is_writer,
-    )
-    if not ctx.is_writer:
-        return 0
-    metrics["run"] = run.name
-    atomic_write_json(args.out, metrics)
-    common.log_stage(args, "compute-fid", run, p.model_dump(), metrics)
+    ds = common.dataset_input(run, meta, args.data)
+    with common.stage_run(args, "compute-fid", run, p.model_dump(), ctx, dataset=ds) as log:
+        log.set_tags({"vaepp.phase": "Inception features and FID"})
+        metrics = evaluate.fid_protocol(
+            net,
+            ctx,
+            samples,
+            samples_gan,
+            split[p.reference],
+            split[held],
+            p,
+            sampler=sampler,
+            dataset=run.data.dataset,
+            reference_digest=digest[p.reference],
+            held_out_digest=digest[held],
+            stats_dir=common.cache_dir() / "fid_stats",
+            device=ctx.device,
+            progress=not args.no_progress and ctx.is_writer,
+        )
+        if not ctx.is_writer:
+            return 0
+        metrics["run"] = run.name
+        atomic_write_json(args.out, metrics)
+        log.log_metrics(common.numbers(metrics))
+        log.set_tags({"vaepp.phase": "done"})
     print(
         f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f}, real held-out "
         f"(floor) {metrics['fid_floor']:.2f}; KID {metrics['kid_mean']:.4f}, {metrics['kid_gan_mean']:.4f}, "

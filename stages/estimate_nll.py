@@ -30,14 +30,20 @@ def _estimate(args, run, ctx) -> int:
 
     model, _ = load_vae(args.vae, ctx.device)
     train, test, meta = common.load_data(args.data, run)
-    metrics = evaluate.nll_protocol(
-        model, ctx, train, test, run.nll, device=ctx.device, progress=not args.no_progress and ctx.is_writer
-    )
-    if not ctx.is_writer:
-        return 0
-    metrics.update(run=run.name, **evaluate.dataset_fields(run.data.dataset, meta))
-    atomic_write_json(args.out, metrics)
-    common.log_stage(args, "estimate-nll", run, run.nll.model_dump(), metrics)
+    ds = common.dataset_input(run, meta, args.data)
+    with common.stage_run(args, "estimate-nll", run, run.nll.model_dump(), ctx, dataset=ds) as log:
+        log.set_tags({"vaepp.phase": "estimating log Z and the NLL"})
+        metrics = evaluate.nll_protocol(
+            model, ctx, train, test, run.nll, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+        )
+        if not ctx.is_writer:
+            return 0
+        metrics.update(run=run.name, **evaluate.dataset_fields(run.data.dataset, meta))
+        atomic_write_json(args.out, metrics)
+        for step, (name, estimate) in enumerate(metrics["log_z"].items(), 1):  # in the protocol's order
+            log.log_metrics({f"log_z.{name}": estimate["log_z"]}, step=step)
+        log.log_metrics(common.numbers(metrics))
+        log.set_tags({"vaepp.phase": "done"})
     by = ", ".join(f"{k} {v:.2f}" for k, v in metrics["nll_nats_by_log_z"].items())
     print(
         f"{run.name}: NLL {metrics['nll_nats']:.2f} ± {metrics['nll_stderr']:.2f} nats "

@@ -32,7 +32,8 @@ def _fit(args, run, ctx) -> int:
 
     model, _ = checkpoints.load_vae(args.vae, ctx.device)
     images, _, meta = common.load_data(args.data, run)
-    with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx) as log:
+    ds = common.dataset_input(run, meta, args.data, context="training")
+    with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx, dataset=ds) as log:
         gan, history, settings, gap = study.fit_run_latent_gan(
             run,
             model,

@@ -30,22 +30,26 @@ def _sample(args, run, ctx) -> int:
     from vaepp.io import atomic_torch_save, atomic_write_json
     from vaepp.sampling import save_grid
 
-    model, _ = load_vae(args.vae, ctx.device)
+    model, saved = load_vae(args.vae, ctx.device)
     gan = load_latent_gan(args.latent_gan, ctx.device)
-    images, images_gan, metrics = evaluate.sampling_protocol(
-        model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer
-    )
-    if not ctx.is_writer:
-        return 0
-    out = args.samples
-    atomic_torch_save({"images": images}, out / "images.pt")
-    atomic_torch_save({"images": images_gan}, out / "images_gan.pt")
-    save_grid(images[:100], out / "grid.png")
-    save_grid(images_gan[:100], out / "grid_gan.png")
-    atomic_write_json(args.out, metrics)
-    common.log_stage(
-        args, "sample-mala", run, run.mala.model_dump(), metrics, artifacts=(out / "grid.png", out / "grid_gan.png")
-    )
+    ds = common.dataset_input(run, saved.get("dataset_meta"), context="training")  # the model's training data
+    with common.stage_run(args, "sample-mala", run, run.mala.model_dump(), ctx, dataset=ds) as log:
+        log.set_tags({"vaepp.phase": "sampling"})
+        images, images_gan, metrics = evaluate.sampling_protocol(
+            model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+        )
+        if not ctx.is_writer:
+            return 0
+        out = args.samples
+        atomic_torch_save({"images": images}, out / "images.pt")
+        atomic_torch_save({"images": images_gan}, out / "images_gan.pt")
+        save_grid(images[:100], out / "grid.png")
+        save_grid(images_gan[:100], out / "grid_gan.png")
+        atomic_write_json(args.out, metrics)
+        log.log_metrics(common.numbers(metrics))
+        log.log_artifact(out / "grid.png")
+        log.log_artifact(out / "grid_gan.png")
+        log.set_tags({"vaepp.phase": "done"})
     acc = metrics["mala_acceptance"]
     print(
         f"{run.name}: {run.mala.n_samples} samples ({metrics['sampler']})"

@@ -29,7 +29,8 @@ def _train(args, run, ctx) -> int:
     from vaepp.io import atomic_write_csv, atomic_write_json
 
     images, _, meta = common.load_data(args.data, run)
-    with common.stage_run(args, "train", run, run.model_dump(), ctx) as log:
+    ds = common.dataset_input(run, meta, args.data, context="training")
+    with common.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
         model, result, settings = study.fit_vae(
             run,
             images,

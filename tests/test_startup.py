@@ -150,8 +150,41 @@ def test_tracker_hands_the_stage_params_to_the_started_process(repo, monkeypatch
         assert isinstance(t, TrackerProcess) and common._TRACKING_PROCESS is None
         assert t.enabled and t.tags["dvc.exp_name"] == "from-env" and (repo / "mlflow.db").is_file()
         assert not isinstance(common.tracker("params.yaml"), TrackerProcess)  # one process, one use
+        from mlflow import MlflowClient
+
+        assert MlflowClient(sqlite_uri(repo)).get_run(t.parent_id).data.params == {"model.zdim": "16"}
     finally:
         t.close()
+
+
+def test_dataset_input_tags_and_parent_params_through_the_process(repo, started, capsys):
+    from mlflow import MlflowClient
+
+    shared = {"model.zdim": "16", "profile": "tiny", "runs": "vae,vaepp"}
+    dataset = {"name": "mnist", "source": '{"uri": "data/mnist"}', "digest": "0123abcd0123abcd", "context": "eval"}
+    for _ in range(2):  # a second stage process: the same params again, no warning
+        t = started().open(repo, repo / "params.yaml", exp_name="ds", git_rev="r", parent_params=shared)
+        with t.stage_run("estimate-nll", "vae", {}, dataset=dataset) as log:
+            log.set_tags({"vaepp.phase": "estimating"})
+            log.log_metrics({"log_z.ais": -0.5}, step=3)
+            log.set_tags({"vaepp.phase": "done"})
+        assert t.enabled
+    client = MlflowClient(sqlite_uri(repo))
+    assert client.get_run(t.parent_id).data.params == shared
+    children = runs(repo)
+    children = children[children["tags.vaepp.role"] == "stage"]
+    assert len(children) == 2
+    for run_id in children.run_id:
+        run = client.get_run(run_id)
+        (inp,) = run.inputs.dataset_inputs
+        assert (inp.dataset.name, inp.dataset.source, inp.dataset.digest) == (
+            "mnist",
+            dataset["source"],
+            dataset["digest"],
+        )
+        assert {tag.key: tag.value for tag in inp.tags} == {"mlflow.data.context": "eval"}
+        assert run.data.tags["vaepp.phase"] == "done" and run.data.metrics["log_z.ais"] == -0.5
+    assert WARNING not in capsys.readouterr().err
 
 
 def test_only_a_stage_script_starts_a_tracking_process():

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stage_helpers import RUN, VAE, params, train_cmd, workspace
 from stage_helpers import env as stage_env
@@ -376,3 +377,125 @@ def test_mlflow_ui_binds_to_localhost_unless_asked():
     assert "--host 0.0.0.0 " in server_line("UI_HOST=0.0.0.0")
     line = server_line("UI_PORT=5999")
     assert "--port 5999" in line and f"sqlite:///{ROOT}/mlflow.db" in line
+
+
+def test_parent_carries_the_shared_params_once(repo, capsys):
+    from mlflow import MlflowClient
+
+    from stages import common
+
+    (repo / "params.yaml").write_text(
+        "profile: tiny\ndevice: cpu\ndata: {dataset: mnist, n_test: 32}\nmodel: {zdim: 4, hidden: [32, 32]}\n"
+        "nll: {log_z: {ais_chains: 16}}\nruns: {vae: {algorithm: vae}, vaepp: {algorithm: vaepp}}\n"
+    )
+    shared = common.shared_params(repo / "params.yaml")
+    assert shared == {
+        "data.dataset": "mnist",
+        "data.n_test": "32",
+        "model.zdim": "4",
+        "model.hidden": "[32, 32]",
+        "nll.log_z.ais_chains": "16",
+        "profile": "tiny",
+        "runs": "vae,vaepp",
+    }
+    capsys.readouterr()
+    first = tracker(repo, exp_name="shared", parent_params=shared)
+    again = tracker(repo, exp_name="shared", parent_params={**shared, "model.zdim": "8", "fid.n_samples": "20"})
+    assert first.parent_id == again.parent_id and first.enabled and again.enabled
+    assert WARNING not in capsys.readouterr().err  # same values again: no warning; a changed one: a tag
+    parent = MlflowClient(sqlite_uri(repo)).get_run(first.parent_id)
+    assert parent.data.params == {**shared, "fid.n_samples": "20"}
+    assert parent.data.tags["vaepp.params_differ"] == "model.zdim"
+
+
+def test_stage_run_logs_its_dataset_input_and_tags(repo):
+    from mlflow import MlflowClient
+
+    t = tracker(repo, exp_name="ds")
+    dataset = {"name": "mnist", "source": '{"uri": "data/mnist"}', "digest": "0123abcd0123abcd", "context": "train"}
+    with t.stage_run("train", "vae", {}, dataset=dataset) as log:
+        log.set_tags({"vaepp.phase": "done"})
+    child = runs(repo).set_index("tags.vaepp.role").loc["stage"]
+    run = MlflowClient(sqlite_uri(repo)).get_run(child.run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.source, inp.dataset.digest) == (
+        "mnist",
+        '{"uri": "data/mnist"}',
+        dataset["digest"],
+    )
+    assert {tag.key: tag.value for tag in inp.tags} == {"mlflow.data.context": "train"}
+    assert run.data.tags["vaepp.phase"] == "done"
+
+
+def test_stages_in_process_log_datasets_progress_and_parent_params(tmp_path, monkeypatch):
+    """train, fit-latent-gan, estimate-nll, sample-mala and compute-fid (a pooling stand-in for
+    Inception) of the tiny profile called in this process (`main(argv)`), tracked into the
+    workspace's SQLite store: MLflow's API finds the shared params on the parent, the prepared
+    dataset on every stage run, and the log-Z estimates of estimate-nll at steps 1, 2, 3."""
+    import hashlib
+
+    import torch
+    from mlflow import MlflowClient
+
+    from stage_args import stage_argv
+    from stages import compute_fid, estimate_nll, fit_latent_gan, sample_mala, train
+    from vaepp import fetch_fid_weights
+
+    class Features(torch.nn.Module):  # stands in for Inception: 12 pooled features per image
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    monkeypatch.setattr(fetch_fid_weights, "ensure_inception_weights", lambda *a, **k: None)
+    monkeypatch.setattr(fetch_fid_weights, "load_inception", lambda *a, **k: Features())
+    monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
+    work = workspace(tmp_path / "w", params(epochs=1))
+    monkeypatch.chdir(work)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(work))
+    monkeypatch.setenv("DVC_EXP_NAME", "in-process")
+    monkeypatch.setenv("VAEPP_MLFLOW", "1")
+    stages = {
+        "train": train,
+        "fit-latent-gan": fit_latent_gan,
+        "estimate-nll": estimate_nll,
+        "sample-mala": sample_mala,
+        "compute-fid": compute_fid,
+    }
+    for name, module in stages.items():
+        assert module.main(stage_argv(name, RUN, "--no-progress")) == 0, name
+
+    client = MlflowClient(sqlite_uri(work))
+    df = runs(work)
+    parent = client.get_run(df[df["tags.vaepp.role"] == "parent"].run_id.iloc[0])
+    assert parent.data.params["model.zdim"] == "4" and parent.data.params["profile"] == "tiny"
+    assert (
+        parent.data.params["runs"] == ",".join(yaml.safe_load(Path("params.yaml").read_text())["runs"])
+        and parent.data.params["nll.log_z.ais_chains"] == "16"
+    )
+    assert "device" not in parent.data.params  # not a shared section
+
+    meta = json.loads((work / "data" / "mnist" / "meta.json").read_text())
+    digest = hashlib.sha256("".join(f"{f}:{h}\n" for f, h in sorted(meta["sha256"].items())).encode()).hexdigest()
+    children = df[df["tags.vaepp.role"] == "stage"]
+    assert sorted(children["tags.dvc.stage"]) == sorted(stages) and set(children.status) == {"FINISHED"}
+    context = {"train": "training", "fit-latent-gan": "training", "estimate-nll": "eval", "sample-mala": "training"}
+    context["compute-fid"] = "eval"
+    for run_id, stage in zip(children.run_id, children["tags.dvc.stage"], strict=True):
+        (inp,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (inp.dataset.name, inp.dataset.digest) == ("mnist", digest[:16]), stage
+        assert json.loads(inp.dataset.source)["description"] == "synthetic test data"
+        assert {tag.key: tag.value for tag in inp.tags} == {"mlflow.data.context": context[stage]}
+
+    nll_run = client.get_run(children[children["tags.dvc.stage"] == "estimate-nll"].run_id.iloc[0])
+    nll = json.loads((work / "metrics" / RUN / "nll.json").read_text())
+    assert nll_run.data.tags["vaepp.phase"] == "done" and nll_run.data.metrics["nll_nats"] == nll["nll_nats"]
+    steps = {}
+    for name, estimate in nll["log_z"].items():  # one point each, at its place in the protocol
+        (point,) = client.get_metric_history(nll_run.info.run_id, f"log_z.{name}")
+        assert point.value == estimate["log_z"]
+        steps[name] = point.step
+    assert steps == {"paper_q": 1, "prior_is": 2, "ais": 3}
+    fid_run = client.get_run(children[children["tags.dvc.stage"] == "compute-fid"].run_id.iloc[0])
+    fid = json.loads((work / "metrics" / RUN / "fid.json").read_text())
+    assert fid_run.data.tags["vaepp.phase"] == "done" and fid_run.data.metrics["fid"] == fid["fid"]

@@ -9,9 +9,14 @@ experiment "vaepp" tagged mlflow.experimentKind=custom_model_development (classi
 Parent run: named after the DVC experiment (or repro-<HEAD[:8]>-<params sha256[:8]>), found by
 its tag `vaepp.pipeline_key` = `exp:<DVC_EXP_NAME>` or `repro:<HEAD>:<params sha256>`, so every
 stage process of one execution shares it; creation holds a flock on the SQLite file, and if two
-processes still race, all settle on the oldest and the younger duplicate is deleted.
+processes still race, all settle on the oldest and the younger duplicate is deleted. The parent
+carries the execution's shared params (`parent_params`, e.g. `model.zdim`, `profile`, `runs`), so
+the runs table compares executions without opening children: every stage process logs those not
+yet on it (a value already logged differently, as MLflow forbids changing it, is kept and named
+in the tag `vaepp.params_differ`).
 Child run per (stage, run): named "<stage>:<run>", tags mlflow.parentRunId, dvc.stage, dvc.run,
-dvc.exp_name, dvc.git_rev; flattened params; metrics per step; artifacts.
+dvc.exp_name, dvc.git_rev; flattened params; its dataset as an MLflow dataset input (name,
+source, digest; the runs table's "Dataset" column); metrics per step; tags; artifacts.
 
 Failure policy: tracking never costs a training run. The store is probed at start with a short
 timeout (HTTP `/health`; SQLite: a schema read and the write lock); any failure then or later
@@ -25,7 +30,8 @@ same failure policy, and a run is closed when its `with` block exits.
 
 Usage (stages):
     tracker = Tracker.for_pipeline(root, params_path, exp_name=..., tracking_uri=...)
-    with tracker.stage_run("train", "vaepp", flat_params) as log:
+    with tracker.stage_run("train", "vaepp", flat_params, dataset={"name": "mnist", ...}) as log:
+        log.set_tags({"vaepp.phase": "training"})
         log.log_metrics({"elbo": -92.1}, step=epoch)
         log.log_artifact(Path("plots/vaepp/train_curve.csv"))
     with tracker.parent_log() as log:      # the final report stage: logs to the parent run
@@ -161,6 +167,24 @@ class RunLog:
 
     log_artifacts = log_artifact  # a directory's files, under artifact_path
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags of the run (values as strings, truncated to MLflow's 8000 characters)."""
+        if self._ok():
+            from mlflow.entities import RunTag
+
+            self._batch("tags", [RunTag(mlflow_key(k), str(v)[:MAX_TAG]) for k, v in tags.items()], BATCH_PARAMS)
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str = "") -> None:
+        """The run's dataset as an MLflow dataset input: `name` (e.g. "mnist"), `source` (a JSON
+        string, source type "local"), `digest` (MLflow keys a dataset by name and digest, so the
+        first source logged with a digest is the one shown), `context` (tag mlflow.data.context)."""
+        if self._ok():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            tags = [InputTag("mlflow.data.context", context)] if context else []
+            dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+            self.tracker._call(self.tracker.client.log_inputs, self.run_id, [DatasetInput(dataset, tags)])
+
 
 class Tracker:
     """The pipeline's tracking state; `Tracker.for_pipeline` builds it, never raising."""
@@ -207,14 +231,17 @@ class Tracker:
         enabled: bool = True,
         timeout_s: float = 3.0,
         warn: Callable[[str], None] | None = None,
+        parent_params: dict[str, Any] | None = None,
     ) -> Tracker:
         """Connect to the store and find or create this execution's parent run.
 
         root: the real repository (DVC_ROOT); default store `sqlite_uri(root)` and artifacts in
         `<root>/mlartifacts`. params_path: the params file whose sha256 keys plain repros.
         exp_name: DVC_EXP_NAME ("" for `dvc repro`). git_rev: defaults to `git rev-parse HEAD`
-        in root. enabled=False gives a silent no-op tracker. Never raises: on failure the tracker
-        is disabled with one warning line, passed to `warn` (default: printed on stderr).
+        in root. parent_params: the execution's shared params, logged on the parent run (those
+        already there are left as they are). enabled=False gives a silent no-op tracker. Never
+        raises: on failure the tracker is disabled with one warning line, passed to `warn`
+        (default: printed on stderr).
         """
         if not enabled:
             return cls(reason="turned off")
@@ -248,13 +275,17 @@ class Tracker:
             tracker.experiment_id = _experiment(tracker.client, experiment, root / "mlartifacts" if db else None)
             with _lock(db, timeout_s):
                 tracker.parent_id = _parent(tracker.client, tracker.experiment_id, key, name, tracker.tags, params_path)
+                _parent_params(tracker.client, tracker.parent_id, parent_params or {})
         except Exception as err:  # noqa: BLE001
             tracker.disable(f"{uri}: {_short(err)}")
         return tracker
 
     @contextmanager
-    def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator[RunLog]:
-        """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body."""
+    def stage_run(
+        self, stage: str, run: str, params: dict[str, Any], dataset: dict[str, str] | None = None
+    ) -> Iterator[RunLog]:
+        """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body.
+        dataset: RunLog.log_dataset's arguments (name, source, digest, context), or None."""
         tags = {
             **self.tags,
             "dvc.stage": stage,
@@ -274,6 +305,8 @@ class Tracker:
         )
         log = RunLog(self, info.info.run_id if info else None)
         log.log_params(params)
+        if dataset:
+            log.log_dataset(**dataset)
         if log.run_id:
             self._call(self.client.update_run, self.parent_id, status="RUNNING")
         with self._finishing(log.run_id, log.run_id and self.parent_id):
@@ -361,6 +394,22 @@ def _parent(client: Any, experiment_id: str, key: str, name: str, tags: dict, pa
     elif Path(params_path).is_file():
         client.log_artifact(winner, str(params_path))
     return winner
+
+
+def _parent_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log on the parent the params not yet on it. MLflow refuses to change a logged value (and
+    accepts the same value again, so stage processes racing here are fine); a differing value is
+    kept and its key named in the tag `vaepp.params_differ`."""
+    from mlflow.entities import Param
+
+    wanted = {mlflow_key(k): str(v)[:MAX_PARAM] for k, v in params.items()}
+    logged = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in wanted.items() if k not in logged]
+    for i in range(0, len(new), BATCH_PARAMS):
+        client.log_batch(run_id, params=new[i : i + BATCH_PARAMS])
+    differ = sorted(k for k, v in wanted.items() if k in logged and logged[k] != v)
+    if differ:
+        client.set_tag(run_id, "vaepp.params_differ", ", ".join(differ)[:MAX_TAG])
 
 
 # ----- the same tracker in a process of its own --------------------------------------------------
@@ -492,9 +541,17 @@ class TrackerProcess:
         self.reason = self.reason or why
 
     @contextmanager
-    def stage_run(self, stage: str, run: str, params: dict[str, Any]) -> Iterator[_RemoteLog]:
+    def stage_run(
+        self, stage: str, run: str, params: dict[str, Any], dataset: dict[str, str] | None = None
+    ) -> Iterator[_RemoteLog]:
         """A child run `<stage>:<run>` of the parent, FINISHED/FAILED/KILLED with the body."""
-        self._send(op="stage_run", stage=stage, run=run, params={str(k): str(v) for k, v in params.items()})
+        self._send(
+            op="stage_run",
+            stage=stage,
+            run=run,
+            params={str(k): str(v) for k, v in params.items()},
+            dataset={str(k): str(v) for k, v in dataset.items()} if dataset else None,
+        )
         with self._finishing():
             yield _RemoteLog(self)
 
@@ -617,3 +674,9 @@ class _RemoteLog:
         self.tracker._send(op="log", method="log_artifact", args=[str(path), artifact_path])
 
     log_artifacts = log_artifact
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tracker._send(op="log", method="set_tags", args=[{str(k): str(v) for k, v in tags.items()}])
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str = "") -> None:
+        self.tracker._send(op="log", method="log_dataset", args=[str(name), str(source), str(digest), str(context)])
