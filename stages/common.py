@@ -319,14 +319,6 @@ def stage_run(args, stage: str, run, params: dict, ctx=None, dataset: dict | Non
     return tracker(args.params).stage_run(stage, run.name, flat(params), dataset=dataset)
 
 
-def log_stage(args, stage: str, run, params: dict, metrics: dict, artifacts=(), dataset: dict | None = None) -> None:
-    """The stage's MLflow child run: its params, dataset input, final metrics and artifacts."""
-    with stage_run(args, stage, run, params, dataset=dataset) as log:
-        log.log_metrics(numbers(metrics))
-        for path in artifacts:
-            log.log_artifact(path)
-
-
 def say(message: str) -> None:
     """A line for the user on stderr (stdout carries each stage's one-line result)."""
     print(message, file=sys.stderr)
