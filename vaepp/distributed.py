@@ -47,6 +47,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from .prior import log_f_and_grad
+
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
 
@@ -299,12 +301,9 @@ class _ShardedLogF(torch.autograd.Function):
     def forward(fctx, z: Tensor, log_f, ctx: DistContext) -> Tensor:
         rows = z.reshape(-1, z.shape[-1])  # (R, Z)
         start, stop = row_range(rows.shape[0], ctx.rank, ctx.world)
-        with torch.enable_grad():
-            zl = _local(rows, start, stop).detach().requires_grad_(True)
-            value = log_f(zl)
-            (grad,) = torch.autograd.grad(value.sum(), zl)
+        value, grad = log_f_and_grad(log_f, _local(rows, start, stop))  # this rank's rows
         n = rows.shape[0]
-        value = gather_rows(ctx, value.detach()[: stop - start], n=n)
+        value = gather_rows(ctx, value[: stop - start], n=n)
         fctx.save_for_backward(gather_rows(ctx, grad[: stop - start], n=n).reshape(z.shape))
         return value.reshape(z.shape[:-1])
 
