@@ -70,10 +70,18 @@ class Checkpoint:
         opts: dict[str, torch.optim.Optimizer],
         data_gen: torch.Generator,
         device: torch.device | str,
+        *,
+        epochs: int,
+        every: int,
     ) -> dict | None:
-        """None when there is no file. Otherwise load it, refuse it (CheckpointError) unless it
-        holds every `settings` field with that value, restore the module, the optimisers and the
-        RNG states, and return the file's dict ("epoch", "history", and what `after_epoch` stored)."""
+        """Bind the fit (its settings, network, optimisers, data-order generator, device, length
+        and `checkpoint_every`), which `after_epoch` then saves. None when there is no file.
+        Otherwise load it, refuse it (CheckpointError) unless it holds every `settings` field with
+        that value, restore the module, the optimisers and the RNG states, and return the file's
+        dict ("epoch", "history", and what `after_epoch` stored)."""
+        self._fit = dict(
+            settings=settings, module=module, opts=opts, data_gen=data_gen, device=device, epochs=epochs, every=every
+        )
         if not self.path.exists():
             return None
         ckpt = vio.load_checkpoint(self.path, map_location=device)
@@ -88,30 +96,19 @@ class Checkpoint:
         set_rng_state(ckpt["rng"], data_gen, device)
         return ckpt
 
-    def after_epoch(
-        self,
-        epoch: int,
-        *,
-        epochs: int,
-        every: int,
-        settings: dict,
-        module: nn.Module,
-        opts: dict[str, torch.optim.Optimizer],
-        data_gen: torch.Generator,
-        device: torch.device | str,
-        **state,
-    ) -> None:
-        """Write the state after `epoch` (counted from 1) if it is a multiple of `every` or the
-        last of `epochs`; `state` (e.g. history) is stored beside it."""
-        if not self.write or not (epoch % every == 0 or epoch == epochs):
+    def after_epoch(self, epoch: int, **state) -> None:
+        """Write the bound fit's state after `epoch` (counted from 1) if it is a multiple of
+        `every` or the last epoch; `state` (e.g. history) is stored beside it."""
+        fit = self._fit
+        if not self.write or not (epoch % fit["every"] == 0 or epoch == fit["epochs"]):
             return
         vio.atomic_torch_save(
             {
                 "format": FORMAT,
-                **settings,
-                "model": module.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                "rng": rng_state(data_gen, device),
+                **fit["settings"],
+                "model": fit["module"].state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in fit["opts"].items()},
+                "rng": rng_state(fit["data_gen"], fit["device"]),
                 "epoch": epoch,
                 **state,
                 **self.extra,

@@ -138,7 +138,11 @@ def fit_latent_gan(
     opt_g, opt_d = opts["generator"], opts["critic"]
     data_gen = torch.Generator().manual_seed(params.seed)
     settings = latent_gan_settings(params, gan.zdim)
-    state = checkpoint.resume(settings, gan, opts, data_gen, device) if checkpoint is not None else None
+    state = None
+    if checkpoint is not None:
+        state = checkpoint.resume(
+            settings, gan, opts, data_gen, device, epochs=params.epochs, every=params.checkpoint_every
+        )
     first_epoch, history = (int(state["epoch"]), list(state["history"])) if state is not None else (0, [])
 
     def losses(
@@ -186,17 +190,7 @@ def fit_latent_gan(
         metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
         if checkpoint is not None:
-            checkpoint.after_epoch(
-                epoch + 1,
-                epochs=params.epochs,
-                every=params.checkpoint_every,
-                settings=settings,
-                module=gan,
-                opts=opts,
-                data_gen=data_gen,
-                device=device,
-                history=history,
-            )
+            checkpoint.after_epoch(epoch + 1, history=history)
         if callback is not None:
             callback(epoch + 1, metrics)
     gan.eval()

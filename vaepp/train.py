@@ -363,7 +363,11 @@ def train(
     result = TrainResult()
     settings = train_settings(model.spec, params, algorithm)
     start_epoch = 0
-    state = checkpoint.resume(settings, model, opts, data_gen, device) if checkpoint is not None else None
+    state = None
+    if checkpoint is not None:
+        state = checkpoint.resume(
+            settings, model, opts, data_gen, device, epochs=params.epochs, every=params.checkpoint_every
+        )
     if state is not None:
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         result.history = list(state["history"])
@@ -413,18 +417,7 @@ def train(
         result.history.append(metrics)
         result.seconds += metrics["seconds"]
         if checkpoint is not None:
-            checkpoint.after_epoch(
-                epoch + 1,
-                epochs=params.epochs,
-                every=params.checkpoint_every,
-                settings=settings,
-                module=model,
-                opts=opts,
-                data_gen=data_gen,
-                device=device,
-                history=result.history,
-                seconds=result.seconds,
-            )
+            checkpoint.after_epoch(epoch + 1, history=result.history, seconds=result.seconds)
         if callback is not None:
             callback(epoch + 1, metrics)
     result.epochs = params.epochs
