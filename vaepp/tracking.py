@@ -119,6 +119,21 @@ def git_head(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+@contextmanager
+def _ending(end: Callable[[str], None]) -> Iterator[None]:
+    """Call end(status) after the body: FINISHED, KILLED on Ctrl-C, FAILED on any other
+    exception (which propagates)."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        end(status)
+
+
 class RunLog:
     """Logging into one MLflow run; every call is a no-op once the tracker is disabled."""
 
@@ -322,16 +337,13 @@ class Tracker:
     @contextmanager
     def _finishing(self, *run_ids: str | None) -> Iterator[None]:
         """End the runs FINISHED, or FAILED/KILLED if the body raises (the exception propagates)."""
-        status = "FAILED"
-        try:
-            yield
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
+
+        def end(status: str) -> None:
             for run_id in filter(None, run_ids):
                 self._call(self.client.set_terminated, run_id, status=status)
+
+        with _ending(end):
+            yield
 
 
 def _experiment(client: Any, name: str, artifacts: Path | None) -> str:
@@ -580,17 +592,15 @@ class TrackerProcess:
     # --- the pipe
     @contextmanager
     def _finishing(self) -> Iterator[None]:
-        status = "FAILED"
-        try:
-            yield
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
+        """Ask the tracking process to end the open run with the body's status (`_ending`)."""
+
+        def end(status: str) -> None:
             self._send(op="end", status=status)
             if self._wait("ended", END_TIMEOUT_S):
                 self._pending = False
+
+        with _ending(end):
+            yield
 
     def _send(self, **msg: Any) -> None:
         if self.reason is not None:
