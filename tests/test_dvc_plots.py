@@ -17,15 +17,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from chromium import render
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 # dvc-render's revision colours (VegaRenderer's colour range), in the order the revisions are given.
 REV_COLOURS = ("#945dd6", "#13adc7")
 EPOCHS = {"baseline": 8, "candidate": 11}  # the two commits' curves differ in length and values
@@ -125,40 +125,8 @@ def repo(tmp_path_factory):
 
 def _chromium(page: Path, out: Path, *, n_charts: int) -> str:
     """Render `page` with the network off; write a screenshot to `out` and return the DOM."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(
-            f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
-            "under a minute; run scripts/ensure_chromium.py to see why it did not)"
-        )
     height = 200 + 420 * math.ceil(n_charts / 2)  # two 300-pixel charts (with legends) per row
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    base = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        # The network off: every host name fails to resolve and every request goes to a closed port.
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--proxy-server=127.0.0.1:9",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=15000",
-        "--hide-scrollbars",
-        f"--window-size=1400,{height}",
-    ]
-    try:
-        dom = subprocess.run(
-            [*base, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120, check=False
-        ).stdout
-        subprocess.run(
-            [*base, f"--screenshot={out}", page.resolve().as_uri()], capture_output=True, timeout=120, check=False
-        )
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    dom = render(page, width=1400, height=height, screenshot=out, dom=True, offline=True)
     assert "</html>" in dom, "Chromium returned no DOM"
     return dom
 

@@ -9,9 +9,6 @@ import io
 import json
 import math
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +16,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from chromium import render, require_chromium
 from stage_args import report_files, stage_argv
 from stages import report as stage
 from vaepp import report
 from vaepp.config import load_params
 from vaepp.paper_numbers import TABLES, paper_value
 
-CHROMIUM = "/usr/bin/chromium"
 SWEEP = {"vaepp": 16, "vaepp_z8": 8, "vaepp_z32": 32}  # MNIST VAEPP runs over dim z
 
 
@@ -406,41 +403,12 @@ def test_stage_logs_report_and_headline_metrics_to_the_parent_run(study, monkeyp
 
 
 def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(
-            f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
-            "under a minute; run scripts/ensure_chromium.py to see why it did not)"
-        )
+    require_chromium()
     root, params, _ = study
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
     assert _report_stage(root, params, monkeypatch) == 0
     shot = root / "screenshot.png"
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    try:
-        subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--virtual-time-budget=15000",
-                "--hide-scrollbars",
-                "--window-size=1400,7000",
-                f"--screenshot={shot}",
-                (root / "reports" / "index.html").resolve().as_uri(),
-            ],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    render(root / "reports" / "index.html", width=1400, height=7000, screenshot=shot)
     assert shot.is_file() and shot.stat().st_size > 100_000, "Chromium wrote no (or a tiny) screenshot"
     import matplotlib.image as mpimg
 
