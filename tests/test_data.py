@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from imports import imports_and_attributes
 from stages import common, prepare_data
 from vaepp import data, fetch_data
 from vaepp.data import DataError, binarize, load_prepared, save_prepared, soft_target
@@ -206,19 +207,11 @@ def test_data_module_imports_nothing_that_fetches_and_reads_no_environment():
     """vaepp.data (prepared format, binarisation, reading IDX files on disk) takes every path as
     an argument: no module that shells out, opens connections, locks files or reads the
     environment, and nothing from the fetch modules (they import it, not the other way)."""
-    import ast
-
-    tree = ast.parse(open(data.__file__).read())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0] if node.level == 0 else f".{node.module}")
+    imported, attributes = imports_and_attributes(data)
     outside = {"subprocess", "urllib", "fcntl", "socket", "os", "tempfile", "zipfile", "gzip"}
     assert not imported & outside, imported & outside
     assert not any(m.startswith(".fetch") for m in imported), imported
-    assert "environ" not in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert "environ" not in attributes
 
 
 def test_binarize_has_expectation_e_within_monte_carlo_error():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from imports import imports_and_attributes
 from vaepp import fetch_fid_weights, fid
 
 RNG = np.random.default_rng(0)
@@ -398,18 +399,10 @@ OUTSIDE_WORLD = {"subprocess", "urllib", "fcntl", "socket", "os", "shutil", "tem
 def test_fid_math_imports_nothing_that_fetches_and_reads_no_environment():
     """vaepp.fid takes its network and cache directory as arguments: no module that shells out,
     opens connections, locks files or reads the environment, and nothing from the fetch modules."""
-    import ast
-
-    tree = ast.parse(open(fid.__file__).read())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0] if node.level == 0 else f".{node.module}")
+    imported, attributes = imports_and_attributes(fid)
     assert not imported & OUTSIDE_WORLD, imported & OUTSIDE_WORLD
     assert not any(m.startswith(".fetch") for m in imported), imported
-    assert "environ" not in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert "environ" not in attributes
 
 
 # ------------------------------------------------------------------ weights: checksums

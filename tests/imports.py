@@ -1,0 +1,20 @@
+"""What a module's source imports and which attributes it reads, for tests that a math module
+stays away from the outside world."""
+
+from __future__ import annotations
+
+import ast
+from types import ModuleType
+
+
+def imports_and_attributes(module: ModuleType) -> tuple[set[str], set[str]]:
+    """(top-level names of absolute imports and ".name" of relative ones, every attribute name
+    read anywhere in the source)."""
+    tree = ast.parse(open(module.__file__).read())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0] if node.level == 0 else f".{node.module}")
+    return imported, {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
