@@ -42,7 +42,7 @@ def _main(argv: list[str] | None) -> int:
         out / "index.html",
         report.render_html(runs, tabs, Path("."), title=f"VAEPP reproduction — profile “{params.profile}”"),
     )
-    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs))
+    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path(".")))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))

@@ -28,7 +28,7 @@ def _train(args, run, ctx) -> int:
     from vaepp import checkpoints, evaluate, study
     from vaepp.io import atomic_write_csv, atomic_write_json
 
-    images, _, meta = common.load_data(args.data, run)
+    images, test, meta = common.load_data(args.data, run)
     ds = common.dataset_input(run, meta, args.data, context="training")
     with common.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
         model, result, settings = study.fit_vae(
@@ -37,6 +37,7 @@ def _train(args, run, ctx) -> int:
             meta,
             ctx,
             checkpoint_path=args.checkpoint,
+            test=test,
             say=common.say,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,
@@ -62,7 +63,11 @@ def _train(args, run, ctx) -> int:
         checkpoints.finish(args.checkpoint)
         log.log_metrics({f"final_{k}": v for k, v in common.numbers(metrics).items()})
         log.log_artifact(args.curve)
-    print(f"{run.name}: ELBO {metrics['elbo']:.2f} nats, β {metrics['beta']:.3f}, {result.seconds:.0f} s")
+    checked = f", log Z {metrics['log_z_monitor']:.2f} monitored" if "log_z_monitor" in metrics else ""
+    print(
+        f"{run.name}: ELBO {metrics['elbo_under_train_log_z']:.2f} nats under the training log Z "
+        f"{metrics['log_z_train']:.2f}{checked}, β {metrics['beta']:.3f}, {result.seconds:.0f} s"
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from vaepp.config import LatentGANParams, Params, TrainParams, load_params, resolve_run
 from vaepp.model import ModelSpec
 from vaepp.study import model_spec as _model_spec
+from vaepp.study import train_params as _train_params
 
 TINY = Path(__file__).with_name("profiles_tiny.yaml")
 
@@ -20,13 +21,19 @@ def tiny() -> Params:
 
 
 def train_params(**overrides) -> TrainParams:
-    """The tiny profile's `train` section with `overrides`, validated (a misspelt key fails)."""
-    return TrainParams(**{**tiny().train.model_dump(), **overrides})
+    """The tiny profile's `train` section with "auto" resolved for Bernoulli data (penalty_p 3,
+    critic_penalty_weight w) and `overrides`, validated (a misspelt key fails)."""
+    resolved = _train_params(resolve_run(tiny(), "vaepp"), binary=True)
+    return TrainParams(**{**resolved.model_dump(), **overrides})
 
 
 def latent_gan_params(**overrides) -> LatentGANParams:
-    """The tiny profile's `latent_gan` section with `overrides`, validated."""
-    return LatentGANParams(**{**tiny().latent_gan.model_dump(), **overrides})
+    """The tiny profile's `latent_gan` section resolved as for binary data (inputs "mean", noise
+    of the profile's dim z, penalty_p 3), with `overrides` (which may restore an "auto"), validated."""
+    from vaepp.study import latent_gan_params as _resolved
+
+    base = _resolved(resolve_run(tiny(), "vaepp"), True).model_dump()
+    return LatentGANParams(**{**base, **overrides})
 
 
 def model_spec(image_shape: tuple[int, int, int] = (1, 28, 28), *, binary: bool = True, **overrides) -> ModelSpec:

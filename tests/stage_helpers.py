@@ -139,7 +139,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def history_without_times(path: Path) -> list[dict]:
     from vaepp.io import load_checkpoint
 
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in load_checkpoint(path)["history"]]
+    # wall-clock columns: the epoch's training time and the log-Z monitor's
+    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in load_checkpoint(path)["history"]]
 
 
 def checkpoint_epoch(work: Path, rel: Path = CKPT) -> int:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import pytest
@@ -123,10 +123,16 @@ def bad_values(info) -> list:
         return ["not_a_choice", 3, ["mnist"]]
     if get_origin(ann) is tuple:
         return ["300", [], {"a": 1}, [True]] if get_args(ann)[0] is int else [7, "mnist", ["imagenet"]]
-    if get_origin(ann) is Union:  # Optional[int]
-        (ann,) = [a for a in get_args(ann) if a is not type(None)]
-    out: list = []
-    for m in info.metadata:
+    metadata, out = list(info.metadata), []
+    if get_origin(ann) is Union:  # Optional[int], or a bounded number or "auto"
+        arms = [a for a in get_args(ann) if a is not type(None)]
+        if any(get_origin(a) is Literal for a in arms):
+            out.append("not_a_choice")
+        (ann,) = [a for a in arms if get_origin(a) is not Literal]
+        if get_origin(ann) is Annotated:
+            ann, *extra = get_args(ann)
+            metadata += [m for e in extra for m in getattr(e, "metadata", [e])]
+    for m in metadata:
         if isinstance(m, at.Gt):
             out.append(m.gt)
         if isinstance(m, at.Ge):

@@ -37,7 +37,7 @@ BAD = [
     ("model.zdm", 3, "unknown key"),
     ("model.hidden", [], "hidden"),
     ("model.hidden", [300, -1], "positive"),
-    ("model.arch", "transformer", "'mlp' or 'resnet'"),
+    ("model.arch", "transformer", "'mlp', 'resnet' or 'resnet_map'"),
     ("model.beta_max", 0.0, "beta_max"),
     ("model.log_sigma_min", 1.0, "log_sigma_min"),
     ("train.lr", -1.0e-4, "train.lr"),

@@ -109,7 +109,7 @@ def _train_once(ctx, name: str, optimizer: str, checkpoint=None):
 def _latent_setup():
     spec = latent_gan_params(noise_dim=4, hidden=(16, 16), epochs=2, batch_size=10, n_critic=2, seed=2)
     torch.manual_seed(0)
-    gan = LatentGAN(3, spec.noise_dim, spec.hidden)
+    gan = LatentGAN.from_params(3, spec)
     pool = torch.randn(40, 3, generator=torch.Generator().manual_seed(4)) * 0.7 + 0.2
     return gan, spec, pool
 

@@ -29,7 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # dvc-render's revision colours (VegaRenderer's colour range), in the order the revisions are given.
 REV_COLOURS = ("#945dd6", "#13adc7")
 EPOCHS = {"baseline": 8, "candidate": 11}  # the two commits' curves differ in length and values
-CROSS_RUN = {"train-loss": "loss", "train-beta": "beta", "train-log-z": "log_z"}
+CROSS_RUN = {
+    "train-loss": "loss",
+    "train-beta": "beta",
+    "train-log-z": "log_z",
+    "train-log-z-monitored": "monitor_log_z",
+    "train-test-nll-monitored": "monitor_test_nll",
+}
 LINE_RE = re.compile(
     r'<path aria-label="([^"]*)" role="graphics-symbol" aria-roledescription="line mark" '
     r'd="([^"]*)"([^>]*)>'
@@ -59,9 +65,11 @@ def _curve(run: str, algorithm: str, tag: str) -> dict[str, np.ndarray]:
     return {
         "epoch": epoch,
         "beta": beta,
-        "elbo": -(recon + kl),
+        "elbo_under_train_log_z": -(recon + kl),
         "kl": kl,
         "log_z": log_z,
+        "monitor_log_z": log_z + 0.5 * epoch if pull else 0.0 * epoch,
+        "monitor_test_nll": recon + kl + 3.0 + (0.2 * epoch if pull else 0.0),
         "loss": recon + kl,
         "lr": np.full(n, 1.0e-3),
         "recon": recon,
@@ -212,7 +220,7 @@ def test_template_is_the_locked_npm_bundles():
 
 def test_cross_run_charts_name_every_run_of_params():
     """DVC has no globs in a plot's file map, so the cross-run charts list the runs: they must be
-    params.yaml's runs (β and log Z: the pull-back runs only)."""
+    params.yaml's runs (β and the log Zs: the pull-back runs only)."""
     runs = _runs()
     declared = _declared()
     assert declared["plots"]["y"] == "loss" and declared["plots"]["x"] == "epoch"
@@ -220,7 +228,7 @@ def test_cross_run_charts_name_every_run_of_params():
         want = {
             f"plots/{run}/train_curve.csv"
             for run, spec in runs.items()
-            if column == "loss" or spec["algorithm"] != "vae"
+            if column in ("loss", "monitor_test_nll") or spec["algorithm"] != "vae"
         }
         got = declared[plot_id]["y"]
         assert set(got) == want and set(got.values()) == {column}, (

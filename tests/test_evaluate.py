@@ -118,3 +118,27 @@ def test_pass_spread_is_reported_only_with_several_passes():
     )
     assert "nll_pass_sd" not in one and three["nll_pass_sd"] > 0.0
     assert three["nll_pass_sd"] < 1.0  # S = 500 samples per image: the pass means agree closely
+
+
+def test_the_training_monitor_finds_the_exact_log_z_and_nll_of_the_linear_case():
+    """The check training runs every `log_z_every` epochs: AIS and N(0, I)-IS within their errors
+    of log Z = β²‖a‖²/2, the larger heading, and the test NLL under it near the exact one."""
+    from vaepp.config import MonitorParams
+
+    model = PullbackLinearVAE(beta=1.5)
+    test = images(40, 2)
+    mp = MonitorParams(
+        ais_chains=128, ais_temps=100, ais_seeds=3, prior_is_samples=100_000, test_images=30, n_importance=200, seed=0
+    )
+    out = evaluate.log_z_monitor(model, test, mp, device="cpu")
+    sd = out["monitor_log_z_ais_seed_sd"]
+    assert abs(out["monitor_log_z_ais"] - model.log_z) < 4 * sd / math.sqrt(3) + 0.02
+    ess = out["monitor_prior_is_ess"]
+    assert 0 < ess <= 100_000
+    assert abs(out["monitor_log_z_prior_is"] - model.log_z) < 4 / math.sqrt(ess) + 0.02  # delta-method error
+    assert out["monitor_log_z"] == max(out["monitor_log_z_ais"], out["monitor_log_z_prior_is"])
+    exact = -model.exact_log_px(test[:30].double().div(255.0)).mean().item()
+    # the same images: only the importance sampler's error and log Ẑ's separate the two
+    assert abs(out["monitor_test_nll"] - exact) < 0.05 + abs(out["monitor_log_z"] - model.log_z)
+    plain = evaluate.log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), test, mp, device="cpu")
+    assert plain["monitor_log_z"] == 0.0 and "monitor_log_z_ais" not in plain

@@ -171,3 +171,20 @@ def test_paper_q_drifts_far_from_log_z_with_narrow_posteriors():
     )
     assert est_normal.log_z < truth - 10.0
     assert truth + math.log(n_train) - est_normal.log_z > 10.0
+
+
+@pytest.mark.parametrize("transition", ["mala", "hmc"])
+def test_ais_seeds_run_together_equal_each_seed_run_alone(transition):
+    """All seeds share one batch of chains; each keeps its own random stream and step size, so a
+    seed's log Z, acceptance and final step equal those of a run with that seed alone (float64
+    log f: no rounding from the larger batch)."""
+    _, log_f, _ = linear_critic()
+    f64 = lambda z: log_f(z.double())  # noqa: E731
+    kw = dict(n_chains=64, n_temps=30, transition=transition, dtype=torch.float64)
+    together = log_z_ais(f64, ZDIM, seeds=(5, 6, 7), **kw).extra
+    for i, seed in enumerate((5, 6, 7)):
+        alone = log_z_ais(f64, ZDIM, seeds=(seed,), **kw).extra
+        assert together["log_z_per_seed"][i] == pytest.approx(alone["log_z_per_seed"][0], abs=1e-12)
+        assert together["acceptance_per_seed"][i] == pytest.approx(alone["acceptance_per_seed"][0], abs=1e-12)
+        assert together["final_step_size_per_seed"][i] == pytest.approx(alone["final_step_size_per_seed"][0], rel=1e-12)
+    assert len(set(together["log_z_per_seed"])) == 3  # the seeds are different runs

@@ -26,7 +26,7 @@ from vaepp.report import Measured
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "profiles" / "paper.yaml"
 SHAPES = {"cifar10": (3, 32, 32), "celeba": (3, 64, 64)}  # the rest: 1×28×28 binary images
-FID_RUNS = ("fid_mnist_vaepp", "fid_celeba_vaepp")  # grey 28×28 and RGB 64×64 through Inception
+FID_RUNS = ("fid_mnist_vaepp", "fid_celeba_vaepp")  # Bernoulli 28×28 and logistic RGB 64×64 through Inception
 
 
 def _raw() -> dict:
@@ -67,6 +67,59 @@ def test_paper_profile_validates_at_the_authors_settings():
     )
     fid_run = resolve_run(params, "fid_celeba_vaepp")
     assert (fid_run.model.zdim, fid_run.model.logistic_scale, fid_run.latent_gan.epochs) == (128, "scalar", 1600)
+    for name in params.runs:  # the authors' start, their latent GAN and the likelihood's own penalty
+        run = resolve_run(params, name)
+        assert run.model.init == "zero_heads" and run.train.penalty_p == "auto", name
+        assert run.train.critic_penalty_weight == "auto" and run.train.log_z_every == 10, name
+        g = run.latent_gan
+        assert (g.inputs, g.noise_dim, g.hidden, g.critic_hidden) == ("auto", "auto", (40,) * 5, (40,) * 6), name
+        assert (g.weight_norm, g.generator_output, g.lr, g.lr_halve_every, g.penalty_p) == (
+            True,
+            "leaky_relu",
+            1e-4,
+            200,
+            "auto",
+        ), name
+
+
+def test_paper_cifar_nll_runs_use_the_authors_latent_map_networks():
+    """Tables 1 and 3 and Figure 4's sweep: 96/192-channel ResNets with the latent as an 8×8 map
+    and convolutional heads (dim z 1024 = 8×8×16), log σ ≥ −3; only the FID runs keep a dense head."""
+    from vaepp.nets import latent_map_shape
+
+    params = load_params(PAPER)
+    runs = {n: resolve_run(params, n) for n in params.runs}
+    nll = {n: r for n, r in runs.items() if r.data.dataset == "cifar10" and not n.startswith("fid_")}
+    assert len(nll) >= 11
+    for name, run in nll.items():
+        m = run.model
+        assert (m.arch, set(m.channels), m.log_sigma_min, m.likelihood) == (
+            "resnet_map",
+            {96, 192},
+            -3.0,
+            "logistic",
+        ), name
+        assert latent_map_shape((3, 32, 32), m.zdim, list(m.channels))[1:] == (8, 8), name
+    table_runs = [n for n in nll if "_z" not in n]  # Tables 1 and 3
+    assert {nll[n].model.zdim for n in table_runs} == {1024}
+    assert latent_map_shape((3, 32, 32), 1024, list(nll["cifar_vaepp"].model.channels)) == (16, 8, 8)
+    gp = [r for r in nll.values() if r.train.penalty == "wgan_gp"]
+    assert len(gp) == 2 and all(r.train.penalty_k == 2.0 for r in gp)  # the authors' k, not Gulrajani's 10
+
+
+def test_paper_mnist_fid_run_is_the_bernoulli_model():
+    """Table 4's caption: the MNIST FID comes from the Bernoulli model; the other FID runs from the
+    discretised logistic model with a scalar γ at dim z 128."""
+    from vaepp.study import model_spec
+
+    params = load_params(PAPER)
+    fid_mnist, mnist = resolve_run(params, "fid_mnist_vaepp"), resolve_run(params, "mnist_vaepp")
+    spec = model_spec(fid_mnist, (1, 28, 28), binary=True)
+    assert (spec.likelihood, spec.posterior, spec.zdim, spec.beta_max) == ("bernoulli", "truncated", 13, 10.0)
+    assert fid_mnist.model == mnist.model and fid_mnist.mala.step_size == 1e-5
+    for name in ("fid_fashion_vaepp", "fid_cifar10_vaepp", "fid_celeba_vaepp"):
+        m = resolve_run(params, name).model
+        assert (m.likelihood, m.logistic_scale, m.zdim) == ("logistic", "scalar", 128), name
 
 
 def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
@@ -85,11 +138,28 @@ def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
 
 def tiny_paper_params() -> dict:
     """profiles/paper.yaml with every run's networks and settings kept, and its budget cut to a few
-    steps: 32 training and 4 test images, one epoch of two steps, a handful of samples."""
+    steps: 32 training and 4 test images, one epoch of two steps (with one log-Z monitor check), a
+    handful of samples."""
     raw = copy.deepcopy(_raw())
     raw["device"] = "cpu"
     raw["data"] = {**raw["data"], "n_train": 32, "n_test": 4}
-    raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 8, "n_prior_samples": 8, "max_steps_per_epoch": 2}
+    raw["train"] = {
+        **raw["train"],
+        "epochs": 1,
+        "batch_size": 8,
+        "n_prior_samples": 8,
+        "max_steps_per_epoch": 2,
+        "log_z_every": 1,  # the monitor runs once, on its own tiny budget
+        "monitor": {
+            "ais_chains": 4,
+            "ais_temps": 3,
+            "ais_seeds": 2,
+            "prior_is_samples": 16,
+            "test_images": 4,
+            "n_importance": 4,
+            "seed": 0,
+        },
+    }
     raw["latent_gan"] = {**raw["latent_gan"], "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1}
     raw["nll"] = {
         **raw["nll"],
@@ -190,7 +260,12 @@ def test_every_paper_run_goes_through_every_stage(tiny_paper_study):
         assert set(nll["nll_nats_by_log_z"]) == expect, name
         ckpt = torch.load(work / "models" / name / "vae.pt", weights_only=True)
         spec = ckpt["model_spec"]
-        assert (spec["arch"], spec["zdim"], spec["pullback"]) == ("resnet", run.model.zdim, run.algorithm != "vae")
+        assert (spec["arch"], spec["zdim"], spec["pullback"]) == (
+            run.model.arch,
+            run.model.zdim,
+            run.algorithm != "vae",
+        )
+        assert spec["arch"] in ("resnet", "resnet_map") and spec["init"] == "zero_heads"
         assert spec["n_flows"] == (20 if run.algorithm == "vaepp_flow" else 0)
         assert spec["likelihood"] == run.model.likelihood
         assert tuple(spec["image_shape"]) == SHAPES.get(run.data.dataset, (1, 28, 28))

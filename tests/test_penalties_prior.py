@@ -21,15 +21,32 @@ def test_grad_norm_of_a_linear_critic_is_the_weight_norm():
     assert torch.allclose(norms, a.norm().expand(4))
 
 
-@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_div_1"])
-def test_interpolating_penalties_match_their_formulas(kind):
+@pytest.mark.parametrize("p", [3.0, 6.0])
+@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_gp_classic", "wgan_div_1"])
+def test_interpolating_penalties_match_their_formulas(kind, p):
     # real = fake makes x̂ = real whatever α is, so the value is exact
     x = torch.randn(6, 1, 2, 2)
     norms = x.flatten(1).norm(dim=1)
-    k, p = 3.0, 6.0
-    expected = k * ((norms - 1) ** 2).mean() if kind == "wgan_gp" else k * (norms**p).mean()
+    k = 3.0
+    expected = {
+        "wgan_gp": k * ((norms - 1) ** p).mean(),
+        "wgan_gp_classic": k * ((norms - 1) ** 2).mean(),
+        "wgan_div_1": k * (norms**p).mean(),
+    }[kind]
     got = gradient_penalty(quadratic_critic, x, x.clone(), kind, k=k, p=p)
     assert torch.isclose(got, expected)
+
+
+def test_the_authors_gp_on_binary_data_is_signed():
+    """p = 3: a gradient norm of ½ gives k·(½ − 1)³ = −k/8 (the authors' Bernoulli form rewards
+    norms below one); p = 6 gives +k/64; a non-integer p is refused for this signed power."""
+    x = torch.full((4, 1), 0.5)  # ‖∇D(x)‖ = ‖x‖ = ½ for the quadratic critic
+    assert torch.isclose(gradient_penalty(quadratic_critic, x, x.clone(), "wgan_gp", k=2.0, p=3.0), torch.tensor(-0.25))
+    assert torch.isclose(
+        gradient_penalty(quadratic_critic, x, x.clone(), "wgan_gp", k=2.0, p=6.0), torch.tensor(2 / 64)
+    )
+    with pytest.raises(ValueError, match="integer"):
+        gradient_penalty(quadratic_critic, x, x.clone(), "wgan_gp", k=2.0, p=2.5)
 
 
 def test_div2_penalty_formula():
@@ -45,10 +62,27 @@ def test_gp_penalty_on_interpolates_with_a_known_gradient():
     n = 200000
     u = torch.nn.functional.normalize(torch.randn(n, 4, dtype=torch.float64), dim=1)
     got = gradient_penalty(
-        quadratic_critic, 2 * u, torch.zeros_like(u), "wgan_gp", k=1.0, generator=torch.Generator().manual_seed(0)
+        quadratic_critic,
+        2 * u,
+        torch.zeros_like(u),
+        "wgan_gp_classic",
+        k=1.0,
+        generator=torch.Generator().manual_seed(0),
     )
     se = math.sqrt(4 / 45 / n)  # Var (2α−1)² = E(2α−1)^4 − 1/9 = 1/5 − 1/9
     assert abs(float(got.detach()) - 1 / 3) < 4 * se
+    # the authors' forms on the same line: E(2α − 1)³ = 0 and E(2α − 1)⁶ = 1/7
+    for p, mean, var in ((3.0, 0.0, 1 / 7), (6.0, 1 / 7, 1 / 13 - 1 / 49)):
+        got = gradient_penalty(
+            quadratic_critic,
+            2 * u,
+            torch.zeros_like(u),
+            "wgan_gp",
+            k=1.0,
+            p=p,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert abs(float(got.detach()) - mean) < 4 * math.sqrt(var / n)
 
 
 def test_penalty_is_differentiable_and_rejects_unknown_kind():
@@ -91,7 +125,7 @@ def test_training_log_z_terms_on_the_linear_critic():
     assert abs(float(log_zt) - expected) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_div_1", "wgan_div_2"])
+@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"])
 def test_penalty_sums_over_shards_add_up_to_the_penalty(kind):
     """Σ R_i over rows 0..2 plus over rows 3..6 (with their α) is m·R of all 7 pairs."""
     lin = torch.nn.Linear(4, 1).double()

@@ -94,7 +94,7 @@ def test_repro_writes_every_declared_output(repo):
         ):
             assert (root / path).is_file(), path
         train = json.loads((root / f"metrics/{run}/train.json").read_text())
-        assert {"elbo", "beta", "epochs", "seconds"} <= train.keys()
+        assert {"elbo_under_train_log_z", "log_z_monitor", "beta", "epochs", "seconds"} <= train.keys()
         nll = json.loads((root / f"metrics/{run}/nll.json").read_text())
         assert {"nll_nats", "nll_stderr", "n_importance_total", "log_z", "bpd"} <= nll.keys()
         assert nll["n_importance_total"] == 32 * 2 * 8  # n_test × n_passes × S of the tiny profile
@@ -140,7 +140,7 @@ def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):
     every other run's training too."""
     root, env, _ = repo
     dvc = str(BIN / "dvc")
-    base = {run: json.loads((root / f"metrics/{run}/train.json").read_text())["elbo"] for run in RUNS}
+    base = {run: json.loads((root / f"metrics/{run}/train.json").read_text())["elbo_under_train_log_z"] for run in RUNS}
     # --temp first: it starts from the workspace, which the workspace experiment then changes
     out = _run([dvc, "exp", "run", "--temp", "-n", "seed2", "-S", "mala.seed=2", *TEMP_TARGETS], root, env).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
@@ -168,10 +168,10 @@ def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):
         for path, key in [
             ("metrics/vae/nll.json", "nll_nats"),
             ("metrics/vae/fid.json", "fid_gan"),
-            ("metrics/vaepp/train.json", "elbo"),
+            ("metrics/vaepp/train.json", "elbo_under_train_log_z"),
         ]:
             assert key in metrics[path].get("data", {}), (name, path, metrics[path])
-    assert revs["zdim8"]["metrics"]["metrics/vae/train.json"]["data"]["elbo"] != base["vae"]
+    assert revs["zdim8"]["metrics"]["metrics/vae/train.json"]["data"]["elbo_under_train_log_z"] != base["vae"]
     _, parents, children = _parents_and_children(root)
     by_name = set(parents["tags.mlflow.runName"])
     assert {"zdim8", "seed2"} <= by_name, by_name

@@ -93,7 +93,7 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
             "algorithm": algorithm,
             "dataset": "mnist",
             "n_train": 60000,
-            "elbo": -nll - 5.0,
+            "elbo_under_train_log_z": -nll - 5.0,
             "recon": nll - 20.0,
             "kl": 25.0,
             "beta": 9.5 if pull else 0.0,
@@ -171,13 +171,20 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
         {
             "epoch": epochs,
             "loss": 120.0 - 5 * epochs,
-            "elbo": -110.0 + 4 * epochs,
+            "elbo_under_train_log_z": -110.0 + 4 * epochs,
             "recon": 90.0 - 3 * epochs,
             "kl": 25.0 - epochs,
             "beta": 3.0 * epochs if pull else 0.0,
             "log_z": 5.0 * epochs if pull else 0.0,
             "penalty": 0.1 / epochs,
             "seconds": 4.0,
+            # the monitor: log Z drifts 2 nats per epoch above the training estimate; the plain
+            # VAE's test NLL falls 99, 98, 97 while a pull-back run's rises 97, 98.5, 100
+            "monitor_log_z": 7.0 * epochs if pull else 0.0,
+            "monitor_log_z_ais_seed_sd": 0.5 if pull else np.nan,
+            "monitor_test_nll": 95.5 + 1.5 * epochs + np.where(epochs == 3, 1.0, 0.0) if pull else 100.0 - epochs,
+            "monitor_seconds": 0.4,
+            "elbo_under_monitor_log_z": -110.0 + 4 * epochs - 2.0 * epochs,
         }
     )
     (root / "plots" / name).mkdir(parents=True, exist_ok=True)
@@ -360,6 +367,21 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
     row = logz[(logz["run"].str.strip() == "vaepp") & (logz["estimator"].str.strip() == "prior_is")].iloc[0]
     assert float(row["ess"]) == pytest.approx(written["vaepp"]["nll"]["log_z"]["prior_is"]["ess"], abs=0.005)
     assert (root / "reports" / "index.html").stat().st_size > 50_000
+
+
+def test_monitor_table_reports_the_drift_and_where_the_pull_back_run_falls_behind(study):
+    root, params_path, _ = study
+    runs, _, html = _build(root, params_path)
+    from vaepp.report import monitor_table
+
+    mon = monitor_table(root, runs).set_index("run")
+    assert "vae" not in mon.index and "naive_vaepp" in mon.index
+    row = mon.loc["naive_vaepp"]
+    assert row["epoch"] == 3 and row["log_z_train"] == 15.0 and row["log_z_monitor"] == 21.0 and row["gap"] == 6.0
+    assert row["test_nll"] == 101.0 and row["test_nll_vae"] == 97.0
+    assert row["behind_from_epoch"] == 2  # 97 < 99 at epoch 1, then 98.5 > 98 and 101 > 97
+    assert row["cost"] == pytest.approx(0.1)
+    assert "the log-Z monitor" in html and "behind_from_epoch" in html
 
 
 def test_logz_table_holds_every_estimate_and_the_nll_under_it(study):

@@ -171,12 +171,19 @@ def save_latent_gan(path: str | Path, gan: nn.Module, settings: dict, *, history
 
 
 def load_latent_gan(path: str | Path, device: torch.device | str):
-    """The latent GAN of `save_latent_gan`, in eval mode on `device`."""
+    """The latent GAN of `save_latent_gan`, in eval mode on `device`: its networks rebuilt from
+    the recorded (resolved) params and zdim, then its weights loaded."""
+    from pydantic import ValidationError
+
+    from .config import LatentGANParams
     from .latent_gan import LatentGAN  # latent_gan imports this module for its checkpoints
 
     ckpt = vio.load_checkpoint(path, map_location=device)
-    spec = ckpt["spec"]
-    gan = LatentGAN(ckpt["zdim"], spec["noise_dim"], tuple(spec["hidden"]))
+    try:
+        params = LatentGANParams(**ckpt["spec"])
+    except ValidationError as err:  # e.g. a file from before a setting existed
+        raise vio.CheckpointError(f"{path}: its latent-GAN settings are not valid ones; refit it\n{err}") from err
+    gan = LatentGAN.from_params(ckpt["zdim"], params)
     gan.load_state_dict(ckpt["model"])
     return gan.to(device).eval()
 

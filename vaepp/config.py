@@ -16,7 +16,7 @@ float rounding) may be left out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,8 +32,13 @@ Dataset = Literal[
     "celeba",
 ]
 RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow"]
-Penalty = Literal["wgan_gp", "wgan_div_1", "wgan_div_2"]
+Penalty = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
 PositiveInt = Field(gt=0)
+Auto = Literal["auto"]
+# "auto" follows the likelihood (vaepp.study): the authors' Bernoulli scripts raise ‖∇D‖ to 3 and
+# weight the naive critic's penalty by w; their discretised-logistic scripts use 6 and 1.
+PenaltyExponent = Annotated[float, Field(gt=0.0)] | Auto
+PenaltyWeight = Annotated[float, Field(ge=0.0)] | Auto
 
 
 class ParamsError(Exception):
@@ -68,7 +73,7 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    arch: Literal["mlp", "resnet"]
+    arch: Literal["mlp", "resnet", "resnet_map"]  # resnet_map: the latent as a feature map (vaepp.nets)
     zdim: int = Field(gt=0, le=65536)
     hidden: tuple[int, ...]
     channels: tuple[int, ...]
@@ -78,8 +83,24 @@ class ModelParams(_Section):
     log_sigma_min: float = Field(le=0.0)
     beta_max: float = Field(gt=0.0)
     n_flows: int = Field(ge=1, le=200)  # used by vaepp_flow runs
+    # zero_heads (authors): the encoder's μ and log σ heads and the decoder's output layer start
+    # at zero, so q starts as N(0, I) and G as a flat image; torch: PyTorch's default init.
+    init: Literal["zero_heads", "torch"]
 
     _sizes = field_validator("hidden", "channels")(_positive_sizes)
+
+
+class MonitorParams(_Section):
+    """The training-time log-Z monitor (`vaepp.monitor`): an independent estimate of the current
+    prior's log Z (AIS plus N(0, I)-IS) and the test NLL under it, every `train.log_z_every` epochs."""
+
+    ais_chains: int = Field(gt=0)
+    ais_temps: int = Field(gt=1)
+    ais_seeds: int = Field(gt=0)
+    prior_is_samples: int = Field(gt=0)
+    test_images: int = Field(gt=0)  # the first n evaluation images
+    n_importance: int = Field(gt=0)  # importance samples per test image
+    seed: int = Field(ge=0)
 
 
 class TrainParams(_Section):
@@ -91,30 +112,37 @@ class TrainParams(_Section):
     n_prior_samples: int = Field(gt=0)
     penalty: Penalty
     penalty_k: float = Field(ge=0.0)
-    penalty_p: float = Field(gt=0.0)
+    penalty_p: PenaltyExponent  # auto: 3 on Bernoulli data, 6 on discretised-logistic data
     critic_lr: float = Field(gt=0.0, le=1.0)
-    critic_penalty_weight: float = Field(ge=0.0)
+    critic_penalty_weight: PenaltyWeight  # Algorithm 1's c; auto: w (beta_max) on Bernoulli data, else 1
     clamp_kl: bool
     max_steps_per_epoch: int | None = Field(gt=0)
+    log_z_every: int | None = Field(ge=0)  # epochs between log-Z monitor checks; 0 or None: off
+    monitor: MonitorParams
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)
 
 
 class LatentGANParams(_Section):
-    noise_dim: int = Field(gt=0)
-    hidden: tuple[int, ...]
+    inputs: Literal["auto", "mean", "sample"]  # auto: posterior means on Bernoulli data, else z ~ q
+    noise_dim: Annotated[int, Field(gt=0)] | Auto  # auto: dim z
+    hidden: tuple[int, ...]  # the generator's hidden layers
+    critic_hidden: tuple[int, ...]
+    weight_norm: bool  # weight normalisation on the hidden layers (authors)
+    generator_output: Literal["linear", "leaky_relu"]  # authors: LeakyReLU on the output too
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0.0, le=1.0)
+    lr_halve_every: int = Field(gt=0)  # the VAE's schedule, restarted at `lr`
     n_critic: int = Field(gt=0)
     penalty: Penalty
     penalty_k: float = Field(ge=0.0)
-    penalty_p: float = Field(gt=0.0)
+    penalty_p: PenaltyExponent
     max_steps_per_epoch: int | None = Field(gt=0)
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)
 
-    _sizes = field_validator("hidden")(_positive_sizes)
+    _sizes = field_validator("hidden", "critic_hidden")(_positive_sizes)
 
 
 class LogZParams(_Section):

@@ -1,8 +1,10 @@
-"""The latent GAN of paper §4.3: a Wasserstein GAN in z space fitted to posterior samples.
+"""The latent GAN of paper §4.3: a Wasserstein GAN in z space fitted to the training posteriors.
 
-After the VAE is trained and frozen, z ~ q(z|e) over the training set are the "real" data of a
+After the VAE is trained and frozen, the training set's posterior means μ(e) (Bernoulli data, as
+the authors) or one draw z ~ q(z|e) per image per epoch (other data) are the "real" data of a
 WGAN with the same penalty family as the VAE's critic, n_critic critic steps per generator step,
-Adam(lr, β₁ = 0.5, β₂ = 0.999). Its samples z₀ seed MALA; decoding z₀ directly gives the
+Adam(lr_t, β₁ = 0.5, β₂ = 0.999) with lr_t = lr · 0.5^⌊t / lr_halve_every⌋ at epoch t (the VAE's
+schedule, restarted). Its samples z₀ seed MALA; decoding z₀ directly gives the
 "GAN-VAEPP" row of Table 4. The critic convention is the project's: LOW D = real, so per batch of
 B (m = B penalty pairs) the critic minimises
 
@@ -24,33 +26,91 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import parametrizations
 
 from .checkpoints import Checkpoint
 from .config import LatentGANParams
 from .distributed import DistContext, all_sum, check_same_input, data_parallel, row_range
-from .nets import _mlp
+from .nets import SLOPE
 from .penalties import draw_alpha, penalty_sum
 from .train import ONE_PROCESS, adam
 
 
-class LatentGAN(nn.Module):
-    """Generator g: N(0, I_noise) → z (MLP) and critic D_z: z → ℝ (MLP), hidden layers `hidden`."""
+def _weight_normed_mlp(sizes: list[int], *, weight_norm: bool, final_activation: bool) -> nn.Sequential:
+    """[Linear(a, b) (weight-normalised when `weight_norm`) + LeakyReLU(0.2)] for each hidden
+    width, then a plain Linear to sizes[-1], followed by LeakyReLU when `final_activation`.
 
-    def __init__(self, zdim: int, noise_dim: int, hidden: tuple[int, ...]):
+    Weight norm writes each hidden layer's weight W (out, in) as W_j = g_j · v_j / ‖v_j‖ per
+    output unit j, with g (out, 1) and v (out, in) the trained parameters."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+        linear = nn.Linear(a, b)
+        layers += [parametrizations.weight_norm(linear) if weight_norm else linear, nn.LeakyReLU(SLOPE)]
+    layers.append(nn.Linear(sizes[-2], sizes[-1]))
+    if final_activation:
+        layers.append(nn.LeakyReLU(SLOPE))
+    return nn.Sequential(*layers)
+
+
+class LatentGAN(nn.Module):
+    """Generator g: u ~ N(0, I_noise) → z (Z) and critic D_z: z (Z) → ℝ, both MLPs.
+
+    generator: noise_dim → hidden[0] → … → hidden[-1] → Z, LeakyReLU(0.2) after every hidden
+    layer and, with generator_output = "leaky_relu" (authors), after the output layer too (a
+    bijection of ℝ, so every z stays reachable). critic: Z → critic_hidden… → 1, LeakyReLU after
+    every hidden layer, linear output. `weight_norm` puts weight normalisation on every hidden
+    layer of both (authors: generator 5 × 40, critic 6 × 40, noise of dim Z).
+    """
+
+    def __init__(
+        self,
+        zdim: int,
+        noise_dim: int,
+        hidden: tuple[int, ...],
+        critic_hidden: tuple[int, ...],
+        *,
+        weight_norm: bool,
+        generator_output: Literal["linear", "leaky_relu"],
+    ):
         super().__init__()
         self.zdim = zdim
         self.noise_dim = noise_dim
-        self.generator = _mlp([noise_dim, *hidden, zdim])
-        self.critic_net = _mlp([zdim, *hidden, 1])
+        self.generator = _weight_normed_mlp(
+            [noise_dim, *hidden, zdim], weight_norm=weight_norm, final_activation=generator_output == "leaky_relu"
+        )
+        self.critic_net = _weight_normed_mlp([zdim, *critic_hidden, 1], weight_norm=weight_norm, final_activation=False)
+
+    @classmethod
+    def from_params(cls, zdim: int, params: LatentGANParams) -> LatentGAN:
+        """The networks `params` describe, for latents of dim `zdim` (params resolved: no "auto")."""
+        _check_resolved(params)
+        return cls(
+            zdim,
+            params.noise_dim,
+            tuple(params.hidden),
+            tuple(params.critic_hidden),
+            weight_norm=params.weight_norm,
+            generator_output=params.generator_output,
+        )
 
     def critic(self, z: Tensor) -> Tensor:
+        """D_z(z): (n, Z) → (n,)."""
         return self.critic_net(z).squeeze(-1)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """n latent samples z₀ (n, Z)."""
+        """n latent samples z₀ = g(u), u ~ N(0, I_noise): (n, Z)."""
         device = device or next(self.parameters()).device
         noise = torch.randn(n, self.noise_dim, generator=generator, device=device)
         return self.generator(noise)
+
+
+def _check_resolved(params: LatentGANParams) -> None:
+    auto = [k for k, v in params.model_dump().items() if v == "auto"]
+    if auto:
+        raise ValueError(
+            f"latent_gan params {', '.join(auto)} are still 'auto'; resolve them for the run with "
+            "vaepp.study.latent_gan_params"
+        )
 
 
 def latent_gan_settings(params: LatentGANParams, zdim: int) -> dict:
@@ -61,9 +121,10 @@ def latent_gan_settings(params: LatentGANParams, zdim: int) -> dict:
 
 @torch.inference_mode()
 def posterior_samples(encode_sample: Callable[[Tensor], Tensor], images: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """One z ~ q(z|e) per image: images uint8 (N, C, H, W) → (N, Z), batched.
+    """One latent row per image: images uint8 (N, C, H, W) → (N, Z), batched.
 
-    `encode_sample(e)` maps a float batch in [0, 1] to one posterior draw per image."""
+    `encode_sample(e)` maps a float batch (b, C, H, W) in [0, 1] to (b, Z): one posterior draw
+    z ~ q(z|e) per image, or the posterior mean μ(e)."""
     out = []
     for i in range(0, images.shape[0], batch_size):
         out.append(encode_sample(images[i : i + batch_size].float().div(255.0)))
@@ -112,16 +173,19 @@ def fit_latent_gan(
     progress: bool = False,
     checkpoint: Checkpoint | None = None,
 ) -> list[dict]:
-    """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns a fresh (N, Z) tensor of
-    posterior samples at the start of every epoch (one z per training image; the same on every
-    rank). An epoch is one pass of the critic over the pool: N / batch_size critic batches,
+    """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns the (N, Z) tensor of "real"
+    latents at the start of every epoch (one row per training image: the posterior means, or a
+    fresh posterior draw; the same on every rank). `params` must be resolved (no "auto"; see
+    `vaepp.study.latent_gan_params`). Both optimisers' learning rate is lr · 0.5^⌊t / lr_halve_every⌋
+    in epoch t (from 0). An epoch is one pass of the critic over the pool: N / batch_size critic batches,
     n_critic per generator step. With a `checkpoint`, a fit that was killed resumes from its last
     checkpoint and ends with the same networks as an uninterrupted one (on W processes every rank
     passes the same file, with `write=True` on rank 0 only). Returns one dict of mean metrics per
-    epoch: critic loss, Wasserstein estimate, penalty, generator loss.
+    epoch: critic loss, Wasserstein estimate, penalty, generator loss, lr.
     """
     from tqdm.auto import tqdm
 
+    _check_resolved(params)
     batch = params.batch_size
     if batch < ctx.world:
         raise ValueError(
@@ -156,6 +220,10 @@ def fit_latent_gan(
     start, stop = row_range(batch, ctx.rank, ctx.world)
     for epoch in range(first_epoch, params.epochs):
         t0 = time.perf_counter()
+        lr = params.lr * 0.5 ** (epoch // params.lr_halve_every)
+        for opt in opts.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
         pool = sample_pool().to(device)
         check_same_input(ctx, pool)
         n = pool.shape[0]
@@ -187,7 +255,7 @@ def fit_latent_gan(
             for key, v in {**crit, **gen}.items():
                 sums[key] += v
         metrics = {k: v / g_steps for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
+        metrics.update(lr=lr, epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(metrics)
         if checkpoint is not None:
             checkpoint.after_epoch(epoch + 1, history=history)

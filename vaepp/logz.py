@@ -229,7 +229,7 @@ def _log_ratio_and_grad(log_f: LogF, z: Tensor) -> tuple[Tensor, Tensor]:
     return log_f_and_grad(lambda x: log_f(x) - log_standard_normal(x), z)
 
 
-def _ais_one_seed(
+def _ais_seeds(
     log_f,
     zdim,
     n_chains,
@@ -239,56 +239,70 @@ def _ais_one_seed(
     n_leapfrog,
     target_accept,
     adapt_rate,
-    seed,
+    seeds,
     device,
     dtype,
     progress,
 ):
-    """One AIS run: returns (log weights (n_chains,) float64, mean acceptance, final step size)."""
-    gen = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
-    z = torch.randn(n_chains, zdim, generator=gen, device=device, dtype=dtype)  # (M, Z) ~ π₀
+    """The AIS runs of all `seeds` at once: S·M chains in one batch, so every temperature costs one
+    network pass over S·M rows instead of S passes over M (the per-call overhead dominates on a
+    CPU). Each seed keeps its own generator, drawn in the order of a run by itself (the start, then
+    per temperature the proposal noise — or momentum — and the acceptance uniforms), and its own
+    step size adapted to its own acceptance rate, so a seed's run is the same as alone up to float
+    rounding. Returns (log weights (S, M) float64, mean acceptance (S,), final step sizes (S,))."""
+    n_seeds = len(seeds)
+    dev = device if device is not None else "cpu"
+    gens = [torch.Generator(device=dev).manual_seed(seed) for seed in seeds]
+
+    def draw(fn, shape) -> Tensor:  # one block of rows per seed, from that seed's generator
+        return torch.cat([fn(shape, generator=g, device=device, dtype=dtype) for g in gens])
+
+    z = draw(torch.randn, (n_chains, zdim))  # (S·M, Z) ~ π₀
     h, grad_h = _log_ratio_and_grad(log_f, z)
-    log_w = torch.zeros(n_chains, dtype=torch.float64, device=z.device)
-    alpha = float(step_size)
-    acc_sum = 0.0
+    log_w = torch.zeros(n_seeds * n_chains, dtype=torch.float64, device=z.device)
+    alpha = torch.full((n_seeds,), float(step_size), dtype=torch.float64)
+    acc_sum = torch.zeros(n_seeds, dtype=torch.float64)
     n_temps = temps.numel() - 1
-    for k in _progress(range(1, n_temps + 1), progress, f"AIS seed {seed}"):
+    desc = f"AIS seeds {seeds[0]}–{seeds[-1]}" if n_seeds > 1 else f"AIS seed {seeds[0]}"
+    for k in _progress(range(1, n_temps + 1), progress, desc):
         t = temps[k].item()
+        a = alpha.to(device=z.device, dtype=z.dtype).repeat_interleave(n_chains)  # (S·M,)
         log_w += (temps[k] - temps[k - 1]).item() * h.double()
         # π_t(z) ∝ exp(−E_t(z)), E_t(z) = ½‖z‖² − t·h(z): the geometric path N^(1−t)·f^t.
         energy = 0.5 * z.square().sum(-1) - t * h
         grad_e = z - t * grad_h
         if transition == "mala":
-            z_new = langevin_proposal(z, grad_e, alpha, gen)
+            z_new = langevin_proposal(z, grad_e, a, noise=draw(torch.randn, (n_chains, zdim)))
             h_new, grad_h_new = _log_ratio_and_grad(log_f, z_new)
             energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
             grad_e_new = z_new - t * grad_h_new
             log_ratio = (
                 energy
                 - energy_new
-                + log_proposal_density(z, z_new, grad_e_new, alpha)
-                - log_proposal_density(z_new, z, grad_e, alpha)
+                + log_proposal_density(z, z_new, grad_e_new, a)
+                - log_proposal_density(z_new, z, grad_e, a)
             )
         elif transition == "hmc":
-            momentum = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-            z_new, p_new, g_new = z, momentum - 0.5 * alpha * grad_e, None
+            momentum = draw(torch.randn, (n_chains, zdim))
+            a1 = a[:, None]
+            z_new, p_new, g_new = z, momentum - 0.5 * a1 * grad_e, None
             for step in range(n_leapfrog):
-                z_new = z_new + alpha * p_new
+                z_new = z_new + a1 * p_new
                 h_new, grad_h_new = _log_ratio_and_grad(log_f, z_new)
                 g_new = z_new - t * grad_h_new
-                p_new = p_new - (alpha if step < n_leapfrog - 1 else 0.5 * alpha) * g_new
+                p_new = p_new - (a1 if step < n_leapfrog - 1 else 0.5 * a1) * g_new
             energy_new = 0.5 * z_new.square().sum(-1) - t * h_new
             log_ratio = energy + 0.5 * momentum.square().sum(-1) - energy_new - 0.5 * p_new.square().sum(-1)
         else:
             raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
-        accepted = metropolis_accept(log_ratio, gen)
+        accepted = metropolis_accept(log_ratio, uniforms=draw(torch.rand, (n_chains,)))
         z = torch.where(accepted[:, None], z_new, z)
         h = torch.where(accepted, h_new, h)
         grad_h = torch.where(accepted[:, None], grad_h_new, grad_h)
-        rate = accepted.double().mean().item()
+        rate = accepted.view(n_seeds, n_chains).double().mean(1).cpu()
         acc_sum += rate
-        alpha *= math.exp(adapt_rate * (rate - target_accept))
-    return log_w, acc_sum / n_temps, alpha
+        alpha *= torch.exp(adapt_rate * (rate - target_accept))
+    return log_w.view(n_seeds, n_chains), acc_sum / n_temps, alpha
 
 
 def log_z_ais(
@@ -334,29 +348,29 @@ def log_z_ais(
     pooled = StreamingLogMeanExp()
     per_seed, acceptance, final_steps, ess_per_seed = [], [], [], []
     with torch.inference_mode():
-        for seed in seeds:
-            log_w, acc_rate, alpha = _ais_one_seed(
-                log_f,
-                zdim,
-                n_chains,
-                temps,
-                transition,
-                step_size,
-                n_leapfrog,
-                target_accept,
-                adapt_rate,
-                seed,
-                device,
-                dtype,
-                progress,
-            )
-            run = StreamingLogMeanExp()
-            run.update(log_w)
-            pooled.update(log_w)
-            per_seed.append(run.log_mean)
-            ess_per_seed.append(run.ess)
-            acceptance.append(acc_rate)
-            final_steps.append(alpha)
+        log_w_all, acc_rates, alphas = _ais_seeds(
+            log_f,
+            zdim,
+            n_chains,
+            temps,
+            transition,
+            step_size,
+            n_leapfrog,
+            target_accept,
+            adapt_rate,
+            list(seeds),
+            device,
+            dtype,
+            progress,
+        )
+    for log_w, acc_rate, alpha in zip(log_w_all, acc_rates.tolist(), alphas.tolist(), strict=True):
+        run = StreamingLogMeanExp()
+        run.update(log_w)
+        pooled.update(log_w)
+        per_seed.append(run.log_mean)
+        ess_per_seed.append(run.ess)
+        acceptance.append(acc_rate)
+        final_steps.append(alpha)
     seeds_t = torch.tensor(per_seed, dtype=torch.float64)
     seed_std = seeds_t.std().item() if len(per_seed) > 1 else None  # no spread from one seed
     std_err = pooled.std_err

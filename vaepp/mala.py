@@ -43,23 +43,31 @@ def energy_from_log_f(log_f: Callable[[Tensor], Tensor]) -> EnergyAndGrad:
     return energy_and_grad
 
 
-def langevin_proposal(z: Tensor, grad: Tensor, step_size: float, generator=None) -> Tensor:
-    """z' = z − α∇E(z) + √(2α)·ξ, ξ ~ N(0, I). z, grad: (M, Z) → (M, Z)."""
-    noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-    return z - step_size * grad + math.sqrt(2.0 * step_size) * noise
+def langevin_proposal(z: Tensor, grad: Tensor, step_size: float | Tensor, generator=None, noise=None) -> Tensor:
+    """z' = z − α∇E(z) + √(2α)·ξ, ξ ~ N(0, I). z, grad: (M, Z) → (M, Z). α: a number, or one per
+    chain (M,); ξ is drawn from `generator` unless given as `noise` (M, Z)."""
+    if noise is None:
+        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+    if not isinstance(step_size, Tensor):
+        return z - step_size * grad + math.sqrt(2.0 * step_size) * noise
+    a = step_size[:, None]
+    return z - a * grad + (2.0 * a).sqrt() * noise
 
 
-def log_proposal_density(z_to: Tensor, z_from: Tensor, grad_from: Tensor, step_size: float) -> Tensor:
+def log_proposal_density(z_to: Tensor, z_from: Tensor, grad_from: Tensor, step_size: float | Tensor) -> Tensor:
     """log q(z_to | z_from) = −‖z_to − z_from + α∇E(z_from)‖² / (4α), up to a constant that is the
-    same in both directions and cancels in the acceptance ratio. (M, Z) → (M,)."""
-    return -(z_to - z_from + step_size * grad_from).square().sum(-1) / (4.0 * step_size)
+    same in both directions and cancels in the acceptance ratio. (M, Z) → (M,); α a number or (M,)."""
+    a = step_size if not isinstance(step_size, Tensor) else step_size[:, None]
+    return -(z_to - z_from + a * grad_from).square().sum(-1) / (4.0 * step_size)
 
 
-def metropolis_accept(log_ratio: Tensor, generator=None) -> Tensor:
-    """Per-chain accept mask: log U < log_ratio, U ~ U(0, 1). A NaN ratio (the proposal left the
-    region where the energy is finite) is rejected. (M,) → bool (M,)."""
-    log_u = torch.log(torch.rand(log_ratio.shape, device=log_ratio.device, dtype=log_ratio.dtype, generator=generator))
-    return torch.nan_to_num(log_ratio, nan=-math.inf) > log_u
+def metropolis_accept(log_ratio: Tensor, generator=None, uniforms: Tensor | None = None) -> Tensor:
+    """Per-chain accept mask: log U < log_ratio, U ~ U(0, 1) drawn from `generator` unless given as
+    `uniforms` (M,). A NaN ratio (the proposal left the region where the energy is finite) is
+    rejected. (M,) → bool (M,)."""
+    if uniforms is None:
+        uniforms = torch.rand(log_ratio.shape, device=log_ratio.device, dtype=log_ratio.dtype, generator=generator)
+    return torch.nan_to_num(log_ratio, nan=-math.inf) > torch.log(uniforms)
 
 
 def mala(

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import prior
 from .likelihoods import LikelihoodKind, bernoulli_log_prob, discretized_logistic_log_prob
 from .mala import energy_from_log_f
-from .nets import Arch, build_networks
+from .nets import Arch, build_networks, zero_output_layers
 from .posteriors import (
     LOG_2PI,
     LOG_TRUNCATED_MASS,
@@ -47,6 +47,7 @@ class ModelSpec:
     n_flows: int  # 0: no planar flows
     pullback: bool  # False: the plain VAE, β ≡ 0
     beta_max: float  # w in β = w·sigmoid(ξ)
+    init: Literal["zero_heads", "torch"]  # zero_heads: q starts as N(0, I), G as a flat image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,7 @@ class ModelSpec:
         d["image_shape"] = tuple(d["image_shape"])
         d["hidden"] = tuple(d["hidden"])
         d["channels"] = tuple(d["channels"])
+        d.setdefault("init", "torch")  # model files written before the option existed
         return cls(**d)
 
 
@@ -75,6 +77,8 @@ class VAEPP(nn.Module):
             channels=list(spec.channels),
             n_out=n_out,
         )
+        if spec.init == "zero_heads":
+            zero_output_layers(self.encoder, self.decoder)
         self.n_channels = c
         self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0
         self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None

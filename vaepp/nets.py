@@ -1,5 +1,8 @@
 """Encoder, decoder and critic networks: an MLP family and the authors' pre-activation ResNet
-family (LeakyReLU 0.2, no normalisation), sized from explicit arguments.
+family (LeakyReLU 0.2, no normalisation), sized from explicit arguments. The ResNet family comes
+in two forms: `resnet` maps the trunk's features to the latent with a dense head (the authors'
+binary-image networks); `resnet_map` lays the latent out as a small feature map with convolutional
+heads (the authors' CIFAR-10 networks: dim z 1024 as an 8×8×16 map).
 
 Shapes: images (B, C, H, W) in [0, 1]; the encoder returns (μ, log σ_raw), each (B, Z); the
 decoder returns its raw output (B, n_out·C, H, W) which the model splits into likelihood
@@ -16,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-Arch = Literal["mlp", "resnet"]
+Arch = Literal["mlp", "resnet", "resnet_map"]
 SLOPE = 0.2  # LeakyReLU negative slope used throughout (authors' code)
 
 
@@ -54,10 +57,23 @@ class PreActBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+def zero_output_layers(*networks: nn.Module) -> None:
+    """Set the weights and biases of each network's `output_layer` to zero: the authors' start,
+    where an encoder's μ and log σ heads give q = N(0, I) and a decoder gives a flat image."""
+    for net in networks:
+        layer = net.output_layer
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class MLPEncoder(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], zdim: int, hidden: list[int]):
         super().__init__()
         self.net = _mlp([math.prod(image_shape), *hidden, 2 * zdim])
+
+    @property
+    def output_layer(self) -> nn.Module:  # the μ and log σ heads
+        return self.net[-1]
 
     def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_sigma = self.net(e.flatten(1)).chunk(2, dim=-1)  # (B, Z) each
@@ -70,6 +86,10 @@ class MLPDecoder(nn.Module):
         c, h, w = image_shape
         self.out_shape = (n_out * c, h, w)
         self.net = _mlp([zdim, *hidden, n_out * c * h * w])
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.net[-1]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).view(z.shape[0], *self.out_shape)
@@ -109,6 +129,10 @@ class ResNetEncoder(nn.Module):
         hh, ww = _down_size(h, len(channels) - 1), _down_size(w, len(channels) - 1)
         self.head = nn.Linear(channels[-1] * hh * ww, 2 * zdim)
 
+    @property
+    def output_layer(self) -> nn.Module:  # the μ and log σ heads
+        return self.head
+
     def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_sigma = self.head(self.trunk(e).flatten(1)).chunk(2, dim=-1)
         return mu, log_sigma
@@ -143,12 +167,76 @@ class ResNetDecoder(nn.Module):
         self.blocks = nn.Sequential(*[PreActBlock(a, b, up=True) for a, b in zip(rev[:-1], rev[1:], strict=True)])
         self.out = nn.Conv2d(rev[-1], n_out * c, 3, padding=1)
 
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.out
+
     def forward(self, z: Tensor) -> Tensor:
         h = self.head(z).view(z.shape[0], self.c0, self.hh, self.ww)
         h = self.blocks(h)
         h = self.out(F.leaky_relu(h, SLOPE))
         H, W = self.image_hw
         return h[:, :, :H, :W]  # upsampling overshoots odd sizes (7 → 14 → 28 is exact)
+
+
+def latent_map_shape(image_shape: tuple[int, int, int], zdim: int, channels: list[int]) -> tuple[int, int, int]:
+    """(L, h', w') of the `resnet_map` latent: h' × w' is the trunk's output map (one halving per
+    channel count after the first) and L = zdim / (h'·w') latent channels, which must be whole."""
+    _, h, w = image_shape
+    hh, ww = _down_size(h, len(channels) - 1), _down_size(w, len(channels) - 1)
+    if zdim % (hh * ww) != 0:
+        raise ValueError(
+            f"model.zdim = {zdim} does not fill the {hh}×{ww} latent map of arch resnet_map (channels "
+            f"{list(channels)} on {h}×{w} images): dim z must be a multiple of {hh * ww}"
+        )
+    return zdim // (hh * ww), hh, ww
+
+
+class ResNetMapEncoder(nn.Module):
+    """The ResNet trunk, then a 3×3 conv head to 2L channels on the h'×w' map: μ and log σ are
+    its first and last L channels, each flattened (channel-major) to (B, L·h'·w') = (B, Z). The
+    model floors log σ at `model.log_sigma_min` (−3 in the authors' CIFAR-10 runs)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int]):
+        super().__init__()
+        c = image_shape[0]
+        self.n_latent, _, _ = latent_map_shape(image_shape, zdim, channels)
+        self.trunk = _down_trunk(c, channels)
+        self.head = nn.Conv2d(channels[-1], 2 * self.n_latent, 3, padding=1)
+
+    @property
+    def output_layer(self) -> nn.Module:  # the μ and log σ heads
+        return self.head
+
+    def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_sigma = self.head(self.trunk(e)).chunk(2, dim=1)  # (B, L, h', w') each
+        return mu.flatten(1), log_sigma.flatten(1)
+
+
+class ResNetMapDecoder(nn.Module):
+    """The map encoder's mirror: z (B, Z) viewed as (B, L, h', w') in the encoder's layout, a 3×3
+    conv to the top channel count, up-blocks back through `channels`, conv out, crop to H × W."""
+
+    def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int], n_out: int):
+        super().__init__()
+        c, h, w = image_shape
+        self.image_hw = (h, w)
+        self.map_shape = latent_map_shape(image_shape, zdim, channels)
+        rev = list(reversed(channels))
+        self.head = nn.Conv2d(self.map_shape[0], rev[0], 3, padding=1)
+        self.blocks = nn.Sequential(*[PreActBlock(a, b, up=True) for a, b in zip(rev[:-1], rev[1:], strict=True)])
+        self.out = nn.Conv2d(rev[-1], n_out * c, 3, padding=1)
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.out
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.head(z.reshape(z.shape[0], *self.map_shape))
+        h = self.blocks(h)
+        h = self.out(F.leaky_relu(h, SLOPE))
+        H, W = self.image_hw
+        return h[:, :, :H, :W]  # upsampling overshoots odd sizes
 
 
 def build_networks(
@@ -162,7 +250,8 @@ def build_networks(
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(encoder, decoder, critic) of the chosen family. `hidden` sizes the MLPs, `channels` the
     ResNets; `n_out` is the number of decoder maps per image channel (1 for Bernoulli logits or a
-    logistic mean with a scalar scale, 2 for a logistic mean and a per-pixel log-scale)."""
+    logistic mean with a scalar scale, 2 for a logistic mean and a per-pixel log-scale).
+    `resnet_map` raises ValueError when zdim is not a multiple of the trunk's map size h'·w'."""
     if arch == "mlp":
         return (
             MLPEncoder(image_shape, zdim, hidden),
@@ -175,4 +264,10 @@ def build_networks(
             ResNetDecoder(image_shape, zdim, channels, n_out),
             ResNetCritic(image_shape, channels),
         )
-    raise ValueError(f"unknown architecture {arch!r}; allowed: mlp, resnet")
+    if arch == "resnet_map":
+        return (
+            ResNetMapEncoder(image_shape, zdim, channels),
+            ResNetMapDecoder(image_shape, zdim, channels, n_out),
+            ResNetCritic(image_shape, channels),
+        )
+    raise ValueError(f"unknown architecture {arch!r}; allowed: mlp, resnet, resnet_map")

@@ -3,11 +3,17 @@
 ê = G(ε) are generated samples, x̂ᵢ = êᵢ + αᵢ(eᵢ − êᵢ) with αᵢ ~ U(0, 1) drawn once per pair, and
 R = (1/m)·Σᵢ Rᵢ over the m pairs (eᵢ, êᵢ), with the per-pair terms
 
-| kind        | Rᵢ                                        | authors' defaults |
-|-------------|-------------------------------------------|-------------------|
-| wgan_gp     | k·(‖∇D(x̂ᵢ)‖ − 1)²   (Gulrajani et al. 2017) | k = 10            |
-| wgan_div_1  | k·‖∇D(x̂ᵢ)‖^p        (Wu et al. 2018)        | k = 2, p = 6      |
-| wgan_div_2  | (k/2)·(‖∇D(eᵢ)‖^p + ‖∇D(êᵢ)‖^p)             | k = 2, p = 6      |
+| kind            | Rᵢ                                          | authors' defaults  |
+|-----------------|---------------------------------------------|--------------------|
+| wgan_gp         | k·(‖∇D(x̂ᵢ)‖ − 1)^p, signed for odd p           | k = 2, p = 3 or 6  |
+| wgan_gp_classic | k·(‖∇D(x̂ᵢ)‖ − 1)²   (Gulrajani et al. 2017)   | k = 10 (theirs)    |
+| wgan_div_1      | k·‖∇D(x̂ᵢ)‖^p        (Wu et al. 2018)          | k = 2, p = 3 or 6  |
+| wgan_div_2      | (k/2)·(‖∇D(eᵢ)‖^p + ‖∇D(êᵢ)‖^p)               | k = 2, p = 3 or 6  |
+
+The authors' code takes p = 3 in its Bernoulli scripts (the norm raised to the index 6 / 2) and
+p = 6 in its CIFAR scripts (the squared norm raised to 6 / 2), so their "WGAN-GP" is
+2·(‖∇D‖ − 1)³ on binary data, negative where the norm is below one, and 2·(‖∇D‖ − 1)⁶ on CIFAR;
+Gulrajani's form is kept as `wgan_gp_classic`. A signed power needs an integer p.
 
 Gradient norms are taken over all non-batch dimensions and built with create_graph=True, so
 the penalty can itself be differentiated (it is part of a loss). Training writes its losses as
@@ -22,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-PenaltyKind = Literal["wgan_gp", "wgan_div_1", "wgan_div_2"]
-PENALTY_KINDS: tuple[str, ...] = ("wgan_gp", "wgan_div_1", "wgan_div_2")
+PenaltyKind = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
+PENALTY_KINDS: tuple[str, ...] = ("wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2")
 
 
 def critic_grad_norm(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -69,12 +75,16 @@ def penalty_sum(
         raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
     if kind not in PENALTY_KINDS:
         raise ValueError(f"unknown penalty kind {kind!r}; allowed: {', '.join(PENALTY_KINDS)}")
+    if kind == "wgan_gp" and p != int(p):
+        raise ValueError(f"the wgan_gp penalty raises ‖∇D‖ − 1 to p = {p}: it must be an integer (signed power)")
     if real.shape[0] == 0:
         return real.new_zeros(())
     if kind == "wgan_div_2":
         return 0.5 * k * (critic_grad_norm(critic, real).pow(p).sum() + critic_grad_norm(critic, fake).pow(p).sum())
     norm = critic_grad_norm(critic, fake + alpha * (real - fake))
     if kind == "wgan_gp":
+        return k * (norm - 1.0).pow(int(p)).sum()
+    if kind == "wgan_gp_classic":
         return k * (norm - 1.0).square().sum()
     return k * norm.pow(p).sum()
 

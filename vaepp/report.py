@@ -3,7 +3,7 @@ Figure 4), training curves (Figure 2), the log-Z estimates and sample grids.
 
     runs = collect(root, params, files)  # one row per run: resolved settings + every metric, flattened
     tabs = tables(runs)               # the paper's layout; measured cells are `Measured`
-    render_html(runs, tabs, root), render_markdown(runs, tabs), runs.to_csv(index=False)
+    render_html(runs, tabs, root), render_markdown(runs, tabs, root), runs.to_csv(index=False)
 
 Inputs under `root` for each run <r> of `params.runs` (any may be missing: its cells then say "not
 run"), at the path patterns `files` names (the report stage takes them from dvc.yaml): "metrics"
@@ -328,6 +328,71 @@ def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(recs, columns=cols).fillna({"headline": False}).astype({"n_samples": "Int64"})
 
 
+MONITOR_NOTE = (
+    "Every train.log_z_every epochs, training pauses for an independent estimate of the current prior's log Z: "
+    "AIS from N(0, I) on a small budget (its spread over seeds as error bars) and N(0, I)-IS, the larger heading "
+    "(both are lower estimates in expectation), and the NLL of the first test images under it. The training "
+    "objective uses the per-batch training estimate log(½(Ẑ_N + Ẑ_q)); its gap to the monitored log Z is what "
+    "training can exploit. log_z_train is the epoch's mean training estimate; gap = monitored − training; "
+    "behind_from_epoch: the first monitored epoch from which the run's monitored test NLL stays above the "
+    "plain VAE's; cost: monitor time over training time."
+)
+
+
+def monitor_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """What the log-Z monitor saw in training, one row per pull-back run: at its last monitored
+    epoch the training estimate of log Z beside the monitored one (AIS seed sd), their gap, the
+    objective's ELBO beside the ELBO under the monitored log Z, and the monitor's test NLL beside
+    the plain VAE's of the same dataset and epoch; `behind_from_epoch` is the first monitored
+    epoch from which the pull-back run's test NLL stays above the plain VAE's ("" if never);
+    cost: monitor seconds over training seconds."""
+    root = Path(root)
+
+    def curve(r) -> pd.DataFrame | None:
+        f = r.get("file.train_curve")
+        if not f or not (root / f).is_file():
+            return None
+        d = pd.read_csv(root / f)
+        return d if "monitor_log_z" in d else None
+
+    # the plain VAE of the same dataset and dim z (else of the same dataset) is the comparison
+    plain = {(r["dataset"], r["zdim"]): curve(r) for _, r in runs[runs["algorithm"] == "vae"].iterrows()}
+    plain.update({(ds, None): d for (ds, _), d in reversed(list(plain.items()))})
+    recs = []
+    for _, r in runs[runs["algorithm"] != "vae"].iterrows():
+        d = curve(r)
+        if d is None:
+            continue
+        m = d.dropna(subset=["monitor_log_z"])
+        last = m.iloc[-1]
+        rec = {
+            "run": r["run"],
+            "algorithm": r["algorithm"],
+            "epoch": int(last["epoch"]),
+            "log_z_train": last["log_z"],
+            "log_z_monitor": last["monitor_log_z"],
+            "ais_seed_sd": last.get("monitor_log_z_ais_seed_sd", math.nan),
+            "gap": last["monitor_log_z"] - last["log_z"],
+            "elbo_objective": last["elbo_under_train_log_z"],
+            "elbo_monitor": last["elbo_under_monitor_log_z"],
+            "test_nll": last["monitor_test_nll"],
+            "test_nll_vae": math.nan,
+            "behind_from_epoch": "",
+            "cost": m["monitor_seconds"].sum() / d["seconds"].sum(),
+        }
+        v = plain.get((r["dataset"], r["zdim"]), plain.get((r["dataset"], None)))
+        if v is not None:
+            both = m.merge(v.dropna(subset=["monitor_test_nll"]), on="epoch", suffixes=("", "_vae"))
+            if len(both):
+                rec["test_nll_vae"] = both["monitor_test_nll_vae"].iloc[-1]
+                behind = (both["monitor_test_nll"] > both["monitor_test_nll_vae"]).tolist()
+                trailing = len(behind) - next((i for i, b in enumerate(reversed(behind)) if not b), len(behind))
+                if trailing < len(behind):  # behind at every monitored epoch from this one on
+                    rec["behind_from_epoch"] = int(both["epoch"].iloc[trailing])
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
     """ "<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
     keys = {
@@ -338,7 +403,9 @@ def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
         "fid": "fid.fid",
         "fid_gan": "fid.fid_gan",
         "mala_acceptance": "mala.mala_acceptance",
-        "elbo": "train.elbo",
+        "elbo_under_train_log_z": "train.elbo_under_train_log_z",
+        "elbo_under_monitor_log_z": "train.elbo_under_monitor_log_z",
+        "log_z_monitor": "train.log_z_monitor",
         "beta": "train.beta",
     }
     out = {}
@@ -374,8 +441,25 @@ def dimz_figure(points: pd.DataFrame) -> str:
     return _png(fig)
 
 
+# Panels of the training-curve figure: (title, [(column, style)]); a solid line is what training
+# optimises, a dashed one the independent check of the log-Z monitor (`evaluate.log_z_monitor`).
+CURVE_PANELS = (
+    (
+        "ELBO: objective (—) vs under monitored log Z (--)",
+        [("elbo_under_train_log_z", "-"), ("elbo_under_monitor_log_z", "--")],
+    ),
+    ("log Z: training estimate (—) vs monitored (--)", [("log_z", "-"), ("monitor_log_z", "--")]),
+    ("test NLL under monitored log Z", [("monitor_test_nll", "-")]),
+    ("β", [("beta", "-")]),
+    ("penalty", [("penalty", "-")]),
+)
+
+
 def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
-    """Figure 2 analogue: per-epoch training curves of the runs on `dataset`. Base64 PNG or None."""
+    """Figure 2 analogue: per-epoch training curves of the runs on `dataset`, one colour per run.
+    For every pull-back run it draws the training estimate of log Z against the monitored one
+    (with the AIS seed spread as error bars) and the objective's ELBO against the ELBO under the
+    monitored log Z. Base64 PNG or None."""
     from matplotlib.figure import Figure
 
     curves = {
@@ -383,16 +467,24 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
         for _, r in runs[runs["dataset"] == dataset].iterrows()
         if r["file.train_curve"]
     }
-    panels = [c for c in ("loss", "elbo", "log_z", "beta", "penalty") if any(c in d for _, d in curves.values())]
+    panels = [(t, cols) for t, cols in CURVE_PANELS if any(c in d for _, d in curves.values() for c, _ in cols)]
     if not curves or not panels:
         return None
-    fig = Figure(figsize=(3.2 * len(panels), 3.2))
+    fig = Figure(figsize=(3.6 * len(panels), 3.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, col in zip(axes, panels, strict=True):
-        for i, (name, (alg, d)) in enumerate(curves.items()):  # one colour per run in every panel
-            if col in d:
-                ax.plot(d["epoch"], d[col], marker=".", color=f"C{i}", label=f"{name} ({alg})")
-        ax.set(xlabel="epoch", title=col)
+    for ax, (title, cols) in zip(axes, panels, strict=True):
+        for i, (name, (alg, d)) in enumerate(curves.items()):
+            for col, style in cols:
+                if col not in d or d[col].isna().all():
+                    continue
+                if col == "log_z" and alg == "vae":
+                    continue  # log Z = 0 exactly: nothing to compare
+                g = d.dropna(subset=[col])
+                label = f"{name} ({alg})" if style == "-" or len(cols) == 1 else None
+                err = g.get("monitor_log_z_ais_seed_sd") if col == "monitor_log_z" else None
+                ax.errorbar(g["epoch"], g[col], yerr=err, ls=style, marker=".", color=f"C{i}", label=label, capsize=2)
+        ax.set(xlabel="epoch", title=title)
+        ax.title.set_fontsize(8)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -427,7 +519,7 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
+def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path | None = None) -> str:
     """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
     parts = [
         "# VAEPP: measured results beside the paper's",
@@ -441,6 +533,8 @@ def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> str:
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
         parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
     parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
+    if root is not None and len(mon := monitor_table(root, runs)):
+        parts += ["## The log-Z monitor in training", "", MONITOR_NOTE, "", _md_table(mon), ""]
     pts = dimz_points(runs).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
     parts += ["## Figure 4 points: NLL and FID against dim z", "", _md_table(pts), ""]
     return "\n".join(parts)
@@ -503,11 +597,14 @@ def render_html(
         _img(dimz_figure(pts), "dim z plot"),
         _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4)))),
     ]
-    out.append("<h2>Figure 2 analogue: training curves, Naive VAEPP against VAEPP</h2>")
+    out.append("<h2>Figure 2 analogue: training curves, and the log-Z monitor</h2>")
+    out.append(f"<p><small>{e(MONITOR_NOTE)}</small></p>")
     for ds in dict.fromkeys(runs["dataset"]):
         b64 = curves_figure(root, runs, ds)
         label = runs.loc[runs["dataset"] == ds, "dataset_label"].iloc[0]
         out.append(f"<h3>{e(label)}</h3>" + (_img(b64, f"training curves {ds}") if b64 else "<p>not run</p>"))
+    if len(mon := monitor_table(root, runs)):
+        out.append(_html_table(mon))
     var = ", ".join(f"{v:g} ({k} q)" for k, v in VARIANCE_Z_HAT_MNIST.items())
     out += [
         "<h2>log Z estimates and the NLL under each</h2>",

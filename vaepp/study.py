@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import checkpoints, io
-from .config import RunConfig
+from . import checkpoints, evaluate, io
+from .config import LatentGANParams, RunConfig, TrainParams
 from .distributed import DistContext, ShardedLatentModel
 from .latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
 from .model import VAEPP, ModelSpec
@@ -46,7 +46,43 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
         n_flows=m.n_flows if run.algorithm == "vaepp_flow" else 0,
         pullback=run.algorithm != "vae",
         beta_max=m.beta_max,
+        init=m.init,
     )
+
+
+def _is_bernoulli(run: RunConfig, binary: bool) -> bool:
+    likelihood = run.model.likelihood
+    return likelihood == "bernoulli" or (likelihood == "auto" and binary)
+
+
+def train_params(run: RunConfig, binary: bool) -> TrainParams:
+    """The run's training params with "auto" resolved by the likelihood, as in the authors'
+    scripts: ‖∇D‖ raised to p = 3 and Algorithm 1's critic penalty weight c = w on Bernoulli data;
+    p = 6 and c = 1 on discretised-logistic data."""
+    t = run.train
+    bern = _is_bernoulli(run, binary)
+    update = {}
+    if t.penalty_p == "auto":
+        update["penalty_p"] = 3.0 if bern else 6.0
+    if t.critic_penalty_weight == "auto":
+        update["critic_penalty_weight"] = run.model.beta_max if bern else 1.0
+    return t.model_copy(update=update)
+
+
+def latent_gan_params(run: RunConfig, binary: bool) -> LatentGANParams:
+    """The run's latent-GAN params with "auto" resolved: fitted to the posterior means μ(e) on
+    Bernoulli data and to draws z ~ q(z|e) otherwise, noise of dim z, and the likelihood's
+    penalty exponent (as `train_params`)."""
+    g = run.latent_gan
+    bern = _is_bernoulli(run, binary)
+    update = {}
+    if g.inputs == "auto":
+        update["inputs"] = "mean" if bern else "sample"
+    if g.noise_dim == "auto":
+        update["noise_dim"] = run.model.zdim
+    if g.penalty_p == "auto":
+        update["penalty_p"] = 3.0 if bern else 6.0
+    return g.model_copy(update=update)
 
 
 def train_algorithm(run: RunConfig) -> Algorithm:
@@ -70,30 +106,38 @@ def fit_vae(
     ctx: DistContext,
     *,
     checkpoint_path: Path,
+    test: Tensor | None = None,
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     say: Say | None = None,
 ) -> tuple[VAEPP, TrainResult, dict]:
     """The train stage's work: the run's model trained on uint8 images (N, C, H, W), resuming a
-    matching checkpoint at `checkpoint_path`. Returns (model, result, settings for `save_vae`)."""
+    matching checkpoint at `checkpoint_path`, with the log-Z monitor (`evaluate.log_z_monitor`)
+    on the uint8 evaluation images `test` every `train.log_z_every` epochs (none without `test`).
+    Returns (model, result, settings for `save_vae`)."""
     spec = model_spec(run, tuple(images.shape[1:]), meta["binary"])
     algorithm = train_algorithm(run)
-    settings = train_settings(spec, run.train, algorithm)
+    params = train_params(run, meta["binary"])
+    settings = train_settings(spec, params, algorithm)
     origin = {"data_sha256": meta.get("sha256"), "n_train": int(images.shape[0])}
     _resume_or_start(ctx, checkpoint_path, {**settings, **origin}, say)
-    torch.manual_seed(run.train.seed)
+    torch.manual_seed(params.seed)
     model = VAEPP(spec)
+    monitor = None
+    if test is not None and params.log_z_every:
+        monitor = lambda m: evaluate.log_z_monitor(m, test, params.monitor, device=ctx.device)  # noqa: E731
     extra = {"run": run.model_dump(mode="json"), "dataset_meta": meta, **origin}
     result = train(
         model,
         images,
-        run.train,
+        params,
         algorithm,
         device=ctx.device,
         ctx=ctx,
         callback=callback,
         progress=progress,
         checkpoint=checkpoints.Checkpoint(checkpoint_path, write=ctx.is_writer, extra=extra),
+        monitor=monitor,
     )
     return model, result, settings
 
@@ -111,19 +155,28 @@ def fit_run_latent_gan(
     progress: bool = False,
     say: Say | None = None,
 ) -> tuple[LatentGAN, list[dict], dict, dict]:
-    """The fit-latent-gan stage's work (paper §4.3): the latent GAN fitted to one posterior draw
-    per training image, redrawn every epoch, resuming a matching checkpoint. Returns (gan,
-    history, settings for `save_latent_gan`, moment gaps between 10⁴ GAN samples and the pool)."""
-    params = run.latent_gan
+    """The fit-latent-gan stage's work (paper §4.3): the latent GAN fitted, resuming a matching
+    checkpoint, to the training images' posteriors: with `inputs` "mean" (resolved on Bernoulli
+    data) to the means μ(e) (N, Z), computed once; with "sample" to one draw z ~ q(z|e) per image,
+    redrawn every epoch. Returns (gan, history, settings for `save_latent_gan`, moment gaps
+    between 10⁴ GAN samples and the pool)."""
+    params = latent_gan_params(run, meta["binary"])
     torch.manual_seed(params.seed)
     sharded = ShardedLatentModel(model, ctx)  # the encoder passes split across ranks
+
+    def encode_mean(e: Tensor) -> Tensor:
+        return sharded.encode(e.to(ctx.device))[0]
 
     def encode_sample(e: Tensor) -> Tensor:
         mu, log_sigma = sharded.encode(e.to(ctx.device))
         return model.sample_q(mu, log_sigma, 1)[0][0]
 
-    pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
-    gan = LatentGAN(model.zdim, params.noise_dim, params.hidden)
+    if params.inputs == "mean":
+        means = posterior_samples(encode_mean, images)  # deterministic: draws nothing from the RNG
+        pool = lambda: means  # noqa: E731
+    else:
+        pool = lambda: posterior_samples(encode_sample, images)  # noqa: E731
+    gan = LatentGAN.from_params(model.zdim, params)
     settings = latent_gan_settings(params, model.zdim)
     origin = {
         "vae_sha256": io.file_digest(vae_path),

@@ -312,7 +312,8 @@ def train_step(
         opts["critic"].step()
         model.zero_grad(set_to_none=True)  # the critic step also filled the VAE's .grad
         metrics.update(critic_metrics)
-    metrics["elbo"] = -(metrics["recon"] + metrics["kl"])
+    # The objective's ELBO: its log Z is the training estimate log Z_train, which training can exploit.
+    metrics["elbo_under_train_log_z"] = -(metrics["recon"] + metrics["kl"])
     metrics["beta"] = float(model.beta.detach())
     return metrics
 
@@ -334,18 +335,26 @@ def train(
     callback: Callable[[int, dict], None] | None = None,
     checkpoint: Checkpoint | None = None,
     progress: bool = False,
+    monitor: Callable[[VAEPP], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `model` with `algorithm` on uint8 images (N, C, H, W) for `params.epochs` epochs.
 
     With a `checkpoint`, the fit's state is written every `checkpoint_every` epochs and at the
     end, and a fit that finds one resumes from it, so a killed run finishes with the same result
     as an uninterrupted one. `callback(epoch, metrics)` receives each epoch's mean metrics.
+    `monitor(model)` (`evaluate.log_z_monitor`) runs after every `log_z_every`-th epoch and after
+    the last; its values join that epoch's metrics, with elbo_under_monitor_log_z = the epoch's
+    mean ELBO terms under its log Z instead of the per-batch training estimate. It must leave the
+    global RNG alone, so that a monitored fit trains exactly as an unmonitored one.
     A non-finite loss raises NonFiniteLossError and leaves the last checkpoint untouched.
     On W processes every rank passes the same arguments and its `ctx`, and the same checkpoint
     file with `write=True` on rank 0 only.
     """
     from tqdm.auto import tqdm
 
+    unresolved = [k for k in ("penalty_p", "critic_penalty_weight") if getattr(params, k) == "auto"]
+    if unresolved:
+        raise ValueError(f"train.{unresolved[0]} is 'auto': resolve it by the likelihood (vaepp.study.train_params)")
     if (algorithm == "vae") == model.spec.pullback:
         raise ValueError(
             f"algorithm {algorithm!r} needs a model with pullback={algorithm != 'vae'} "
@@ -414,6 +423,15 @@ def train(
         metrics["epoch"] = epoch + 1
         metrics["seconds"] = time.perf_counter() - t0
         metrics["lr"] = params.lr * _lr_factor(epoch, params)
+        every = params.log_z_every or 0
+        if monitor is not None and every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == params.epochs):
+            model.eval()
+            metrics.update(monitor(model))
+            model.train()
+            # Σ of the ELBO terms without log Z, averaged over the epoch, less the monitored log Z.
+            metrics["elbo_under_monitor_log_z"] = (
+                metrics["elbo_under_train_log_z"] + metrics.get("log_z", 0.0) - metrics["monitor_log_z"]
+            )
         result.history.append(metrics)
         result.seconds += metrics["seconds"]
         if checkpoint is not None:
