@@ -94,3 +94,23 @@ def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
                 h["elbo_under_train_log_z"] + h["log_z"] - h["monitor_log_z"]
             )
     assert not any("monitor_log_z" in h for h in a.history)
+
+
+@pytest.mark.parametrize("algorithm", ["vae", "naive_vaepp", "vaepp"])
+def test_l2_falls_on_conv_kernels_only_and_never_on_the_naive_critic(algorithm):
+    from vaepp.train import make_optimizers
+
+    model = VAEPP(model_spec((1, 12, 12), arch="resnet", channels=(4, 8), pullback=algorithm != "vae"))
+    opts = make_optimizers(model, train_params(weight_decay=2e-4), algorithm)
+    decayed = {id(p) for opt in opts.values() for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    critic = {id(p) for p in model.critic.parameters()}
+    for name, p in model.named_parameters():
+        if algorithm == "vae" and id(p) in critic:
+            continue  # the plain VAE has no critic to train
+        want = p.dim() == 4 and not (algorithm == "naive_vaepp" and id(p) in critic)
+        assert (id(p) in decayed) == want, name
+    mlp = VAEPP(model_spec((1, 12, 12), hidden=(16,), pullback=algorithm != "vae"))
+    groups = [
+        g for opt in make_optimizers(mlp, train_params(weight_decay=2e-4), algorithm).values() for g in opt.param_groups
+    ]
+    assert not any(g["params"] and g["weight_decay"] > 0 for g in groups)  # dense layers: no L2

@@ -257,19 +257,25 @@ def adam(params, **kwargs) -> torch.optim.Adam:
 
 def make_optimizers(model: VAEPP, params: TrainParams, algorithm: Algorithm) -> dict[str, torch.optim.Optimizer]:
     """Adam over (encoder, decoder, ξ, …) — plus the critic for Algorithm 2 — and, for
-    Algorithm 1, a separate critic Adam(β₁ = 0.5, β₂ = 0.999). L2 only on ≥ 2-d weights."""
+    Algorithm 1, a separate critic Adam(β₁ = 0.5, β₂ = 0.999).
 
-    def groups(ps):
+    L2 as in the authors' code: `weight_decay`·w added to the gradient (the loss's λ·½Σw²) of
+    convolution kernels only; dense layers, biases and Algorithm 1's critic are unregularised. So
+    the MLP family trains without L2."""
+
+    def groups(ps, regularised: bool = True):
         ps = [p for p in ps if p.requires_grad]
-        decay = [p for p in ps if p.dim() >= 2]
-        rest = [p for p in ps if p.dim() < 2]
+        decay = [p for p in ps if regularised and p.dim() == 4]  # (out, in, kh, kw) conv kernels
+        ids = {id(p) for p in decay}
+        rest = [p for p in ps if id(p) not in ids]
         return [{"params": decay, "weight_decay": params.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     if algorithm == "vaepp":
         return {"model": adam(groups(model.parameters()), lr=params.lr)}
     opts = {"model": adam(groups(model.model_parameters()), lr=params.lr)}
     if algorithm == "naive_vaepp":
-        opts["critic"] = adam(groups(model.critic.parameters()), lr=params.critic_lr, betas=(0.5, 0.999))
+        critic = groups(model.critic.parameters(), regularised=False)
+        opts["critic"] = adam(critic, lr=params.critic_lr, betas=(0.5, 0.999))
     return opts
 
 
