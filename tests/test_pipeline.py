@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RUNS = ("vae", "naive_vaepp", "vaepp")
+RUNS = ("vae", "naive_vaepp", "vaepp", "certified")
 
 pytestmark = pytest.mark.pipeline
 
@@ -102,6 +102,10 @@ def test_repro_writes_every_declared_output(repo):
         assert {"fid", "fid_gan", "n_samples", "protocol", "mala_acceptance"} <= fid.keys()
     vaepp_nll = json.loads((root / "metrics/vaepp/nll.json").read_text())
     assert set(vaepp_nll["log_z"]) == {"paper_q", "prior_is", "ais"}
+    cert = json.loads((root / "metrics/certified/nll.json").read_text())
+    assert set(cert["log_z"]) == {"paper_q", "prior_is", "ais", "certificate", "reverse_ais"}
+    assert cert["log_z_headline"] == "certificate"
+    assert json.loads((root / "metrics/certified/fid.json").read_text())["sampler"] == "exact (rejection) + MALA"
     for name in ("index.html", "tables.md", "metrics.csv"):
         assert (root / "reports" / name).is_file(), name
 
@@ -126,7 +130,7 @@ def test_mlflow_finds_parent_and_children_after_repro(repo):
 
 # The --temp experiment's targets: every run's sampling stage, and the FID stage of one run (each
 # FID stage takes two 2048×2048 eigendecompositions; the first repro ran all three).
-TEMP_TARGETS = ("sample-mala@vae", "sample-mala@naive_vaepp", "compute-fid@vaepp")
+TEMP_TARGETS = ("sample-mala@vae", "sample-mala@naive_vaepp", "sample-mala@certified", "compute-fid@vaepp")
 
 
 def test_exp_run_in_workspace_and_temp_are_listed_and_tracked(repo):

@@ -31,7 +31,7 @@ Dataset = Literal[
     "cifar10_smoke",
     "celeba",
 ]
-RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow"]
+RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow", "certified"]
 Penalty = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
 PositiveInt = Field(gt=0)
 Auto = Literal["auto"]
@@ -86,8 +86,19 @@ class ModelParams(_Section):
     # zero_heads (authors): the encoder's μ and log σ heads and the decoder's output layer start
     # at zero, so q starts as N(0, I) and G as a flat image; torch: PyTorch's default init.
     init: Literal["zero_heads", "torch"]
+    # The bounded pull-back prior of `certified` runs: N(z; 0, I)·sigmoid(c − β·D(G(z)) + h(z))/Z.
+    acceptance_c_init: float  # c at the start (learnable)
+    acceptance_mlp: tuple[int, ...]  # hidden sizes of h(z), an MLP on z in the logit; [] = no h
+    truncation: int | None = Field(ge=1)  # LARS's truncated sampler: at most T proposals; null = T = ∞
 
     _sizes = field_validator("hidden", "channels")(_positive_sizes)
+
+    @field_validator("acceptance_mlp")
+    @classmethod
+    def _mlp_sizes(cls, v):
+        if any(int(x) <= 0 for x in v):
+            raise ValueError("must be a list of positive layer sizes ([] for none)")
+        return v
 
 
 class MonitorParams(_Section):
@@ -118,6 +129,7 @@ class TrainParams(_Section):
     clamp_kl: bool
     max_steps_per_epoch: int | None = Field(gt=0)
     log_z_every: int | None = Field(ge=0)  # epochs between log-Z monitor checks; 0 or None: off
+    lars_decay: float = Field(ge=0.0, lt=1.0)  # `certified` runs: the EMA of LARS's Ẑ (0.99)
     monitor: MonitorParams
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)
@@ -152,6 +164,12 @@ class LogZParams(_Section):
     ais_seeds: int = Field(gt=0)
     q_based_per_image: int = Field(gt=0)  # paper protocol: 1000 on MNIST
     q_based_images: int | None = Field(gt=0)  # None = the whole training set
+    # `certified` runs: the certificate on Z = E_N[a] at confidence 1 − delta, with M samples
+    # chosen (from an independent pilot) so that log Z's upper end is within the half-width of log Ẑ
+    certificate_delta: float = Field(gt=0.0, lt=1.0)
+    certificate_half_width: float = Field(gt=0.0)
+    certificate_pilot: int = Field(gt=1)
+    certificate_max_samples: int = Field(gt=1)
 
 
 class NLLParams(_Section):

@@ -106,9 +106,54 @@ def log_z_protocol(
             progress=progress,
         ),
     ]
+    if model.spec.certified:
+        found += _certified_estimates(model, lz, p, device=device, progress=progress)
     estimates = {e.name: dataclasses.asdict(e) for e in found}
+    if model.spec.certified and model.spec.truncation is None:
+        return estimates, "certificate"  # log Z's upper end at 1 − δ: the honest direction
     headline = max(HEADLINE_CANDIDATES, key=lambda n: estimates[n]["log_z"])
     return estimates, headline
+
+
+def _certified_estimates(model, lz, p: NLLParams, *, device, progress: bool) -> list:
+    """A certified prior's extra estimates: the certificate on Z = E_N[a] (`certified.
+    log_z_certificate`; its upper end heads the NLL) and reverse AIS from exact samples (a
+    stochastic upper estimate of log Z; with forward AIS, bidirectional Monte Carlo). Seeds:
+    nll.seed + 3 for the certificate, seed + 200 + s for reverse-AIS seed s (its exact samples
+    from seed + 300)."""
+    from .certified import log_z_certificate, rejection_sample
+    from .logz import log_z_reverse_ais
+
+    gen = torch.Generator(device=device)
+    cert = log_z_certificate(
+        model.log_acceptance_of,
+        model.zdim,
+        delta=lz.certificate_delta,
+        target_half_width=lz.certificate_half_width,
+        pilot_samples=lz.certificate_pilot,
+        max_samples=lz.certificate_max_samples,
+        chunk=p.chunk,
+        generator=gen.manual_seed(p.seed + 3),
+        device=device,
+        progress=progress,
+    )
+    with torch.inference_mode():
+        start, _ = rejection_sample(
+            model.log_acceptance_of,
+            model.zdim,
+            lz.ais_seeds * lz.ais_chains,
+            generator=gen.manual_seed(p.seed + 300),
+            device=device,
+        )
+    reverse = log_z_reverse_ais(
+        model.log_f,
+        start.view(lz.ais_seeds, lz.ais_chains, model.zdim),
+        n_temps=lz.ais_temps,
+        seeds=tuple(p.seed + 200 + s for s in range(lz.ais_seeds)),
+        device=device,
+        progress=progress,
+    )
+    return [cert, reverse]
 
 
 def log_z_monitor(model, test: Tensor, params: MonitorParams, *, device: torch.device | str) -> dict[str, float]:
@@ -247,7 +292,8 @@ def sampling_protocol(
     """Images from a run: (images, GAN-VAEPP images, metrics), images uint8 (n_samples, C, H, W).
 
     One generator seeded with mala.seed draws z₀ from the latent GAN, then the MALA noise (or,
-    for the plain VAE, z ~ N(0, I)). On W processes the chains' energy gradients are sharded.
+    for the plain VAE, z ~ N(0, I); for a certified prior, exact samples by rejection, then MALA
+    only if mala.n_steps > 0). On W processes the chains' energy gradients are sharded.
     """
     p = params
     gen = torch.Generator(device=device).manual_seed(p.seed)
@@ -255,7 +301,30 @@ def sampling_protocol(
     with torch.inference_mode():
         z0 = gan.sample(p.n_samples, generator=gen, device=device)
     metrics: dict = {"n_samples": p.n_samples, "mala_steps": p.n_steps, "mala_step_size": p.step_size}
-    if model.spec.pullback:
+    if model.spec.certified:  # exact samples by rejection; MALA from them when mala.n_steps > 0
+        from .certified import rejection_sample
+
+        with torch.inference_mode():
+            z, info = rejection_sample(
+                model.log_acceptance_of,
+                model.zdim,
+                p.n_samples,
+                truncation=model.spec.truncation,
+                generator=gen,
+                device=device,
+            )
+        metrics.update(sampler="exact (rejection)", rejection_acceptance=info["acceptance_rate"], mala_acceptance=None)
+        if p.n_steps > 0:
+            z, acceptance, _ = mala(
+                vdist.shard_rows(ctx, model.energy_and_grad),
+                z,
+                p.n_steps,
+                p.step_size,
+                generator=gen,
+                progress=progress,
+            )
+            metrics.update(sampler="exact (rejection) + MALA", mala_acceptance=float(acceptance))
+    elif model.spec.pullback:
         z, acceptance, stats = mala(
             vdist.shard_rows(ctx, model.energy_and_grad),
             z0.clone(),

@@ -7,6 +7,9 @@ Three estimators, each returning a `LogZEstimate`:
 - `log_z_prior_is`: importance sampling with the N(0, I) proposal, streamed (10⁸ samples and more).
 - `log_z_ais`: annealed importance sampling from N(0, I) to p_λ along the geometric path.
 
+`log_z_reverse_ais` runs AIS backwards from exact samples of p_λ: a stochastic UPPER estimate of
+log Z, the other half of bidirectional Monte Carlo.
+
 They need only `log_f: (..., Z) → (...)`, log f with its Gaussian constant (so Z = 1 at β = 0),
 and, for gradient moves, autograd through it. Both N(0, I)-IS and AIS are unbiased for Z, hence by
 Jensen LOWER estimates of log Z in expectation; the larger is the less optimistic.
@@ -243,13 +246,18 @@ def _ais_seeds(
     device,
     dtype,
     progress,
+    start=None,
 ):
     """The AIS runs of all `seeds` at once: S·M chains in one batch, so every temperature costs one
     network pass over S·M rows instead of S passes over M (the per-call overhead dominates on a
     CPU). Each seed keeps its own generator, drawn in the order of a run by itself (the start, then
     per temperature the proposal noise — or momentum — and the acceptance uniforms), and its own
     step size adapted to its own acceptance rate, so a seed's run is the same as alone up to float
-    rounding. Returns (log weights (S, M) float64, mean acceptance (S,), final step sizes (S,))."""
+    rounding. Returns (log weights (S, M) float64, mean acceptance (S,), final step sizes (S,)).
+
+    `start` (S, M, Z), if given, replaces the N(0, I) draw as the chains' starting points (nothing is
+    drawn for them): with exact samples of p ∝ f and the reversed temperatures this is reverse AIS
+    (`log_z_reverse_ais`). The loop itself does not depend on the direction of `temps`."""
     n_seeds = len(seeds)
     dev = device if device is not None else "cpu"
     gens = [torch.Generator(device=dev).manual_seed(seed) for seed in seeds]
@@ -257,7 +265,10 @@ def _ais_seeds(
     def draw(fn, shape) -> Tensor:  # one block of rows per seed, from that seed's generator
         return torch.cat([fn(shape, generator=g, device=device, dtype=dtype) for g in gens])
 
-    z = draw(torch.randn, (n_chains, zdim))  # (S·M, Z) ~ π₀
+    if start is None:
+        z = draw(torch.randn, (n_chains, zdim))  # (S·M, Z) ~ π₀
+    else:
+        z = start.detach().reshape(n_seeds * n_chains, zdim).to(device=device, dtype=dtype)  # (S·M, Z) ~ π_{t₀}
     h, grad_h = _log_ratio_and_grad(log_f, z)
     log_w = torch.zeros(n_seeds * n_chains, dtype=torch.float64, device=z.device)
     alpha = torch.full((n_seeds,), float(step_size), dtype=torch.float64)
@@ -389,6 +400,101 @@ def log_z_ais(
             "ess_per_seed": ess_per_seed,
             "acceptance_per_seed": acceptance,
             "final_step_size_per_seed": final_steps,
+            "n_temps": n_temps,
+            "n_chains": n_chains,
+            "transition": transition,
+            "schedule": schedule,
+            "seeds": list(seeds),
+        },
+    )
+
+
+def log_z_reverse_ais(
+    log_f: LogF,
+    start: Tensor,
+    *,
+    n_temps: int,
+    transition: Literal["mala", "hmc"] = "mala",
+    step_size: float = 0.5,
+    n_leapfrog: int = 5,
+    target_accept: float = 0.65,
+    adapt_rate: float = 0.05,
+    schedule: Literal["linear", "sigmoid"] = "sigmoid",
+    seeds: Sequence[int] = (0, 1, 2),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> LogZEstimate:
+    """A stochastic UPPER estimate of log Z by reverse AIS from p ∝ f to N(0, I) ("reverse_ais"):
+    the upper half of bidirectional Monte Carlo (Grosse et al. 2015).
+
+    start: (S, M, Z) exact samples of p(z) = f(z)/Z, one block of M chains per seed (S = len(seeds)),
+    e.g. from a rejection sampler. The chains run the path of `log_z_ais` backwards, t = 1 → 0 over
+    the reversed `annealing_schedule(n_temps, schedule)`, with the same kernels (MALA or HMC, step
+    size adapted per seed): before the move at t_{k−1} each chain adds (t_{k−1} − t_k)·h(z) to its
+    log weight, h = log f − log N(z; 0, I). The weight w = exp(−Σ_k (t_k − t_{k−1})·h(z_k)) is
+    unbiased for Z₀/Z₁ = 1/Z, so log Ẑ_upper = −logmeanexp(log w) is by Jensen, in expectation, an
+    UPPER estimate of log Z that falls towards log Z as n_temps grows; with forward AIS (a lower
+    estimate) it brackets log Z in expectation. Exactness of `start` matters: approximate samples
+    of p void the direction of the bias.
+
+    log_z pools all seeds' weights; std_err = max(delta-method se of the pooled weights, sd over
+    seeds / √n_seeds); ess is that of the reverse weights; extra: per-seed log Z (each −logmeanexp
+    of its own weights), their mean and sd, acceptance rates and final step sizes. In nats.
+    """
+    if start.dim() != 3:
+        raise ValueError(f"start must be (n_seeds, n_chains, zdim), got shape {tuple(start.shape)}")
+    n_seeds, n_chains, zdim = start.shape
+    if n_seeds != len(seeds) or n_chains < 1:
+        raise ValueError(f"start has {n_seeds} blocks of {n_chains} chains; need one non-empty block per seed {seeds}")
+    if transition not in ("mala", "hmc"):
+        raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
+    if n_leapfrog < 1 or not step_size > 0.0:
+        raise ValueError(f"need n_leapfrog >= 1 and step_size > 0, got {n_leapfrog}, {step_size}")
+    temps = annealing_schedule(n_temps, schedule).flip(0)  # 1 = t_K > … > t₀ = 0
+    with torch.inference_mode():
+        log_w_all, acc_rates, alphas = _ais_seeds(
+            log_f,
+            zdim,
+            n_chains,
+            temps,
+            transition,
+            step_size,
+            n_leapfrog,
+            target_accept,
+            adapt_rate,
+            list(seeds),
+            device,
+            dtype,
+            progress,
+            start=start,
+        )
+    pooled = StreamingLogMeanExp()
+    per_seed, ess_per_seed = [], []
+    for log_w in log_w_all:
+        run = StreamingLogMeanExp()
+        run.update(log_w)
+        pooled.update(log_w)
+        per_seed.append(-run.log_mean)
+        ess_per_seed.append(run.ess)
+    seeds_t = torch.tensor(per_seed, dtype=torch.float64)
+    seed_std = seeds_t.std().item() if n_seeds > 1 else None  # no spread from one seed
+    std_err = pooled.std_err
+    if n_seeds > 1:
+        std_err = max(std_err, seed_std / math.sqrt(n_seeds))
+    return LogZEstimate(
+        name="reverse_ais",
+        log_z=-pooled.log_mean,
+        std_err=std_err,
+        n_samples=pooled.n,
+        ess=pooled.ess,
+        extra={
+            "log_z_per_seed": per_seed,
+            "seed_mean": seeds_t.mean().item(),
+            "seed_std": seed_std,
+            "ess_per_seed": ess_per_seed,
+            "acceptance_per_seed": acc_rates.tolist(),
+            "final_step_size_per_seed": alphas.tolist(),
             "n_temps": n_temps,
             "n_chains": n_chains,
             "transition": transition,

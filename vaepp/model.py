@@ -16,7 +16,7 @@ from torch import Tensor
 from . import prior
 from .likelihoods import LikelihoodKind, bernoulli_log_prob, discretized_logistic_log_prob
 from .mala import energy_from_log_f
-from .nets import Arch, build_networks, zero_output_layers
+from .nets import Arch, _mlp, build_networks, zero_output_layers
 from .posteriors import (
     LOG_2PI,
     LOG_TRUNCATED_MASS,
@@ -48,6 +48,11 @@ class ModelSpec:
     pullback: bool  # False: the plain VAE, β ≡ 0
     beta_max: float  # w in β = w·sigmoid(ξ)
     init: Literal["zero_heads", "torch"]  # zero_heads: q starts as N(0, I), G as a flat image
+    # The bounded prior of `certified` runs (`prior.log_acceptance`); unused otherwise.
+    certified: bool = False
+    acceptance_c_init: float = 0.0
+    acceptance_mlp: tuple[int, ...] = ()
+    truncation: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +64,7 @@ class ModelSpec:
         d["hidden"] = tuple(d["hidden"])
         d["channels"] = tuple(d["channels"])
         d.setdefault("init", "torch")  # model files written before the option existed
+        d["acceptance_mlp"] = tuple(d.get("acceptance_mlp", ()))
         return cls(**d)
 
 
@@ -79,6 +85,17 @@ class VAEPP(nn.Module):
         )
         if spec.init == "zero_heads":
             zero_output_layers(self.encoder, self.decoder)
+        if spec.certified and not spec.pullback:
+            raise ValueError("a certified prior is a pull-back prior: it needs pullback=True")
+        # a(z) = sigmoid(c − β·D(G(z)) + h(z)); h's output layer starts at zero, so h ≡ 0 at first.
+        self.acceptance_c = nn.Parameter(torch.tensor(float(spec.acceptance_c_init))) if spec.certified else None
+        self.acceptance_mlp = None
+        if spec.certified and spec.acceptance_mlp:
+            self.acceptance_mlp = _mlp([spec.zdim, *spec.acceptance_mlp, 1])
+            nn.init.zeros_(self.acceptance_mlp[-1].weight)
+            nn.init.zeros_(self.acceptance_mlp[-1].bias)
+        if spec.certified:  # LARS's running Ẑ (forward value of the training log Z), starts at ½
+            self.register_buffer("z_ema", torch.tensor(0.5, dtype=torch.float64))
         self.n_channels = c
         self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0
         self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None
@@ -163,12 +180,25 @@ class VAEPP(nn.Module):
         return self.critic(images.reshape(-1, *images.shape[-3:])).view(lead)
 
     # ----- prior -------------------------------------------------------------------------
+    def log_acceptance(self, z: Tensor, critic_on_decoded: Tensor) -> Tensor:
+        """log a(z) of a certified prior (`prior.log_acceptance`): z (..., Z), D(G(z)) (...) → (...)."""
+        extra = None if self.acceptance_mlp is None else self.acceptance_mlp(z).squeeze(-1)
+        return prior.log_acceptance(critic_on_decoded, self.beta, self.acceptance_c, extra)
+
     def log_f_from_raw(self, z: Tensor, raw: Tensor) -> Tensor:
         """log f(z) (`prior.log_f`) reusing an existing decoder pass `raw`; the plain VAE's
-        β ≡ 0 leaves log N(z; 0, I) without a critic pass. z (..., Z) → (...), nats."""
+        β ≡ 0 leaves log N(z; 0, I) without a critic pass. A certified prior's f is
+        N(z; 0, I)·a(z), a ∈ (0, 1) (so Z ≤ 1). z (..., Z) → (...), nats."""
         if not self.spec.pullback:
             return log_standard_normal(z)
-        return prior.log_f(z, self.critic_images(self.image_mean(raw)), self.beta)
+        d = self.critic_images(self.image_mean(raw))
+        if self.spec.certified:
+            return log_standard_normal(z) + self.log_acceptance(z, d)
+        return prior.log_f(z, d, self.beta)
+
+    def log_acceptance_of(self, z: Tensor) -> Tensor:
+        """log a(z) of a certified prior, decoding z: (..., Z) → (...)."""
+        return self.log_acceptance(z, self.critic_images(self.image_mean(self.decode(z))))
 
     def log_f(self, z: Tensor) -> Tensor:
         """log f(z) in nats, Gaussian constant kept: (..., Z) → (...)."""

@@ -27,6 +27,17 @@ def log_f(z: Tensor, critic_on_decoded: Tensor, beta: Tensor) -> Tensor:
     return log_standard_normal(z) - beta * critic_on_decoded
 
 
+def log_acceptance(critic_on_decoded: Tensor, beta: Tensor, c: Tensor, extra: Tensor | None = None) -> Tensor:
+    """log a(z) = log sigmoid(ℓ(z)), ℓ(z) = c − β·D(G(z)) (+ h(z)): the acceptance of the bounded
+    pull-back prior p(z) = N(z; 0, I)·a(z)/Z of `certified` runs, with Z = E_{N(0, I)}[a] ≤ 1 (the
+    resampled priors of Bauer & Mnih 2019, with the critic on decoded images as the logit). As β → 0
+    and c → ∞ it becomes N(0, I). critic values (...) and extra (...) → (...), nats."""
+    logit = c - beta * critic_on_decoded
+    if extra is not None:
+        logit = logit + extra
+    return torch.nn.functional.logsigmoid(logit)
+
+
 def log_f_and_grad(log_f: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
     """log f(z) and its score ∇_z log f(z) by autograd, detached: (M, Z) → (M,), (M, Z), nats.
 

@@ -47,6 +47,10 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
         pullback=run.algorithm != "vae",
         beta_max=m.beta_max,
         init=m.init,
+        certified=run.algorithm == "certified",
+        acceptance_c_init=m.acceptance_c_init,
+        acceptance_mlp=tuple(m.acceptance_mlp),
+        truncation=m.truncation,
     )
 
 

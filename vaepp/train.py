@@ -52,8 +52,8 @@ from .penalties import draw_alpha, penalty_sum
 from .posteriors import log_standard_normal
 from .prior import log_f, log_z_train
 
-Algorithm = Literal["vae", "naive_vaepp", "vaepp"]
-ALGORITHMS: tuple[str, ...] = ("vae", "naive_vaepp", "vaepp")
+Algorithm = Literal["vae", "naive_vaepp", "vaepp", "certified"]
+ALGORITHMS: tuple[str, ...] = ("vae", "naive_vaepp", "vaepp", "certified")
 Part = Literal["model", "critic"]
 ONE_PROCESS = DistContext()
 # (e this rank's rows, B, part) → (this rank's loss, metrics of the global batch)
@@ -92,7 +92,14 @@ def _prior_rows(ctx: DistContext, batch: int, n_prior: int) -> list[list[int]]:
 
 
 def elbo_terms(
-    model: VAEPP, e: Tensor, batch: int, *, n_train: int, n_prior_samples: int, ctx: DistContext = ONE_PROCESS
+    model: VAEPP,
+    e: Tensor,
+    batch: int,
+    *,
+    n_train: int,
+    n_prior_samples: int,
+    ctx: DistContext = ONE_PROCESS,
+    lars_decay: float = 0.99,
 ) -> dict[str, Tensor]:
     """This rank's terms of the negative ELBO; e: its rows E_r (b, C, H, W) of a batch of B.
 
@@ -100,6 +107,7 @@ def elbo_terms(
     nats. With a pull-back prior also the global log Z_train, log Ẑ_N, log Ẑ_q (scalars), the
     sums "critic_recon" of D(G(z_i)) over E_r and "critic_prior" of D(G(ε_k)) over this rank's
     prior rows, and "fake": G(ε_k) on those rows (its penalty pairs first), (k_r, C, H, W).
+    A certified prior's terms are `_certified_terms`'.
     """
     start, stop = row_range(batch, ctx.rank, ctx.world)
     mu, log_sigma = model.encode(e)
@@ -124,6 +132,10 @@ def elbo_terms(
     d_prior = torch.empty(n_prior_samples, device=e.device, dtype=d_prior_mine.dtype).index_copy(
         0, order, gather_rows(ctx, d_prior_mine, [len(rows) for rows in prior_rows])
     )  # (K,)
+    if model.spec.certified:
+        return _certified_terms(
+            model, z, log_q, d_recon, eps, d_prior, d_prior_mine, recon, fake, batch, lars_decay, ctx
+        )
     log_z, log_z_n, log_z_q = log_z_train(beta, d_prior, gather_rows(ctx, log_f_z, n=batch), log_q_all, n_train)
     return {
         "recon": recon,
@@ -131,6 +143,45 @@ def elbo_terms(
         "log_z": log_z,
         "log_z_n": log_z_n,
         "log_z_q": log_z_q,
+        "critic_recon": d_recon.sum(),
+        "critic_prior": d_prior_mine.sum(),
+        "fake": fake,
+    }
+
+
+def _certified_terms(
+    model: VAEPP,
+    z: Tensor,
+    log_q: Tensor,
+    d_recon: Tensor,
+    eps: Tensor,
+    d_prior: Tensor,
+    d_prior_mine: Tensor,
+    recon: Tensor,
+    fake: Tensor,
+    batch: int,
+    lars_decay: float,
+    ctx: DistContext,
+) -> dict[str, Tensor]:
+    """The terms of a certified prior p(z) = N(z; 0, I)·a(z)/Z on this rank's rows, with LARS's
+    per-image estimate of Z (`certified.lars_log_z`): the K proposals' a(ε_k) plus the image's own
+    a(z_i)·N(z_i)/q(z_i|e_i), an EMA (decay `lars_decay`, from the model's `z_ema`) in the forward
+    value and the current estimate's gradient. "kl" sums log q(z_i|e_i) − log p(z_i) over E_r, the
+    image's log Z_i included; "log_z" is the batch mean of log Z_i (global) and "z_smooth" the sum of
+    the smoothed Ẑ_i over E_r, from which `model_loss` moves the EMA."""
+    from .certified import lars_log_z, log_prior_density
+
+    log_n = log_standard_normal(z)
+    log_a = model.log_acceptance(z, d_recon)  # (b,)
+    log_a_prior = model.log_acceptance(eps, d_prior)  # (K,), D(G(ε)) gathered with its gradient
+    log_z_i, _ = lars_log_z(log_a_prior, log_a, (log_n - log_q).detach(), float(model.z_ema), decay=lars_decay)
+    log_p = log_prior_density(log_n, log_a, log_z_i, model.spec.truncation)
+    (s_log_z,) = all_sum(ctx, [log_z_i.detach().sum()])
+    return {
+        "recon": recon,
+        "kl": (log_q - log_p).sum(),
+        "log_z": s_log_z / batch,
+        "z_smooth": log_z_i.detach().exp().sum(),
         "critic_recon": d_recon.sum(),
         "critic_prior": d_prior_mine.sum(),
         "fake": fake,
@@ -169,12 +220,22 @@ def model_loss(
     Algorithm 2) on its rows e of a batch of B, and the global batch's metrics in nats."""
     w = ctx.world
     # Scaled as (W·Σ)/B, not Σ·(W/B): with one process that is Σ/B, torch's mean to the last bit.
-    t = elbo_terms(model, e, batch, n_train=n_train, n_prior_samples=params.n_prior_samples, ctx=ctx)
+    t = elbo_terms(
+        model,
+        e,
+        batch,
+        n_train=n_train,
+        n_prior_samples=params.n_prior_samples,
+        ctx=ctx,
+        lars_decay=params.lars_decay,
+    )
     if not model.spec.pullback:
         s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
         recon, kl = s_recon / batch, s_kl / batch
         loss = w * t["recon"] / batch + w * t["kl"] / batch
         return loss, {"recon": float(recon), "kl": float(kl), "log_z": 0.0, "loss": float(recon + kl)}
+    if model.spec.certified:
+        return _certified_loss(model, e, t, batch, params, ctx)
     log_z = t["log_z"]
     s_recon, s_kl, s_d_recon, s_d_prior = all_sum(ctx, [t["recon"], t["kl"], t["critic_recon"], t["critic_prior"]])
     recon, kl = s_recon / batch, s_kl / batch + log_z.detach()
@@ -201,6 +262,33 @@ def model_loss(
         metrics["penalty"] = float(penalty)
     metrics["loss"] = float(loss_value)
     return loss, metrics
+
+
+def _certified_loss(
+    model: VAEPP, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
+) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's loss of a certified prior's step (Algorithm 2's single optimiser, LARS's log Z):
+    (W/B)·Σ_{i∈E_r} [−log p(e_i|z_i) + log q(z_i|e_i) − log p(z_i)] + w·(W/m)·Σ R_i, and the
+    global metrics, with "z_ema" the EMA of Ẑ after this step (mean of the smoothed Ẑ_i)."""
+    w = ctx.world
+    m = min(batch, params.n_prior_samples)
+    pen = _penalty_sum(model.critic, e, t["fake"], batch, params, ctx)
+    loss = w * t["recon"] / batch + w * t["kl"] / batch + model.spec.beta_max * (w * pen / m)
+    s_recon, s_kl, s_d_recon, s_d_prior, s_pen, s_z = all_sum(
+        ctx, [t["recon"], t["kl"], t["critic_recon"], t["critic_prior"], pen, t["z_smooth"]]
+    )
+    recon, kl, penalty = s_recon / batch, s_kl / batch, s_pen / m
+    return loss, {
+        "recon": float(recon),
+        "kl": float(kl),
+        "log_z": float(t["log_z"]),
+        "critic_recon": float(s_d_recon / batch),
+        "critic_prior": float(s_d_prior / params.n_prior_samples),
+        "penalty": float(penalty),
+        "acceptance_c": float(model.acceptance_c.detach()),
+        "z_ema": float(s_z / batch),
+        "loss": float(recon + kl + model.spec.beta_max * penalty),
+    }
 
 
 def critic_loss(
@@ -236,7 +324,7 @@ def step_loss(
             return critic_loss(model, e, batch, params, ctx=ctx)
         return model_loss(model, e, batch, params, algorithm, n_train=n_train, ctx=ctx)
 
-    return data_parallel(ctx, model, losses, find_unused_parameters=algorithm != "vaepp")
+    return data_parallel(ctx, model, losses, find_unused_parameters=algorithm not in ("vaepp", "certified"))
 
 
 def _check_finite(value: float, epoch: int, step: int, checkpoint_path: Path | None) -> None:
@@ -270,7 +358,7 @@ def make_optimizers(model: VAEPP, params: TrainParams, algorithm: Algorithm) -> 
         rest = [p for p in ps if id(p) not in ids]
         return [{"params": decay, "weight_decay": params.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-    if algorithm == "vaepp":
+    if algorithm in ("vaepp", "certified"):
         return {"model": adam(groups(model.parameters()), lr=params.lr)}
     opts = {"model": adam(groups(model.model_parameters()), lr=params.lr)}
     if algorithm == "naive_vaepp":
@@ -310,6 +398,8 @@ def train_step(
     opts["model"].zero_grad(set_to_none=True)
     loss.backward()
     opts["model"].step()
+    if "z_ema" in metrics:  # LARS: Z_ema ← the batch mean of the smoothed Ẑ_i, after the step
+        model.z_ema.fill_(metrics["z_ema"])
     if algorithm == "naive_vaepp":  # Algorithm 1, critic step
         loss, critic_metrics = loss_fn(e_r, batch, "critic")
         _check_finite(critic_metrics["critic_loss"], epoch, step, checkpoint_path)
@@ -361,6 +451,10 @@ def train(
     unresolved = [k for k in ("penalty_p", "critic_penalty_weight") if getattr(params, k) == "auto"]
     if unresolved:
         raise ValueError(f"train.{unresolved[0]} is 'auto': resolve it by the likelihood (vaepp.study.train_params)")
+    if (algorithm == "certified") != model.spec.certified:
+        raise ValueError(
+            f"algorithm {algorithm!r} and a model with certified={model.spec.certified} do not go together"
+        )
     if (algorithm == "vae") == model.spec.pullback:
         raise ValueError(
             f"algorithm {algorithm!r} needs a model with pullback={algorithm != 'vae'} "

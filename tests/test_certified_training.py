@@ -1,0 +1,81 @@
+"""The `certified` algorithm: the bounded pull-back prior N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z
+trained with Algorithm 2's single optimiser and LARS's estimate of log Z."""
+
+import math
+
+import pytest
+import torch
+
+from factories import model_spec, train_params
+from vaepp.model import VAEPP
+from vaepp.posteriors import log_standard_normal
+from vaepp.train import train, train_step
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    spec = model_spec((1, 12, 12), hidden=(16,), certified=True, **kw)
+    return VAEPP(spec), train_params(batch_size=16, n_prior_samples=16, lr=1e-3, epochs=2, seed=seed)
+
+
+def images(n=48, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.rand(n, 1, 12, 12, generator=g) > 0.6).float() * 255).to(torch.uint8)
+
+
+def test_the_prior_is_bounded_by_the_standard_normal():
+    """f(z) = N(z; 0, I)·a(z) with a ∈ (0, 1): log f < log N everywhere, so Z = E_N[a] < 1."""
+    model, _ = make()
+    with torch.no_grad():
+        model.xi.fill_(2.0)
+        z = 3 * torch.randn(200, model.zdim)
+        assert (model.log_f(z) < log_standard_normal(z)).all()
+        log_a = model.log_acceptance_of(z)
+        assert torch.allclose(model.log_f(z), log_standard_normal(z) + log_a)
+
+
+@pytest.mark.parametrize("mlp", [(), (8,)])
+def test_one_step_is_finite_moves_c_and_the_ema(mlp):
+    model, params = make(acceptance_mlp=mlp)
+    from vaepp.train import make_optimizers
+
+    opts = make_optimizers(model, params, "certified")
+    c0 = float(model.acceptance_c.detach())
+    e = images(16).float() / 255
+    m = train_step(model, opts, e, params, "certified", n_train=48)
+    assert all(math.isfinite(v) for v in m.values())
+    assert float(model.acceptance_c.detach()) != c0 and float(model.z_ema) != 0.5
+    assert m["z_ema"] == pytest.approx(float(model.z_ema))
+    assert 0.0 < m["z_ema"] <= 1.0 and "penalty" in m
+
+
+def test_certified_training_resumes_bitwise_with_its_ema(tmp_path):
+    from vaepp.checkpoints import Checkpoint
+
+    class Crash(Exception):
+        pass
+
+    model, params = make(seed=3)
+    params = params.model_copy(update={"epochs": 3})
+    whole = train(model, images(), params, "certified", checkpoint=Checkpoint(tmp_path / "a.ckpt"))
+
+    def crash(epoch, metrics):
+        if epoch == 1:
+            raise Crash
+
+    stopped, _ = make(seed=3)
+    with pytest.raises(Crash):
+        train(stopped, images(), params, "certified", callback=crash, checkpoint=Checkpoint(tmp_path / "b.ckpt"))
+    resumed, _ = make(seed=9)
+    rest = train(resumed, images(), params, "certified", checkpoint=Checkpoint(tmp_path / "b.ckpt"))
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in model.state_dict().items())  # z_ema included
+    assert [h["loss"] for h in rest.history] == [h["loss"] for h in whole.history]
+
+
+def test_algorithm_and_model_must_agree():
+    model, params = make()
+    with pytest.raises(ValueError, match="certified"):
+        train(model, images(), params, "vaepp")
+    plain = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
+    with pytest.raises(ValueError, match="certified"):
+        train(plain, images(), params, "certified")
