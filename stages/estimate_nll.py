@@ -1,7 +1,8 @@
 """estimate-nll: test NLL by importance sampling, under every estimate of log Z.
 
 The protocol (which log-Z estimators run, with which seeds and budgets, and which one heads
-`nll_nats`) is `vaepp.evaluate.nll_protocol`. Output: the --out JSON (metrics/<run>/nll.json).
+`nll_nats`) is `vaepp.evaluate.nll_protocol`. Outputs: the --out JSON (metrics/<run>/nll.json) and
+--per-image, a CSV of −log p̂(x) per test image (nats, headline log Z) for paired comparisons.
 With `distributed.nproc_per_node: N` (or under `torchrun`), the decoder and critic passes of
 every estimate are split across N processes and gathered; the result is the one-process
 result with the same seeds (docs/distributed.md). Only rank 0 writes.
@@ -17,7 +18,7 @@ from stages import common  # noqa: E402
 
 
 def _main(argv: list[str] | None) -> int:
-    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "out")).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "out", "per_image")).parse_args(argv)
     run = common.load_run(args)
     dev = common.device(args.device, run.device)
     return common.distributed_main(args, run, dev, __file__, argv, _estimate)
@@ -26,7 +27,7 @@ def _main(argv: list[str] | None) -> int:
 def _estimate(args, run, ctx) -> int:
     from vaepp import evaluate
     from vaepp.checkpoints import load_vae
-    from vaepp.io import atomic_write_json
+    from vaepp.io import atomic_write_csv, atomic_write_json
 
     model, _ = load_vae(args.vae, ctx.device)
     train, test, meta = common.load_data(args.data, run)
@@ -39,6 +40,8 @@ def _estimate(args, run, ctx) -> int:
         if not ctx.is_writer:
             return 0
         metrics.update(run=run.name, **evaluate.dataset_fields(run.data.dataset, meta))
+        per_image = metrics.pop("nll_per_image")
+        atomic_write_csv(args.per_image, [{"image": i, "nll_nats": v} for i, v in enumerate(per_image)])
         atomic_write_json(args.out, metrics)
         for step, (name, estimate) in enumerate(metrics["log_z"].items(), 1):  # in the protocol's order
             log.log_metrics({f"log_z.{name}": estimate["log_z"]}, step=step)

@@ -28,6 +28,11 @@ def _main(argv: list[str] | None) -> int:
     p = common.parser(__doc__.splitlines()[0], run=False, paths=("out",))
     for name, fields in PATTERNS.items():
         p.add_argument(f"--{name.replace('_', '-')}", required=True, help=f"path pattern with {fields}")
+    p.add_argument("--per-image", help="path pattern with {run} of estimate-nll's per-image NLL files (optional)")
+    p.add_argument(
+        "--training-length",
+        help="path pattern with {variant} and {run} of the training-length study's curves and nll.json (optional)",
+    )
     args = p.parse_args(argv)
     from vaepp.config import load_params
 
@@ -37,12 +42,21 @@ def _main(argv: list[str] | None) -> int:
 
     runs = report.collect(Path("."), params, {name: getattr(args, name) for name in PATTERNS})
     tabs = report.tables(runs)
+    study = report.training_length_table(Path("."), args.training_length) if args.training_length else None
+    paired = report.paired_table(Path("."), runs, args.per_image) if args.per_image else None
     out = args.out
     atomic_write_text(
         out / "index.html",
-        report.render_html(runs, tabs, Path("."), title=f"VAEPP reproduction — profile “{params.profile}”"),
+        report.render_html(
+            runs,
+            tabs,
+            Path("."),
+            title=f"VAEPP reproduction — profile “{params.profile}”",
+            training_length=study,
+            paired=paired,
+        ),
     )
-    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path(".")))
+    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))

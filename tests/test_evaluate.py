@@ -20,7 +20,7 @@ class PullbackLinearVAE(LinearGaussianVAE):
 
     def __init__(self, beta: float, pullback: bool = True):
         super().__init__(beta=beta if pullback else 0.0)
-        self.spec = SimpleNamespace(pullback=pullback, likelihood="gaussian")
+        self.spec = SimpleNamespace(pullback=pullback, likelihood="gaussian", certified=False, truncation=None)
         self.zdim = ZDIM
 
     def log_f(self, z):
@@ -31,6 +31,8 @@ class PullbackLinearVAE(LinearGaussianVAE):
 def params(**log_z) -> NLLParams:
     budget = dict(
         prior_is_samples=200_000, ais_chains=256, ais_temps=200, ais_seeds=2, q_based_per_image=20, q_based_images=None
+    ) | dict(
+        certificate_delta=1e-6, certificate_half_width=0.05, certificate_pilot=10_000, certificate_max_samples=10**7
     )
     return NLLParams(
         n_importance=500, n_passes=1, chunk=4096, batch_images=16, seed=0, log_z=LogZParams(**{**budget, **log_z})

@@ -60,6 +60,60 @@ def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
         fid.frechet_distance(mu, sigma, mu[:-1], sigma)
 
 
+# ------------------------------------------------------------------ Fréchet distance, low rank (n < d)
+
+
+def _pool3_like(n, d, shift, rng):
+    """(n, d) features shaped like pooled ReLU activations: nonnegative, offset, decaying spectrum."""
+    basis = rng.standard_normal((d, d)) * (np.arange(1, d + 1) ** -0.8)[:, None]
+    return np.maximum(rng.standard_normal((n, d)) @ basis + shift, 0.0)
+
+
+@pytest.mark.parametrize("n1, n2", [(60, 45), (40, 40), (99, 30)])
+def test_low_rank_frechet_distance_equals_the_full_form_and_sqrtm(n1, n2):
+    """Fewer images than features: ‖X̃1 X̃2ᵀ‖_* / √((n1−1)(n2−1)) is Tr (Σ1 Σ2)^{1/2}, so the
+    n1 × n2 path gives the d × d path's FID (both exact) and scipy's sqrtm's (to its rounding)."""
+    sqrtm = pytest.importorskip("scipy.linalg").sqrtm
+    rng = np.random.default_rng(n1 + n2)
+    d = 100
+    a, b = _pool3_like(n1, d, 0.3, rng), _pool3_like(n2, d, 0.35, rng)
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    got = fid.frechet_distance_low_rank(torch.from_numpy(a), torch.from_numpy(b))
+    assert got == pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-10)
+    by_sqrtm = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(sqrtm(s1 @ s2)).real
+    assert got == pytest.approx(by_sqrtm, rel=1e-6)
+    assert got == pytest.approx(fid.frechet_distance_low_rank(torch.from_numpy(b), torch.from_numpy(a)), rel=1e-12)
+    assert abs(fid.frechet_distance_low_rank(torch.from_numpy(a), torch.from_numpy(a))) < 1e-12 * np.trace(s1)
+    with pytest.raises(ValueError, match="width"):
+        fid.frechet_distance_low_rank(torch.from_numpy(a), torch.from_numpy(b[:, 1:]))
+
+
+def test_frechet_distance_of_sets_takes_the_low_rank_path_only_when_n_is_below_d(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance_low_rank", _counted(calls, "low", fid.frechet_distance_low_rank))
+    monkeypatch.setattr(fid, "frechet_distance", _counted(calls, "full", fid.frechet_distance))
+    rng = np.random.default_rng(7)
+
+    def feature_set(n, d, shift):
+        x = torch.from_numpy(_pool3_like(n, d, shift, rng))
+        return fid.FeatureSet(x, *fid.FeatureStats(d).update(x).mean_cov())
+
+    few, many = feature_set(30, 64, 0.3), feature_set(80, 64, 0.4)  # 30 < 64 ≤ 80
+    low = fid.frechet_distance_of_sets(few, many)
+    full = fid.frechet_distance_of_sets(many, feature_set(70, 64, 0.3))
+    assert calls == ["low", "full"]
+    assert low == pytest.approx(fid.frechet_distance(few.mu, few.sigma, many.mu, many.sigma), rel=1e-10)
+    assert full > 0
+
+
+def _counted(calls, name, fn):
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ------------------------------------------------------------------ streaming statistics
 
 
@@ -388,6 +442,45 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
         device="cpu",
     )
     assert flip["held_out"] == "train" and "the first 30 train images (held out)" in flip["protocol"]
+
+
+def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_d(tmp_path, monkeypatch):
+    """With fewer images than features (30 and 40 vs a 64-wide network) all three FIDs go through
+    the n × n_reference path, never a d × d square root, and equal the d × d FID of the streamed
+    statistics."""
+    from vaepp import evaluate
+    from vaepp.config import FIDParams
+    from vaepp.distributed import DistContext
+
+    net = FakeInception(dim=64)
+    train, test = _uint8(40, 20), _uint8(30, 21)
+    samples, samples_gan = (_images(30, 22) ** 2 * 255).round().to(torch.uint8), _uint8(30, 23)
+    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16)
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance_low_rank", _counted(calls, "low", fid.frechet_distance_low_rank))
+    monkeypatch.setattr(fid, "frechet_distance", _counted(calls, "full", fid.frechet_distance))
+    out = evaluate.fid_protocol(
+        net,
+        DistContext(),
+        samples,
+        samples_gan,
+        train,
+        test,
+        p,
+        sampler={},
+        dataset="toy",
+        reference_digest="c" * 64,
+        held_out_digest="d" * 64,
+        stats_dir=tmp_path,
+        device="cpu",
+    )
+    assert calls == ["low"] * 3
+    unit = lambda t: t.float() / 255.0  # noqa: E731
+    ref = fid.feature_stats(net, unit(train)).mean_cov()
+    for key, imgs in (("fid", samples), ("fid_gan", samples_gan), ("fid_floor", test)):
+        full = fid.frechet_distance(*fid.feature_stats(net, unit(imgs)).mean_cov(), *ref)
+        assert out[key] == pytest.approx(full, rel=1e-8)
+    assert out["fid"] > out["fid_floor"] > 0
 
 
 # ------------------------------------------------------------------ the boundary

@@ -440,3 +440,52 @@ def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
     assert len(colours) > 500  # text, table shading, plot lines and sample grids, not a blank page
     blue = np.all(np.abs(img - np.array([0xEE, 0xF6, 0xFF]) / 255) < 0.01, axis=-1)
     assert blue.mean() > 0.002  # the measured ("ours") cells' background is rendered
+
+
+def test_training_length_table_reads_every_variant_and_run(tmp_path):
+    """studies/<name>/{variant}/{run}: one row per monitored epoch, the pull-back runs' log Z pair
+    and gap, then the estimate-nll row at the end."""
+    from vaepp.report import training_length_table
+
+    for variant, drift in (("authors", 1.0), ("probe", 2.0)):
+        for run, pull in (("vae", False), ("vaepp", True)):
+            d = tmp_path / "studies" / "tl" / variant / run
+            d.mkdir(parents=True)
+            ep = np.arange(1, 4)
+            cols = {
+                "epoch": ep,
+                "log_z": 3.0 * ep if pull else 0 * ep,
+                "monitor_test_nll": 100.0 - ep + (drift * ep if pull else 0),
+            }
+            if pull:
+                cols |= {"monitor_log_z": 3.0 * ep + drift * ep, "monitor_log_z_ais": 3.0 * ep + drift * ep}
+            pd.DataFrame(cols).to_csv(d / "train_curve.csv", index=False)
+            nll = {"nll_nats": 90.0 + drift, "log_z_headline": "ais" if pull else "exact"}
+            nll["log_z"] = {"ais": {"log_z": 12.5}} if pull else {}
+            (d / "nll.json").write_text(json.dumps(nll))
+    tab = training_length_table(tmp_path, "studies/tl/{variant}/{run}")
+    assert list(tab["variant"]) == ["authors"] * 4 + ["probe"] * 4
+    row = tab[(tab["variant"] == "probe") & (tab["epoch"] == 3)].iloc[0]
+    assert row["vae NLL"] == 97.0 and row["vaepp NLL"] == 103.0 and row["vaepp gap"] == 6.0
+    end = tab[(tab["variant"] == "authors") & (tab["epoch"] == "end")].iloc[0]
+    assert end["vaepp NLL"] == 91.0 and end["vaepp log Z monitored"] == 12.5
+    assert training_length_table(tmp_path, "studies/none/{variant}/{run}").empty
+
+
+def test_paired_table_compares_runs_image_by_image(study):
+    root, params_path, _ = study
+    runs, _, _ = _build(root, params_path)
+    from vaepp.report import paired_table
+
+    rng = np.random.default_rng(0)
+    base = 90 + 10 * rng.random(50)
+    for run, shift in (("vae", 0.0), ("naive_vaepp", -1.0)):
+        f = root / "metrics" / run / "nll_per_image.csv"
+        pd.DataFrame({"image": range(50), "nll_nats": base + shift + 0.1 * rng.standard_normal(50)}).to_csv(
+            f, index=False
+        )
+    tab = paired_table(root, runs, "metrics/{run}/nll_per_image.csv").set_index("run")
+    row = tab.loc["naive_vaepp"]
+    assert row["against"] == "vae" and row["n_images"] == 50
+    assert abs(row["difference"] + 1.0) < 5 * row["paired_se"] and row["paired_se"] < 0.05  # the shared part cancels
+    assert "vae" not in tab.index

@@ -21,7 +21,8 @@ protocol is unit-tested without DVC:
   floor), with the reference and held-out features cached per dataset file and protocol.
 
 Seeds: the NLL uses nll.seed for the q-based estimate, seed + 1 for N(0, I)-IS, seed + 100 + s
-for AIS seed s and seed + 2 for the test-set samples, so every estimate has its own stream.
+for AIS seed s, seed + 2 for the test-set samples and seed + 4 for their binarisations (the same
+for every run, so that runs compare image by image), so every estimate has its own stream.
 """
 
 from __future__ import annotations
@@ -245,7 +246,9 @@ def nll_protocol(
         binarize=binary,
         chunk=p.chunk,
         generator=torch.Generator(device=device).manual_seed(p.seed + 2),
+        binarize_generator=torch.Generator(device=device).manual_seed(p.seed + 4),
         progress=progress,
+        return_per_image=True,
     )
     log_z_stderr = estimates[headline]["std_err"] if estimates else 0.0  # the exact log Z = 0 has none
     out = {
@@ -273,6 +276,8 @@ def nll_protocol(
     }
     if "nll_pass_sd" in nll:
         out["nll_pass_sd"] = nll["nll_pass_sd"]
+    # −log p̂(x) per test image (headline log Z, mean over passes): for paired comparisons of runs
+    out["nll_per_image"] = (-nll["log_px_nats"].mean(0)).tolist()
     return out
 
 
@@ -378,7 +383,9 @@ def fid_protocol(
     split, whose first n_samples images are scored against the same reference set, so the floor
     is the FID that real images get at this N and protocol (FID is biased upward at finite N;
     Bińkowski et al. 2018, "Demystifying MMD GANs"). KID: the unbiased MMD² with the cubic kernel
-    (`fid.kernel_inception_distance`), from the same Inception features as the FID.
+    (`fid.kernel_inception_distance`), from the same Inception features as the FID. Both sides'
+    features are at hand, so each FID goes through `fid.frechet_distance_of_sets` (exact, and an
+    n × n_reference problem rather than a 2048² matrix square root when n < 2048).
     net: the Inception network (a `ShardedModule` on W processes: each rank evaluates batch_size
     images of every W·batch_size batch). reference_digest, held_out_digest: the prepared files'
     SHA-256, part of the cache keys, so features of one dataset file are never reused for another.
@@ -425,7 +432,7 @@ def fid_protocol(
             fid.feature_stats(net, batches, **kw)
             return None
         features, stats = fid.features_and_stats(net, batches, **kw)
-        return fid.frechet_distance(*stats.mean_cov(), ref.mu, ref.sigma), kid(features)
+        return fid.frechet_distance_of_sets(fid.FeatureSet(features, *stats.mean_cov()), ref), kid(features)
 
     ours, ours_gan = scores(samples), scores(samples_gan)  # GAN-VAEPP: z₀ decoded directly
     if not ctx.is_writer:
@@ -434,7 +441,7 @@ def fid_protocol(
     k_floor = kid(floor.features)
     return {
         "fid": value,
-        "fid_floor": fid.frechet_distance(floor.mu, floor.sigma, ref.mu, ref.sigma),
+        "fid_floor": fid.frechet_distance_of_sets(floor, ref),
         "kid_mean": k_mala.mean,
         "kid_std": k_mala.std,
         "fid_gan": value_gan,

@@ -15,6 +15,10 @@ companions read from the same features: the Kernel Inception Distance (KID, the 
 with the cubic polynomial kernel of Bińkowski et al. 2018), and the caller's real-vs-real FID at
 the same N (the floor), for which `reference_features` caches a held-out set's features.
 
+When both sets' features are at hand and either set has fewer images than features (n < d = 2048,
+as at a few hundred images), `frechet_distance_of_sets` takes Tr (Σ_A Σ_B)^{1/2} from the singular
+values of an n_A × n_B matrix (`frechet_distance_low_rank`) instead of square-rooting d × d ones.
+
 The network is an argument everywhere: pytorch-fid's InceptionV3 with verified weights comes from
 `fetch_fid_weights.load_inception`; tests pass a small stand-in. Reference statistics are cached in
 a directory the caller names. This module reads no environment and fetches nothing.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -241,6 +246,45 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
+def frechet_distance_low_rank(feats1: Tensor, feats2: Tensor) -> float:
+    """`frechet_distance` of the means and unbiased covariances of two feature sets, computed from
+    the features: feats1 (n1, d), feats2 (n2, d), any dtype, in float64. Exact (not an
+    approximation) for any n1, n2 ≥ 2; it pays when min(n1, n2) < d.
+
+    With X̃_i = X_i − 1 μ_iᵀ (n_i, d) the centred features, Σ_i = X̃_iᵀ X̃_i / (n_i − 1) and
+    c = (n1 − 1)(n2 − 1):
+
+        Σ1 Σ2 = X̃1ᵀ (X̃1 X̃2ᵀ X̃2) / c = P Q,  P = X̃1ᵀ (d, n1),  Q = K X̃2 / c (n1, d),  K = X̃1 X̃2ᵀ (n1, n2).
+
+    PQ and QP share their nonzero eigenvalues, and QP = K X̃2 X̃1ᵀ / c = K Kᵀ / c (n1, n1), whose
+    eigenvalues are s_k² / c with s_k the singular values of K. Σ1 Σ2 has the eigenvalues of the
+    PSD Σ1^{1/2} Σ2 Σ1^{1/2} (PQ and QP again, with P = Σ1^{1/2}), all real and ≥ 0, and
+    Tr (Σ1 Σ2)^{1/2} is the sum of their square roots; the zero ones add nothing, hence
+
+        Tr (Σ1 Σ2)^{1/2} = Σ_k s_k / √c = ‖X̃1 X̃2ᵀ‖_* / √((n1 − 1)(n2 − 1)),
+
+    and Tr Σ_i = ‖X̃_i‖_F² / (n_i − 1). Cost: one (n1, d) × (d, n2) product and the singular
+    values of an n1 × n2 matrix, instead of eigendecompositions of d × d matrices.
+    """
+    if feats1.dim() != 2 or feats2.dim() != 2 or feats1.shape[1] != feats2.shape[1]:
+        raise ValueError(f"need (n, d) features of one width, got {tuple(feats1.shape)} and {tuple(feats2.shape)}")
+    n1, n2 = feats1.shape[0], feats2.shape[0]
+    if min(n1, n2) < 2:
+        raise ValueError(f"need at least 2 feature vectors per set for a covariance, have {n1} and {n2}")
+    x1 = feats1.to(device="cpu", dtype=torch.float64)
+    x2 = feats2.to(device="cpu", dtype=torch.float64)
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    c1, c2 = x1 - mu1, x2 - mu2  # two-pass centring: no cancellation of large sums
+    # Singular values, not eigenvalues of K Kᵀ followed by square roots: the rank of K is at most
+    # min(n1, n2) − 1, and its rounding-level singular values add ~ε·s_max each, where the square
+    # roots of rounding-level eigenvalues would add ~√ε·s_max each.
+    tr_covmean = float(torch.linalg.svdvals(c1 @ c2.T).sum()) / math.sqrt((n1 - 1) * (n2 - 1))
+    tr1 = float(c1.square().sum()) / (n1 - 1)
+    tr2 = float(c2.square().sum()) / (n2 - 1)
+    diff = mu1 - mu2
+    return float(diff @ diff) + tr1 + tr2 - 2.0 * tr_covmean
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernel Inception Distance
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +480,23 @@ class FeatureSet(NamedTuple):
     features: Tensor
     mu: np.ndarray
     sigma: np.ndarray
+
+
+def frechet_distance_of_sets(a: FeatureSet, b: FeatureSet) -> float:
+    """FID between two sets of which the features are at hand (as `reference_features` and
+    `features_and_stats` give them): a.features (n_a, d), b.features (n_b, d).
+
+    When min(n_a, n_b) < d, at least one covariance has rank < d and `frechet_distance_low_rank`
+    computes the same number from an n_a × n_b matrix (for 400 vs 400 images of 2048 features, a
+    fraction of a second instead of seconds); otherwise the d × d path, `frechet_distance` of
+    (μ, Σ), is the cheaper one. Both are exact; on pool3 features of a few hundred images they
+    agree to ~1e-6 relative, the d × d path's square roots of rounding-level eigenvalues (~√ε
+    each) setting that, so the low-rank value is the more accurate of the two.
+    """
+    (n_a, d), n_b = a.features.shape, b.features.shape[0]
+    if min(n_a, n_b) < d:
+        return frechet_distance_low_rank(a.features, b.features)
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
 def feature_cache_path(cache_dir: Path, key: str) -> Path:

@@ -69,6 +69,7 @@ def estimate_nll(
     chunk: int = 4096,
     rng_rows: int = RNG_ROWS,
     generator: torch.Generator | None = None,
+    binarize_generator: torch.Generator | None = None,
     progress: bool = False,
     return_per_image: bool = False,
 ) -> dict:
@@ -76,7 +77,9 @@ def estimate_nll(
 
     model: a `LatentModel`; data: iterable of test batches e (B, ...), values in [0, 1] when
     binarize (then x ~ Bernoulli(e), fresh every pass; else x = e). n_importance S samples per
-    image and pass; n_passes P passes. log_z: one log Ẑ, or {name: log Ẑ} for several estimates,
+    image and pass; n_passes P passes. `binarize_generator` draws the binarisations (default:
+    `generator`): a generator of its own gives every model the same x for the same images and seed,
+    so two models' per-image NLLs can be compared pairwise. log_z: one log Ẑ, or {name: log Ẑ} for several estimates,
     in which case `headline` names the one behind `nll_nats` (required when there are several).
 
     Cost and memory: the encoder runs once per batch; there is no Python loop over images or
@@ -128,7 +131,7 @@ def estimate_nll(
             n_per_chunk = n_draw * max(1, chunk // (n_draw * B))  # whole draws per decoder call
             acc = torch.full((4, n_passes, B), -math.inf, dtype=torch.float64, device=e.device)
             for p in range(n_passes):
-                x = torch.bernoulli(e, generator=generator) if binarize else e
+                x = torch.bernoulli(e, generator=binarize_generator or generator) if binarize else e
                 for start in range(0, S, n_per_chunk):
                     n_chunk = min(n_per_chunk, S - start)
                     draws = [

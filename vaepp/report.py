@@ -393,6 +393,105 @@ def monitor_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
+PAIRED_NOTE = (
+    "Each pull-back run against the plain VAE of the same dataset (and dim z where one exists), image by "
+    "image on the same test images and binarisations: difference = mean over images of the run's −log p̂(x) "
+    "minus the plain VAE's (negative: the run is better), paired se = sd of the per-image differences / √n. "
+    "Each run's NLL is under its headline log Z (a certified run: the certificate's upper end, so its "
+    "log-Z part is not optimistic with probability ≥ 1 − δ); the log-Z estimate's own error is not in the "
+    "paired se."
+)
+
+
+def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataFrame:
+    """Per-image paired comparison of every pull-back run with the plain VAE (PAIRED_NOTE), from the
+    estimate-nll stage's per-image files (`pattern` with {run}). Columns: run, algorithm, against,
+    n_images, nll, nll_against, difference, paired_se, log_z (the run's headline estimator)."""
+    root = Path(root)
+
+    def per_image(run: str) -> pd.Series | None:
+        f = root / pattern.format(run=run)
+        return pd.read_csv(f)["nll_nats"] if f.is_file() else None
+
+    plain = runs[runs["algorithm"] == "vae"]
+    recs = []
+    for _, r in runs[runs["algorithm"] != "vae"].iterrows():
+        mine = per_image(r["run"])
+        if mine is None:
+            continue
+        same = plain[plain["dataset"] == r["dataset"]]
+        same = same[same["zdim"] == r["zdim"]] if (same["zdim"] == r["zdim"]).any() else same
+        for _, v in same.iterrows():
+            theirs = per_image(v["run"])
+            if theirs is None or len(theirs) != len(mine):
+                continue
+            diff = mine - theirs
+            recs.append(
+                {
+                    "run": r["run"],
+                    "algorithm": r["algorithm"],
+                    "against": v["run"],
+                    "n_images": len(diff),
+                    "nll": mine.mean(),
+                    "nll_against": theirs.mean(),
+                    "difference": diff.mean(),
+                    "paired_se": diff.std() / math.sqrt(len(diff)),
+                    "log_z": r.get("nll.log_z_headline", ""),
+                }
+            )
+            break
+    return pd.DataFrame(recs)
+
+
+TRAINING_LENGTH_NOTE = (
+    "The same study at the authors' MNIST hyperparameters (lr 1e-4, ‖∇D‖³, c = w, zero-initialised heads: "
+    "`authors`) and with PyTorch's initialisation and c = 1 (`probe`), 30 epochs with the log-Z monitor "
+    "after every epoch. NLL: the monitor's test NLL (the first test images, under the monitored log Z) at "
+    "each epoch; log Z: the training estimate (epoch mean) and the monitored one; gap = monitored − training. "
+    "The last rows per variant: estimate-nll at the end (every test image, AIS at the default budget)."
+)
+
+
+def training_length_table(root: str | Path, pattern: str) -> pd.DataFrame:
+    """The training-length study: for every variant directory that `pattern` ("…/{variant}/{run}")
+    matches under root, one row per monitored epoch with the plain VAE's monitored test NLL and, per
+    pull-back run, its monitored test NLL, training and monitored log Z and their gap; then a row
+    "end" with each run's estimate-nll NLL (headline log Z) where its nll.json exists. Empty when
+    no variant has curves."""
+    root = Path(root)
+    head, _, _ = pattern.partition("{variant}")
+    base = root / head
+    recs = []
+    for vdir in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
+        variant = vdir.name
+        runs = {}
+        for rdir in sorted(p for p in vdir.glob("*") if (p / "train_curve.csv").is_file()):
+            runs[rdir.name] = pd.read_csv(rdir / "train_curve.csv").dropna(subset=["monitor_test_nll"])
+        if not runs:
+            continue
+        epochs = sorted(set.intersection(*(set(d["epoch"].astype(int)) for d in runs.values())))
+        for epoch in epochs:
+            rec: dict = {"variant": variant, "epoch": epoch}
+            for name, d in runs.items():
+                row = d[d["epoch"] == epoch].iloc[0]
+                rec[f"{name} NLL"] = row["monitor_test_nll"]
+                if "monitor_log_z_ais" in d and not math.isnan(row.get("monitor_log_z_ais", math.nan)):
+                    rec[f"{name} log Z train"] = row["log_z"]
+                    rec[f"{name} log Z monitored"] = row["monitor_log_z"]
+                    rec[f"{name} gap"] = row["monitor_log_z"] - row["log_z"]
+            recs.append(rec)
+        end: dict = {"variant": variant, "epoch": "end"}
+        for name in runs:
+            nll = _read_json(vdir / name / "nll.json")
+            if nll is not None:
+                end[f"{name} NLL"] = nll["nll_nats"]
+                if nll.get("log_z"):
+                    end[f"{name} log Z monitored"] = nll["log_z"][nll["log_z_headline"]]["log_z"]
+        if len(end) > 2:
+            recs.append(end)
+    return pd.DataFrame(recs)
+
+
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
     """ "<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
     keys = {
@@ -519,7 +618,13 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path | None = None) -> str:
+def render_markdown(
+    runs: pd.DataFrame,
+    tabs: dict[str, pd.DataFrame],
+    root: str | Path | None = None,
+    training_length: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
+) -> str:
     """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
     parts = [
         "# VAEPP: measured results beside the paper's",
@@ -533,8 +638,14 @@ def render_markdown(runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
         parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
     parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
+    if paired is not None and len(paired):
+        parts += ["## Each pull-back run against the plain VAE, image by image", "", PAIRED_NOTE, ""]
+        parts += [_md_table(paired), ""]
     if root is not None and len(mon := monitor_table(root, runs)):
         parts += ["## The log-Z monitor in training", "", MONITOR_NOTE, "", _md_table(mon), ""]
+    if training_length is not None and len(training_length):
+        parts += ["## Training length and the drift of log Z", "", TRAINING_LENGTH_NOTE, ""]
+        parts += [_md_table(training_length), ""]
     pts = dimz_points(runs).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
     parts += ["## Figure 4 points: NLL and FID against dim z", "", _md_table(pts), ""]
     return "\n".join(parts)
@@ -572,7 +683,12 @@ def _img(b64: str, alt: str) -> str:
 
 
 def render_html(
-    runs: pd.DataFrame, tabs: dict[str, pd.DataFrame], root: str | Path, title: str = "VAEPP reproduction report"
+    runs: pd.DataFrame,
+    tabs: dict[str, pd.DataFrame],
+    root: str | Path,
+    title: str = "VAEPP reproduction report",
+    training_length: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """One self-contained HTML page: tables, Figure 4 and 2 analogues, log-Z estimates, sample grids."""
     root, e = Path(root), html.escape
@@ -605,6 +721,12 @@ def render_html(
         out.append(f"<h3>{e(label)}</h3>" + (_img(b64, f"training curves {ds}") if b64 else "<p>not run</p>"))
     if len(mon := monitor_table(root, runs)):
         out.append(_html_table(mon))
+    if training_length is not None and len(training_length):
+        out += [
+            "<h2>Training length and the drift of log Z</h2>",
+            f"<p><small>{e(TRAINING_LENGTH_NOTE)}</small></p>",
+            _html_table(training_length),
+        ]
     var = ", ".join(f"{v:g} ({k} q)" for k, v in VARIANCE_Z_HAT_MNIST.items())
     out += [
         "<h2>log Z estimates and the NLL under each</h2>",
@@ -614,6 +736,12 @@ def render_html(
         " ESS: effective sample size (Σw)²/Σw² of each importance-sampling estimate; seed_sd: AIS "
         "spread over seeds; nll_nats: the NLL computed with that log Z.</small></p>",
     ]
+    if paired is not None and len(paired):
+        out += [
+            "<h2>Each pull-back run against the plain VAE, image by image</h2>",
+            f"<p><small>{e(PAIRED_NOTE)}</small></p>",
+            _html_table(paired),
+        ]
     out.append("<h2>Samples</h2><div class='grids'>")
     for _, r in runs.iterrows():
         pull = r["algorithm"] != "vae"
