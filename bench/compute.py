@@ -224,13 +224,13 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
     block is kept too. seconds/epoch = seconds/step × ⌊n_train / batch⌋.
     """
-    from vaepp.study import train_algorithm
+    from vaepp.study import train_algorithm, train_params
     from vaepp.train import make_optimizers, train_step
 
     setups = {}
     for name in runs:
         b = build(params, name)
-        spec, algorithm = b.run.train, train_algorithm(b.run)
+        spec, algorithm = train_params(b.run, b.binary), train_algorithm(b.run)
         model = b.model.train()
         opts = make_optimizers(model, spec, algorithm)
         gen = torch.Generator().manual_seed(2)

@@ -11,7 +11,7 @@ from stages import common
 from vaepp import data, fetch_data
 from vaepp.config import load_run
 from vaepp.model import VAEPP
-from vaepp.study import model_spec, train_algorithm
+from vaepp.study import model_spec, train_algorithm, train_params
 from vaepp.train import train
 
 
@@ -27,7 +27,7 @@ def mnist_train():
 @pytest.mark.parametrize("run_name", ["vae", "naive_vaepp", "vaepp"])
 def test_two_mnist_epochs_lower_the_loss(mnist_train, run_name):
     run = load_run(common.ROOT / "params.yaml", run_name)
-    params = run.train.model_copy(update={"epochs": 2})
+    params = train_params(run, binary=True).model_copy(update={"epochs": 2})
     torch.manual_seed(params.seed)
     model = VAEPP(model_spec(run, (1, 28, 28), True))
     result = train(model, mnist_train, params, train_algorithm(run), device="cpu")
