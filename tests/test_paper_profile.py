@@ -174,6 +174,11 @@ def tiny_paper_params() -> dict:
             "ais_seeds": 2,
             "q_based_per_image": 2,
             "q_based_images": 4,
+            # a loose certificate keeps M to a few thousand decoder passes on the CPU
+            "certificate_delta": 1.0e-6,
+            "certificate_half_width": 1.0,
+            "certificate_pilot": 500,
+            "certificate_max_samples": 1000000,
         },
     }
     raw["mala"] = {**raw["mala"], "n_samples": 4, "n_steps": 2}
