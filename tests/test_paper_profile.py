@@ -10,7 +10,6 @@ the paper's cells.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from pathlib import Path
 
@@ -245,11 +244,6 @@ def tiny_paper_study(tmp_path_factory):
     mp.chdir(work)
     mp.setenv("VAEPP_CACHE", str(cache))
     mp.setenv("VAEPP_MLFLOW", "0")
-    # The rejection sampler decodes its whole proposal block (65536 by default) at once: fine for
-    # the default study's MLPs, gigabytes for the ResNets here, so the tiny study draws smaller blocks.
-    from vaepp import certified
-
-    mp.setattr(certified, "rejection_sample", functools.partial(certified.rejection_sample, batch=256))
     try:
         for name in params.runs:
             stages = [train, fit_latent_gan, estimate_nll, sample_mala] + ([compute_fid] if name in FID_RUNS else [])

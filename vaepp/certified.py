@@ -248,7 +248,7 @@ def log_z_certificate(
             "z_lo": z_lo,
             "z_hi": z_hi,
             "log_z_hat": log_z_hat,
-            "log_z_lo": log_or_minus_inf(z_lo),
+            "log_z_lo": math.log(z_lo) if z_lo > 0.0 else None,  # None: the interval reaches Z = 0
             "log_z_hi": log_z_hi,
             "delta": delta,
             "m": m,
@@ -311,13 +311,16 @@ def rejection_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     batch: int = 65536,
+    chunk: int = 1024,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, dict]:
     """n exact samples of p(z) ∝ N(z; 0, I)·a(z), or of LARS's truncated p_T.
 
     Proposals ε ~ N(0, I) are drawn `batch` at a time with a uniform u each (float64, so tiny a are
     not rounded), and ε is accepted when u < a(ε), vectorised over the batch; draws continue until
-    n samples are accepted, and the first n in draw order are kept. Untruncated, each sample costs
+    n samples are accepted, and the first n in draw order are kept. a(ε) is evaluated `chunk` rows
+    at a time, so a network's activations stay small; the chunking leaves the random stream, and so
+    the samples, unchanged. Untruncated, each sample costs
     1/Z proposals on average and has density p(z) = N(z; 0, I)·a(z)/Z.
 
     truncation = T (int ≥ 1): each sample makes at most T proposals and its T-th is taken always
@@ -329,8 +332,8 @@ def rejection_sample(
     tensors, usable as inputs to a model under training. Untruncated, the loop ends only once n
     proposals are accepted, so a(z) must not vanish almost everywhere (sigmoid logits never do).
     """
-    if n < 1 or batch < 1:
-        raise ValueError(f"need n >= 1 and batch >= 1, got {n}, {batch}")
+    if n < 1 or batch < 1 or chunk < 1:
+        raise ValueError(f"need n >= 1, batch >= 1 and chunk >= 1, got {n}, {batch}, {chunk}")
     if truncation is not None and (int(truncation) != truncation or truncation < 1):
         raise ValueError(f"truncation must be None or an integer >= 1, got {truncation}")
     truncation = None if truncation is None else int(truncation)
@@ -342,7 +345,7 @@ def rejection_sample(
         while count < n:
             eps = torch.randn(batch, zdim, generator=generator, device=device, dtype=dtype)
             u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
-            log_a = _checked_log_a(log_acceptance(eps)).to(u.device)
+            log_a = torch.cat([_checked_log_a(log_acceptance(part)) for part in eps.split(chunk)]).to(u.device)
             ends, carry = _sample_ends(torch.log(u) < log_a, carry, truncation)
             ends = ends[: n - count]
             if ends.numel() > 0:

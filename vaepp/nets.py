@@ -113,10 +113,15 @@ def _down_trunk(c_in: int, channels: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _down_size(h: int, n_down: int) -> int:
-    for _ in range(n_down):
-        h = (h + 1) // 2  # a 3×3 conv with stride 2 and padding 1
-    return h
+def _trunk_map_size(image_shape: tuple[int, int, int], channels: list[int]) -> tuple[int, int]:
+    """(h', w'): the trunk's output map, one halving per channel count after the first."""
+
+    def down(n: int) -> int:
+        for _ in range(len(channels) - 1):
+            n = (n + 1) // 2  # a 3×3 conv with stride 2 and padding 1
+        return n
+
+    return down(image_shape[1]), down(image_shape[2])
 
 
 class ResNetEncoder(nn.Module):
@@ -124,9 +129,8 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int]):
         super().__init__()
-        c, h, w = image_shape
-        self.trunk = _down_trunk(c, channels)
-        hh, ww = _down_size(h, len(channels) - 1), _down_size(w, len(channels) - 1)
+        self.trunk = _down_trunk(image_shape[0], channels)
+        hh, ww = _trunk_map_size(image_shape, channels)
         self.head = nn.Linear(channels[-1] * hh * ww, 2 * zdim)
 
     @property
@@ -143,9 +147,8 @@ class ResNetCritic(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int, int], channels: list[int]):
         super().__init__()
-        c, h, w = image_shape
-        self.trunk = _down_trunk(c, channels)
-        hh, ww = _down_size(h, len(channels) - 1), _down_size(w, len(channels) - 1)
+        self.trunk = _down_trunk(image_shape[0], channels)
+        hh, ww = _trunk_map_size(image_shape, channels)
         self.head = nn.Linear(channels[-1] * hh * ww, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,8 +162,7 @@ class ResNetDecoder(nn.Module):
         super().__init__()
         c, h, w = image_shape
         self.image_hw = (h, w)
-        n_up = len(channels) - 1
-        self.hh, self.ww = _down_size(h, n_up), _down_size(w, n_up)
+        self.hh, self.ww = _trunk_map_size(image_shape, channels)
         rev = list(reversed(channels))
         self.head = nn.Linear(zdim, rev[0] * self.hh * self.ww)
         self.c0 = rev[0]
@@ -182,12 +184,11 @@ class ResNetDecoder(nn.Module):
 def latent_map_shape(image_shape: tuple[int, int, int], zdim: int, channels: list[int]) -> tuple[int, int, int]:
     """(L, h', w') of the `resnet_map` latent: h' × w' is the trunk's output map (one halving per
     channel count after the first) and L = zdim / (h'·w') latent channels, which must be whole."""
-    _, h, w = image_shape
-    hh, ww = _down_size(h, len(channels) - 1), _down_size(w, len(channels) - 1)
+    hh, ww = _trunk_map_size(image_shape, channels)
     if zdim % (hh * ww) != 0:
         raise ValueError(
             f"model.zdim = {zdim} does not fill the {hh}×{ww} latent map of arch resnet_map (channels "
-            f"{list(channels)} on {h}×{w} images): dim z must be a multiple of {hh * ww}"
+            f"{list(channels)} on {image_shape[1]}×{image_shape[2]} images): dim z must be a multiple of {hh * ww}"
         )
     return zdim // (hh * ww), hh, ww
 
@@ -199,9 +200,8 @@ class ResNetMapEncoder(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int]):
         super().__init__()
-        c = image_shape[0]
         self.n_latent, _, _ = latent_map_shape(image_shape, zdim, channels)
-        self.trunk = _down_trunk(c, channels)
+        self.trunk = _down_trunk(image_shape[0], channels)
         self.head = nn.Conv2d(channels[-1], 2 * self.n_latent, 3, padding=1)
 
     @property

@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .certified import lars_log_z, log_prior_density
 from .checkpoints import Checkpoint
 from .config import TrainParams
 from .distributed import DistContext, all_sum, check_same_input, data_parallel, gather_rows, row_range
@@ -169,7 +170,6 @@ def _certified_terms(
     value and the current estimate's gradient. "kl" sums log q(z_i|e_i) − log p(z_i) over E_r, the
     image's log Z_i included; "log_z" is the batch mean of log Z_i (global) and "z_smooth" the sum of
     the smoothed Ẑ_i over E_r, from which `model_loss` moves the EMA."""
-    from .certified import lars_log_z, log_prior_density
 
     log_n = log_standard_normal(z)
     log_a = model.log_acceptance(z, d_recon)  # (b,)
