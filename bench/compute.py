@@ -1,8 +1,9 @@
-"""Compute benchmarks: the matmul limit, NLL importance sampling, training steps, MALA.
+"""Compute benchmarks: the matmul limit, NLL importance sampling, training steps, MALA, AIS.
 
 Every rate here is compared with the float32 matmul rate measured in the same run. FLOPs come
-from the layer shapes (`bench.common.net_flops`); the models are the embedded default's networks
-with random weights and random images (speed does not depend on what the weights have learnt).
+from the layer shapes (`bench.common.net_flops`), AIS's from torch's FlopCounterMode; the models
+are the embedded default's networks with random weights and random images (speed does not depend
+on what the weights have learnt).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import NetFlops, best_time, net_flops
 
@@ -305,4 +307,52 @@ def mala_bench(b: Built, *, n_chains: int, n_steps: int, repeats: int, peak_gflo
         "ratio_to_limit": rate / limit,
         "n_chains": n_chains,
         "n_steps": n_steps,
+    }
+
+
+# ----- 5. AIS ------------------------------------------------------------------------------------
+def ais_bench(b: Built, *, n_temps: int, repeats: int, peak_gflops: float) -> dict:
+    """Transitions per second of `vaepp.logz.log_z_ais` called as the estimate-nll stage calls it
+    (`vaepp.evaluate.log_z_protocol`: nll.log_z.ais_chains chains for each of nll.log_z.ais_seeds
+    seeds, all seeds' chains in one batch, MALA transitions, the protocol's seeds), on `n_temps`
+    temperatures instead of nll.log_z.ais_temps; the best of `repeats` runs after one untimed run.
+
+    A transition is one chain advancing one temperature: S·M·K per run (S seeds, M chains, K
+    temperatures), so rate = S·M·K / seconds. Every temperature evaluates h(z) = log f(z) −
+    log N(z; 0, I) and ∇h once per chain, at the proposal (`vaepp.logz._log_ratio_and_grad`); the
+    FLOPs of one such evaluation per chain are counted by torch's FlopCounterMode on the S·M rows
+    (decoder and critic forward and their input gradients: about 2·(G + D) of `mala_bench`), and
+
+        limit = matmul limit / FLOPs per chain,   ratio = rate / limit.
+
+    The run also evaluates h and ∇h once at the start, so even with no other overhead the ratio
+    is at most K / (K + 1) of the matmul share (the stage's 1000 temperatures make that share
+    negligible). At the default params (3 seeds × 256 chains, K = 25) a run takes about half a
+    second on 2 cores.
+    """
+    from vaepp.logz import _log_ratio_and_grad, log_z_ais
+
+    p = b.run.nll
+    n_chains, seeds = p.log_z.ais_chains, tuple(p.seed + 100 + s for s in range(p.log_z.ais_seeds))
+    rows = n_chains * len(seeds)
+    z = torch.randn(rows, b.model.zdim, generator=torch.Generator().manual_seed(p.seed))
+    with FlopCounterMode(display=False) as counter:
+        _log_ratio_and_grad(b.model.log_f, z)
+    flops = counter.get_total_flops() / rows
+
+    def once():
+        return log_z_ais(b.model.log_f, b.model.zdim, n_chains=n_chains, n_temps=n_temps, seeds=seeds)
+
+    t = best_time(once, repeats=repeats)
+    rate = rows * n_temps / t
+    limit = peak_gflops * 1e9 / flops
+    return {
+        "transitions_per_s": rate,
+        "flops_per_transition": flops,
+        "limit_transitions_per_s": limit,
+        "ratio_to_limit": rate / limit,
+        "n_chains": n_chains,
+        "n_seeds": len(seeds),
+        "n_temps": n_temps,
+        "seconds_best": t,
     }

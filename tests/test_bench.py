@@ -83,9 +83,31 @@ def test_vaepp_step_costs_about_three_vae_steps():
     assert cost["naive"] > cost["vaepp"]
 
 
-def test_run_all_quick_writes_table_and_json(tmp_path, capsys):
+def test_ais_flops_are_two_network_passes(tmp_path):
+    """One AIS transition per chain evaluates log f and its input gradient: FlopCounterMode's count
+    equals 2·(G + D) from the layer shapes (decoder and critic forward, then their input gradients;
+    no weight gradients), as MALA's chain-step."""
+    b = compute.build(_params(tmp_path), "vaepp")
+    res = compute.ais_bench(b, n_temps=2, repeats=1, peak_gflops=10.0)
+    assert res["flops_per_transition"] == 2 * (b.dec.forward + b.crit.forward)
+    assert res["limit_transitions_per_s"] == pytest.approx(10e9 / res["flops_per_transition"])
+    assert res["n_chains"] == 16 and res["n_seeds"] == 2  # the tiny profile's nll.log_z
+    assert res["transitions_per_s"] == pytest.approx(16 * 2 * 2 / res["seconds_best"])
+
+
+def test_inception_flops_count_the_299_input():
+    """The count runs on 299×299 inputs through vaepp.fid's feature path: a 3×3 stride-2
+    convolution to 2 channels costs 2·(3·9)·2·149² FLOPs per image."""
+    net = nn.Conv2d(3, 2, 3, stride=2)
+    assert fid_bench.inception_flops_per_image(net) == 2 * (3 * 9) * 2 * 149 * 149
+
+
+def test_run_all_quick_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    """Every path of the bench on tiny sizes, FID included (its two end-to-end processes skipped:
+    no budget left for them), and the four headline figures in the table and the JSON."""
+    monkeypatch.setattr(run_all, "BUDGET_S", run_all.RESERVE_S)  # no time left for the end-to-end FID
     out = tmp_path / "bench.json"
-    assert run_all.main(["--quick", "--params", str(TINY), "--no-fid", "--no-pipeline", "--out", str(out)]) == 0
+    assert run_all.main(["--quick", "--params", str(TINY), "--no-pipeline", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["quick"] is True
     threads = run_all.thread_counts()
@@ -102,11 +124,70 @@ def test_run_all_quick_writes_table_and_json(tmp_path, capsys):
             assert math.isfinite(r["gflops"]) and r["gflops"] > 0
         assert block["train"]["vae"]["gflops_ratio_to_vae"] == 1.0
         assert block["mala"]["n_chains"] == 20 and block["mala"]["chain_steps_per_s"] > 0
+        ais = block["ais"]
+        assert (ais["n_seeds"], ais["n_chains"], ais["n_temps"]) == (2, 16, run_all.QUICK["ais_temps"])
+        assert ais["ratio_to_limit"] == pytest.approx(ais["transitions_per_s"] / ais["limit_transitions_per_s"])
     assert torch.get_num_threads() == threads[0]  # restored after the single-thread block
     printed = capsys.readouterr().out
-    for figure in ("NLL achieved / matmul limit", "train vaepp GFLOP/s / vae's", "MALA / FLOP limit", "whole bench"):
+    for figure in (
+        "NLL achieved / matmul limit",
+        "train vaepp GFLOP/s / vae's",
+        "MALA / FLOP limit",
+        "AIS / FLOP limit",
+        "whole bench",
+    ):
         assert figure in printed
         assert any(row["figure"].endswith(figure) for row in res["table"])
+
+    fid = res["fid"]
+    assert fid["end_to_end"]["measured"] is False
+    assert fid["batch_images"] == run_all.QUICK["fid_rate_batch"] and fid["batch_images_per_s"] > 0
+    assert 1.1e10 < fid["inception_flops_per_image"] < 1.2e10  # Inception v3 at 299²: 5.7 G multiply-adds
+
+    head = res["headline"]
+    default = res["compute"][str(threads[0])]
+    assert head["threads"] == threads[0]
+    assert head["matmul_gflops"] == pytest.approx(default["matmul"]["peak_gflops"])
+    figures = head["figures"]
+    assert set(figures) == set(run_all.TARGETS) == {"fid_inception", "nll", "ais", "train_vae"}
+    assert run_all.TARGETS == {"fid_inception": 0.6, "nll": 0.6, "ais": 0.5, "train_vae": 0.4}
+    for name, f in figures.items():
+        for key in ("measured", "flops_per_unit", "limit", "ratio"):
+            assert math.isfinite(f[key]) and f[key] > 0, (name, key)
+        assert f["limit"] == pytest.approx(head["matmul_gflops"] * 1e9 / f["flops_per_unit"])
+        assert f["ratio"] == pytest.approx(f["measured"] / f["limit"])
+        assert f["target"] == run_all.TARGETS[name] and f["met"] == (f["ratio"] >= f["target"])
+        rows = [r for r in res["table"] if r["figure"] == f"★ [{threads[0]} thr] {f['figure']}"]
+        assert len(rows) == 1 and rows[0]["target"] == f">= {f['target']:.2f}" and rows[0]["met"] == f["met"]
+        assert rows[0]["value"].startswith(f"{f['ratio']:.2f} (") and rows[0]["figure"] in printed
+    # the headline figures are the default thread count's block, against its final matmul limit
+    assert figures["fid_inception"]["measured"] == fid["batch_images_per_s"]
+    assert figures["fid_inception"]["flops_per_unit"] == fid["inception_flops_per_image"]
+    assert figures["nll"]["ratio"] == pytest.approx(default["nll"]["ratio_to_matmul"])
+    assert figures["ais"]["ratio"] == pytest.approx(default["ais"]["ratio_to_limit"])
+    assert figures["train_vae"]["ratio"] == pytest.approx(default["train"]["vae"]["ratio_to_matmul"])
+    # one group, right after the machine rows
+    marked = [i for i, r in enumerate(res["table"]) if r["figure"].startswith("★")]
+    assert marked == list(range(2, 6))
+
+
+def test_headline_without_fid_says_so():
+    """Under --no-fid the FID headline row is printed with its target and the reason, no value."""
+    block = {
+        "matmul": {"peak_gflops": 100.0},
+        "nll": {"samples_per_s": 30e3, "flops_per_sample": 2e6},
+        "ais": {"transitions_per_s": 20e3, "flops_per_transition": 2.5e6},
+        "train": {"vae": {"seconds_per_step": 0.01, "flops_per_step": 4e8}},
+    }
+    head = run_all.headline({"compute": {"2": block}}, 2)
+    fid = head["figures"]["fid_inception"]
+    assert fid["ratio"] is None and fid["met"] is None and "--no-fid" in fid["reason"]
+    assert head["figures"]["nll"]["ratio"] == pytest.approx(30e3 * 2e6 / 100e9)  # 0.6: met
+    assert head["figures"]["nll"]["met"] is True
+    assert head["figures"]["train_vae"]["ratio"] == pytest.approx(100 * 4e8 / 100e9)  # 0.4: met
+    rows = run_all.headline_rows(head)
+    assert rows[0].figure == "★ [2 thr] FID Inception images/s / FLOP limit"
+    assert rows[0].value.startswith("not measured") and rows[0].target == ">= 0.60" and rows[0].met is None
 
 
 def test_unknown_dataset_is_named(tmp_path):
@@ -140,7 +221,9 @@ def test_fid_bench_agrees_with_pytorch_fid_cli(tmp_path):
     statistics, and through `python -m pytorch_fid` on the same PNGs and vaepp's cache file: the
     same FID. Slow: two fresh processes each load Inception and take a 2048² matrix square root."""
     torch_home, wheels = run_all._stage_paths()
-    res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10)
+    res = fid_bench.fid_bench(
+        tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10, rate_batch=2, rate_repeats=1
+    )
     e2e = res["end_to_end"]
     assert e2e["measured"]
     assert e2e["fid_vaepp_process"] == pytest.approx(res["fid_in_process"], rel=1e-6)
@@ -153,6 +236,16 @@ def test_fid_bench_skips_end_to_end_when_over_budget(tmp_path):
     """Under a budget too small for two Inception processes, the comparison is skipped and says
     why, while the in-process figures are still measured."""
     torch_home, wheels = run_all._stage_paths()
-    res = fid_bench.fid_bench(tmp_path, torch_home, wheels, n_images=2, batch_size=50, n_reference=10, seconds_left=1.0)
+    res = fid_bench.fid_bench(
+        tmp_path,
+        torch_home,
+        wheels,
+        n_images=2,
+        batch_size=50,
+        n_reference=10,
+        rate_batch=2,
+        rate_repeats=1,
+        seconds_left=1.0,
+    )
     assert res["end_to_end"]["measured"] is False and "budget" in res["end_to_end"]["reason"]
     assert res["vaepp_images_per_s"] > 0 and res["fid_in_process"] > 1.0
