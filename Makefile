@@ -33,8 +33,9 @@ test: $(VENV_STAMP)
 test-slow: $(VENV_STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Two runs at a time on one thread each (scripts/repro.py); REPRO_JOBS=1 is plain `dvc repro`.
 repro: $(VENV_STAMP)
-	$(PY) -m dvc repro
+	$(PY) scripts/repro.py
 
 repro-paper: $(VENV_STAMP)
 	cp profiles/paper.yaml params.yaml

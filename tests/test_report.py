@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -235,14 +236,16 @@ def test_html_is_self_contained_with_tables_and_plots(study):
     root, params, _ = study
     runs, tabs, page = _build(root, params)
     links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.IGNORECASE)
+    links = [link for link in links if not link.startswith("#")]  # the inline SVG's own markers
     assert links and all(link.startswith("data:image/png;base64,") for link in links), links
     assert "http" not in " ".join(links) and "<script" not in page.lower() and "<link" not in page.lower()
     for t in TABLES:
         assert t.title in page
     images = [base64.b64decode(link.split(",", 1)[1]) for link in links]
     assert all(img.startswith(b"\x89PNG\r\n\x1a\n") for img in images)
-    # dim-z plot + one curve figure for MNIST + two grids for each of the 5 runs with files
-    assert len(images) == 1 + 1 + 2 * 5
+    # one curve figure for MNIST + two grids for each of the 5 runs with files; Figure 4 is inline SVG
+    assert len(images) == 1 + 2 * 5
+    assert page.count("<svg") == 1 and 'id="dimz-nll-mnist-vaepp"' in page
     assert page.count("<p>not run</p>") == 2 * 2 + 1  # missing grids of 2 runs, CIFAR curves
     assert report.NOT_A_BOUND in page.replace("&#x27;", "'")
 
@@ -316,8 +319,91 @@ def test_adding_a_run_adds_a_row_and_a_dimz_point(study):
     assert new["zdim"] == 64 and new["bpd"] == written["vaepp_z64"]["nll"]["bpd"]
     assert len(tabs2["table1"]) == len(tabs["table1"]) + 1 and len(tabs2["table4"]) == len(tabs["table4"]) + 2
     assert "vaepp_z64" in page2 and "vaepp_z64" not in page
-    plot = lambda p: re.search(r'alt="dim z plot" src="([^"]+)"', p).group(1)  # noqa: E731
-    assert plot(page2) != plot(page)
+    assert len(_figure_markers(page)["dimz-nll-mnist-vaepp"]) == 3
+    assert len(_figure_markers(page2)["dimz-nll-mnist-vaepp"]) == 4
+
+
+class _Markers(HTMLParser):
+    """The marker positions (x of each <use>) under every <g id="dimz-…"> of a page's inline SVG."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str | None] = []
+        self.markers: dict[str, list[float]] = {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "use":
+            owner = next((g for g in reversed(self.stack) if g), None)
+            if owner:
+                self.markers[owner].append(float(a["x"]))
+            return
+        if tag == "g":
+            gid = a.get("id", "")
+            self.stack.append(gid if gid.startswith("dimz-") else None)
+            if gid.startswith("dimz-"):
+                self.markers[gid] = []
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag == "g":
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        if tag == "g":
+            self.stack.pop()
+
+
+def _figure_markers(page: str) -> dict[str, list[float]]:
+    parser = _Markers()
+    parser.feed(page)
+    return parser.markers
+
+
+def test_dimz_figure_draws_each_run_at_its_dim_z_under_both_log_zs(study):
+    root, params, written = study
+    runs, _, page = _build(root, params)
+    markers = _figure_markers(page)
+    pts = report.dimz_points(runs)
+    vaepp = pts[pts["algorithm"] == "vaepp"]
+    # one filled marker per run under its headline log Z, one hollow under the paper's, one FID marker
+    for panel in ("nll", "nll-paper-q", "fid"):
+        xs = markers[f"dimz-{panel}-mnist-vaepp"]
+        assert len(xs) == len(vaepp) == 3 and xs == sorted(xs) and len(set(xs)) == 3
+    assert len(markers["dimz-nll-mnist-vae"]) == 1 and "dimz-nll-paper-q-mnist-vae" not in markers
+    row = vaepp[vaepp["run"] == "vaepp_z8"].iloc[0]
+    assert row["nll_nats"] == written["vaepp_z8"]["nll"]["nll_nats"]
+    assert row["nll_paper_q_nats"] == written["vaepp_z8"]["nll"]["nll_nats_by_log_z"]["paper_q"]
+    assert row["fid_floor"] == written["vaepp_z8"]["fid"]["fid_floor"]
+    assert row["log_z"] == written["vaepp_z8"]["nll"]["log_z_headline"]
+
+
+def _dimz_values_in_chromium(page: Path) -> dict[str, int]:
+    """Distinct dim-z positions per Figure 4 marker set, read from the DOM Chromium renders."""
+    dom = render(page, width=1400, height=2000, dom=True)
+    assert "<svg" in dom, "Chromium returned no DOM with the inline Figure 4"
+    return {gid: len(set(xs)) for gid, xs in _figure_markers(dom).items()}
+
+
+def test_chromium_renders_figure4_with_every_dim_z(study, monkeypatch):
+    require_chromium()
+    root, params, _ = study
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    counts = _dimz_values_in_chromium(root / "reports" / "index.html")
+    assert counts["dimz-nll-mnist-vaepp"] == counts["dimz-fid-mnist-vaepp"] == len(SWEEP)
+
+
+def test_committed_default_report_draws_the_dim_z_sweep(monkeypatch):
+    """The default study's committed report (what `make repro` writes) shows Figure 4 with at least
+    four dim-z values for the plain VAE and for VAEPP, NLL and FID alike."""
+    require_chromium()
+    page = Path(__file__).resolve().parents[1] / "reports" / "index.html"
+    counts = _dimz_values_in_chromium(page)
+    for alg in ("vae", "vaepp"):
+        for panel in ("nll", "fid"):
+            assert counts.get(f"dimz-{panel}-mnist-{alg}", 0) >= 4, (alg, panel, counts)
+    assert counts.get("dimz-nll-paper-q-mnist-vaepp", 0) >= 4
 
 
 def _md_tables(text: str) -> dict[str, pd.DataFrame]:

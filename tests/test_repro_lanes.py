@@ -1,0 +1,40 @@
+"""scripts/repro.py: the lanes that run the study's runs side by side."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import repro  # noqa: E402
+
+
+def test_costliest_runs_go_first_in_params_order():
+    runs = {"vae": "vae", "naive_vaepp": "naive_vaepp", "vaepp": "vaepp", "vae_z4": "vae", "certified": "certified"}
+    assert repro.lane_order(runs) == ["naive_vaepp", "vaepp", "certified", "vae", "vae_z4"]
+
+
+def test_lanes_run_every_item_side_by_side_and_keep_progress_bars_last_state(tmp_path):
+    script = (
+        "import sys, time; name = sys.argv[1]; sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\n'); "
+        "sys.stdout.flush(); time.sleep(0.5); print('done', name)"
+    )
+    out = io.StringIO()
+    rc = repro.run_lanes(["a", "b", "c"], lambda item: [sys.executable, "-c", script, item], jobs=2, env={}, out=out)
+    lines = out.getvalue().splitlines()
+    assert rc == 0
+    for item in "abc":
+        assert f"[{item}] bar 100%" in lines and f"[{item}] done {item}" in lines
+        assert not any(line.startswith(f"[{item}] bar 1%") for line in lines)
+        assert any(line.startswith(f"[{item}] finished with status 0") for line in lines)
+    # two lanes: b starts before a ends (a sleeps 0.5 s after its bar)
+    assert lines.index("[b] bar 100%") < lines.index("[a] done a")
+
+
+def test_a_failing_run_fails_the_lanes_and_stops_new_starts():
+    out = io.StringIO()
+    cmd = {"bad": [sys.executable, "-c", "import sys; sys.exit(3)"], "later": [sys.executable, "-c", "print('ran')"]}
+    rc = repro.run_lanes(["bad", "later"], lambda item: cmd[item], jobs=1, env={}, out=out)
+    assert rc == 3 and "[later] ran" not in out.getvalue()
