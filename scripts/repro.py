@@ -6,9 +6,11 @@ the work of two processes with one thread each (a VAEPP training step: 30.9 ms o
 second thread mostly waits. So this runs the study's runs in `jobs` lanes:
 
 1. `dvc repro prepare-data`: every dataset, once;
-2. each run's chain, `dvc --wait-for-lock repro estimate-nll@<run> compute-fid@<run>` (which
-   also runs its train, fit-latent-gan and sample-mala stages), `jobs` runs at a time with
-   `threads` OpenMP threads each, the costliest runs first (pull-back runs before plain VAEs);
+2. each run's chain, stage by stage (`dvc --wait-for-lock repro --single-item <stage>@<run>` for
+   train, fit-latent-gan, estimate-nll, sample-mala, compute-fid), `jobs` runs at a time with
+   `threads` OpenMP threads each, the costliest runs first (pull-back runs before plain VAEs).
+   One stage at a time, because a `dvc repro` that reaches back to prepare-data would ask for a
+   write lock on the data another lane is reading;
 3. `dvc repro`: the report, and anything a lane did not reach.
 
 DVC releases its repository lock while a stage's command runs and takes it back to record the
@@ -56,16 +58,20 @@ def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
                 out.flush()
 
 
+RUN_STAGES = ("train", "fit-latent-gan", "estimate-nll", "sample-mala", "compute-fid")
+
+
 def run_lanes(
     items: Sequence[str],
-    command: Callable[[str], list[str]],
+    commands: Callable[[str], list[list[str]]],
     *,
     jobs: int,
     env: dict[str, str],
     out=sys.stdout,
 ) -> int:
-    """Run command(item) for every item, `jobs` at a time, in order; returns 0, or the first
-    failure's exit status (items not yet started are then skipped; running ones finish)."""
+    """Run the commands(item) of every item one after another, `jobs` items at a time, in order;
+    returns 0, or the first failure's exit status (an item stops at its failing command; items
+    not yet started are then skipped; running ones finish)."""
     queue, lock, status = list(items), threading.Lock(), []
 
     def lane() -> None:
@@ -74,10 +80,12 @@ def run_lanes(
                 if not queue or status:
                     return
                 item = queue.pop(0)
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(command(item), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            _pump(proc.stdout, f"[{item}] ", out, lock)
-            rc = proc.wait()
+            t0, rc = time.perf_counter(), 0
+            for argv in commands(item):
+                proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                _pump(proc.stdout, f"[{item}] ", out, lock)
+                if (rc := proc.wait()) != 0:
+                    break
             with lock:
                 out.write(f"[{item}] finished with status {rc} in {time.perf_counter() - t0:.0f} s\n")
                 out.flush()
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         rc = run_lanes(
             lane_order(runs),
-            lambda run: [*DVC, "--wait-for-lock", "repro", f"estimate-nll@{run}", f"compute-fid@{run}"],
+            lambda run: [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES],
             jobs=jobs,
             env=env,
         )

@@ -22,7 +22,7 @@ def test_lanes_run_every_item_side_by_side_and_keep_progress_bars_last_state(tmp
         "sys.stdout.flush(); time.sleep(0.5); print('done', name)"
     )
     out = io.StringIO()
-    rc = repro.run_lanes(["a", "b", "c"], lambda item: [sys.executable, "-c", script, item], jobs=2, env={}, out=out)
+    rc = repro.run_lanes(["a", "b", "c"], lambda item: [[sys.executable, "-c", script, item]], jobs=2, env={}, out=out)
     lines = out.getvalue().splitlines()
     assert rc == 0
     for item in "abc":
@@ -35,6 +35,16 @@ def test_lanes_run_every_item_side_by_side_and_keep_progress_bars_last_state(tmp
 
 def test_a_failing_run_fails_the_lanes_and_stops_new_starts():
     out = io.StringIO()
-    cmd = {"bad": [sys.executable, "-c", "import sys; sys.exit(3)"], "later": [sys.executable, "-c", "print('ran')"]}
-    rc = repro.run_lanes(["bad", "later"], lambda item: cmd[item], jobs=1, env={}, out=out)
-    assert rc == 3 and "[later] ran" not in out.getvalue()
+    ok, bad = [sys.executable, "-c", "print('ran')"], [sys.executable, "-c", "import sys; sys.exit(3)"]
+    cmds = {"bad": [ok, bad, ok], "later": [ok]}
+    rc = repro.run_lanes(["bad", "later"], lambda item: cmds[item], jobs=1, env={}, out=out)
+    # the failing item stops at its failing command, and no item starts after it
+    assert rc == 3 and out.getvalue().count("[bad] ran") == 1 and "[later] ran" not in out.getvalue()
+
+
+def test_each_run_goes_through_its_stages_in_dvc_yaml_order():
+    import yaml
+
+    stages = list(yaml.safe_load((Path(repro.ROOT) / "dvc.yaml").read_text())["stages"])
+    per_run = [s for s in stages if s not in ("prepare-data", "report")]
+    assert list(repro.RUN_STAGES) == per_run
