@@ -5,8 +5,8 @@ offline page template, plus synthetic plots/<run>/train_curve.csv files in two c
 `dvc plots show` and `dvc plots diff` write pages that load nothing from the network, and headless
 Chromium with name resolution and proxying switched off draws every declared curve. A curve counts
 as drawn when the page's SVG holds a line mark for it whose vertices are an affine image of the CSV
-(x pixels ∝ epoch, y pixels ∝ value, one vertex per epoch); DVC's own CDN page, rendered the same
-way, draws nothing (the control that shows the check can fail).
+(x pixels ∝ epoch, or dim z for Figure 4's lines, y pixels ∝ value, one vertex per row); DVC's own
+CDN page, rendered the same way, draws nothing (the control that shows the check can fail).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ CROSS_RUN = {
     "train-log-z-monitored": "monitor_log_z",
     "train-test-nll-monitored": "monitor_test_nll",
 }
+DIMZ = {"dimz-nll": "nll_nats", "dimz-fid": "fid"}  # Figure 4's lines, x = dim z
+DIMZ_VALUES = [4, 8, 16, 32]
 LINE_RE = re.compile(
     r'<path aria-label="([^"]*)" role="graphics-symbol" aria-roledescription="line mark" '
     r'd="([^"]*)"([^>]*)>'
@@ -90,6 +92,21 @@ def _write_curves(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
     return curves
 
 
+def _write_dimz(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
+    """The report stage's dim-z files for the declared lines: NLL falling and FID rising with dim z."""
+    lines = {}
+    for f in sorted({f for plot_id in DIMZ for f in _declared()[plot_id]["y"]}):
+        shift = (3.0 if "vaepp" in f else 0.0) + (0.0 if tag == "baseline" else -1.5)
+        z = np.array(DIMZ_VALUES)
+        cols = {"zdim": z, "nll_nats": 95.0 + 20.0 / z + shift, "fid": 40.0 + 3.0 * np.log2(z) + shift}
+        path = repo / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [",".join(cols)] + [",".join(repr(float(cols[c][i])) for c in cols) for i in range(len(z))]
+        path.write_text("\n".join(rows) + "\n")
+        lines[Path(f).name] = cols
+    return lines
+
+
 def _env() -> dict[str, str]:
     return {
         **os.environ,
@@ -124,7 +141,7 @@ def repo(tmp_path_factory):
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
     curves = {}
     for tag in EPOCHS:
-        curves[tag] = _write_curves(repo, tag)
+        curves[tag] = {**_write_curves(repo, tag), **_write_dimz(repo, tag)}
         _run(["git", "add", "-A"], repo)
         _run(["git", "commit", "-q", "-m", tag], repo)
         _run(["git", "tag", tag], repo)
@@ -175,6 +192,8 @@ def _charts(runs: dict) -> dict[str, list[tuple[str, str]]]:
     for plot_id, column in CROSS_RUN.items():
         files = _declared()[plot_id]["y"]
         charts[plot_id] = [(Path(f).parent.name, column) for f in files]
+    for plot_id, column in DIMZ.items():  # keyed by file name: DVC labels these lines by it
+        charts[plot_id] = [(Path(f).name, column) for f in _declared()[plot_id]["y"]]
     return charts
 
 
@@ -184,13 +203,15 @@ def _check_page(dom: str, curves: dict, revs: list[str]) -> int:
     drawn = _lines(dom, list(charts))
     n = 0
     for cid, wanted in charts.items():
-        got = {(line["rev"], line.get("filename", "").split("/")[0] or wanted[0][0]): line for line in drawn[cid]}
+        x = "zdim" if cid in DIMZ else "epoch"
+        key = (lambda f: f) if cid in DIMZ else (lambda f: f.split("/")[0])
+        got = {(line["rev"], key(line.get("filename", "")) or wanted[0][0]): line for line in drawn[cid]}
         assert set(got) == {(rev, run) for rev in revs for run, _ in wanted}, f"{cid}: drew {sorted(got)}"
         for rev, colour in zip(revs, REV_COLOURS, strict=False):
             for run, column in wanted:
                 line, cols = got[rev, run], curves[rev][run]
                 assert line["stroke"] == colour, f"{cid} {rev} {run}: stroke {line['stroke']}"
-                _assert_affine(line["xy"], cols["epoch"], cols[column], f"{cid} {rev} {run} {column}")
+                _assert_affine(line["xy"], cols[x], cols[column], f"{cid} {rev} {run} {column}")
                 n += 1
     return n
 
@@ -249,7 +270,7 @@ def test_plots_show_draws_every_curve_offline(repo, tmp_path):
     dom = _chromium(page, tmp_path / "show.png", n_charts=n_charts)
     assert dom.count('class="marks"') == n_charts  # one vega SVG per declared chart
     n = _check_page(dom, {"workspace": curves["candidate"]}, ["workspace"])
-    assert n == len(_runs()) + sum(len(_declared()[p]["y"]) for p in CROSS_RUN)
+    assert n == len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ))
     # The screenshot too: the curves' colour covers far more than the legends' 10-pixel dots.
     assert _colour_pixels(tmp_path / "show.png", REV_COLOURS[0]) > 150 * n
 
@@ -277,6 +298,6 @@ def test_plots_diff_overlays_both_commits(repo, tmp_path):
     n_charts = len(_charts(_runs()))
     dom = _chromium(page, tmp_path / "diff.png", n_charts=n_charts)
     n = _check_page(dom, curves, ["baseline", "candidate"])
-    assert n == 2 * (len(_runs()) + sum(len(_declared()[p]["y"]) for p in CROSS_RUN))
+    assert n == 2 * (len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ)))
     for colour in REV_COLOURS:
         assert _colour_pixels(tmp_path / "diff.png", colour) > 150 * n // 2

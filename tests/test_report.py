@@ -575,3 +575,20 @@ def test_paired_table_compares_runs_image_by_image(study):
     assert row["against"] == "vae" and row["n_images"] == 50
     assert abs(row["difference"] + 1.0) < 5 * row["paired_se"] and row["paired_se"] < 0.05  # the shared part cancels
     assert "vae" not in tab.index
+
+
+def test_stage_writes_figure4_lines_for_dvc_plots(study, monkeypatch):
+    root, params, written = study
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    line = pd.read_csv(root / "reports" / "dimz" / "mnist_vaepp.csv")
+    assert list(line["zdim"]) == sorted(SWEEP.values())
+    for _, row in line.iterrows():
+        nll = written[row["run"]]["nll"]
+        assert row["nll_nats"] == nll["nll_nats"] and row["nll_paper_q_nats"] == nll["nll_nats_by_log_z"]["paper_q"]
+        assert row["fid"] == written[row["run"]]["fid"]["fid"]
+    assert sorted(p.name for p in (root / "reports" / "dimz").iterdir()) == [
+        "mnist_naive_vaepp.csv",
+        "mnist_vae.csv",
+        "mnist_vaepp.csv",
+    ]

@@ -296,9 +296,19 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
         "fid.fid": "fid",
         "fid.fid_floor": "fid_floor",
     }
-    keep = ["dataset_label", "algorithm", "zdim", "run", "likelihood", *cols]
+    keep = ["dataset_label", "algorithm", "zdim", "run", "dataset", "likelihood", *cols]
     pts = runs[runs["has_nll"] | runs["has_fid"]].reindex(columns=keep).rename(columns=cols)
     return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
+
+
+def dimz_series(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Figure 4's lines as files for `dvc plots`: {"<dataset>_<algorithm>.csv": that line's points
+    by dim z, columns zdim, run, nll_nats, nll_paper_q_nats, fid, fid_floor}."""
+    cols = ["zdim", "run", "nll_nats", "nll_paper_q_nats", "fid", "fid_floor"]
+    return {
+        f"{ds}_{alg}.csv": g[cols].sort_values("zdim").reset_index(drop=True)
+        for (ds, alg), g in points.groupby(["dataset", "algorithm"], sort=False)
+    }
 
 
 def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -545,7 +555,8 @@ DIMZ_NOTE = (
 
 def figure_id(*parts: str) -> str:
     """An SVG element id made of `parts` (lower case, "-"-joined, other characters dropped)."""
-    return "-".join("".join(ch for ch in str(p).lower().replace(" ", "_") if ch.isalnum() or ch in "_.-") for p in parts)
+    clean = ("".join(ch for ch in str(p).lower().replace(" ", "_") if ch.isalnum() or ch in "_.-") for p in parts)
+    return "-".join(clean)
 
 
 def dimz_figure(points: pd.DataFrame) -> str:
