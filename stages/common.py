@@ -319,6 +319,15 @@ def stage_run(args, stage: str, run, params: dict, ctx=None, dataset: dict | Non
     return tracker(args.params).stage_run(stage, run.name, flat(params), dataset=dataset)
 
 
+def progress_logger(log, ctx=None) -> Callable[[str, float, int], None] | None:
+    """The evaluation protocols' `callback` (vaepp.evaluate): each progress value logged at once
+    to the stage's MLflow run `log` as metric `name` at `step`; None on ranks other than 0, so
+    that only the writing rank logs."""
+    if ctx is not None and not ctx.is_writer:
+        return None
+    return lambda name, value, step: log.log_metrics({name: value}, step=step)
+
+
 def say(message: str) -> None:
     """A line for the user on stderr (stdout carries each stage's one-line result)."""
     print(message, file=sys.stderr)

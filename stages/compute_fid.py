@@ -5,7 +5,8 @@ where the internet is available, otherwise converted offline from the registry c
 by checksum. FID and KID of both sample sets, beside both for held-out real images (the first
 n_samples images of the other split: the floor at this N). The reference and held-out features are
 cached once per dataset file and protocol under $VAEPP_CACHE/fid_stats
-(`vaepp.evaluate.fid_protocol`). Output: the --out JSON.
+(`vaepp.evaluate.fid_protocol`). Output: the --out JSON. While it runs, the stage's MLflow run
+gets the images of each set through Inception so far.
 With `distributed.nproc_per_node: N` (or under `torchrun`), every Inception batch of N·batch_size
 images is split across the N processes and its features gathered, so the feature sums are the
 one-process sums; only rank 0 writes (the metrics and a missing reference or held-out cache).
@@ -63,6 +64,7 @@ def _compute(args, run, ctx) -> int:
             stats_dir=common.cache_dir() / "fid_stats",
             device=ctx.device,
             progress=not args.no_progress and ctx.is_writer,
+            callback=common.progress_logger(log, ctx),
         )
         if not ctx.is_writer:
             return 0

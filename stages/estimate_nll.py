@@ -3,6 +3,9 @@
 The protocol (which log-Z estimators run, with which seeds and budgets, and which one heads
 `nll_nats`) is `vaepp.evaluate.nll_protocol`. Outputs: the --out JSON (metrics/<run>/nll.json) and
 --per-image, a CSV of −log p̂(x) per test image (nats, headline log Z) for paired comparisons.
+While it runs, the stage's MLflow run gets the protocol's progress (`evaluate.nll_protocol`): the
+AIS temperatures done, each log-Z estimate as it is finished, the test images done and the running
+NLL; the final metrics follow at step 0.
 With `distributed.nproc_per_node: N` (or under `torchrun`), the decoder and critic passes of
 every estimate are split across N processes and gathered; the result is the one-process
 result with the same seeds (docs/distributed.md). Only rank 0 writes.
@@ -35,7 +38,14 @@ def _estimate(args, run, ctx) -> int:
     with common.stage_run(args, "estimate-nll", run, run.nll.model_dump(), ctx, dataset=ds) as log:
         log.set_tags({"vaepp.phase": "estimating log Z and the NLL"})
         metrics = evaluate.nll_protocol(
-            model, ctx, train, test, run.nll, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+            model,
+            ctx,
+            train,
+            test,
+            run.nll,
+            device=ctx.device,
+            progress=not args.no_progress and ctx.is_writer,
+            callback=common.progress_logger(log, ctx),
         )
         if not ctx.is_writer:
             return 0
@@ -43,8 +53,6 @@ def _estimate(args, run, ctx) -> int:
         per_image = metrics.pop("nll_per_image")
         atomic_write_csv(args.per_image, [{"image": i, "nll_nats": v} for i, v in enumerate(per_image)])
         atomic_write_json(args.out, metrics)
-        for step, (name, estimate) in enumerate(metrics["log_z"].items(), 1):  # in the protocol's order
-            log.log_metrics({f"log_z.{name}": estimate["log_z"]}, step=step)
         log.log_metrics(common.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})
     by = ", ".join(f"{k} {v:.2f}" for k, v in metrics["nll_nats_by_log_z"].items())

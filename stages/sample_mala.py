@@ -4,6 +4,7 @@ VAEPP runs: z₀ from the latent GAN, then MALA on E(z) = βD(G(z)) + ½‖z‖�
 "GAN-VAEPP" images are G(z₀). Plain-VAE runs: images G(z), z ~ N(0, I) (their prior), and the
 latent GAN's G(z₀) as the two-stage comparison (`vaepp.evaluate.sampling_protocol`).
 Outputs: --samples <dir> with images.pt, images_gan.pt, grid.png, grid_gan.png; --out JSON.
+While MALA runs, the stage's MLflow run gets its steps done and running acceptance rate.
 With `distributed.nproc_per_node: N` (or under `torchrun`), the chains' energy gradients are
 split across N processes and gathered; the chains are the one-process chains. Only rank 0 writes.
 """
@@ -36,7 +37,13 @@ def _sample(args, run, ctx) -> int:
     with common.stage_run(args, "sample-mala", run, run.mala.model_dump(), ctx, dataset=ds) as log:
         log.set_tags({"vaepp.phase": "sampling"})
         images, images_gan, metrics = evaluate.sampling_protocol(
-            model, gan, ctx, run.mala, device=ctx.device, progress=not args.no_progress and ctx.is_writer
+            model,
+            gan,
+            ctx,
+            run.mala,
+            device=ctx.device,
+            progress=not args.no_progress and ctx.is_writer,
+            callback=common.progress_logger(log, ctx),
         )
         if not ctx.is_writer:
             return 0

@@ -431,7 +431,8 @@ def test_stages_in_process_log_datasets_progress_and_parent_params(tmp_path, mon
     """train, fit-latent-gan, estimate-nll, sample-mala and compute-fid (a pooling stand-in for
     Inception) of the tiny profile called in this process (`main(argv)`), tracked into the
     workspace's SQLite store: MLflow's API finds the shared params on the parent, the prepared
-    dataset on every stage run, and the log-Z estimates of estimate-nll at steps 1, 2, 3."""
+    dataset on every stage run, the log-Z estimates of estimate-nll at steps 1, 2, 3, and the
+    progress the evaluation stages log while they run, at several steps each."""
     import hashlib
 
     import torch
@@ -496,6 +497,31 @@ def test_stages_in_process_log_datasets_progress_and_parent_params(tmp_path, mon
         assert point.value == estimate["log_z"]
         steps[name] = point.step
     assert steps == {"paper_q": 1, "prior_is": 2, "ais": 3}
+
+    def history(run, name):
+        return [
+            (m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        ]
+
+    tiny = yaml.safe_load(Path("params.yaml").read_text())
+    temps = tiny["nll"]["log_z"]["ais_temps"]  # 10: fewer than 20, so every temperature is reported
+    assert history(nll_run, "log_z.ais.temps_done_fraction") == [(k, k / temps) for k in range(1, temps + 1)]
+    n_test, batch = tiny["data"]["n_test"], tiny["nll"]["batch_images"]
+    assert history(nll_run, "nll.images_done") == [(k, float(k)) for k in range(batch, n_test + 1, batch)]
+    running = history(nll_run, "nll.nats_running")
+    assert [s for s, _ in running] == list(range(batch, n_test + 1, batch)) and len(running) > 1
+    assert running[-1][1] == pytest.approx(nll["nll_nats"], rel=1e-9)
+
+    mala_run = client.get_run(children[children["tags.dvc.stage"] == "sample-mala"].run_id.iloc[0])
+    mala = json.loads((work / "metrics" / RUN / "mala.json").read_text())
+    n_steps = tiny["mala"]["n_steps"]
+    assert history(mala_run, "mala.steps_done") == [(k, float(k)) for k in range(1, n_steps + 1)]
+    acceptance = history(mala_run, "mala.acceptance_running")
+    assert [s for s, _ in acceptance] == list(range(1, n_steps + 1))
+    assert acceptance[-1][1] == pytest.approx(mala["mala_acceptance"], rel=1e-9)
     fid_run = client.get_run(children[children["tags.dvc.stage"] == "compute-fid"].run_id.iloc[0])
     fid = json.loads((work / "metrics" / RUN / "fid.json").read_text())
     assert fid_run.data.tags["vaepp.phase"] == "done" and fid_run.data.metrics["fid"] == fid["fid"]
+    n, batch = tiny["fid"]["n_samples"], tiny["fid"]["batch_size"]  # n_reference = n_samples here
+    for name in ("reference", "held_out", "samples", "samples_gan"):  # an empty cache: every set runs
+        assert history(fid_run, f"fid.{name}.images_done") == [(k, float(k)) for k in range(batch, n + 1, batch)]

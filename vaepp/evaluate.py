@@ -20,6 +20,12 @@ protocol is unit-tested without DVC:
   against the first n reference images, beside both for as many held-out real images (the
   floor), with the reference and held-out features cached per dataset file and protocol.
 
+Progress: `nll_protocol`, `sampling_protocol` and `fid_protocol` take an optional
+`callback(name, value, step)`, called as the work advances with the values each docstring lists,
+at most every 5% of a loop of temperatures or MALA steps and every 10% of an image set, and at its
+end (a few dozen calls per protocol). The callbacks read numbers the estimators compute anyway and
+draw no random number, so every result is the same with or without one.
+
 Seeds: the NLL uses nll.seed for the q-based estimate, seed + 1 for N(0, I)-IS, seed + 100 + s
 for AIS seed s, seed + 2 for the test-set samples and seed + 4 for their binarisations (the same
 for every run, so that runs compare image by image), so every estimate has its own stream.
@@ -28,9 +34,10 @@ for every run, so that runs compare image by image), so every estimate has its o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -47,6 +54,45 @@ from .sampling import decode_images
 # expectation, so the larger is chosen.
 HEADLINE_CANDIDATES = ("prior_is", "ais")
 
+# callback(name, value, step): a progress value of a protocol (see the module docstring)
+Progress = Callable[[str, float, int], None]
+# Progress reports per series: every 5% of a loop of temperatures or MALA steps, every 10% of a
+# set of test or Inception images (their batches are coarser steps), and the last step.
+REPORTS_PER_LOOP, REPORTS_PER_IMAGE_SET = 20, 10
+
+
+def throttled(callback: Progress | None, prefix: str, total: int, reports: int) -> Progress | None:
+    """`callback` for one series of progress values whose steps run up to `total`: names get
+    `prefix`, and only the steps that complete another 1/reports of `total`, and the last, are
+    passed on (every value of such a step), so at most `reports` steps whatever the loop's length.
+    None without a callback."""
+    if callback is None:
+        return None
+    total = max(total, 1)
+    state = {"step": 0, "due": False}
+
+    def report(name: str, value: float, step: int) -> None:
+        if step != state["step"]:  # a new step: due if it crosses a multiple of total / reports
+            state["due"] = step >= total or step * reports // total > state["step"] * reports // total
+            state["step"] = step
+        if state["due"]:
+            callback(prefix + name, value, step)
+
+    return report
+
+
+def _estimate_reporter(callback: Progress | None) -> Callable:
+    """estimate → estimate, calling callback(f"log_z.{name}", log Ẑ in nats, k) for the k-th
+    estimate of log Z finished (k = 1, 2, ...: its place in the protocol)."""
+    count = itertools.count(1)
+
+    def report(estimate):
+        if callback is not None:
+            callback(f"log_z.{estimate.name}", estimate.log_z, next(count))
+        return estimate
+
+    return report
+
 
 def unit_batches(images: Tensor, batch: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
     """uint8 images (N, C, H, W) → float batches in [0, 1] of at most `batch` images on `device`."""
@@ -62,12 +108,14 @@ def log_z_protocol(
     *,
     device: torch.device | str,
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> tuple[dict[str, dict], str]:
     """Every estimate of log Z for a pull-back model, and the name of the headline one.
 
     train: uint8 training images (N, C, H, W); the q-based estimate uses the first
     `log_z.q_based_images` of them (all when None) with N = len(train). Returns
     ({name: LogZEstimate as a dict}, headline name); for the plain VAE ({}, "exact").
+    callback: progress as `nll_protocol` lists it under "log_z." (none for the plain VAE).
     """
     if not model.spec.pullback:
         return {}, "exact"
@@ -76,39 +124,47 @@ def log_z_protocol(
     log_f = vdist.sharded_log_f(ctx, model.log_f)
     gen = torch.Generator(device=device)
     q_images = train[: lz.q_based_images] if lz.q_based_images else train
-    found = [
-        log_z_q_based(
-            unit_batches(q_images, p.batch_images, device),
-            sharded.encode,
-            model.sample_q,
-            log_f,
-            n_train=int(train.shape[0]),
-            n_per_image=lz.q_based_per_image,
-            chunk=p.chunk,
-            generator=gen.manual_seed(p.seed),
-            progress=progress,
+    report = _estimate_reporter(callback)
+    found = [  # each reported as it is finished
+        report(
+            log_z_q_based(
+                unit_batches(q_images, p.batch_images, device),
+                sharded.encode,
+                model.sample_q,
+                log_f,
+                n_train=int(train.shape[0]),
+                n_per_image=lz.q_based_per_image,
+                chunk=p.chunk,
+                generator=gen.manual_seed(p.seed),
+                progress=progress,
+            )
         ),
-        log_z_prior_is(
-            log_f,
-            model.zdim,
-            lz.prior_is_samples,
-            chunk=p.chunk,
-            generator=gen.manual_seed(p.seed + 1),
-            device=device,
-            progress=progress,
+        report(
+            log_z_prior_is(
+                log_f,
+                model.zdim,
+                lz.prior_is_samples,
+                chunk=p.chunk,
+                generator=gen.manual_seed(p.seed + 1),
+                device=device,
+                progress=progress,
+            )
         ),
-        log_z_ais(
-            log_f,
-            model.zdim,
-            n_chains=lz.ais_chains,
-            n_temps=lz.ais_temps,
-            seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)),
-            device=device,
-            progress=progress,
+        report(
+            log_z_ais(
+                log_f,
+                model.zdim,
+                n_chains=lz.ais_chains,
+                n_temps=lz.ais_temps,
+                seeds=tuple(p.seed + 100 + s for s in range(lz.ais_seeds)),
+                device=device,
+                progress=progress,
+                callback=throttled(callback, "log_z.ais.", lz.ais_temps, REPORTS_PER_LOOP),
+            )
         ),
     ]
     if model.spec.certified:
-        found += _certified_estimates(model, lz, p, device=device, progress=progress)
+        found += _certified_estimates(model, lz, p, device=device, progress=progress, callback=callback, report=report)
     estimates = {e.name: dataclasses.asdict(e) for e in found}
     if model.spec.certified and model.spec.truncation is None:
         return estimates, "certificate"  # log Z's upper end at 1 − δ: the honest direction
@@ -116,27 +172,30 @@ def log_z_protocol(
     return estimates, headline
 
 
-def _certified_estimates(model, lz, p: NLLParams, *, device, progress: bool) -> list:
+def _certified_estimates(model, lz, p: NLLParams, *, device, progress: bool, callback, report) -> list:
     """A certified prior's extra estimates: the certificate on Z = E_N[a] (`certified.
     log_z_certificate`; its upper end heads the NLL) and reverse AIS from exact samples (a
     stochastic upper estimate of log Z; with forward AIS, bidirectional Monte Carlo). Seeds:
     nll.seed + 3 for the certificate, seed + 200 + s for reverse-AIS seed s (its exact samples
-    from seed + 300)."""
+    from seed + 300). Progress to `callback` and each finished estimate to `report`, as in
+    `log_z_protocol`."""
     from .certified import log_z_certificate, rejection_sample
     from .logz import log_z_reverse_ais
 
     gen = torch.Generator(device=device)
-    cert = log_z_certificate(
-        model.log_acceptance_of,
-        model.zdim,
-        delta=lz.certificate_delta,
-        target_half_width=lz.certificate_half_width,
-        pilot_samples=lz.certificate_pilot,
-        max_samples=lz.certificate_max_samples,
-        chunk=p.chunk,
-        generator=gen.manual_seed(p.seed + 3),
-        device=device,
-        progress=progress,
+    cert = report(
+        log_z_certificate(
+            model.log_acceptance_of,
+            model.zdim,
+            delta=lz.certificate_delta,
+            target_half_width=lz.certificate_half_width,
+            pilot_samples=lz.certificate_pilot,
+            max_samples=lz.certificate_max_samples,
+            chunk=p.chunk,
+            generator=gen.manual_seed(p.seed + 3),
+            device=device,
+            progress=progress,
+        )
     )
     with torch.inference_mode():
         start, _ = rejection_sample(
@@ -146,13 +205,16 @@ def _certified_estimates(model, lz, p: NLLParams, *, device, progress: bool) -> 
             generator=gen.manual_seed(p.seed + 300),
             device=device,
         )
-    reverse = log_z_reverse_ais(
-        model.log_f,
-        start.view(lz.ais_seeds, lz.ais_chains, model.zdim),
-        n_temps=lz.ais_temps,
-        seeds=tuple(p.seed + 200 + s for s in range(lz.ais_seeds)),
-        device=device,
-        progress=progress,
+    reverse = report(
+        log_z_reverse_ais(
+            model.log_f,
+            start.view(lz.ais_seeds, lz.ais_chains, model.zdim),
+            n_temps=lz.ais_temps,
+            seeds=tuple(p.seed + 200 + s for s in range(lz.ais_seeds)),
+            device=device,
+            progress=progress,
+            callback=throttled(callback, "log_z.reverse_ais.", lz.ais_temps, REPORTS_PER_LOOP),
+        )
     )
     return [cert, reverse]
 
@@ -222,6 +284,7 @@ def nll_protocol(
     *,
     device: torch.device | str,
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> dict:
     """Test NLL (nats, bits/dim) under every estimate of log Z, with the headline one named.
 
@@ -230,9 +293,20 @@ def nll_protocol(
     nll_stderr (test set), nll_mc_stderr (importance sampler), nll_log_z_stderr (the headline
     log Ẑ's own, for AIS its spread over seeds), nll_total_stderr (`total_stderr`), and with
     n_passes > 1 nll_pass_sd, the sd of the pass means (the paper's "std").
+
+    callback(name, value, step), if given, gets the progress, in this order (pull-back priors
+    only for log_z.*):
+      log_z.ais.temps_done_fraction: the fraction of AIS temperatures done (all seeds at once;
+        unitless, in (0, 1]) at step = temperatures done, every 5% of them;
+      log_z.<name> (paper_q, prior_is, ais; for a certified prior also certificate, reverse_ais,
+        with log_z.reverse_ais.temps_done_fraction before it): each estimate of log Z in nats as
+        it is finished, at step = its place in that order (1, 2, ...);
+      nll.images_done and nll.nats_running: the test images done (every pass of them) and the
+        mean over them of −log p̂(x) under the headline log Ẑ in nats (`nll_nats` of the images
+        done), both at step = images done, every 10% of the test set.
     """
     t0 = time.perf_counter()
-    estimates, headline = log_z_protocol(model, ctx, train, params, device=device, progress=progress)
+    estimates, headline = log_z_protocol(model, ctx, train, params, device=device, progress=progress, callback=callback)
     log_z = {name: e["log_z"] for name, e in estimates.items()} if estimates else {"exact": 0.0}
     binary = model.spec.likelihood == "bernoulli"
     p = params
@@ -249,6 +323,7 @@ def nll_protocol(
         binarize_generator=torch.Generator(device=device).manual_seed(p.seed + 4),
         progress=progress,
         return_per_image=True,
+        callback=throttled(callback, "nll.", int(test.shape[0]), REPORTS_PER_IMAGE_SET),
     )
     log_z_stderr = estimates[headline]["std_err"] if estimates else 0.0  # the exact log Z = 0 has none
     out = {
@@ -292,15 +367,27 @@ def total_stderr(test_set: float, monte_carlo: float, log_z: float) -> float:
 
 
 def sampling_protocol(
-    model, gan, ctx: vdist.DistContext, params: MALAParams, *, device: torch.device | str, progress: bool = False
+    model,
+    gan,
+    ctx: vdist.DistContext,
+    params: MALAParams,
+    *,
+    device: torch.device | str,
+    progress: bool = False,
+    callback: Progress | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Images from a run: (images, GAN-VAEPP images, metrics), images uint8 (n_samples, C, H, W).
 
     One generator seeded with mala.seed draws z₀ from the latent GAN, then the MALA noise (or,
     for the plain VAE, z ~ N(0, I); for a certified prior, exact samples by rejection, then MALA
     only if mala.n_steps > 0). On W processes the chains' energy gradients are sharded.
+
+    callback(name, value, step), if given and MALA runs, gets every 5% of the steps, at step =
+    MALA steps done: mala.steps_done (that count) and mala.acceptance_running (the fraction of
+    proposals accepted over the steps done and all chains, unitless; `mala_acceptance` at the end).
     """
     p = params
+    mala_progress = throttled(callback, "mala.", p.n_steps, REPORTS_PER_LOOP)
     gen = torch.Generator(device=device).manual_seed(p.seed)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -327,6 +414,7 @@ def sampling_protocol(
                 p.step_size,
                 generator=gen,
                 progress=progress,
+                callback=mala_progress,
             )
             metrics.update(sampler="exact (rejection) + MALA", mala_acceptance=float(acceptance))
     elif model.spec.pullback:
@@ -337,6 +425,7 @@ def sampling_protocol(
             p.step_size,
             generator=gen,
             progress=progress,
+            callback=mala_progress,
         )
         metrics.update(
             mala_acceptance=float(acceptance),
@@ -375,6 +464,7 @@ def fid_protocol(
     stats_dir: Path,
     device: torch.device | str,
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> dict:
     """FID and KID of the MALA samples and of the latent-GAN samples against the first n_reference
     images, beside the same FID and KID for real held-out images (the floor).
@@ -391,6 +481,11 @@ def fid_protocol(
     SHA-256, part of the cache keys, so features of one dataset file are never reused for another.
     sampler: the sampling stage's metrics, whose SAMPLER_FIELDS are copied into the result.
     Only rank 0 writes the caches and returns the metrics (other ranks return {}).
+
+    callback(name, value, step), if given, gets fid.<set>.images_done, the images of a set through
+    Inception so far at step = that count, every 10% of the set, for the sets in the order they
+    are scored: reference and held_out (on a cache miss only: a cached set runs no image through
+    the network), samples (MALA's, or the sampler's) and samples_gan (the latent GAN's, decoded).
     """
     from . import fid
 
@@ -407,18 +502,22 @@ def fid_protocol(
     n_held = min(p.n_samples, held_out.shape[0])
     kw = dict(batch_size=batch, device=device, progress=progress)
 
-    def cached_set(key: str, images: Tensor) -> fid.FeatureSet | None:
+    def images_done(name: str, n: int):
+        return throttled(callback, f"fid.{name}.", n, REPORTS_PER_IMAGE_SET)
+
+    def cached_set(name: str, key: str, images: Tensor) -> fid.FeatureSet | None:
         """The set's features from the cache, or from one sharded pass that rank 0 caches."""
         hit = ctx.broadcast_flag(fid.feature_cache_path(stats_dir, key).exists())
         if ctx.is_writer:
-            return fid.reference_features(key, lambda: unit_batches(images, batch), stats_dir, net, **kw)
+            done = images_done(name, images.shape[0])
+            return fid.reference_features(key, lambda: unit_batches(images, batch), stats_dir, net, **kw, callback=done)
         if not hit:  # take part in rank 0's sharded feature pass; rank 0 writes the cache
             fid.feature_stats(net, unit_batches(images, batch), **kw)
         return None
 
-    ref = cached_set(f"{dataset}-{p.reference}-first{n_ref}-{reference_digest[:12]}", reference[:n_ref])
+    ref = cached_set("reference", f"{dataset}-{p.reference}-first{n_ref}-{reference_digest[:12]}", reference[:n_ref])
     t_floor = time.perf_counter()
-    floor = cached_set(f"{dataset}-{held}-first{n_held}-{held_out_digest[:12]}", held_out[:n_held])
+    floor = cached_set("held_out", f"{dataset}-{held}-first{n_held}-{held_out_digest[:12]}", held_out[:n_held])
     t_floor = time.perf_counter() - t_floor
 
     def kid(features: Tensor) -> fid.KernelDistance:
@@ -426,15 +525,15 @@ def fid_protocol(
             features, ref.features, n_subsets=KID_SUBSETS, max_subset_size=KID_MAX_SUBSET, seed=KID_SEED
         )
 
-    def scores(images: Tensor) -> tuple[float, fid.KernelDistance] | None:
+    def scores(name: str, images: Tensor) -> tuple[float, fid.KernelDistance] | None:
         batches = unit_batches(images[: p.n_samples], batch)
         if not ctx.is_writer:
             fid.feature_stats(net, batches, **kw)
             return None
-        features, stats = fid.features_and_stats(net, batches, **kw)
+        features, stats = fid.features_and_stats(net, batches, **kw, callback=images_done(name, p.n_samples))
         return fid.frechet_distance_of_sets(fid.FeatureSet(features, *stats.mean_cov()), ref), kid(features)
 
-    ours, ours_gan = scores(samples), scores(samples_gan)  # GAN-VAEPP: z₀ decoded directly
+    ours, ours_gan = scores("samples", samples), scores("samples_gan", samples_gan)  # GAN-VAEPP: z₀ decoded directly
     if not ctx.is_writer:
         return {}
     (value, k_mala), (value_gan, k_gan) = ours, ours_gan

@@ -41,6 +41,8 @@ from torch import Tensor, nn
 from .io import atomic_write_bytes
 
 FEATURE_DIM = 2048  # pool3 of the FID Inception
+# progress(name, value, step): images through the network so far (see `iter_features`)
+Progress = Callable[[str, float, int], None]
 
 
 class FidCacheError(RuntimeError):
@@ -85,9 +87,15 @@ def iter_features(
     batch_size: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> Iterator[Tensor]:
-    """Yield (B, 2048) float64 CPU feature batches of `net` (pool3), under inference_mode."""
+    """Yield (B, 2048) float64 CPU feature batches of `net` (pool3), under inference_mode.
+
+    callback: called after every batch as callback("images_done", n, n), n the number of images
+    through the network so far; it only counts rows, so the features are the same without it.
+    """
     total = images.shape[0] if isinstance(images, Tensor) else None
+    n_done = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -101,6 +109,9 @@ def iter_features(
             yield feats.reshape(B, -1).to(device="cpu", dtype=torch.float64)  # (B, 2048)
             if bar is not None:
                 bar.update(B)
+            if callback is not None:
+                n_done += B
+                callback("images_done", float(n_done), n_done)
     if bar is not None:
         bar.close()
 
@@ -191,9 +202,12 @@ def feature_stats(
     batch_size: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> FeatureStats:
-    """FeatureStats of the pool3 features of `images`, streamed (features are not kept)."""
-    return _stream_stats(iter_features(net, images, batch_size=batch_size, device=device, progress=progress), None)
+    """FeatureStats of the pool3 features of `images`, streamed (features are not kept);
+    callback as in `iter_features`."""
+    feats = iter_features(net, images, batch_size=batch_size, device=device, progress=progress, callback=callback)
+    return _stream_stats(feats, None)
 
 
 def features_and_stats(
@@ -203,11 +217,14 @@ def features_and_stats(
     batch_size: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> tuple[Tensor, FeatureStats]:
     """(features (N, 2048) float64, FeatureStats) from one pass: the statistics are those of
-    `feature_stats` (the same batches through the same running sums), the features feed KID."""
+    `feature_stats` (the same batches through the same running sums), the features feed KID.
+    callback as in `iter_features`."""
     kept: list[Tensor] = []
-    stats = _stream_stats(iter_features(net, images, batch_size=batch_size, device=device, progress=progress), kept)
+    feats = iter_features(net, images, batch_size=batch_size, device=device, progress=progress, callback=callback)
+    stats = _stream_stats(feats, kept)
     return torch.cat(kept), stats
 
 
@@ -513,6 +530,7 @@ def reference_features(
     batch_size: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> FeatureSet:
     """Features, μ and Σ of a reference or held-out set, cached as `<cache_dir>/<key>.features.npz`.
 
@@ -521,6 +539,7 @@ def reference_features(
     the same running sums as `feature_stats`, so a FID against them is the FID against
     `reference_statistics` of the same images. Features are stored as float32 when that is exact
     (pool3 activations are float32; 2048 floats = 8 KiB per image), else as float64.
+    callback: as in `iter_features`, on a cache miss only (a hit runs no image through the network).
     """
     _check_key(key)
     network = str(getattr(net, "fid_weights_sha256", "unrecorded"))
@@ -528,7 +547,9 @@ def reference_features(
     if path.exists():
         mu, sigma, _, feats = _load_cached_stats(path, key, network, with_features=True)
         return FeatureSet(torch.from_numpy(feats.astype(np.float64)), mu, sigma)
-    features, stats = features_and_stats(net, images_fn(), batch_size=batch_size, device=device, progress=progress)
+    features, stats = features_and_stats(
+        net, images_fn(), batch_size=batch_size, device=device, progress=progress, callback=callback
+    )
     mu, sigma = stats.mean_cov()
     stored = features.numpy()
     as_f32 = stored.astype(np.float32)

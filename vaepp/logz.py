@@ -30,6 +30,8 @@ from .posteriors import log_standard_normal
 from .prior import log_f_and_grad
 
 LogF = Callable[[Tensor], Tensor]
+# progress(name, value, step): what the AIS runs report as they go (see `log_z_ais`)
+Progress = Callable[[str, float, int], None]
 RNG_BLOCK = 1024  # rows per random draw in `log_z_prior_is`; chunks are whole blocks (see there)
 
 
@@ -247,6 +249,7 @@ def _ais_seeds(
     dtype,
     progress,
     start=None,
+    callback=None,
 ):
     """The AIS runs of all `seeds` at once: S·M chains in one batch, so every temperature costs one
     network pass over S·M rows instead of S passes over M (the per-call overhead dominates on a
@@ -257,7 +260,9 @@ def _ais_seeds(
 
     `start` (S, M, Z), if given, replaces the N(0, I) draw as the chains' starting points (nothing is
     drawn for them): with exact samples of p ∝ f and the reversed temperatures this is reverse AIS
-    (`log_z_reverse_ais`). The loop itself does not depend on the direction of `temps`."""
+    (`log_z_reverse_ais`). The loop itself does not depend on the direction of `temps`.
+    `callback`, if given, is called after every temperature as callback("temps_done_fraction",
+    k / K, k): k temperatures of K done, for all seeds at once; it only reads k."""
     n_seeds = len(seeds)
     dev = device if device is not None else "cpu"
     gens = [torch.Generator(device=dev).manual_seed(seed) for seed in seeds]
@@ -313,6 +318,8 @@ def _ais_seeds(
         rate = accepted.view(n_seeds, n_chains).double().mean(1).cpu()
         acc_sum += rate
         alpha *= torch.exp(adapt_rate * (rate - target_accept))
+        if callback is not None:
+            callback("temps_done_fraction", k / n_temps, k)
     return log_w.view(n_seeds, n_chains), acc_sum / n_temps, alpha
 
 
@@ -332,6 +339,7 @@ def log_z_ais(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> LogZEstimate:
     """log Z by annealed importance sampling (Neal 2001) from N(0, I) to p_λ ("ais").
 
@@ -348,6 +356,10 @@ def log_z_ais(
     Each seed is an independent run of n_chains chains. log_z pools all seeds' weights;
     std_err = max(delta-method se of the pooled weights, sd over seeds / √n_seeds);
     extra: per-seed log Z, their mean and sd, acceptance rates and final step sizes. In nats.
+
+    callback: called after every temperature k of K as callback("temps_done_fraction", k / K, k),
+    the fraction of the temperatures done (unitless, in (0, 1]) at step k; it reads no tensor and
+    draws nothing, so the estimate is the same with or without it.
     """
     if n_chains < 1 or not seeds:
         raise ValueError("need n_chains >= 1 and at least one seed")
@@ -373,6 +385,7 @@ def log_z_ais(
             device,
             dtype,
             progress,
+            callback=callback,
         )
     for log_w, acc_rate, alpha in zip(log_w_all, acc_rates.tolist(), alphas.tolist(), strict=True):
         run = StreamingLogMeanExp()
@@ -424,6 +437,7 @@ def log_z_reverse_ais(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    callback: Progress | None = None,
 ) -> LogZEstimate:
     """A stochastic UPPER estimate of log Z by reverse AIS from p ∝ f to N(0, I) ("reverse_ais"):
     the upper half of bidirectional Monte Carlo (Grosse et al. 2015).
@@ -441,6 +455,7 @@ def log_z_reverse_ais(
     log_z pools all seeds' weights; std_err = max(delta-method se of the pooled weights, sd over
     seeds / √n_seeds); ess is that of the reverse weights; extra: per-seed log Z (each −logmeanexp
     of its own weights), their mean and sd, acceptance rates and final step sizes. In nats.
+    callback: as in `log_z_ais` (the fraction of the reversed temperatures done).
     """
     if start.dim() != 3:
         raise ValueError(f"start must be (n_seeds, n_chains, zdim), got shape {tuple(start.shape)}")
@@ -468,6 +483,7 @@ def log_z_reverse_ais(
             dtype,
             progress,
             start=start,
+            callback=callback,
         )
     pooled = StreamingLogMeanExp()
     per_seed, ess_per_seed = [], []

@@ -82,6 +82,7 @@ def mala(
     adapt_rate: float = 0.05,
     metropolis: bool = True,
     progress: bool = False,
+    callback: Callable[[str, float, int], None] | None = None,
 ) -> tuple[Tensor, float, dict]:
     """Run M MALA chains for n_steps on E(z) (paper §4.3).
 
@@ -97,6 +98,12 @@ def mala(
 
     Returns (z (M, Z), acceptance rate over all steps and chains, stats) with stats:
     "step_size" (final α), "acceptance_per_step" (n_steps,), "energy_mean_per_step" (n_steps,).
+
+    callback: called after every step k (1-based) as callback("steps_done", k, k) and
+    callback("acceptance_running", a_k, k), a_k the fraction of proposals accepted over the k steps
+    done and all chains (unitless, in [0, 1]; the returned rate at k = n_steps, up to summation
+    order). It gets Python numbers the step computes anyway and draws nothing, so the chains are
+    the same with or without it.
     """
     if n_steps < 0:
         raise ValueError(f"n_steps must be >= 0, got {n_steps}")
@@ -110,6 +117,7 @@ def mala(
     acceptance = torch.zeros(n_steps, dtype=torch.float64)
     energy_mean = torch.zeros(n_steps, dtype=torch.float64)
     steps = range(n_steps)
+    accepted_sum = 0.0  # Σ of the per-step rates, for the callback's running rate
     if progress:
         from tqdm.auto import tqdm
 
@@ -135,6 +143,10 @@ def mala(
         energy_mean[k] = energy.double().mean().item()
         if adapt:
             alpha *= math.exp(adapt_rate * (rate - target_accept))
+        if callback is not None:
+            accepted_sum += rate
+            callback("steps_done", float(k + 1), k + 1)
+            callback("acceptance_running", accepted_sum / (k + 1), k + 1)
     overall = acceptance.mean().item() if n_steps > 0 else float("nan")
     stats = {"step_size": alpha, "acceptance_per_step": acceptance, "energy_mean_per_step": energy_mean}
     return z, overall, stats

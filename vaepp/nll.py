@@ -13,7 +13,7 @@ NLL of the same model (prior N(0, I), log Z = 0) comes from the same samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import torch
@@ -72,6 +72,7 @@ def estimate_nll(
     binarize_generator: torch.Generator | None = None,
     progress: bool = False,
     return_per_image: bool = False,
+    callback: Callable[[str, float, int], None] | None = None,
 ) -> dict:
     """Importance-sampled test NLL −log p(x), in nats and bits/dim (paper §5, Table 1).
 
@@ -110,11 +111,18 @@ def estimate_nll(
       nll_pass_sd (n_passes > 1 only): the sd of the P pass means of the NLL, the paper's "std"
         (how much a repeat of the whole evaluation on the same images moves the mean);
       with return_per_image: log_px_nats and log_px_nats_plain_vae, (P, n_images) tensors.
+
+    callback: called after every batch, with n the number of test images done so far (every pass
+    of them), as callback("images_done", n, n) and callback("nats_running", m, n), m the mean over
+    those n images of −log p̂(x) (each averaged over the passes) under the headline log Ẑ, in
+    nats: `nll_nats` of the images done, equal to it at the end up to summation order. It reads
+    the batch's finished sums and draws nothing, so the estimate is the same with or without it.
     """
     if n_importance < 1 or n_passes < 1 or chunk < 1 or rng_rows < 1:
         raise ValueError("n_importance, n_passes, chunk and rng_rows must be >= 1")
     named, headline = _named_log_z(log_z, headline)
     S = n_importance
+    n_done, log_px_sum = 0, 0.0  # images done and Σ of their log p̂(x) + log Ẑ, for the callback
     lse_parts, lse2_parts, lse_plain_parts, lse2_plain_parts = [], [], [], []
     dims_per_image = None
     batches = data
@@ -157,6 +165,11 @@ def estimate_nll(
             lse2_parts.append(acc[1])
             lse_plain_parts.append(acc[2])
             lse2_plain_parts.append(acc[3])
+            if callback is not None:
+                n_done += B
+                log_px_sum += acc[0].mean(0).sum().item() - B * math.log(S)  # Σ_batch of log p̂(x) + log Ẑ
+                callback("images_done", float(n_done), n_done)
+                callback("nats_running", named[headline] - log_px_sum / n_done, n_done)
     if dims_per_image is None:
         raise ValueError("data yielded no batches")
     log_s = math.log(S)
