@@ -72,10 +72,11 @@ def _compute(args, run, ctx) -> int:
         atomic_write_json(args.out, metrics)
         log.log_metrics(common.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})
+    gan = "" if metrics["fid_gan"] is None else f", latent GAN decoded {metrics['fid_gan']:.2f}"
+    kid_gan = "" if metrics["kid_gan_mean"] is None else f", {metrics['kid_gan_mean']:.4f}"
     print(
-        f"{run.name}: FID {metrics['fid']:.2f}, latent GAN decoded {metrics['fid_gan']:.2f}, real held-out "
-        f"(floor) {metrics['fid_floor']:.2f}; KID {metrics['kid_mean']:.4f}, {metrics['kid_gan_mean']:.4f}, "
-        f"floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})"
+        f"{run.name}: FID {metrics['fid']:.2f}{gan}, real held-out (floor) {metrics['fid_floor']:.2f}; "
+        f"KID {metrics['kid_mean']:.4f}{kid_gan}, floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})"
     )
     return 0
 

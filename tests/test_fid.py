@@ -374,7 +374,7 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     net = FakeInception()
     train, test = _uint8(50, 10), _uint8(35, 11)
     samples, samples_gan = (_images(32, 12) ** 2 * 255).round().to(torch.uint8), _uint8(32, 13)  # darker; real-like
-    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16)
+    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16, latent_gan_samples=True)
     sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
 
     def run():
@@ -425,7 +425,7 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
         k: v for k, v in out.items() if not k.startswith("seconds")
     }
     # Reference = test: the held-out images come from the training split.
-    p_test = FIDParams(n_samples=30, reference="test", n_reference=35, batch_size=16)
+    p_test = FIDParams(n_samples=30, reference="test", n_reference=35, batch_size=16, latent_gan_samples=True)
     flip = evaluate.fid_protocol(
         net,
         DistContext(),
@@ -444,6 +444,40 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     assert flip["held_out"] == "train" and "the first 30 train images (held out)" in flip["protocol"]
 
 
+def test_fid_protocol_without_the_latent_gan_set_skips_its_pass_only(tmp_path):
+    from vaepp import evaluate
+    from vaepp.config import FIDParams
+    from vaepp.distributed import DistContext
+
+    train, test = _uint8(50, 10), _uint8(35, 11)
+    samples, samples_gan = _uint8(32, 12), _uint8(32, 13)
+    sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
+    outs, passes = {}, {}
+    for both in (True, False):
+        net = FakeInception()
+        p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16, latent_gan_samples=both)
+        outs[both] = evaluate.fid_protocol(
+            net,
+            DistContext(),
+            samples,
+            samples_gan,
+            train,
+            test,
+            p,
+            sampler=sampler,
+            dataset="toy",
+            reference_digest="a" * 64,
+            held_out_digest="b" * 64,
+            stats_dir=tmp_path / str(both),
+            device="cpu",
+        )
+        passes[both] = len(net.seen)
+    assert passes[True] - passes[False] == 2  # the latent-GAN set's 2 batches of 16
+    assert outs[False]["fid_gan"] is None and outs[False]["kid_gan_mean"] is None and outs[False]["kid_gan_std"] is None
+    same = {k for k in outs[True] if not k.startswith(("seconds", "fid_gan", "kid_gan"))}
+    assert {k: outs[False][k] for k in same} == {k: outs[True][k] for k in same}
+
+
 def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_d(tmp_path, monkeypatch):
     """With fewer images than features (30 and 40 vs a 64-wide network) all three FIDs go through
     the n × n_reference path, never a d × d square root, and equal the d × d FID of the streamed
@@ -455,7 +489,7 @@ def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_
     net = FakeInception(dim=64)
     train, test = _uint8(40, 20), _uint8(30, 21)
     samples, samples_gan = (_images(30, 22) ** 2 * 255).round().to(torch.uint8), _uint8(30, 23)
-    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16)
+    p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16, latent_gan_samples=True)
     calls = []
     monkeypatch.setattr(fid, "frechet_distance_low_rank", _counted(calls, "low", fid.frechet_distance_low_rank))
     monkeypatch.setattr(fid, "frechet_distance", _counted(calls, "full", fid.frechet_distance))

@@ -162,7 +162,7 @@ def run_fid(stats_dir, callback=None) -> dict:
         samples_gan,
         train,
         test,
-        FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=4),
+        FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=4, latent_gan_samples=True),
         sampler={},
         dataset="toy",
         reference_digest="a" * 64,

@@ -193,6 +193,8 @@ class FIDParams(_Section):
     reference: Literal["train", "test"]  # paper: generated vs the training set
     n_reference: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    # also score the latent-GAN samples z₀ decoded without MALA (fid_gan, kid_gan_*: GAN-VAEPP)
+    latent_gan_samples: bool
 
 
 class DistributedParams(_Section):

@@ -466,7 +466,8 @@ def fid_protocol(
     progress: bool = False,
     callback: Progress | None = None,
 ) -> dict:
-    """FID and KID of the MALA samples and of the latent-GAN samples against the first n_reference
+    """FID and KID of the MALA samples and (when params.latent_gan_samples; else their keys hold
+    None) of the latent-GAN samples against the first n_reference
     images, beside the same FID and KID for real held-out images (the floor).
 
     reference: uint8 images (N, C, H, W) of split `params.reference`; held_out: those of the other
@@ -533,10 +534,13 @@ def fid_protocol(
         features, stats = fid.features_and_stats(net, batches, **kw, callback=images_done(name, p.n_samples))
         return fid.frechet_distance_of_sets(fid.FeatureSet(features, *stats.mean_cov()), ref), kid(features)
 
-    ours, ours_gan = scores("samples", samples), scores("samples_gan", samples_gan)  # GAN-VAEPP: z₀ decoded directly
+    ours = scores("samples", samples)
+    # GAN-VAEPP: z₀ decoded directly, unless params.latent_gan_samples is off (then None)
+    ours_gan = scores("samples_gan", samples_gan) if p.latent_gan_samples else None
     if not ctx.is_writer:
         return {}
-    (value, k_mala), (value_gan, k_gan) = ours, ours_gan
+    value, k_mala = ours
+    value_gan, k_gan = ours_gan or (None, None)
     k_floor = kid(floor.features)
     return {
         "fid": value,
@@ -544,8 +548,8 @@ def fid_protocol(
         "kid_mean": k_mala.mean,
         "kid_std": k_mala.std,
         "fid_gan": value_gan,
-        "kid_gan_mean": k_gan.mean,
-        "kid_gan_std": k_gan.std,
+        "kid_gan_mean": k_gan.mean if k_gan else None,
+        "kid_gan_std": k_gan.std if k_gan else None,
         "kid_floor_mean": k_floor.mean,
         "kid_floor_std": k_floor.std,
         "kid_subset_size": k_mala.subset_size,
