@@ -101,8 +101,13 @@ def run_lanes(
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from vaepp.config import ParamsError, load_params
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", help="only these runs (comma-separated), and no report (default: every run)")
+    args = ap.parse_args(argv)
     params_path = ROOT / "params.yaml"
     try:
         params = load_params(params_path)
@@ -110,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"params.yaml: {err}", file=sys.stderr)
         return 2
     runs = {name: run.algorithm for name, run in params.runs.items()}
+    if args.runs:
+        unknown = set(args.runs.split(",")) - set(runs)
+        if unknown:
+            print(f"--runs: no such run {', '.join(sorted(unknown))}; defined: {', '.join(runs)}", file=sys.stderr)
+            return 2
+        runs = {name: algorithm for name, algorithm in runs.items() if name in args.runs.split(",")}
     cores = os.cpu_count() or 1
-    jobs = int(os.environ.get("REPRO_JOBS", min(cores, len(runs))))
+    jobs = max(1, int(os.environ.get("REPRO_JOBS", min(cores, len(runs)))))
     threads = int(os.environ.get("REPRO_THREADS", max(1, cores // max(1, jobs))))
-    if jobs <= 1:
-        return subprocess.call([*DVC, "repro", *(argv or [])], cwd=ROOT)
+    if jobs <= 1 and not args.runs:
+        return subprocess.call([*DVC, "repro"], cwd=ROOT)
     t0 = time.perf_counter()
     print(f"make repro: {len(runs)} runs in {jobs} lanes of {threads} thread(s) each", flush=True)
     rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=ROOT)
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs=jobs,
             env=env,
         )
-    if rc == 0:
+    if rc == 0 and not args.runs:
         rc = subprocess.call([*DVC, "repro"], cwd=ROOT)
     print(f"make repro: status {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
     return rc
