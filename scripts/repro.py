@@ -125,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = max(1, int(os.environ.get("REPRO_JOBS", min(cores, len(runs)))))
     threads = int(os.environ.get("REPRO_THREADS", max(1, cores // max(1, jobs))))
     if jobs <= 1 and not args.runs:
-        return subprocess.call([*DVC, "repro"], cwd=ROOT)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return subprocess.call([*DVC, "repro"], cwd=ROOT, env={**os.environ, "PATH": path})
     t0 = time.perf_counter()
     print(f"make repro: {len(runs)} runs in {jobs} lanes of {threads} thread(s) each", flush=True)
-    rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=ROOT)
+    # DVC runs the stages' `python` from PATH: this interpreter's (the project's environment) first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    base = {**os.environ, "PATH": path}
+    rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=ROOT, env=base)
     if rc == 0:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {**base, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         rc = run_lanes(
             lane_order(runs),
             lambda run: [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES],
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
         )
     if rc == 0 and not args.runs:
-        rc = subprocess.call([*DVC, "repro"], cwd=ROOT)
+        rc = subprocess.call([*DVC, "repro"], cwd=ROOT, env=base)
     print(f"make repro: status {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
     return rc
 
