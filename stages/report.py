@@ -29,6 +29,7 @@ def _main(argv: list[str] | None) -> int:
     for name, fields in PATTERNS.items():
         p.add_argument(f"--{name.replace('_', '-')}", required=True, help=f"path pattern with {fields}")
     p.add_argument("--per-image", help="path pattern with {run} of estimate-nll's per-image NLL files (optional)")
+    p.add_argument("--dimz-study", help="directory of a committed dim-z study for Figure 4 (optional)")
     p.add_argument(
         "--training-length",
         help="path pattern with {variant} and {run} of the training-length study's curves and nll.json (optional)",
@@ -40,7 +41,9 @@ def _main(argv: list[str] | None) -> int:
     from vaepp import report
     from vaepp.io import atomic_write_text
 
-    runs = report.collect(Path("."), params, {name: getattr(args, name) for name in PATTERNS})
+    files = {name: getattr(args, name) for name in PATTERNS}
+    runs = report.collect(Path("."), params, files)
+    dimz = report.dimz_study_points(Path("."), args.dimz_study, params, files) if args.dimz_study else None
     tabs = report.tables(runs)
     study = report.training_length_table(Path("."), args.training_length) if args.training_length else None
     paired = report.paired_table(Path("."), runs, args.per_image) if args.per_image else None
@@ -54,11 +57,12 @@ def _main(argv: list[str] | None) -> int:
             title=f"VAEPP reproduction — profile “{params.profile}”",
             training_length=study,
             paired=paired,
+            dimz_study=dimz,
         ),
     )
-    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired))
+    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired, dimz))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
-    for name, line in report.dimz_series(report.dimz_points(runs)).items():  # for `dvc plots`
+    for name, line in report.dimz_series(report.figure4_points(runs, dimz)).items():  # for `dvc plots`
         (out / "dimz").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:

@@ -592,3 +592,32 @@ def test_stage_writes_figure4_lines_for_dvc_plots(study, monkeypatch):
         "mnist_vae.csv",
         "mnist_vaepp.csv",
     ]
+
+
+def test_a_committed_dimz_study_joins_figure4(study, monkeypatch):
+    import shutil
+
+    root, params, written = study
+    sweep = {"vae_z4": 4, "vae_z8": 8, "vae_z32": 32}
+    for i, (name, z) in enumerate(sweep.items()):
+        written[name] = _write_run(root, name, "vae", z, 20 + i)
+        (root / "studies" / "dimz").mkdir(parents=True, exist_ok=True)
+        shutil.move(root / "metrics" / name, root / "studies" / "dimz" / name)
+    runs = {name: {"algorithm": "vae", "model": {"zdim": z}} for name, z in sweep.items()}
+    manifest = {"commit": "0123456789abcdef", "runs": runs}
+    (root / "studies" / "dimz" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    page = (root / "reports" / "index.html").read_text()
+    assert sorted(_figure_markers(page)["dimz-nll-mnist-vae"]) == _figure_markers(page)["dimz-nll-mnist-vae"]
+    assert len(_figure_markers(page)["dimz-nll-mnist-vae"]) == 4
+    line = pd.read_csv(root / "reports" / "dimz" / "mnist_vae.csv")
+    assert list(line["zdim"]) == [4, 8, 16, 32]
+    for _, row in line[line["run"] != "vae"].iterrows():
+        made = written[row["run"]]
+        assert row["nll_nats"] == made["nll"]["nll_nats"] and row["fid"] == made["fid"]["fid"]
+    md = (root / "reports" / "tables.md").read_text()
+    assert "studies/dimz @ 01234567" in md and "vae_z32" in md
+    # the study's runs are Figure 4's only: no table row, no paired comparison
+    tab1 = md.split("## Figure 4 points")[0]
+    assert "vae_z32" not in tab1

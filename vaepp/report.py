@@ -301,6 +301,33 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
     return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
 
 
+def dimz_study_points(root: str | Path, study: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
+    """Figure 4's points of a committed dim-z study: the directory `study` (relative to root) holds
+    manifest.json (`runs`: the study's run definitions, `commit`: the code that made them) and
+    <run>/<kind>.json per run (scripts/study_dimz.py). Each run is resolved on `params`' shared
+    sections, as the study added it to them; columns as `dimz_points`, plus source = "<study>
+    @ <commit[:8]>". Empty when the study has no manifest."""
+    from .config import RunParams
+
+    manifest = _read_json(Path(root) / study / "manifest.json")
+    if not manifest:
+        return pd.DataFrame()
+    runs = {name: RunParams(**spec) for name, spec in manifest["runs"].items()}
+    study_params = params.model_copy(update={"runs": runs})
+    pattern = {"metrics": f"{study}/{{run}}/{{kind}}.json", "train_curve": f"{study}/{{run}}/train_curve.csv"}
+    pts = dimz_points(collect(root, study_params, {**files, **pattern}))
+    return pts.assign(source=f"{study} @ {manifest['commit'][:8]}")
+
+
+def figure4_points(runs: pd.DataFrame, study: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Figure 4's points: the study's runs (`dimz_points`) and a committed dim-z study's
+    (`dimz_study_points`), with a `source` column."""
+    pts = dimz_points(runs).assign(source="this study")
+    if study is not None and len(study):
+        pts = pd.concat([pts, study], ignore_index=True)
+    return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
+
+
 def dimz_series(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Figure 4's lines as files for `dvc plots`: {"<dataset>_<algorithm>.csv": that line's points
     by dim z, columns zdim, run, nll_nats, nll_paper_q_nats, fid, fid_floor}."""
@@ -543,13 +570,15 @@ def _png(fig) -> str:
 
 
 DIMZ_NOTE = (
-    "One point per run; a line joins one algorithm's runs on one dataset across dim z. Filled markers: the "
-    "NLL under the run's headline log Z (exact for N(0, I), AIS for a pull-back prior, the certificate's "
-    "upper end for a certified one); hollow squares: the same run under the paper's q-based log Ẑ, which "
-    "sits below AIS (see the log-Z table), so the gap between the two markers is the paper protocol's "
-    "optimism. FID: the run's samples (latent GAN + MALA; N(0, I) for the plain VAE; exact samples for a "
-    "certified prior) at the protocol of Table 4, with the real-vs-real floor at the same N dashed: at N = "
-    "400 a perfect model would score the floor, not 0."
+    "One point per run: this study's runs and those of the committed dim-z study (studies/dimz, made by "
+    "scripts/study_dimz.py: trained exactly like this study's runs, evaluated on the first 512 test "
+    "images; `source` names the commit that made it). A line joins one algorithm's runs on one dataset "
+    "across dim z. Filled markers: the NLL under the run's headline log Z (exact for N(0, I), AIS for a "
+    "pull-back prior, the certificate's upper end for a certified one); hollow squares: the same run under "
+    "the paper's q-based log Ẑ, which sits below AIS (see the log-Z table), so the gap between the two "
+    "markers is the paper protocol's optimism. FID: the run's samples (latent GAN + MALA; N(0, I) for the "
+    "plain VAE; exact samples for a certified prior) at the protocol of Table 4, with the real-vs-real "
+    "floor at the same N dashed: at N = 400 a perfect model would score the floor, not 0."
 )
 
 
@@ -707,8 +736,10 @@ def render_markdown(
     root: str | Path | None = None,
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
+    dimz_study: pd.DataFrame | None = None,
 ) -> str:
-    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points."""
+    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points (the
+    runs' and a committed dim-z study's, `figure4_points`)."""
     parts = [
         "# VAEPP: measured results beside the paper's",
         "",
@@ -729,7 +760,7 @@ def render_markdown(
     if training_length is not None and len(training_length):
         parts += ["## Training length and the drift of log Z", "", TRAINING_LENGTH_NOTE, ""]
         parts += [_md_table(training_length), ""]
-    pts = dimz_points(runs).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
+    pts = figure4_points(runs, dimz_study).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
     parts += ["## Figure 4 points: NLL and FID against dim z", "", DIMZ_NOTE, "", _md_table(pts), ""]
     return "\n".join(parts)
 
@@ -772,8 +803,10 @@ def render_html(
     title: str = "VAEPP reproduction report",
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
+    dimz_study: pd.DataFrame | None = None,
 ) -> str:
-    """One self-contained HTML page: tables, Figure 4 and 2 analogues, log-Z estimates, sample grids."""
+    """One self-contained HTML page: tables, Figure 4 (with a committed dim-z study's points,
+    `figure4_points`) and 2 analogues, log-Z estimates, sample grids."""
     root, e = Path(root), html.escape
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
@@ -789,7 +822,7 @@ def render_html(
             _html_table(df, notes),
             "<ol class='notes'>" + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>",
         ]
-    pts = dimz_points(runs)
+    pts = figure4_points(runs, dimz_study)
     out += [
         "<h2>Figure 4 analogue: NLL and FID against dim z</h2>",
         f"<p><small>Paper: {e(FIGURE4)}</small></p>",
