@@ -323,6 +323,52 @@ def _ais_seeds(
     return log_w.view(n_seeds, n_chains), acc_sum / n_temps, alpha
 
 
+def _check_kernel(transition: str, n_leapfrog: int, step_size: float) -> None:
+    """ValueError unless the AIS kernel is MALA or HMC with n_leapfrog >= 1 and step_size > 0."""
+    if transition not in ("mala", "hmc"):
+        raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
+    if n_leapfrog < 1 or not step_size > 0.0:
+        raise ValueError(f"need n_leapfrog >= 1 and step_size > 0, got {n_leapfrog}, {step_size}")
+
+
+def _ais_estimate(
+    name: str, sign: float, log_w_all: Tensor, acc_rates: Tensor, alphas: Tensor, run: dict
+) -> LogZEstimate:
+    """The LogZEstimate of (forward, sign +1, or reverse, sign −1) AIS from each seed's final log
+    weights (n_seeds, n_chains): log Z = sign·logmeanexp of all seeds' weights pooled, per seed
+    sign·logmeanexp of its own; std_err = max(delta-method se of the pooled weights, sd over seeds /
+    √n_seeds); ess that of the weights; `run` (temperatures, chains, kernel, seeds) joins extra."""
+    pooled = StreamingLogMeanExp()
+    per_seed, ess_per_seed = [], []
+    for log_w in log_w_all:
+        one = StreamingLogMeanExp()
+        one.update(log_w)
+        pooled.update(log_w)
+        per_seed.append(sign * one.log_mean)
+        ess_per_seed.append(one.ess)
+    seeds_t = torch.tensor(per_seed, dtype=torch.float64)
+    seed_std = seeds_t.std().item() if len(per_seed) > 1 else None  # no spread from one seed
+    std_err = pooled.std_err
+    if len(per_seed) > 1:
+        std_err = max(std_err, seed_std / math.sqrt(len(per_seed)))
+    return LogZEstimate(
+        name=name,
+        log_z=sign * pooled.log_mean,
+        std_err=std_err,
+        n_samples=pooled.n,
+        ess=pooled.ess,
+        extra={
+            "log_z_per_seed": per_seed,
+            "seed_mean": seeds_t.mean().item(),
+            "seed_std": seed_std,
+            "ess_per_seed": ess_per_seed,
+            "acceptance_per_seed": acc_rates.tolist(),
+            "final_step_size_per_seed": alphas.tolist(),
+            **run,
+        },
+    )
+
+
 def log_z_ais(
     log_f: LogF,
     zdim: int,
@@ -363,13 +409,8 @@ def log_z_ais(
     """
     if n_chains < 1 or not seeds:
         raise ValueError("need n_chains >= 1 and at least one seed")
-    if transition not in ("mala", "hmc"):
-        raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
-    if n_leapfrog < 1 or not step_size > 0.0:
-        raise ValueError(f"need n_leapfrog >= 1 and step_size > 0, got {n_leapfrog}, {step_size}")
+    _check_kernel(transition, n_leapfrog, step_size)
     temps = annealing_schedule(n_temps, schedule)
-    pooled = StreamingLogMeanExp()
-    per_seed, acceptance, final_steps, ess_per_seed = [], [], [], []
     with torch.inference_mode():
         log_w_all, acc_rates, alphas = _ais_seeds(
             log_f,
@@ -387,39 +428,8 @@ def log_z_ais(
             progress,
             callback=callback,
         )
-    for log_w, acc_rate, alpha in zip(log_w_all, acc_rates.tolist(), alphas.tolist(), strict=True):
-        run = StreamingLogMeanExp()
-        run.update(log_w)
-        pooled.update(log_w)
-        per_seed.append(run.log_mean)
-        ess_per_seed.append(run.ess)
-        acceptance.append(acc_rate)
-        final_steps.append(alpha)
-    seeds_t = torch.tensor(per_seed, dtype=torch.float64)
-    seed_std = seeds_t.std().item() if len(per_seed) > 1 else None  # no spread from one seed
-    std_err = pooled.std_err
-    if len(per_seed) > 1:
-        std_err = max(std_err, seed_std / math.sqrt(len(per_seed)))
-    return LogZEstimate(
-        name="ais",
-        log_z=pooled.log_mean,
-        std_err=std_err,
-        n_samples=pooled.n,
-        ess=pooled.ess,
-        extra={
-            "log_z_per_seed": per_seed,
-            "seed_mean": seeds_t.mean().item(),
-            "seed_std": seed_std,
-            "ess_per_seed": ess_per_seed,
-            "acceptance_per_seed": acceptance,
-            "final_step_size_per_seed": final_steps,
-            "n_temps": n_temps,
-            "n_chains": n_chains,
-            "transition": transition,
-            "schedule": schedule,
-            "seeds": list(seeds),
-        },
-    )
+    run = dict(n_temps=n_temps, n_chains=n_chains, transition=transition, schedule=schedule, seeds=list(seeds))
+    return _ais_estimate("ais", 1.0, log_w_all, acc_rates, alphas, run)
 
 
 def log_z_reverse_ais(
@@ -462,10 +472,7 @@ def log_z_reverse_ais(
     n_seeds, n_chains, zdim = start.shape
     if n_seeds != len(seeds) or n_chains < 1:
         raise ValueError(f"start has {n_seeds} blocks of {n_chains} chains; need one non-empty block per seed {seeds}")
-    if transition not in ("mala", "hmc"):
-        raise ValueError(f"unknown transition {transition!r}; allowed: mala, hmc")
-    if n_leapfrog < 1 or not step_size > 0.0:
-        raise ValueError(f"need n_leapfrog >= 1 and step_size > 0, got {n_leapfrog}, {step_size}")
+    _check_kernel(transition, n_leapfrog, step_size)
     temps = annealing_schedule(n_temps, schedule).flip(0)  # 1 = t_K > … > t₀ = 0
     with torch.inference_mode():
         log_w_all, acc_rates, alphas = _ais_seeds(
@@ -485,36 +492,5 @@ def log_z_reverse_ais(
             start=start,
             callback=callback,
         )
-    pooled = StreamingLogMeanExp()
-    per_seed, ess_per_seed = [], []
-    for log_w in log_w_all:
-        run = StreamingLogMeanExp()
-        run.update(log_w)
-        pooled.update(log_w)
-        per_seed.append(-run.log_mean)
-        ess_per_seed.append(run.ess)
-    seeds_t = torch.tensor(per_seed, dtype=torch.float64)
-    seed_std = seeds_t.std().item() if n_seeds > 1 else None  # no spread from one seed
-    std_err = pooled.std_err
-    if n_seeds > 1:
-        std_err = max(std_err, seed_std / math.sqrt(n_seeds))
-    return LogZEstimate(
-        name="reverse_ais",
-        log_z=-pooled.log_mean,
-        std_err=std_err,
-        n_samples=pooled.n,
-        ess=pooled.ess,
-        extra={
-            "log_z_per_seed": per_seed,
-            "seed_mean": seeds_t.mean().item(),
-            "seed_std": seed_std,
-            "ess_per_seed": ess_per_seed,
-            "acceptance_per_seed": acc_rates.tolist(),
-            "final_step_size_per_seed": alphas.tolist(),
-            "n_temps": n_temps,
-            "n_chains": n_chains,
-            "transition": transition,
-            "schedule": schedule,
-            "seeds": list(seeds),
-        },
-    )
+    run = dict(n_temps=n_temps, n_chains=n_chains, transition=transition, schedule=schedule, seeds=list(seeds))
+    return _ais_estimate("reverse_ais", -1.0, log_w_all, acc_rates, alphas, run)
