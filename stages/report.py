@@ -44,6 +44,7 @@ def _main(argv: list[str] | None) -> int:
     files = {name: getattr(args, name) for name in PATTERNS}
     runs = report.collect(Path("."), params, files)
     dimz = report.dimz_study_points(Path("."), args.dimz_study, params, files) if args.dimz_study else None
+    figure4 = report.figure4_points(runs, dimz, Path("."), args.per_image)
     tabs = report.tables(runs)
     study = report.training_length_table(Path("."), args.training_length) if args.training_length else None
     paired = report.paired_table(Path("."), runs, args.per_image) if args.per_image else None
@@ -57,12 +58,12 @@ def _main(argv: list[str] | None) -> int:
             title=f"VAEPP reproduction — profile “{params.profile}”",
             training_length=study,
             paired=paired,
-            dimz_study=dimz,
+            figure4=figure4,
         ),
     )
-    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired, dimz))
+    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired, figure4))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
-    for name, line in report.dimz_series(report.figure4_points(runs, dimz)).items():  # for `dvc plots`
+    for name, line in report.dimz_series(figure4).items():  # for `dvc plots`
         (out / "dimz").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:

@@ -603,6 +603,13 @@ def test_a_committed_dimz_study_joins_figure4(study, monkeypatch):
         written[name] = _write_run(root, name, "vae", z, 20 + i)
         (root / "studies" / "dimz").mkdir(parents=True, exist_ok=True)
         shutil.move(root / "metrics" / name, root / "studies" / "dimz" / name)
+        nll_file = root / "studies" / "dimz" / name / "nll.json"
+        nll_file.write_text(json.dumps({**json.loads(nll_file.read_text()), "n_test_images": 512}))
+    # this study's vae: 2000 per-image NLLs, of which Figure 4 takes the study's first 512
+    per_image = np.random.default_rng(5).normal(100.0, 20.0, 2000)
+    pd.DataFrame({"image": range(2000), "nll_nats": per_image}).to_csv(
+        root / "metrics" / "vae" / "nll_per_image.csv", index=False
+    )
     runs = {name: {"algorithm": "vae", "model": {"zdim": z}} for name, z in sweep.items()}
     manifest = {"commit": "0123456789abcdef", "runs": runs}
     (root / "studies" / "dimz" / "manifest.json").write_text(json.dumps(manifest))
@@ -613,6 +620,9 @@ def test_a_committed_dimz_study_joins_figure4(study, monkeypatch):
     assert len(_figure_markers(page)["dimz-nll-mnist-vae"]) == 4
     line = pd.read_csv(root / "reports" / "dimz" / "mnist_vae.csv")
     assert list(line["zdim"]) == [4, 8, 16, 32]
+    z16 = line[line["run"] == "vae"].iloc[0]
+    assert z16["nll_nats"] == pytest.approx(per_image[:512].mean(), rel=1e-12) and z16["n_test_images"] == 512
+    assert "this study, its first 512 test images" in (root / "reports" / "tables.md").read_text()
     for _, row in line[line["run"] != "vae"].iterrows():
         made = written[row["run"]]
         assert row["nll_nats"] == made["nll"]["nll_nats"] and row["fid"] == made["fid"]["fid"]

@@ -286,10 +286,11 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Figure 4's points: one per run with an NLL or FID; a line is a (dataset_label, algorithm)
     pair, sorted by zdim. Columns: dataset_label, algorithm, zdim, run, likelihood, log_z (the
-    headline log-Z estimator), nll_nats (under it), nll_paper_q_nats (under the paper's q-based
+    headline log-Z estimator), n_test_images, nll_nats (under it), nll_paper_q_nats (under the paper's q-based
     estimate, where the run has one), bpd, fid, fid_floor (real held-out images at the same N)."""
     cols = {
         "nll.log_z_headline": "log_z",
+        "nll.n_test_images": "n_test_images",
         "nll.nll_nats": "nll_nats",
         "nll.nll_nats_by_log_z.paper_q": "nll_paper_q_nats",
         "nll.bpd": "bpd",
@@ -319,19 +320,38 @@ def dimz_study_points(root: str | Path, study: str | Path, params: Params, files
     return pts.assign(source=f"{study} @ {manifest['commit'][:8]}")
 
 
-def figure4_points(runs: pd.DataFrame, study: pd.DataFrame | None = None) -> pd.DataFrame:
+def figure4_points(
+    runs: pd.DataFrame,
+    study: pd.DataFrame | None = None,
+    root: str | Path | None = None,
+    per_image: str | None = None,
+) -> pd.DataFrame:
     """Figure 4's points: the study's runs (`dimz_points`) and a committed dim-z study's
-    (`dimz_study_points`), with a `source` column."""
+    (`dimz_study_points`), with a `source` column. When the committed study evaluated fewer test
+    images (its first m) and a run of this study has per-image NLLs (`per_image`, a pattern with
+    {run}, relative to root), that run's point is its mean over the same first m images, so a line
+    compares every dim z on the same images and binarisations: nll_nats becomes that mean, and the
+    paper-protocol value and bits/dim move with it (a log-Z estimate shifts every image alike)."""
     pts = dimz_points(runs).assign(source="this study")
     if study is not None and len(study):
+        counts = study["n_test_images"].dropna()
+        m = int(counts.min()) if len(counts) else None
+        for i, r in pts.iterrows() if m else ():
+            f = Path(root or ".") / per_image.format(run=r["run"]) if per_image else None
+            if f is None or not f.is_file() or not r["n_test_images"] > m:
+                continue
+            first = float(pd.read_csv(f)["nll_nats"].iloc[:m].mean())
+            pts.loc[i, "nll_paper_q_nats"] = r["nll_paper_q_nats"] + (first - r["nll_nats"])
+            pts.loc[i, "bpd"] = r["bpd"] * first / r["nll_nats"]
+            pts.loc[i, ["nll_nats", "n_test_images", "source"]] = [first, m, f"this study, its first {m} test images"]
         pts = pd.concat([pts, study], ignore_index=True)
     return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
 
 
 def dimz_series(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Figure 4's lines as files for `dvc plots`: {"<dataset>_<algorithm>.csv": that line's points
-    by dim z, columns zdim, run, nll_nats, nll_paper_q_nats, fid, fid_floor}."""
-    cols = ["zdim", "run", "nll_nats", "nll_paper_q_nats", "fid", "fid_floor"]
+    by dim z, columns zdim, run, n_test_images, nll_nats, nll_paper_q_nats, fid, fid_floor}."""
+    cols = ["zdim", "run", "n_test_images", "nll_nats", "nll_paper_q_nats", "fid", "fid_floor"]
     return {
         f"{ds}_{alg}.csv": g[cols].sort_values("zdim").reset_index(drop=True)
         for (ds, alg), g in points.groupby(["dataset", "algorithm"], sort=False)
@@ -572,7 +592,9 @@ def _png(fig) -> str:
 DIMZ_NOTE = (
     "One point per run: this study's runs and those of the committed dim-z study (studies/dimz, made by "
     "scripts/study_dimz.py: trained exactly like this study's runs, evaluated on the first 512 test "
-    "images; `source` names the commit that made it). A line joins one algorithm's runs on one dataset "
+    "images; `source` names the commit that made it). Beside it, this study's points are their runs' "
+    "mean over the same first 512 images (Tables 1–4 use all of them), so each line compares every dim "
+    "z on the same images and binarisations. A line joins one algorithm's runs on one dataset "
     "across dim z. Filled markers: the NLL under the run's headline log Z (exact for N(0, I), AIS for a "
     "pull-back prior, the certificate's upper end for a certified one); hollow squares: the same run under "
     "the paper's q-based log Ẑ, which sits below AIS (see the log-Z table), so the gap between the two "
@@ -736,10 +758,10 @@ def render_markdown(
     root: str | Path | None = None,
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
-    dimz_study: pd.DataFrame | None = None,
+    figure4: pd.DataFrame | None = None,
 ) -> str:
-    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points (the
-    runs' and a committed dim-z study's, `figure4_points`)."""
+    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points
+    (`figure4`, from `figure4_points`; default: the runs' own)."""
     parts = [
         "# VAEPP: measured results beside the paper's",
         "",
@@ -760,7 +782,9 @@ def render_markdown(
     if training_length is not None and len(training_length):
         parts += ["## Training length and the drift of log Z", "", TRAINING_LENGTH_NOTE, ""]
         parts += [_md_table(training_length), ""]
-    pts = figure4_points(runs, dimz_study).pipe(lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4))))
+    pts = (figure4_points(runs) if figure4 is None else figure4).pipe(
+        lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4)))
+    )
     parts += ["## Figure 4 points: NLL and FID against dim z", "", DIMZ_NOTE, "", _md_table(pts), ""]
     return "\n".join(parts)
 
@@ -803,10 +827,10 @@ def render_html(
     title: str = "VAEPP reproduction report",
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
-    dimz_study: pd.DataFrame | None = None,
+    figure4: pd.DataFrame | None = None,
 ) -> str:
-    """One self-contained HTML page: tables, Figure 4 (with a committed dim-z study's points,
-    `figure4_points`) and 2 analogues, log-Z estimates, sample grids."""
+    """One self-contained HTML page: tables, Figure 4 (its points `figure4`, from
+    `figure4_points`; default: the runs' own) and 2 analogues, log-Z estimates, sample grids."""
     root, e = Path(root), html.escape
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
@@ -822,7 +846,7 @@ def render_html(
             _html_table(df, notes),
             "<ol class='notes'>" + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>",
         ]
-    pts = figure4_points(runs, dimz_study)
+    pts = figure4_points(runs) if figure4 is None else figure4
     out += [
         "<h2>Figure 4 analogue: NLL and FID against dim z</h2>",
         f"<p><small>Paper: {e(FIGURE4)}</small></p>",
