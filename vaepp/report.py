@@ -316,8 +316,14 @@ def dimz_study_points(root: str | Path, study: str | Path, params: Params, files
     runs = {name: RunParams(**spec) for name, spec in manifest["runs"].items()}
     study_params = params.model_copy(update={"runs": runs})
     pattern = {"metrics": f"{study}/{{run}}/{{kind}}.json", "train_curve": f"{study}/{{run}}/train_curve.csv"}
-    pts = dimz_points(collect(root, study_params, {**files, **pattern}))
-    return pts.assign(source=f"{study} @ {manifest['commit'][:8]}")
+    rows = collect(root, study_params, {**files, **pattern})
+    # the dataset the study ran on, as its nll.json names it (params of another profile may differ)
+    for col in ("dataset", "dataset_label"):
+        if f"nll.{col}" in rows:
+            rows[col] = rows[f"nll.{col}"].fillna(rows[col])
+    if "nll.dataset" in rows:
+        rows["likelihood"] = rows["dataset"].map(lambda ds: "bernoulli" if ds in BINARY else "logistic")
+    return dimz_points(rows).assign(source=f"{study} @ {manifest['commit'][:8]}")
 
 
 def figure4_points(
