@@ -122,16 +122,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs = {name: algorithm for name, algorithm in runs.items() if name in args.runs.split(",")}
     cores = os.cpu_count() or 1
-    jobs = max(1, int(os.environ.get("REPRO_JOBS", min(cores, len(runs)))))
-    threads = int(os.environ.get("REPRO_THREADS", max(1, cores // max(1, jobs))))
-    if jobs <= 1 and not args.runs:
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        return subprocess.call([*DVC, "repro"], cwd=ROOT, env={**os.environ, "PATH": path})
-    t0 = time.perf_counter()
-    print(f"make repro: {len(runs)} runs in {jobs} lanes of {threads} thread(s) each", flush=True)
+    try:
+        jobs = max(1, int(os.environ.get("REPRO_JOBS", min(cores, len(runs)))))
+        threads = max(1, int(os.environ.get("REPRO_THREADS", cores // jobs)))
+    except ValueError:
+        print("REPRO_JOBS and REPRO_THREADS must be whole numbers", file=sys.stderr)
+        return 2
     # DVC runs the stages' `python` from PATH: this interpreter's (the project's environment) first
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     base = {**os.environ, "PATH": path}
+    if jobs <= 1 and not args.runs:
+        return subprocess.call([*DVC, "repro"], cwd=ROOT, env=base)
+    t0 = time.perf_counter()
+    print(f"make repro: {len(runs)} runs in {jobs} lanes of {threads} thread(s) each", flush=True)
     rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=ROOT, env=base)
     if rc == 0:
         env = {**base, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
