@@ -366,33 +366,43 @@ def _uint8(n, seed):
     return (_images(n, seed) * 255).round().to(torch.uint8)
 
 
+TOY_SAMPLER = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
+
+
+def _toy_fid_protocol(net, samples, samples_gan, reference, held_out, p, stats_dir, *, digests="ab", sampler=None):
+    """`evaluate.fid_protocol` on one process and the CPU for the toy dataset; `digests`: the
+    characters of the reference's and the held-out file's fake SHA-256s."""
+    from vaepp import evaluate
+    from vaepp.distributed import DistContext
+
+    return evaluate.fid_protocol(
+        net,
+        DistContext(),
+        samples,
+        samples_gan,
+        reference,
+        held_out,
+        p,
+        sampler=TOY_SAMPLER if sampler is None else sampler,
+        dataset="toy",
+        reference_digest=digests[0] * 64,
+        held_out_digest=digests[1] * 64,
+        stats_dir=stats_dir,
+        device="cpu",
+    )
+
+
 def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     from vaepp import evaluate
     from vaepp.config import FIDParams
-    from vaepp.distributed import DistContext
 
     net = FakeInception()
     train, test = _uint8(50, 10), _uint8(35, 11)
     samples, samples_gan = (_images(32, 12) ** 2 * 255).round().to(torch.uint8), _uint8(32, 13)  # darker; real-like
     p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16, latent_gan_samples=True)
-    sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
 
     def run():
-        return evaluate.fid_protocol(
-            net,
-            DistContext(),
-            samples,
-            samples_gan,
-            train,
-            test,
-            p,
-            sampler=sampler,
-            dataset="toy",
-            reference_digest="a" * 64,
-            held_out_digest="b" * 64,
-            stats_dir=tmp_path,
-            device="cpu",
-        )
+        return _toy_fid_protocol(net, samples, samples_gan, train, test, p, tmp_path)
 
     out = run()
     unit = lambda t: t.float() / 255.0  # noqa: E731
@@ -426,51 +436,20 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     }
     # Reference = test: the held-out images come from the training split.
     p_test = FIDParams(n_samples=30, reference="test", n_reference=35, batch_size=16, latent_gan_samples=True)
-    flip = evaluate.fid_protocol(
-        net,
-        DistContext(),
-        samples,
-        samples_gan,
-        test,
-        train,
-        p_test,
-        sampler=sampler,
-        dataset="toy",
-        reference_digest="b" * 64,
-        held_out_digest="a" * 64,
-        stats_dir=tmp_path,
-        device="cpu",
-    )
+    flip = _toy_fid_protocol(net, samples, samples_gan, test, train, p_test, tmp_path, digests="ba")
     assert flip["held_out"] == "train" and "the first 30 train images (held out)" in flip["protocol"]
 
 
 def test_fid_protocol_without_the_latent_gan_set_skips_its_pass_only(tmp_path):
-    from vaepp import evaluate
     from vaepp.config import FIDParams
-    from vaepp.distributed import DistContext
 
     train, test = _uint8(50, 10), _uint8(35, 11)
     samples, samples_gan = _uint8(32, 12), _uint8(32, 13)
-    sampler = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_steps": 5, "mala_step_size": 1e-5}
     outs, passes = {}, {}
     for both in (True, False):
         net = FakeInception()
         p = FIDParams(n_samples=30, reference="train", n_reference=40, batch_size=16, latent_gan_samples=both)
-        outs[both] = evaluate.fid_protocol(
-            net,
-            DistContext(),
-            samples,
-            samples_gan,
-            train,
-            test,
-            p,
-            sampler=sampler,
-            dataset="toy",
-            reference_digest="a" * 64,
-            held_out_digest="b" * 64,
-            stats_dir=tmp_path / str(both),
-            device="cpu",
-        )
+        outs[both] = _toy_fid_protocol(net, samples, samples_gan, train, test, p, tmp_path / str(both))
         passes[both] = len(net.seen)
     assert passes[True] - passes[False] == 2  # the latent-GAN set's 2 batches of 16
     assert outs[False]["fid_gan"] is None and outs[False]["kid_gan_mean"] is None and outs[False]["kid_gan_std"] is None
@@ -482,9 +461,7 @@ def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_
     """With fewer images than features (30 and 40 vs a 64-wide network) all three FIDs go through
     the n × n_reference path, never a d × d square root, and equal the d × d FID of the streamed
     statistics."""
-    from vaepp import evaluate
     from vaepp.config import FIDParams
-    from vaepp.distributed import DistContext
 
     net = FakeInception(dim=64)
     train, test = _uint8(40, 20), _uint8(30, 21)
@@ -493,21 +470,7 @@ def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_
     calls = []
     monkeypatch.setattr(fid, "frechet_distance_low_rank", _counted(calls, "low", fid.frechet_distance_low_rank))
     monkeypatch.setattr(fid, "frechet_distance", _counted(calls, "full", fid.frechet_distance))
-    out = evaluate.fid_protocol(
-        net,
-        DistContext(),
-        samples,
-        samples_gan,
-        train,
-        test,
-        p,
-        sampler={},
-        dataset="toy",
-        reference_digest="c" * 64,
-        held_out_digest="d" * 64,
-        stats_dir=tmp_path,
-        device="cpu",
-    )
+    out = _toy_fid_protocol(net, samples, samples_gan, train, test, p, tmp_path, digests="cd", sampler={})
     assert calls == ["low"] * 3
     unit = lambda t: t.float() / 255.0  # noqa: E731
     ref = fid.feature_stats(net, unit(train)).mean_cov()
