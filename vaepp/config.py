@@ -130,6 +130,9 @@ class TrainParams(_Section):
     max_steps_per_epoch: int | None = Field(gt=0)
     log_z_every: int | None = Field(ge=0)  # epochs between log-Z monitor checks; 0 or None: off
     lars_decay: float = Field(ge=0.0, lt=1.0)  # `certified` runs: the EMA of LARS's Ẑ (0.99)
+    # `certified` runs: whether the acceptance term trains the decoder G through D(G(z)); false
+    # holds G's weights fixed there, so only the reconstruction trains G.
+    acceptance_trains_decoder: bool
     monitor: MonitorParams
     checkpoint_every: int = Field(default=1, gt=0)
     seed: int = Field(ge=0)

@@ -154,6 +154,14 @@ class VAEPP(nn.Module):
         raw = self.decoder(z.reshape(-1, self.zdim))
         return raw.view(*lead, *raw.shape[1:])
 
+    def decode_fixed(self, z: Tensor) -> Tensor:
+        """`decode` with the decoder's weights held fixed: the output's gradient reaches z, not G's
+        weights (a certified prior's acceptance that does not train the decoder)."""
+        weights = {name: w.detach() for name, w in self.decoder.named_parameters()}
+        lead = z.shape[:-1]
+        raw = torch.func.functional_call(self.decoder, weights, (z.reshape(-1, self.zdim),))
+        return raw.view(*lead, *raw.shape[1:])
+
     def log_px(self, x: Tensor, raw: Tensor) -> Tensor:
         """log p(x | z) in nats from the raw decoder output. x (B, C, H, W) broadcasts against
         raw (..., B, ·, H, W); a soft x is the Bernoulli expectation (eq. 7). Returns (..., B)."""
