@@ -79,3 +79,41 @@ def test_algorithm_and_model_must_agree():
     plain = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
     with pytest.raises(ValueError, match="certified"):
         train(plain, images(), params, "certified")
+
+
+def _grads(model, params, e):
+    """Per-parameter gradients of one certified model loss on e, all from the same draws."""
+    from vaepp.train import model_loss
+
+    model.zero_grad()
+    torch.manual_seed(11)
+    loss, _ = model_loss(model, e, len(e), params, "certified", n_train=48)
+    loss.backward()
+    return {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+
+
+def test_a_fixed_decoder_in_the_acceptance_leaves_only_the_reconstruction_training_g():
+    """acceptance_trains_decoder=False: G's gradient is the reconstruction's alone; the encoder's
+    (through z, into D(G(z))), the critic's and c's are those of the full loss."""
+    model, params = make(seed=4)
+    with torch.no_grad():
+        model.xi.fill_(1.0)
+        for p in model.decoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a G that is not flat, so D(G(z)) depends on G and z
+    e = images(16).float() / 255
+    full = _grads(model, params, e)
+    fixed = _grads(model, params.model_copy(update={"acceptance_trains_decoder": False}), e)
+
+    model.zero_grad()
+    torch.manual_seed(11)
+    mu, log_sigma = model.encode(e)
+    z, _ = model.sample_q(mu, log_sigma, 1)
+    (-model.log_px(e, model.decode(z[0])).sum() / len(e)).backward()
+    recon_only = {k: p.grad for k, p in model.named_parameters() if k.startswith("decoder.")}
+
+    for k, g in fixed.items():
+        if k.startswith("decoder."):
+            assert torch.allclose(g, recon_only[k], rtol=1e-5, atol=1e-7), k
+            assert not torch.allclose(full[k], recon_only[k], rtol=1e-3, atol=1e-6), k
+        else:
+            assert torch.allclose(g, full[k], rtol=1e-5, atol=1e-7), k
