@@ -63,8 +63,8 @@ def _main(argv: list[str] | None) -> int:
     )
     atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired, figure4))
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
+    (out / "dimz").mkdir(parents=True, exist_ok=True)
     for name, line in report.dimz_series(figure4).items():  # for `dvc plots`
-        (out / "dimz").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
     with common.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))

@@ -326,6 +326,13 @@ def dimz_study_points(root: str | Path, study: str | Path, params: Params, files
     return dimz_points(rows).assign(source=f"{study} @ {manifest['commit'][:8]}")
 
 
+def per_image_nll(root: str | Path, pattern: str, run: str) -> pd.Series | None:
+    """Run `run`'s per-image NLLs in nats (estimate-nll's file, `pattern` with {run}, relative to
+    root), in test-image order; None when the file is missing."""
+    f = Path(root) / pattern.format(run=run)
+    return pd.read_csv(f)["nll_nats"] if f.is_file() else None
+
+
 def figure4_points(
     runs: pd.DataFrame,
     study: pd.DataFrame | None = None,
@@ -342,11 +349,11 @@ def figure4_points(
     if study is not None and len(study):
         counts = study["n_test_images"].dropna()
         m = int(counts.min()) if len(counts) else None
-        for i, r in pts.iterrows() if m else ():
-            f = Path(root or ".") / per_image.format(run=r["run"]) if per_image else None
-            if f is None or not f.is_file() or not r["n_test_images"] > m:
+        for i, r in pts.iterrows() if m and per_image else ():
+            nll = per_image_nll(root or ".", per_image, r["run"])
+            if nll is None or not r["n_test_images"] > m:
                 continue
-            first = float(pd.read_csv(f)["nll_nats"].iloc[:m].mean())
+            first = float(nll.iloc[:m].mean())
             pts.loc[i, "nll_paper_q_nats"] = r["nll_paper_q_nats"] + (first - r["nll_nats"])
             pts.loc[i, "bpd"] = r["bpd"] * first / r["nll_nats"]
             pts.loc[i, ["nll_nats", "n_test_images", "source"]] = [first, m, f"this study, its first {m} test images"]
@@ -480,11 +487,9 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
     """Per-image paired comparison of every pull-back run with the plain VAE (PAIRED_NOTE), from the
     estimate-nll stage's per-image files (`pattern` with {run}). Columns: run, algorithm, against,
     n_images, nll, nll_against, difference, paired_se, log_z (the run's headline estimator)."""
-    root = Path(root)
 
     def per_image(run: str) -> pd.Series | None:
-        f = root / pattern.format(run=run)
-        return pd.read_csv(f)["nll_nats"] if f.is_file() else None
+        return per_image_nll(root, pattern, run)
 
     plain = runs[runs["algorithm"] == "vae"]
     recs = []
