@@ -95,6 +95,23 @@ def test_penalty_is_differentiable_and_rejects_unknown_kind():
         gradient_penalty(critic, torch.randn(3, 4), torch.randn(3, 4), "wgan", k=1.0)
 
 
+@pytest.mark.parametrize("kind", ["wgan_gp", "wgan_div_1", "wgan_div_2"])
+def test_a_zero_weight_penalty_is_zero_without_a_critic_pass(kind):
+    """k = 0 (the certified run's default: no penalty) gives 0 and builds no double-backward graph;
+    any k > 0 on the same pairs evaluates the critic."""
+    calls = []
+
+    def critic(x):
+        calls.append(len(x))
+        return quadratic_critic(x)
+
+    real, fake = torch.randn(5, 3), torch.randn(5, 3)
+    alpha = draw_alpha(kind, 5, real)
+    r = penalty_sum(critic, real, fake, alpha, kind, k=0.0, p=3.0)
+    assert r.item() == 0.0 and calls == []
+    assert penalty_sum(critic, real, fake, alpha, kind, k=1e-3, p=3.0).item() != 0.0 and calls
+
+
 def test_beta_and_log_f():
     assert float(beta_from_xi(torch.tensor(0.0), 10.0)) == 5.0
     z = torch.randn(7, 3)

@@ -77,7 +77,7 @@ def penalty_sum(
         raise ValueError(f"unknown penalty kind {kind!r}; allowed: {', '.join(PENALTY_KINDS)}")
     if kind == "wgan_gp" and p != int(p):
         raise ValueError(f"the wgan_gp penalty raises ‖∇D‖ − 1 to p = {p}: it must be an integer (signed power)")
-    if real.shape[0] == 0:
+    if real.shape[0] == 0 or k == 0:  # k = 0: no penalty, and no double-backward graph built for it
         return real.new_zeros(())
     if kind == "wgan_div_2":
         return 0.5 * k * (critic_grad_norm(critic, real).pow(p).sum() + critic_grad_norm(critic, fake).pow(p).sum())

@@ -68,7 +68,7 @@ def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataF
     """One row per run of `params.runs` (in order): settings, availability and every metric.
 
     Columns: run, algorithm, dataset, dataset_label, dataset_source, stand_in, zdim, penalty ("none"
-    for the plain VAE), likelihood, logistic_scale; has_<kind> for each metrics file;
+    for the plain VAE and for penalty_k = 0), likelihood, logistic_scale; has_<kind> for each metrics file;
     "<kind>.<key>" for every (flattened) metric; "param.<section>.<key>" for the resolved params;
     "file.<name>" the path (relative to root) of the curve and grids, or "" when missing.
     files: the path patterns of the module docstring, relative to root.
@@ -91,7 +91,7 @@ def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataF
             "dataset_source": meta.get("source", "not prepared"),
             "stand_in": bool(meta.get("stand_in", False)),
             "zdim": run.model.zdim,
-            "penalty": "none" if run.algorithm == "vae" else run.train.penalty,
+            "penalty": "none" if run.algorithm == "vae" or run.train.penalty_k == 0 else run.train.penalty,
             "likelihood": lik if lik != "auto" else "bernoulli" if meta.get("binary", ds in BINARY) else "logistic",
             "logistic_scale": run.model.logistic_scale,
         }
