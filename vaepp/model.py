@@ -148,18 +148,17 @@ class VAEPP(nn.Module):
         return log_posterior(self.spec.posterior, z, mu, log_sigma)
 
     # ----- decoder -----------------------------------------------------------------------
-    def decode(self, z: Tensor) -> Tensor:
-        """z (..., Z) → raw decoder output (..., n_out·C, H, W)."""
+    def decode(self, z: Tensor, *, weights_fixed: bool = False) -> Tensor:
+        """z (..., Z) → raw decoder output (..., n_out·C, H, W). weights_fixed: G's weights are
+        detached, so the output's gradient reaches z but not G (a certified prior's acceptance
+        that does not train the decoder)."""
         lead = z.shape[:-1]
-        raw = self.decoder(z.reshape(-1, self.zdim))
-        return raw.view(*lead, *raw.shape[1:])
-
-    def decode_fixed(self, z: Tensor) -> Tensor:
-        """`decode` with the decoder's weights held fixed: the output's gradient reaches z, not G's
-        weights (a certified prior's acceptance that does not train the decoder)."""
-        weights = {name: w.detach() for name, w in self.decoder.named_parameters()}
-        lead = z.shape[:-1]
-        raw = torch.func.functional_call(self.decoder, weights, (z.reshape(-1, self.zdim),))
+        flat = z.reshape(-1, self.zdim)
+        if weights_fixed:
+            weights = {name: w.detach() for name, w in self.decoder.named_parameters()}
+            raw = torch.func.functional_call(self.decoder, weights, (flat,))
+        else:
+            raw = self.decoder(flat)
         return raw.view(*lead, *raw.shape[1:])
 
     def log_px(self, x: Tensor, raw: Tensor) -> Tensor:

@@ -487,20 +487,16 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
     """Per-image paired comparison of every pull-back run with the plain VAE (PAIRED_NOTE), from the
     estimate-nll stage's per-image files (`pattern` with {run}). Columns: run, algorithm, against,
     n_images, nll, nll_against, difference, paired_se, log_z (the run's headline estimator)."""
-
-    def per_image(run: str) -> pd.Series | None:
-        return per_image_nll(root, pattern, run)
-
     plain = runs[runs["algorithm"] == "vae"]
     recs = []
     for _, r in runs[runs["algorithm"] != "vae"].iterrows():
-        mine = per_image(r["run"])
+        mine = per_image_nll(root, pattern, r["run"])
         if mine is None:
             continue
         same = plain[plain["dataset"] == r["dataset"]]
         same = same[same["zdim"] == r["zdim"]] if (same["zdim"] == r["zdim"]).any() else same
         for _, v in same.iterrows():
-            theirs = per_image(v["run"])
+            theirs = per_image_nll(root, pattern, v["run"])
             if theirs is None or len(theirs) != len(mine):
                 continue
             diff = mine - theirs

@@ -110,7 +110,7 @@ def elbo_terms(
     sums "critic_recon" of D(G(z_i)) over E_r and "critic_prior" of D(G(ε_k)) over this rank's
     prior rows, and "fake": G(ε_k) on those rows (its penalty pairs first), (k_r, C, H, W).
     A certified prior's terms are `_certified_terms`'; with `acceptance_trains_decoder` False its
-    critic terms decode with G's weights held fixed (`VAEPP.decode_fixed`), so only the
+    critic terms decode with G's weights held fixed (`VAEPP.decode(weights_fixed=True)`), so only the
     reconstruction trains G.
     """
     start, stop = row_range(batch, ctx.rank, ctx.world)
@@ -126,13 +126,12 @@ def elbo_terms(
         return {"recon": recon, "kl": (log_q - log_standard_normal(z)).sum()}
     beta = model.beta
     fixed = model.spec.certified and not acceptance_trains_decoder
-    decode_prior = model.decode_fixed if fixed else model.decode
-    d_recon = model.critic_images(model.image_mean(decode_prior(z) if fixed else raw))  # (b,)
+    d_recon = model.critic_images(model.image_mean(model.decode(z, weights_fixed=True) if fixed else raw))  # (b,)
     log_f_z = log_f(z, d_recon, beta)  # (b,)
     eps = torch.randn(n_prior_samples, model.zdim, device=e.device, dtype=e.dtype)
     check_same_input(ctx, z_all, eps)
     prior_rows = _prior_rows(ctx, batch, n_prior_samples)
-    fake = model.image_mean(decode_prior(eps[prior_rows[ctx.rank]]))  # (k_r, C, H, W)
+    fake = model.image_mean(model.decode(eps[prior_rows[ctx.rank]], weights_fixed=fixed))  # (k_r, C, H, W)
     d_prior_mine = model.critic_images(fake)  # (k_r,)
     order = torch.tensor([i for rows in prior_rows for i in rows], device=e.device)
     d_prior = torch.empty(n_prior_samples, device=e.device, dtype=d_prior_mine.dtype).index_copy(
