@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import NetFlops, best_time, net_flops
 
-# Image shape, binarised or not, and training-set size of the datasets the bench knows.
+# Image shape, binarised or not, and prepared training images (validation included) of the
+# datasets the bench knows.
 DATASETS: dict[str, tuple[tuple[int, int, int], bool, int]] = {
     "mnist": ((1, 28, 28), True, 60_000),
     "fashion_mnist": ((1, 28, 28), True, 60_000),
@@ -106,7 +107,10 @@ def build(params: Path, run_name: str) -> Built:
             f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
             f"bench/compute.py; bench one of {', '.join(DATASETS)}"
         )
-    shape, binary, n_train = DATASETS[run.data.dataset]
+    shape, binary, n_prepared = DATASETS[run.data.dataset]
+    n_train = n_prepared - run.data.n_valid  # the training split, as `vaepp.data.split_prepared` cuts it
+    if n_train < 1:
+        raise ValueError(f"{params}: data.n_valid = {run.data.n_valid} leaves no training images of {n_prepared}")
     n_train = min(n_train, run.data.n_train) if run.data.n_train else n_train
     torch.manual_seed(0)
     model = VAEPP(model_spec(run, shape, binary)).eval()

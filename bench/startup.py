@@ -2,11 +2,12 @@
 
 Measured the way a user pays it, in a temporary copy of a tiny project: the repository's
 `dvc.yaml`, `stages/` and `vaepp/`, the repository's params.yaml cut down to one run of one epoch,
-a synthetic prepared dataset of N_TRAIN images, in a fresh git + DVC repository. Its train stage
-(`train@<first run>`) is run through DVC with `dvc repro --force --single-item`, as `make repro`
-runs every stage: the real `python` of this environment, OMP_WAIT_POLICY unset (so the stage takes
-its load sample), MLflow on with the default SQLite store at the copy's root. Before the timed
-runs one untimed run creates the MLflow store and the parent run (once per project, not per stage).
+a synthetic prepared dataset of N_TRAIN training and N_VALID validation images, in a fresh git +
+DVC repository. Its train stage (`train@<first run>`) is run through DVC with `dvc repro --force
+--single-item`, as `make repro` runs every stage: the real `python` of this environment,
+OMP_WAIT_POLICY unset (so the stage takes its load sample), MLflow on with the default SQLite store
+at the copy's root. Before the timed runs one untimed run creates the MLflow store and the parent
+run (once per project, not per stage).
 
   fixed cost  = wall time of the forced single-stage `dvc repro`, less the stage's own work
                 (the training loop's `seconds` in its metrics file); so it INCLUDES the `dvc`
@@ -39,7 +40,7 @@ if __name__ == "__main__":  # run as `python bench/startup.py` from anywhere
 
 from bench.common import ROOT  # noqa: E402
 
-N_TRAIN, N_TEST = 256, 64
+N_TRAIN, N_VALID, N_TEST = 256, 64, 64
 TARGET_S = 5.0
 
 
@@ -85,7 +86,8 @@ def make_project(dest: Path, src: Path = ROOT) -> tuple[str, str]:
     run = next(iter(raw["runs"]))
     raw["runs"] = {run: raw["runs"][run]}
     raw["datasets"] = [raw["data"]["dataset"]]
-    raw["data"].update(n_train=None, n_test=None)
+    raw["data"].update(n_train=None, n_valid=N_VALID, n_test=None)
+    raw["train"]["monitor"]["valid_images"] = N_VALID  # the monitor scores every validation image
     raw["train"]["epochs"] = 1
     raw["device"] = "cpu"
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -93,7 +95,7 @@ def make_project(dest: Path, src: Path = ROOT) -> tuple[str, str]:
     from vaepp.data import save_prepared  # the prepared format (this repository's reader and writer)
 
     g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, 256, (N_TRAIN, 1, 28, 28), generator=g, dtype=torch.uint8)
+    train = torch.randint(0, 256, (N_TRAIN + N_VALID, 1, 28, 28), generator=g, dtype=torch.uint8)
     test = torch.randint(0, 256, (N_TEST, 1, 28, 28), generator=g, dtype=torch.uint8)
     save_prepared(
         dest / "data" / raw["data"]["dataset"],

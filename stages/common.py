@@ -194,14 +194,44 @@ def load_run(args):
 
 
 def load_data(data_root: Path, run):
-    """The run's prepared dataset under data_root/<dataset>: (train, test, meta), the images cut
-    to data.n_train / data.n_test."""
-    from vaepp.data import load_prepared
+    """The run's prepared dataset under data_root/<dataset> cut into its splits
+    (`vaepp.data.split_prepared` with data.n_train, n_valid, n_test, subset_seed): a `Splits`.
+    Sizes that do not fit the dataset raise DataError here, before any model is fitted or read."""
+    from vaepp.data import load_prepared, split_prepared
 
     prepared = load_prepared(Path(data_root) / run.data.dataset)
-    train = prepared.train[: run.data.n_train] if run.data.n_train else prepared.train
-    test = prepared.test[: run.data.n_test] if run.data.n_test else prepared.test
-    return train, test, prepared.meta
+    d = run.data
+    return split_prepared(prepared, n_train=d.n_train, n_valid=d.n_valid, n_test=d.n_test, subset_seed=d.subset_seed)
+
+
+def subset_record(indices, n_all: int, seed: int | None) -> dict:
+    """Which images a stage scored, for its metrics JSON: seed (None when every image of the split
+    is used, in order), n (images scored), of (images in the split) and indices_sha256
+    (`vaepp.data.indices_digest` of the indices into the split, in order)."""
+    from vaepp.data import indices_digest
+
+    return {"seed": seed, "n": int(indices.numel()), "of": int(n_all), "indices_sha256": indices_digest(indices)}
+
+
+def record_of_test_images(splits, run) -> dict:
+    """`subset_record` of the run's test images (data.n_test of all the test images, seeded)."""
+    seed = run.data.subset_seed if run.data.n_test is not None else None
+    return subset_record(splits.test_indices, splits.meta["n_test"], seed)
+
+
+def scored_images(splits, run):
+    """The images estimate-nll scores, by nll.split: (uint8 images, indices into their split, record).
+    test: the run's test images. valid: a seeded random sample of data.n_test validation images
+    (all when null; seed data.subset_seed, the permutation whose prefix the monitor scores), for
+    choices made by looking at numbers."""
+    from vaepp.data import subset_indices
+
+    if run.nll.split == "test":
+        return splits.test, splits.test_indices, record_of_test_images(splits, run)
+    n_all = int(splits.valid.shape[0])
+    n = None if run.data.n_test is None else min(run.data.n_test, n_all)
+    indices = subset_indices(n_all, n, run.data.subset_seed)
+    return splits.valid[indices], indices, subset_record(indices, n_all, run.data.subset_seed if n else None)
 
 
 def read_json(path: Path) -> dict:

@@ -2,9 +2,12 @@
 
 Inception: pytorch-fid's network (pool3, 2048-d) with its own weights, downloaded by pytorch-fid
 where the internet is available, otherwise converted offline from the registry copy and verified
-by checksum. FID and KID of both sample sets, beside both for held-out real images (the first
-n_samples images of the other split: the floor at this N). The reference and held-out features are
-cached once per dataset file and protocol under $VAEPP_CACHE/fid_stats
+by checksum. FID and KID of both sample sets, beside both for held-out real images (the floor at
+this N). With the default reference `train`, the reference is the first n_reference images of the
+run's training split and the held-out images are the first n_samples of its test split: with
+data.n_test set, a seeded random sample of all test images (`vaepp.data.split_prepared`), never
+the first n of the test file; the JSON records it as `test_subset`. The reference and held-out
+features are cached once per dataset file, subset and protocol under $VAEPP_CACHE/fid_stats
 (`vaepp.evaluate.fid_protocol`). Output: the --out JSON. While it runs, the stage's MLflow run
 gets the images of each set through Inception so far.
 With `distributed.nproc_per_node: N` (or under `torchrun`), every Inception batch of N·batch_size
@@ -14,6 +17,8 @@ one-process sums; only rank 0 writes (the metrics and a missing reference or hel
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -33,8 +38,9 @@ def _compute(args, run, ctx) -> int:
     from vaepp import evaluate, fetch_fid_weights
     from vaepp.io import atomic_write_json, load_checkpoint
 
+    splits = common.load_data(args.data, run)
+    meta = splits.meta
     sampler = common.read_json(args.mala)
-    train, test, meta = common.load_data(args.data, run)
     samples, samples_gan = (
         load_checkpoint(args.samples / name, map_location="cpu")["images"] for name in ("images.pt", "images_gan.pt")
     )
@@ -44,8 +50,8 @@ def _compute(args, run, ctx) -> int:
     net = vdist.ShardedModule(fetch_fid_weights.load_inception(common.torch_home(), ctx.device), ctx)
     p = run.fid
     held = evaluate.HELD_OUT[p.reference]
-    split = {"train": train, "test": test}
-    digest = {name: meta.get("sha256", {}).get(f"{name}.pt", "unrecorded") for name in split}
+    split = {"train": splits.train, "test": splits.test}
+    digest = split_digests(splits, run)
     ds = common.dataset_input(run, meta, args.data)
     with common.stage_run(args, "compute-fid", run, p.model_dump(), ctx, dataset=ds) as log:
         log.set_tags({"vaepp.phase": "Inception features and FID"})
@@ -69,6 +75,8 @@ def _compute(args, run, ctx) -> int:
         if not ctx.is_writer:
             return 0
         metrics["run"] = run.name
+        metrics["test_subset"] = common.record_of_test_images(splits, run)
+        metrics["protocol"] = name_test_sample(metrics["protocol"], run)
         atomic_write_json(args.out, metrics)
         log.log_metrics(common.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})
@@ -79,6 +87,30 @@ def _compute(args, run, ctx) -> int:
         f"KID {metrics['kid_mean']:.4f}{kid_gan}, floor {metrics['kid_floor_mean']:.4f} ({metrics['protocol']})"
     )
     return 0
+
+
+def split_digests(splits, run) -> dict[str, str]:
+    """What names each split's images in the feature caches' keys (`evaluate.fid_protocol` scores
+    the first n of a split): train, the prepared train.pt's SHA-256 (the training split is its
+    first images); test, test.pt's, or with data.n_test set the SHA-256 of test.pt's and the
+    sample's indices (`vaepp.data.indices_digest`) together, so that features of one sample are
+    never reused for another or for the file's first n."""
+    from vaepp.data import indices_digest
+
+    files = splits.meta.get("sha256", {})
+    digest = {name: files.get(f"{name}.pt", "unrecorded") for name in ("train", "test")}
+    if run.data.n_test is not None:
+        digest["test"] = hashlib.sha256(f"{digest['test']}:{indices_digest(splits.test_indices)}".encode()).hexdigest()
+    return digest
+
+
+def name_test_sample(protocol: str, run) -> str:
+    """The protocol string with "the first n test images" saying what they are when data.n_test
+    is set: the first n of the seeded random test sample, itself a random sample of the test set."""
+    if run.data.n_test is None:
+        return protocol
+    seed = run.data.subset_seed
+    return re.sub(r"the first (\d+) test images", rf"\1 test images drawn at random (subset_seed {seed})", protocol)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,11 @@
 
 The protocol (which log-Z estimators run, with which seeds and budgets, and which one heads
 `nll_nats`) is `vaepp.evaluate.nll_protocol`. Outputs: the --out JSON (metrics/<run>/nll.json) and
---per-image, a CSV of −log p̂(x) per test image (nats, headline log Z) for paired comparisons.
+--per-image, a CSV of −log p̂(x) per test image (nats, headline log Z) for paired comparisons:
+columns image (the row's place in the scored subset), test_index (the image's index in the full
+prepared test set), nll_nats and the protocol's other per-image values. The scored images are the
+run's test split (data.n_test: all, or a seeded random sample; `vaepp.data.split_prepared`),
+recorded in the JSON as `test_subset`; the q-based log-Z estimate runs over the training split.
 While it runs, the stage's MLflow run gets the protocol's progress (`evaluate.nll_protocol`): the
 AIS temperatures done, each log-Z estimate as it is finished, the test images done and the running
 NLL; the final metrics follow at step 0.
@@ -32,16 +36,18 @@ def _estimate(args, run, ctx) -> int:
     from vaepp.checkpoints import load_vae
     from vaepp.io import atomic_write_csv, atomic_write_json
 
+    splits = common.load_data(args.data, run)
+    meta = splits.meta
+    images, indices, record = common.scored_images(splits, run)
     model, _ = load_vae(args.vae, ctx.device)
-    train, test, meta = common.load_data(args.data, run)
     ds = common.dataset_input(run, meta, args.data)
     with common.stage_run(args, "estimate-nll", run, run.nll.model_dump(), ctx, dataset=ds) as log:
         log.set_tags({"vaepp.phase": "estimating log Z and the NLL"})
         metrics = evaluate.nll_protocol(
             model,
             ctx,
-            train,
-            test,
+            splits.train,  # the q-based log Ẑ_q: N = the training split's size
+            images,
             run.nll,
             device=ctx.device,
             progress=not args.no_progress and ctx.is_writer,
@@ -50,8 +56,16 @@ def _estimate(args, run, ctx) -> int:
         if not ctx.is_writer:
             return 0
         metrics.update(run=run.name, **evaluate.dataset_fields(run.data.dataset, meta))
-        per_image = metrics.pop("nll_per_image")
-        atomic_write_csv(args.per_image, [{"image": i, "nll_nats": v} for i, v in enumerate(per_image)])
+        metrics[f"{run.nll.split}_subset"] = record
+        metrics["split"] = run.nll.split
+        per_image = metrics.pop("nll_per_image")  # {column: one value per scored image}
+        if any(len(values) != len(indices) for values in per_image.values()):
+            raise RuntimeError(f"{run.name}: per-image values do not match the {len(indices)} scored images")
+        rows = [
+            {"image": i, f"{run.nll.split}_index": idx, **{k: values[i] for k, values in per_image.items()}}
+            for i, idx in enumerate(indices.tolist())
+        ]
+        atomic_write_csv(args.per_image, rows)
         atomic_write_json(args.out, metrics)
         log.log_metrics(common.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})

@@ -30,8 +30,9 @@ def _fit(args, run, ctx) -> int:
     from vaepp import checkpoints, study
     from vaepp.io import atomic_write_json
 
+    splits = common.load_data(args.data, run)
+    images, meta = splits.train, splits.meta  # the posteriors of the training split only
     model, _ = checkpoints.load_vae(args.vae, ctx.device)
-    images, _, meta = common.load_data(args.data, run)
     ds = common.dataset_input(run, meta, args.data, context="training")
     with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx, dataset=ds) as log:
         gan, history, settings, gap = study.fit_run_latent_gan(

@@ -28,7 +28,8 @@ def _train(args, run, ctx) -> int:
     from vaepp import checkpoints, evaluate, study
     from vaepp.io import atomic_write_csv, atomic_write_json
 
-    images, test, meta = common.load_data(args.data, run)
+    splits = common.load_data(args.data, run)  # the training split is fitted, the validation split monitored
+    images, meta = splits.train, splits.meta
     ds = common.dataset_input(run, meta, args.data, context="training")
     with common.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
         model, result, settings = study.fit_vae(
@@ -37,7 +38,7 @@ def _train(args, run, ctx) -> int:
             meta,
             ctx,
             checkpoint_path=args.checkpoint,
-            test=test,
+            valid=splits.valid,
             say=common.say,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,

@@ -31,6 +31,7 @@ GAN_CKPT = Path("checkpoints") / RUN / "latent_gan.ckpt"
 GAN = Path("models") / RUN / "latent_gan.pt"
 EPOCHS = 12  # of the kill-and-resume runs: 8 steps each on 512 images, ~0.35 s per epoch
 N_TRAIN = 512
+N_VALID = TINY["data"]["n_valid"]  # prepared after the training images: 576 in all
 STEPS_PER_EPOCH = N_TRAIN // TINY["train"]["batch_size"]
 
 
@@ -70,11 +71,12 @@ def set_path(raw: dict, keys: list[str], value) -> dict:
 
 
 def write_dataset(work: Path) -> None:
-    """512 random 28×28 uint8 training images and 64 test images, prepared format."""
+    """512 random 28×28 uint8 training images, then N_VALID validation images, and 64 test
+    images, prepared format."""
     from vaepp.data import save_prepared
 
     g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, 256, (N_TRAIN, 1, 28, 28), generator=g, dtype=torch.uint8)
+    train = torch.randint(0, 256, (N_TRAIN + N_VALID, 1, 28, 28), generator=g, dtype=torch.uint8)
     test = torch.randint(0, 256, (64, 1, 28, 28), generator=g, dtype=torch.uint8)
     meta = {
         "dataset": "mnist",

@@ -75,13 +75,13 @@ def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
     from vaepp import evaluate
 
     images = torch.randint(0, 256, (64, 1, 12, 12), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    test = images[:16]
+    valid = images[:16]
     params = train_params(epochs=3, batch_size=16, n_prior_samples=16, log_z_every=2)
     fits = []
     for monitored in (False, True):
         torch.manual_seed(0)
         model = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
-        mon = (lambda m: evaluate.log_z_monitor(m, test, params.monitor, device="cpu")) if monitored else None
+        mon = (lambda m: evaluate.log_z_monitor(m, valid, params.monitor, device="cpu")) if monitored else None
         fits.append((model, train(model, images, params, "vaepp", monitor=mon)))
     (plain, a), (watched, b) = fits
     assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items())
@@ -89,7 +89,7 @@ def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
     assert checked == [2, 3]  # every 2nd epoch and the last
     for h in b.history:
         if "monitor_log_z" in h:
-            assert math.isfinite(h["monitor_log_z_ais"]) and math.isfinite(h["monitor_test_nll"])
+            assert math.isfinite(h["monitor_log_z_ais"]) and math.isfinite(h["monitor_valid_nll"])
             assert h["elbo_under_monitor_log_z"] == pytest.approx(
                 h["elbo_under_train_log_z"] + h["log_z"] - h["monitor_log_z"]
             )

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from stage_args import stage_argv
-from stage_helpers import PY, ROOT, RUN, TINY, assert_clean_failure, env, set_path, train_cmd, workspace
+from stage_helpers import PY, ROOT, RUN, TINY, assert_clean_failure, env, set_path, stage_cmd, train_cmd, workspace
 
 
 def stage_commands() -> dict[str, list[str]]:
@@ -252,6 +252,38 @@ def test_fuzz_malformed_params_files_fail_cleanly_in_every_process(tmp_path):
     times.sort()
     print(f"{len(cases)} malformed params files: median {times[len(times) // 2]:.2f} s, max {times[-1]:.2f} s")
     assert times[-1] < 30
+
+
+SIZES_THAT_DO_NOT_FIT = [  # (id, data.* of the tiny profile, needles); the workspace: 576 training, 64 test images
+    ("n-valid-all", {"n_valid": 576}, ["data.n_valid = 576", "576 prepared training images", "n_valid < 576"]),
+    ("n-test-over", {"n_test": 65}, ["data.n_test = 65", "64 test images", "null for all"]),
+    ("n-train-over", {"n_train": 513}, ["data.n_train = 513", "512 images", "n_valid 64", "n_train <= 512"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [pytest.param("train", c, id=f"{c[0]}-train") for c in SIZES_THAT_DO_NOT_FIT]
+    + [
+        pytest.param(name, SIZES_THAT_DO_NOT_FIT[1], id=f"n-test-over-{name}", marks=pytest.mark.slow)
+        for name in ("fit-latent-gan", "estimate-nll", "compute-fid")
+    ],
+)
+def test_split_sizes_that_do_not_fit_the_data_fail_in_one_line_before_any_work(tmp_path, name, case):
+    """Valid params whose data.n_train / n_valid / n_test do not fit the prepared dataset: every
+    stage that reads the data stops in one line naming the key, its value, the dataset's size and
+    the remedy, exit 2, before any model is read or fitted and with nothing written."""
+    case_id, data, needles = case
+    raw = copy.deepcopy(TINY)
+    raw["data"].update(data)
+    work = workspace(tmp_path / case_id, raw)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    start = time.monotonic()
+    proc = subprocess.run(stage_cmd(name), cwd=work, env=env(), capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert_clean_failure(proc, *needles)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    assert seconds < 30, f"{seconds:.1f} s to report sizes that do not fit"
 
 
 def test_dvc_exp_run_with_bad_param_fails_in_the_first_stage(tmp_path):

@@ -52,7 +52,25 @@ BAD = [
     ("train.optimiser", "sgd", "unknown key"),
     ("data.dataset", "imagenet", "data.dataset"),
     ("data.n_test", 0, "n_test"),
+    ("data.n_valid", 0, "data.n_valid = 0"),
+    ("data.n_valid", None, "data.n_valid"),
+    ("data.n_valid", -10, "greater than or equal to 1"),
+    ("data.n_train", 0, "data.n_train = 0"),
+    ("data.subset_seed", -1, "data.subset_seed = -1"),
+    ("data.subset_seed", 0.5, "data.subset_seed"),
+    ("data.subset_seed", True, "boolean"),
+    ("train.monitor.valid_images", 0, "valid_images"),
+    ("train.monitor.test_images", 300, "unknown key"),
+    ("train.monitor.valid_images", 10001, "more than the 10000 validation images (data.n_valid)"),
+    ("runs.vae.data", {"n_valid": 100}, "runs.vae.train.monitor.valid_images = 300"),
     ("nll.n_importance", 0, "n_importance"),
+    ("nll.split", "train", "nll.split"),
+    ("nll.proposal.kind", "wide", "nll.proposal.kind"),
+    ("nll.proposal.weight", 0.0, "nll.proposal.weight"),
+    ("nll.proposal.weight", 1.5, "nll.proposal.weight"),
+    ("nll.proposal.width", 0.5, "nll.proposal.width"),
+    ("nll.proposal.paper_protocol", "maybe", "paper_protocol"),
+    ("runs.certified.model", {"truncation": 8}, "runs.certified.model.truncation = 8"),
     ("nll.log_z.ais_temps", 1, "ais_temps"),
     ("nll.log_z.prior_is_sample", 10, "unknown key"),
     ("mala.step_size", -1.0, "step_size"),
@@ -90,6 +108,20 @@ def test_bad_values_fail_with_one_line_naming_the_key(path, value, needle):
         parse_params(with_change(path, value), source="params.yaml")
     msg = str(err.value)
     assert "\n" not in msg and needle in msg and msg.startswith("params.yaml")
+
+
+@pytest.mark.parametrize("key", ["dataset", "n_train", "n_valid", "n_test", "subset_seed"])
+def test_every_data_key_is_required(key):
+    raw = copy.deepcopy(DEFAULT)
+    del raw["data"][key]
+    with pytest.raises(ParamsError, match=rf"data\.{key}: required key is missing"):
+        parse_params(raw, source="params.yaml")
+
+
+def test_the_monitor_may_ask_for_more_validation_images_only_when_it_is_off():
+    raw = with_change("train.monitor.valid_images", 20000)
+    raw["train"]["log_z_every"] = 0
+    assert resolve_run(parse_params(raw), "vae").train.monitor.valid_images == 20000
 
 
 @pytest.mark.parametrize("text", ["", "[1, 2]", "runs: [", "a: b: c", "\x00\x01", "runs: 3"])

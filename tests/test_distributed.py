@@ -193,7 +193,7 @@ STAGE_OVERRIDES = yaml.safe_load("""
 device: cpu
 distributed: {nproc_per_node: 1, backend: gloo}
 datasets: [mnist]
-data: {dataset: mnist, n_train: 64, n_test: 8}
+data: {dataset: mnist, n_train: 64, n_valid: 16, n_test: 8}
 model: {arch: mlp, zdim: 3, hidden: [16, 16], init: torch}
 train: {epochs: 1, batch_size: 16, n_prior_samples: 16, lr: 1.0e-3, penalty_p: 6.0, critic_penalty_weight: 1.0}
 latent_gan: {noise_dim: 4, hidden: [8, 8], epochs: 1, batch_size: 16, n_critic: 2}
@@ -228,7 +228,7 @@ def _make_project(root: Path) -> None:
     images = lambda n: ((torch.rand(n, 1, 8, 8, generator=g) > 0.5) * 255).to(torch.uint8)  # noqa: E731
     save_prepared(
         root / "data" / "mnist",
-        images(64),
+        images(64 + 16),  # the training split, then the validation split
         images(8),
         {"binary": True, "source": "test", "label": "MNIST (test stand-in)", "stand_in": True},
     )

@@ -34,7 +34,7 @@ CROSS_RUN = {
     "train-beta": "beta",
     "train-log-z": "log_z",
     "train-log-z-monitored": "monitor_log_z",
-    "train-test-nll-monitored": "monitor_test_nll",
+    "train-valid-nll-monitored": "monitor_valid_nll",
 }
 DIMZ = {"dimz-nll": "nll_nats", "dimz-fid": "fid"}  # Figure 4's lines, x = dim z
 DIMZ_VALUES = [4, 8, 16, 32]
@@ -71,7 +71,7 @@ def _curve(run: str, algorithm: str, tag: str) -> dict[str, np.ndarray]:
         "kl": kl,
         "log_z": log_z,
         "monitor_log_z": log_z + 0.5 * epoch if pull else 0.0 * epoch,
-        "monitor_test_nll": recon + kl + 3.0 + (0.2 * epoch if pull else 0.0),
+        "monitor_valid_nll": recon + kl + 3.0 + (0.2 * epoch if pull else 0.0),
         "loss": recon + kl,
         "lr": np.full(n, 1.0e-3),
         "recon": recon,
@@ -249,7 +249,7 @@ def test_cross_run_charts_name_every_run_of_params():
         want = {
             f"plots/{run}/train_curve.csv"
             for run, spec in runs.items()
-            if column in ("loss", "monitor_test_nll") or spec["algorithm"] != "vae"
+            if column in ("loss", "monitor_valid_nll") or spec["algorithm"] != "vae"
         }
         got = declared[plot_id]["y"]
         assert set(got) == want and set(got.values()) == {column}, (

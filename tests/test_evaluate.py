@@ -10,7 +10,7 @@ import torch
 
 from test_nll import SHAPE, ZDIM, LinearGaussianVAE
 from vaepp import evaluate
-from vaepp.config import LogZParams, NLLParams
+from vaepp.config import LogZParams, NLLParams, ProposalParams
 from vaepp.distributed import DistContext
 from vaepp.posteriors import log_standard_normal
 
@@ -35,7 +35,14 @@ def params(**log_z) -> NLLParams:
         certificate_delta=1e-6, certificate_half_width=0.05, certificate_pilot=10_000, certificate_max_samples=10**7
     )
     return NLLParams(
-        n_importance=500, n_passes=1, chunk=4096, batch_images=16, seed=0, log_z=LogZParams(**{**budget, **log_z})
+        n_importance=500,
+        n_passes=1,
+        chunk=4096,
+        batch_images=16,
+        seed=0,
+        split="test",
+        proposal=ProposalParams(kind="defensive", weight=0.5, width=2.0, paper_protocol=True),
+        log_z=LogZParams(**{**budget, **log_z}),
     )
 
 
@@ -62,6 +69,16 @@ def test_every_log_z_estimate_and_the_headline_nll_match_the_exact_values():
     log_z_err = est[out["log_z_headline"]]["std_err"]
     assert abs(out["nll_nats"] - exact) < 4 * math.hypot(out["nll_mc_stderr"], log_z_err) + 0.01
     assert out["n_test_images"] == 40 and out["n_importance_total"] == 40 * 500
+    # The paper's proposal q(z|e) scores the same images beside it (here a full-support Normal q,
+    # so it too is near the exact value), under every log Z; the S/10 read-out and ESS come along.
+    paper = out["paper_protocol"]
+    assert abs(paper["nll_nats"] - exact) < 4 * math.hypot(paper["nll_mc_stderr"], log_z_err) + 0.01
+    assert paper["nll_nats_by_log_z"]["ais"] - by["ais"] == pytest.approx(paper["nll_nats"] - out["nll_nats"])
+    assert out["n_importance_sub"] == 50 and abs(out["nll_nats_sub"] - out["nll_nats"]) < 0.5
+    assert 1.0 <= out["ess_min"] <= out["ess_median"] <= 500 and out["proposal"] == "defensive"
+    per_image = out["nll_per_image"]
+    assert set(per_image) == {"nll_nats", "nll_nats_sub", "ess", "nll_nats_paper_protocol"}
+    assert sum(per_image["nll_nats"]) / 40 == pytest.approx(out["nll_nats"], rel=1e-9)
     assert out["bpd"] == pytest.approx(out["nll_nats"] / (math.prod(SHAPE) * math.log(2.0)))
 
 
@@ -124,23 +141,39 @@ def test_pass_spread_is_reported_only_with_several_passes():
 
 def test_the_training_monitor_finds_the_exact_log_z_and_nll_of_the_linear_case():
     """The check training runs every `log_z_every` epochs: AIS and N(0, I)-IS within their errors
-    of log Z = β²‖a‖²/2, the larger heading, and the test NLL under it near the exact one."""
+    of log Z = β²‖a‖²/2, the larger heading, and the NLL of the images it is given under it near
+    the exact one."""
     from vaepp.config import MonitorParams
 
     model = PullbackLinearVAE(beta=1.5)
-    test = images(40, 2)
+    valid = images(40, 2)[:30]  # the monitor scores every image it is given
     mp = MonitorParams(
-        ais_chains=128, ais_temps=100, ais_seeds=3, prior_is_samples=100_000, test_images=30, n_importance=200, seed=0
+        ais_chains=128, ais_temps=100, ais_seeds=3, prior_is_samples=100_000, valid_images=30, n_importance=200, seed=0
     )
-    out = evaluate.log_z_monitor(model, test, mp, device="cpu")
+    out = evaluate.log_z_monitor(model, valid, mp, device="cpu")
     sd = out["monitor_log_z_ais_seed_sd"]
     assert abs(out["monitor_log_z_ais"] - model.log_z) < 4 * sd / math.sqrt(3) + 0.02
     ess = out["monitor_prior_is_ess"]
     assert 0 < ess <= 100_000
     assert abs(out["monitor_log_z_prior_is"] - model.log_z) < 4 / math.sqrt(ess) + 0.02  # delta-method error
     assert out["monitor_log_z"] == max(out["monitor_log_z_ais"], out["monitor_log_z_prior_is"])
-    exact = -model.exact_log_px(test[:30].double().div(255.0)).mean().item()
+    exact = -model.exact_log_px(valid.double().div(255.0)).mean().item()
     # the same images: only the importance sampler's error and log Ẑ's separate the two
-    assert abs(out["monitor_test_nll"] - exact) < 0.05 + abs(out["monitor_log_z"] - model.log_z)
-    plain = evaluate.log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), test, mp, device="cpu")
+    assert abs(out["monitor_valid_nll"] - exact) < 0.05 + abs(out["monitor_log_z"] - model.log_z)
+    plain = evaluate.log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), valid, mp, device="cpu")
     assert plain["monitor_log_z"] == 0.0 and "monitor_log_z_ais" not in plain
+
+
+def test_headline_log_z_error_is_the_certificates_half_width_for_a_certified_run():
+    interval = {"log_z": -5.10, "std_err": 0.004, "extra": {"log_half_width": 0.041}}
+    estimates = {"certificate": interval, "ais": {"log_z": -5.14, "std_err": 0.009, "extra": {}}}
+    assert evaluate.headline_log_z_stderr(estimates, "certificate") == 0.041  # not Ẑ's se
+    assert evaluate.headline_log_z_stderr(estimates, "ais") == 0.009
+    assert evaluate.headline_log_z_stderr({}, "exact") == 0.0
+
+
+def test_a_certified_prior_with_a_truncated_sampler_has_no_nll_protocol():
+    model = PullbackLinearVAE(beta=1.0)
+    model.spec = SimpleNamespace(pullback=True, likelihood="gaussian", certified=True, truncation=4)
+    with pytest.raises(ValueError, match="model.truncation"):
+        evaluate.nll_protocol(model, DistContext(), images(8, 1), images(4, 2), params(), device="cpu")

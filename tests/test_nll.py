@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from factories import model_spec
+from vaepp.importance import defensive_proposal
 from vaepp.model import VAEPP
 from vaepp.nll import estimate_nll
-from vaepp.posteriors import LOG_2PI, log_normal, log_standard_normal
+from vaepp.posteriors import LOG_2PI, log_normal, log_posterior, log_standard_normal, sample_standard
 
 ZDIM, SHAPE = 3, (1, 2, 3)  # 6 "pixels"
 XDIM = math.prod(SHAPE)
@@ -210,3 +211,84 @@ def test_bad_arguments_fail_clearly():
         estimate_nll(model, [torch.zeros(1, *SHAPE)], n_importance=0)
     with pytest.raises(ValueError, match="no batches"):
         estimate_nll(model, [], n_importance=3, binarize=False)
+
+
+class BoxedPosteriorVAE(LinearGaussianVAE):
+    """A linear-Gaussian VAE whose true posterior is diagonal (W has orthogonal columns), encoded
+    by q = its exact mean with the sd shrunk by `shrink`, truncated at ±2σ_q (the paper's q).
+
+    The box μ ± 2σ_q holds a share Π_d erf(2/(shrink·√2)) of the true posterior's mass: 0.6827 per
+    dimension at shrink 2, so with 3 dimensions 68% of the mass lies outside it. The paper's
+    estimator E_q[p(x, z)/q(z)] = ∫_box p(x, z) dz = p(x)·mass, whatever S; a full-support proposal
+    keeps E[p̂(x)] = p(x)."""
+
+    def __init__(self, shrink: float, seed: int = 0):
+        super().__init__(beta=1.0, seed=seed)
+        q, _ = torch.linalg.qr(self.W)  # orthonormal columns, then distinct scales
+        self.W = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+        self.shrink = shrink
+        self.box_mass = math.erf(2.0 / (shrink * math.sqrt(2.0))) ** ZDIM
+
+    def encode(self, e):
+        x = e.flatten(1).double()
+        var = 1.0 / (1.0 + self.W.square().sum(0) / self.sigma_x**2)  # (Z,): WᵀW is diagonal
+        mu = ((x - self.b) @ self.W / self.sigma_x**2 + self.prior_mean()) * var
+        return mu, torch.log(var.sqrt() / self.shrink).expand_as(mu)
+
+    def sample_q(self, mu, log_sigma, n, generator=None):
+        eps = sample_standard("truncated", (n, *mu.shape), device=mu.device, dtype=mu.dtype, generator=generator)
+        z = mu + log_sigma.exp() * eps
+        return z, log_posterior("truncated", z, mu, log_sigma)
+
+
+def test_full_support_proposal_is_unbiased_where_the_truncated_posterior_loses_known_mass():
+    model = BoxedPosteriorVAE(shrink=2.0)
+    x = _images(model, 8, seed=11)
+    exact = model.exact_log_px(x)  # (8,)
+    assert model.box_mass < 0.35  # over 65% of the posterior's mass lies outside q's box
+    S, seeds = 200, 30
+    ratios, paper = [], []
+    for seed in range(seeds):
+        out = _run(model, x, S, seed=seed, proposal=defensive_proposal)
+        ratios.append(torch.exp(out["log_px_nats"][0] - exact))  # p̂(x)/p(x), (8,)
+        paper.append(_run(model, x, S, seed=seed)["log_px_nats"][0] - exact)
+    ratios = torch.stack(ratios)  # (seeds, 8): E = 1 for an unbiased p̂
+    mean, se = ratios.mean().item(), ratios.std().item() / math.sqrt(ratios.numel())
+    assert se < 0.01 and abs(mean - 1.0) < 4 * se
+    # The log-scale estimate sits within its stated MC error of the exact value too.
+    log_mean = torch.log(ratios).mean().item()
+    assert abs(log_mean) < 4 * torch.log(ratios).std().item() / math.sqrt(ratios.numel()) + 0.01
+    # The paper's proposal misses the mass outside the box: E[p̂(x)/p(x)] = the box's mass.
+    paper = torch.stack(paper).exp()
+    se_paper = paper.std().item() / math.sqrt(paper.numel())
+    assert abs(paper.mean().item() - model.box_mass) < 4 * se_paper
+    assert model.box_mass + 40 * se_paper < 1.0  # the bias is far outside the noise
+
+
+def test_sub_sample_read_out_is_the_estimate_of_the_first_samples():
+    model = LinearGaussianVAE(beta=1.0)
+    x = _images(model, 6, seed=12)
+    full = _run(model, x, 300, seed=4, proposal=defensive_proposal, n_importance_sub=30)
+    first = _run(model, x, 30, seed=4, proposal=defensive_proposal, rng_rows=6 * 30)
+    assert full["n_importance_sub"] == 30
+    same_draws = _run(model, x, 300, seed=4, proposal=defensive_proposal, n_importance_sub=30, rng_rows=6 * 30)
+    # With one draw per 30 samples, the first 30 samples are exactly what an S = 30 run draws.
+    assert torch.allclose(same_draws["log_px_nats_sub"], first["log_px_nats"], atol=1e-12)
+    assert same_draws["nll_nats_sub"] == pytest.approx(first["nll_nats"], abs=1e-10)
+    assert full["ess"].shape == (1, 6) and (full["ess"] <= 300).all() and (full["ess"] >= 1).all()
+    assert full["ess_min"] <= full["ess_median"] <= 300
+
+
+def test_defensive_proposal_density_matches_the_mixture_and_its_moments():
+    g = torch.Generator().manual_seed(0)
+    mu, log_sigma = torch.tensor([[0.5, -1.0]], dtype=torch.float64), torch.tensor([[0.0, -0.7]], dtype=torch.float64)
+    z, log_r = defensive_proposal(mu, log_sigma, 200_000, weight=0.3, width=3.0, generator=g)
+    sigma = log_sigma.exp()
+    narrow = torch.distributions.Normal(mu, sigma)
+    wide = torch.distributions.Normal(mu, 3.0 * sigma)
+    expected = torch.logaddexp(math.log(0.7) + narrow.log_prob(z).sum(-1), math.log(0.3) + wide.log_prob(z).sum(-1))
+    assert torch.allclose(log_r, expected, atol=1e-10)
+    # Var = (0.7 + 0.3·9)·σ² per dimension; the sample variance's relative sd is about √(2·κ/n).
+    var = ((0.7 + 0.3 * 9.0) * sigma.square())[0]
+    assert torch.allclose(z[:, 0].var(0), var, rtol=0.03)
+    assert torch.allclose(z[:, 0].mean(0), mu[0], atol=4 * (var / 200_000).sqrt().max().item())

@@ -57,6 +57,8 @@ def test_paper_profile_validates_at_the_authors_settings():
         200,
     )
     assert mnist.nll.n_importance * mnist.nll.n_passes * 10_000 == 10**8  # the paper's 10⁸ samples on MNIST
+    # train[:50000] to train, train[50000:] to validate, every test image scored
+    assert (mnist.data.n_train, mnist.data.n_valid, mnist.data.n_test) == (None, 10_000, None)
     assert (mnist.mala.step_size, mnist.mala.n_steps, mnist.fid.n_samples) == (1e-5, 2000, 5000)
     cifar = resolve_run(params, "cifar_vaepp")
     assert (cifar.model.zdim, cifar.model.beta_max, cifar.model.likelihood, cifar.train.epochs) == (
@@ -138,11 +140,11 @@ def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
 
 def tiny_paper_params() -> dict:
     """profiles/paper.yaml with every run's networks and settings kept, and its budget cut to a few
-    steps: 32 training and 4 test images, one epoch of two steps (with one log-Z monitor check), a
+    steps: 32 training, 8 validation and 4 test images, one epoch of two steps (with one log-Z monitor check), a
     handful of samples."""
     raw = copy.deepcopy(_raw())
     raw["device"] = "cpu"
-    raw["data"] = {**raw["data"], "n_train": 32, "n_test": 4}
+    raw["data"] = {**raw["data"], "n_train": 32, "n_valid": 8, "n_test": 4}
     raw["train"] = {
         **raw["train"],
         "epochs": 1,
@@ -155,7 +157,7 @@ def tiny_paper_params() -> dict:
             "ais_temps": 3,
             "ais_seeds": 2,
             "prior_is_samples": 16,
-            "test_images": 4,
+            "valid_images": 4,
             "n_importance": 4,
             "seed": 0,
         },
@@ -198,7 +200,7 @@ def write_standins(work: Path, datasets) -> None:
     g = torch.Generator().manual_seed(0)
     for ds in datasets:
         shape = SHAPES.get(ds, (1, 28, 28))
-        train = torch.randint(0, 256, (32, *shape), generator=g, dtype=torch.uint8)
+        train = torch.randint(0, 256, (32 + 8, *shape), generator=g, dtype=torch.uint8)  # training, validation
         test = torch.randint(0, 256, (8, *shape), generator=g, dtype=torch.uint8)
         save_prepared(
             work / "data" / ds,

@@ -79,6 +79,8 @@ def test_nll_protocol_is_the_same_with_progress_and_reports_log_z_and_the_runnin
         "log_z.ais",
         "nll.images_done",
         "nll.nats_running",
+        "nll_paper.images_done",  # the paper's proposal q(z|e), scored after the headline one
+        "nll_paper.nats_running",
     }
     assert_increasing(series)
     # AIS: every 5% of the 100 temperatures, as the fraction done
@@ -91,10 +93,13 @@ def test_nll_protocol_is_the_same_with_progress_and_reports_log_z_and_the_runnin
     # NLL: ten batches of 4 images, every 10% of the 40 images, the running mean ending at nll_nats
     assert series["nll.images_done"] == [(k, float(k)) for k in range(4, 41, 4)]
     per_image = plain["nll_per_image"]
-    for step, value in series["nll.nats_running"]:
-        assert value == pytest.approx(sum(per_image[:step]) / step, rel=1e-12)
+    for prefix, column in (("nll", "nll_nats"), ("nll_paper", "nll_nats_paper_protocol")):
+        for step, value in series[f"{prefix}.nats_running"]:
+            assert value == pytest.approx(sum(per_image[column][:step]) / step, rel=1e-12)
     assert series["nll.nats_running"][-1][1] == pytest.approx(plain["nll_nats"], rel=1e-12)
-    assert len(rec.calls) <= 60
+    assert series["nll_paper.nats_running"][-1][1] == pytest.approx(plain["paper_protocol"]["nll_nats"], rel=1e-12)
+    assert names.index("nll.nats_running") < names.index("nll_paper.images_done")
+    assert len(rec.calls) <= 80
 
 
 def test_nll_progress_of_the_plain_vae_is_the_nll_alone():
@@ -106,7 +111,7 @@ def test_nll_progress_of_the_plain_vae_is_the_nll_alone():
     watched = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
     assert without_seconds(watched) == without_seconds(plain)
     series = rec.series()
-    assert set(series) == {"nll.images_done", "nll.nats_running"}
+    assert set(series) == {"nll.images_done", "nll.nats_running", "nll_paper.images_done", "nll_paper.nats_running"}
     assert [s for s, _ in series["nll.nats_running"]] == [8, 16]
     assert series["nll.nats_running"][-1][1] == pytest.approx(plain["nll_nats"], rel=1e-12)
 

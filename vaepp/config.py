@@ -67,9 +67,18 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
+    """The splits every stage uses (`vaepp.data.split_prepared`). Of the prepared training images
+    the last `n_valid` are the validation split (train[50 000:] on MNIST with 10 000: the
+    VampPrior / IWAE convention) and the rest the training split; the test split is scored once
+    per run, never looked at to choose anything."""
+
     dataset: Dataset
-    n_train: int | None = Field(gt=0)  # first n training images (None = all)
-    n_test: int | None = Field(gt=0)  # first n test images used by evaluation
+    n_train: int | None = Field(gt=0)  # the first n of the training split (validation removed); None = all
+    n_valid: int = Field(ge=1)  # the last n prepared training images are the validation split
+    # None = every test image in order; n = a seeded random sample of all test images (the first
+    # n of one fixed permutation, so a smaller n is a prefix of a larger one), never the first n
+    n_test: int | None = Field(gt=0)
+    subset_seed: int = Field(ge=0)  # the seed of the test sample and of the monitor's validation images
 
 
 class ModelParams(_Section):
@@ -102,15 +111,18 @@ class ModelParams(_Section):
 
 
 class MonitorParams(_Section):
-    """The training-time log-Z monitor (`vaepp.monitor`): an independent estimate of the current
-    prior's log Z (AIS plus N(0, I)-IS) and the test NLL under it, every `train.log_z_every` epochs."""
+    """The training-time log-Z monitor (`evaluate.log_z_monitor`): an independent estimate of the
+    current prior's log Z (AIS plus N(0, I)-IS) and the validation NLL under it, every
+    `train.log_z_every` epochs."""
 
     ais_chains: int = Field(gt=0)
     ais_temps: int = Field(gt=1)
     ais_seeds: int = Field(gt=0)
     prior_is_samples: int = Field(gt=0)
-    test_images: int = Field(gt=0)  # the first n evaluation images
-    n_importance: int = Field(gt=0)  # importance samples per test image
+    # validation images scored: the first n of a permutation of the validation split seeded by
+    # data.subset_seed (a random sample, the same at every check); at most data.n_valid
+    valid_images: int = Field(gt=0)
+    n_importance: int = Field(gt=0)  # importance samples per validation image
     seed: int = Field(ge=0)
 
 
@@ -175,12 +187,28 @@ class LogZParams(_Section):
     certificate_max_samples: int = Field(gt=1)
 
 
+class ProposalParams(_Section):
+    """The NLL's importance proposal r(z|x) (`vaepp.importance`). defensive: the full-support
+    mixture (1 − weight)·N(μ, σ²) + weight·N(μ, (width·σ)²) around the encoder's μ, σ, untruncated;
+    posterior: the paper's protocol, q(z|e) itself (with a truncated q, not unbiased for p(x))."""
+
+    kind: Literal["defensive", "posterior"]
+    weight: float = Field(gt=0.0, le=1.0)
+    width: float = Field(ge=1.0)
+    # also score every run under the paper's proposal q(z|e), beside the headline (nll.json paper_protocol)
+    paper_protocol: bool
+
+
 class NLLParams(_Section):
     n_importance: int = Field(gt=0)  # S per image per pass
     n_passes: int = Field(gt=0)  # P, fresh binarisation each pass on binary data
     chunk: int = Field(gt=0)  # rows of z per decoder call
     batch_images: int = Field(gt=0)
     seed: int = Field(ge=0)
+    # the images scored: test (the run's test split, scored once at the end) or valid (a seeded random
+    # sample of data.n_test validation images, for choices made by looking at numbers: studies/attempts)
+    split: Literal["test", "valid"]
+    proposal: ProposalParams
     log_z: LogZParams
 
 
@@ -285,6 +313,18 @@ def resolve_run(params: Params, name: str) -> RunConfig:
             sections[key] = cls(**_deep_merge(base, getattr(run, key)))
         except ValidationError as err:
             raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
+    data, monitor = sections["data"], sections["train"].monitor
+    if sections["train"].log_z_every and monitor.valid_images > data.n_valid:
+        raise ParamsError(
+            f"runs.{name}.train.monitor.valid_images = {monitor.valid_images}: more than the "
+            f"{data.n_valid} validation images (data.n_valid); lower it or raise data.n_valid"
+        )
+    if run.algorithm == "certified" and sections["model"].truncation is not None:
+        raise ParamsError(
+            f"runs.{name}.model.truncation = {sections['model'].truncation}: a certified prior with LARS's "
+            "truncated sampler has no NLL protocol here (its density is not f(z)/Z, so no log Z constant gives "
+            "its log p(x)); set model.truncation: null"
+        )
     return RunConfig(
         name=name, algorithm=run.algorithm, device=params.device, distributed=params.distributed, **sections
     )

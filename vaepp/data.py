@@ -6,6 +6,12 @@ A prepared dataset is a directory with
   meta.json          — dataset, label (as shown in reports), source, binary, stand_in,
                         n_train, n_test, image_shape, and the SHA-256 of both tensor files.
 
+The splits (`split_prepared`): the last n_valid prepared training images are the validation split
+(train[50 000:] on MNIST with n_valid 10 000: the VampPrior / IWAE convention), the first n_train
+of the rest the training split, and the test split all test images or a seeded random sample of
+them (MNIST's test set is not shuffled: its two halves come from different writers, so its first
+n images are not a sample of it).
+
 Binary datasets (MNIST family, Omniglot) keep their grey levels: the training objective uses the
 soft target e and tests draw a fresh binarisation x ~ Bernoulli(e) (`binarize`) every pass.
 
@@ -17,6 +23,7 @@ this module reads only files it is given.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +95,78 @@ def load_prepared(directory: str | Path, *, verify: bool = True) -> PreparedData
             )
         parts[split] = images
     return PreparedData(train=parts["train"], test=parts["test"], meta=meta)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The images a run uses, uint8 (N, C, H, W) each, from one prepared dataset.
+
+    train: prepared.train[:n_all − n_valid][:n_train], the only images any fit sees.
+    valid: prepared.train[n_all − n_valid:], in order (for choices made by looking at numbers).
+    test: prepared.test[test_indices], in that order.
+    test_indices: int64 (n_test,), indices into prepared.test: arange(n) for all of them, else
+      the first n_test of a permutation seeded by subset_seed (`subset_indices`).
+    meta: the prepared dataset's meta.json.
+    """
+
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+    test_indices: Tensor
+    meta: dict
+
+
+def subset_indices(n_all: int, n: int | None, seed: int) -> Tensor:
+    """int64 (n,) indices of a uniform random sample of n of range(n_all) without replacement:
+    the first n of torch.randperm(n_all) under torch.Generator().manual_seed(seed), kept in that
+    random order, so that every prefix is itself a uniform random sample and a smaller n gives
+    a prefix of a larger one. n None: arange(n_all), all in order."""
+    if n is None:
+        return torch.arange(n_all, dtype=torch.int64)
+    if not 0 < n <= n_all:
+        raise ValueError(f"cannot draw {n} of {n_all} items; n must be in 1..{n_all}")
+    return torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def split_prepared(
+    prepared: PreparedData, *, n_train: int | None, n_valid: int, n_test: int | None, subset_seed: int
+) -> Splits:
+    """The training, validation and test splits of `prepared` (see `Splits`); the `config.DataParams`
+    fields of the same names. Only indexing: the checks come first, and a DataError names the
+    key, its value, the dataset's size and the remedy."""
+    name = prepared.meta.get("label", prepared.meta.get("dataset", "the dataset"))
+    n_prepared, n_all_test = int(prepared.train.shape[0]), int(prepared.test.shape[0])
+    if not 1 <= n_valid < n_prepared:
+        raise DataError(
+            f"data.n_valid = {n_valid}: {name} has {n_prepared} prepared training images, and the "
+            f"validation split (the last n_valid) must leave some for training; set 1 <= n_valid < {n_prepared}"
+        )
+    n_split = n_prepared - n_valid
+    if n_train is not None and not 1 <= n_train <= n_split:
+        raise DataError(
+            f"data.n_train = {n_train}: the training split of {name} has {n_split} images "
+            f"({n_prepared} prepared − n_valid {n_valid}); set n_train <= {n_split} or null for all"
+        )
+    if n_test is not None and not 1 <= n_test <= n_all_test:
+        raise DataError(
+            f"data.n_test = {n_test}: {name} has {n_all_test} test images; set n_test <= {n_all_test} or null for all"
+        )
+    test_indices = subset_indices(n_all_test, n_test, subset_seed)
+    return Splits(
+        train=prepared.train[: n_split if n_train is None else n_train],
+        valid=prepared.train[n_split:],
+        test=prepared.test[test_indices],
+        test_indices=test_indices,
+        meta=prepared.meta,
+    )
+
+
+def indices_digest(indices: Tensor) -> str:
+    """SHA-256 (hex) of the indices as little-endian int64 bytes: names a subset exactly."""
+    return hashlib.sha256(indices.to(torch.int64).cpu().numpy().astype("<i8").tobytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- soft target, binarisation

@@ -4,7 +4,8 @@ Each function takes validated params (`vaepp.config`), a trained model and a `Di
 (identity on one process) and returns the metrics dict that its stage writes as JSON, so the
 protocol is unit-tested without DVC:
 
-- `nll_protocol`: test NLL by importance sampling from q(z|e) (paper §5) under every estimate of
+- `nll_protocol`: test NLL by importance sampling (paper §5) from a full-support proposal (by
+  default `importance.defensive_proposal`; the paper's q(z|e) beside it) under every estimate of
   log Z. For a pull-back prior the estimates are the paper's q-based Ẑ_q over the training set
   (eq. 8; not a bound), N(0, I)-proposal importance sampling with its effective sample size, and
   annealed importance sampling (Neal 2001) from N(0, I) to p_λ, spread over seeds. Both N(0, I)-IS
@@ -15,7 +16,7 @@ protocol is unit-tested without DVC:
   E(z) = β·D(G(z)) + ½‖z‖²; "GAN-VAEPP" decodes z₀ directly. Plain VAE: z ~ N(0, I), its prior.
 - `log_z_monitor`: the check that training runs every `train.log_z_every` epochs: AIS on a small
   budget with its spread over seeds and N(0, I)-IS with its ESS, the larger heading (as in the
-  NLL), and the test NLL of a few images under it.
+  NLL), and the NLL of a few validation images under it.
 - `fid_protocol`: FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) of both sample sets
   against the first n reference images, beside both for as many held-out real images (the
   floor), with the reference and held-out features cached per dataset file and protocol.
@@ -27,8 +28,9 @@ end (a few dozen calls per protocol). The callbacks read numbers the estimators 
 draw no random number, so every result is the same with or without one.
 
 Seeds: the NLL uses nll.seed for the q-based estimate, seed + 1 for N(0, I)-IS, seed + 100 + s
-for AIS seed s, seed + 2 for the test-set samples and seed + 4 for their binarisations (the same
-for every run, so that runs compare image by image), so every estimate has its own stream.
+for AIS seed s, seed + 5 for the test-set samples from the full-support proposal, seed + 2 for those from the
+paper's q(z|e) and seed + 4 for the binarisations (the same for every run and proposal, so that
+runs compare image by image), so every estimate has its own stream.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,15 +48,23 @@ from torch import Tensor
 
 from . import distributed as vdist
 from .config import FIDParams, MALAParams, MonitorParams, NLLParams
+from .importance import defensive_proposal
 from .logz import log_z_ais, log_z_prior_is, log_z_q_based
 from .mala import mala
 from .nll import estimate_nll
 from .sampling import decode_images
 
+SPLIT_NAMES = {"test": "test", "valid": "validation"}  # nll.split → the images' name in a protocol text
 # The independent estimates that may head the NLL; each is a lower estimate of log Z in
 # expectation, so the larger is chosen.
 HEADLINE_CANDIDATES = ("prior_is", "ais")
 
+# Why a certified prior with LARS's truncated sampler has no NLL here (config.RunConfig rejects it).
+TRUNCATED_NLL = (
+    "a certified prior with a finite model.truncation has no NLL protocol: its density "
+    "p_T(z) = N(z; 0, I)·(a(z)(1 − α)/Z + α), α = (1 − Z)^(T − 1), is not f(z)/Z, so no log Ẑ constant "
+    "gives its log p(x); set model.truncation: null"
+)
 # callback(name, value, step): a progress value of a protocol (see the module docstring)
 Progress = Callable[[str, float, int], None]
 # Progress reports per series: every 5% of a loop of temperatures or MALA steps, every 10% of a
@@ -119,6 +130,8 @@ def log_z_protocol(
     """
     if not model.spec.pullback:
         return {}, "exact"
+    if model.spec.certified and model.spec.truncation is not None:
+        raise ValueError(TRUNCATED_NLL)
     lz, p = params.log_z, params
     sharded = vdist.ShardedLatentModel(model, ctx)  # identity with one process
     log_f = vdist.sharded_log_f(ctx, model.log_f)
@@ -166,7 +179,7 @@ def log_z_protocol(
     if model.spec.certified:
         found += _certified_estimates(model, lz, p, device=device, progress=progress, callback=callback, report=report)
     estimates = {e.name: dataclasses.asdict(e) for e in found}
-    if model.spec.certified and model.spec.truncation is None:
+    if model.spec.certified:
         return estimates, "certificate"  # log Z's upper end at 1 − δ: the honest direction
     headline = max(HEADLINE_CANDIDATES, key=lambda n: estimates[n]["log_z"])
     return estimates, headline
@@ -219,16 +232,19 @@ def _certified_estimates(model, lz, p: NLLParams, *, device, progress: bool, cal
     return [cert, reverse]
 
 
-def log_z_monitor(model, test: Tensor, params: MonitorParams, *, device: torch.device | str) -> dict[str, float]:
-    """An independent estimate of the current prior's log Z during training, and the test NLL
-    under it: what the training estimate log Z_train (`prior.log_z_train`) is checked against.
+def log_z_monitor(model, valid: Tensor, params: MonitorParams, *, device: torch.device | str) -> dict[str, float]:
+    """An independent estimate of the current prior's log Z during training, and the validation
+    NLL under it: what the training estimate log Z_train (`prior.log_z_train`) is checked against.
 
-    test: uint8 evaluation images (N, C, H, W); the first `params.test_images` are used, with
-    `params.n_importance` samples from q(z|e) each (a fresh binarisation on Bernoulli data).
-    Returns, in nats: monitor_log_z (the larger of AIS and N(0, I)-IS: both are lower estimates
-    in expectation), monitor_log_z_ais with monitor_log_z_ais_seed_sd (sd of the per-seed values),
-    monitor_log_z_prior_is with monitor_prior_is_ess, monitor_test_nll with its test-set standard
-    error, and monitor_seconds. The plain VAE has log Z = 0 exactly and gets only the NLL.
+    valid: the uint8 validation images to score (N, C, H, W), all of them (the caller picks them:
+    `study.monitor_images`), with `params.n_importance` samples each from the NLL's default
+    full-support proposal (`importance.defensive_proposal`; a fresh
+    binarisation on Bernoulli data). Returns, in nats: monitor_log_z (the larger of AIS and
+    N(0, I)-IS: both are lower estimates in expectation), monitor_log_z_ais with
+    monitor_log_z_ais_seed_sd (sd of the per-seed values), monitor_log_z_prior_is with
+    monitor_prior_is_ess, monitor_valid_nll with its standard error over the images
+    (monitor_valid_nll_stderr), and monitor_seconds. The plain VAE has log Z = 0 exactly and
+    gets only the NLL.
     The global RNG is left as it was: the check draws from its own seeded generators, so a
     monitored fit trains exactly as an unmonitored one.
     """
@@ -263,14 +279,15 @@ def log_z_monitor(model, test: Tensor, params: MonitorParams, *, device: torch.d
                 out["monitor_log_z_ais_seed_sd"] = ais.extra["seed_std"]
         nll = estimate_nll(
             model,
-            unit_batches(test[: params.test_images], 100, device),
+            unit_batches(valid, 100, device),
             n_importance=params.n_importance,
             log_z=out["monitor_log_z"],
             binarize=model.spec.likelihood == "bernoulli",
+            proposal=defensive_proposal,  # the NLL's full-support default (importance.DEFENSIVE_*)
             generator=torch.Generator(device=device).manual_seed(params.seed + 2),
         )
-    out["monitor_test_nll"] = nll["nll_nats"]
-    out["monitor_test_nll_stderr"] = nll["nll_stderr"]
+    out["monitor_valid_nll"] = nll["nll_nats"]
+    out["monitor_valid_nll_stderr"] = nll["nll_stderr"]
     out["monitor_seconds"] = time.perf_counter() - t0
     return out
 
@@ -288,11 +305,17 @@ def nll_protocol(
 ) -> dict:
     """Test NLL (nats, bits/dim) under every estimate of log Z, with the headline one named.
 
-    train, test: uint8 images (N, C, H, W), already cut to the run's n_train / n_test. On
-    Bernoulli data every pass binarises the test images afresh (x ~ Bernoulli(e)). Errors, nats:
-    nll_stderr (test set), nll_mc_stderr (importance sampler), nll_log_z_stderr (the headline
-    log Ẑ's own, for AIS its spread over seeds), nll_total_stderr (`total_stderr`), and with
-    n_passes > 1 nll_pass_sd, the sd of the pass means (the paper's "std").
+    train, test: uint8 images (N, C, H, W): the training split (the q-based log Ẑ's images, N its
+    size) and the test images to score. On Bernoulli data every pass binarises the test images
+    afresh (x ~ Bernoulli(e)). The headline proposal is `params.proposal` (default the
+    full-support defensive mixture, `importance.defensive_proposal`: E[p̂(x)] = p(x)); with
+    `proposal.paper_protocol` the same images and binarisations are also scored with the paper's
+    proposal q(z|e) (`paper_protocol` in the result). Errors, nats: nll_stderr (test set),
+    nll_mc_stderr (importance sampler), nll_log_z_stderr (the headline log Ẑ's own: for AIS its
+    spread over seeds, for the certificate its half-width log Z_hi − log Ẑ), nll_total_stderr
+    (`total_stderr`), and with n_passes > 1 nll_pass_sd, the sd of the pass means (the paper's
+    "std"). The S/10 read-out: nll_nats_sub from each image's first S/10 samples of the same draws;
+    ess_mean/median/min: the per-image ESS out of S.
 
     callback(name, value, step), if given, gets the progress, in this order (pull-back priors
     only for log_z.*):
@@ -303,29 +326,43 @@ def nll_protocol(
         it is finished, at step = its place in that order (1, 2, ...);
       nll.images_done and nll.nats_running: the test images done (every pass of them) and the
         mean over them of −log p̂(x) under the headline log Ẑ in nats (`nll_nats` of the images
-        done), both at step = images done, every 10% of the test set.
+        done), both at step = images done, every 10% of the test set; then, with the paper's
+        protocol on, the same as nll_paper.images_done and nll_paper.nats_running.
     """
     t0 = time.perf_counter()
     estimates, headline = log_z_protocol(model, ctx, train, params, device=device, progress=progress, callback=callback)
     log_z = {name: e["log_z"] for name, e in estimates.items()} if estimates else {"exact": 0.0}
     binary = model.spec.likelihood == "bernoulli"
-    p = params
-    nll = estimate_nll(
-        vdist.ShardedLatentModel(model, ctx),
-        unit_batches(test, p.batch_images, device),
-        n_importance=p.n_importance,
-        n_passes=p.n_passes,
-        log_z=log_z,
-        headline=headline,
-        binarize=binary,
-        chunk=p.chunk,
-        generator=torch.Generator(device=device).manual_seed(p.seed + 2),
-        binarize_generator=torch.Generator(device=device).manual_seed(p.seed + 4),
-        progress=progress,
-        return_per_image=True,
-        callback=throttled(callback, "nll.", int(test.shape[0]), REPORTS_PER_IMAGE_SET),
-    )
-    log_z_stderr = estimates[headline]["std_err"] if estimates else 0.0  # the exact log Z = 0 has none
+    p, r = params, params.proposal
+    n_test = int(test.shape[0])
+
+    def score(proposal, seed_offset: int, prefix: str) -> dict:
+        return estimate_nll(
+            vdist.ShardedLatentModel(model, ctx),
+            unit_batches(test, p.batch_images, device),
+            n_importance=p.n_importance,
+            n_passes=p.n_passes,
+            log_z=log_z,
+            headline=headline,
+            binarize=binary,
+            proposal=proposal,
+            chunk=p.chunk,
+            generator=torch.Generator(device=device).manual_seed(p.seed + seed_offset),
+            binarize_generator=torch.Generator(device=device).manual_seed(p.seed + 4),
+            progress=progress,
+            return_per_image=True,
+            callback=throttled(callback, prefix, n_test, REPORTS_PER_IMAGE_SET),
+        )
+
+    paper = None
+    if r.kind == "posterior":
+        nll, described = score(None, 2, "nll."), "q(z|e) (the paper's protocol)"
+    else:
+        nll = score(partial(defensive_proposal, weight=r.weight, width=r.width), 5, "nll.")
+        described = f"r = {1 - r.weight:g}·N(μ, σ²) + {r.weight:g}·N(μ, ({r.width:g}σ)²), untruncated"
+        if r.paper_protocol:
+            paper = score(None, 2, "nll_paper.")
+    log_z_stderr = headline_log_z_stderr(estimates, headline)
     out = {
         "nll_nats": nll["nll_nats"],
         "nll_stderr": nll["nll_stderr"],
@@ -333,6 +370,13 @@ def nll_protocol(
         "nll_log_z_stderr": log_z_stderr,
         "nll_total_stderr": total_stderr(nll["nll_stderr"], nll["nll_mc_stderr"], log_z_stderr),
         "bpd": nll["nll_bpd"],
+        "nll_nats_sub": nll["nll_nats_sub"],
+        "n_importance_sub": nll["n_importance_sub"],
+        "ess_mean": nll["ess_mean"],
+        "ess_median": nll["ess_median"],
+        "ess_min": nll["ess_min"],
+        "proposal": r.kind,
+        "proposal_density": described,
         "n_importance_total": nll["n_importance_total"],
         "n_importance_per_image": p.n_importance,
         "n_passes": p.n_passes,
@@ -342,18 +386,45 @@ def nll_protocol(
         "nll_nats_by_log_z": nll["nll_nats_by_log_z"],
         "nll_vae_prior_nats": nll["nll_nats_plain_vae"],
         "nll_vae_prior_stderr": nll["nll_stderr_plain_vae"],
-        "ess_mean": nll["ess_mean"],
         "protocol": (
-            f"{nll['n_images']} test images × {p.n_passes} pass(es) × S={p.n_importance} samples "
-            f"from q(z|e){', fresh binarisation per pass' if binary else ''}; log Z: {headline}"
+            f"{nll['n_images']} {SPLIT_NAMES[p.split]} images × {p.n_passes} pass(es) × S={p.n_importance} samples "
+            f"from {described}{', fresh binarisation per pass' if binary else ''}; log Z: {headline}"
         ),
-        "seconds": time.perf_counter() - t0,
     }
     if "nll_pass_sd" in nll:
         out["nll_pass_sd"] = nll["nll_pass_sd"]
-    # −log p̂(x) per test image (headline log Z, mean over passes): for paired comparisons of runs
-    out["nll_per_image"] = (-nll["log_px_nats"].mean(0)).tolist()
+    # per test image (headline log Z, mean over passes): for paired comparisons of runs
+    per_image = {
+        "nll_nats": -nll["log_px_nats"].mean(0),
+        "nll_nats_sub": -nll["log_px_nats_sub"].mean(0),
+        "ess": nll["ess"].mean(0),
+    }
+    if paper is not None:
+        out["paper_protocol"] = {
+            "proposal_density": "q(z|e)",
+            "nll_nats": paper["nll_nats"],
+            "nll_stderr": paper["nll_stderr"],
+            "nll_mc_stderr": paper["nll_mc_stderr"],
+            "nll_nats_by_log_z": paper["nll_nats_by_log_z"],
+            "nll_nats_sub": paper["nll_nats_sub"],
+            "ess_mean": paper["ess_mean"],
+        }
+        per_image["nll_nats_paper_protocol"] = -paper["log_px_nats"].mean(0)
+    out["seconds"] = time.perf_counter() - t0
+    out["nll_per_image"] = {k: v.tolist() for k, v in per_image.items()}
     return out
+
+
+def headline_log_z_stderr(estimates: dict[str, dict], headline: str) -> float:
+    """The error of the headline log Ẑ that the NLL carries, nats: 0 for the exact log Z = 0 of
+    the plain VAE; for the certificate its half-width log Z_hi − log Ẑ (the interval's, not Ẑ's
+    standard error: the headline is the interval's end); else the estimate's std_err."""
+    if not estimates:
+        return 0.0
+    chosen = estimates[headline]
+    if headline == "certificate":
+        return chosen["extra"]["log_half_width"]
+    return chosen["std_err"]
 
 
 def total_stderr(test_set: float, monte_carlo: float, log_z: float) -> float:
@@ -444,6 +515,8 @@ def sampling_protocol(
 SAMPLER_FIELDS = ("sampler", "mala_acceptance", "mala_steps", "mala_step_size")
 # KID's subset protocol (Bińkowski et al. 2018): 100 subsets of m = min(1000, n) rows, one seed.
 KID_SUBSETS, KID_MAX_SUBSET, KID_SEED = 100, 1000, 0
+# Error bars of each set's FID and KID (`fid.error_bars`): half-samples of its n images, one seed.
+FID_BOOTSTRAP, FID_BOOTSTRAP_SEED = 200, 0
 # The floor's held-out images: the split that is not the reference.
 HELD_OUT = {"train": "test", "test": "train"}
 
@@ -477,6 +550,13 @@ def fid_protocol(
     (`fid.kernel_inception_distance`), from the same Inception features as the FID. Both sides'
     features are at hand, so each FID goes through `fid.frechet_distance_of_sets` (exact, and an
     n × n_reference problem rather than a 2048² matrix square root when n < 2048).
+    Error bars, for the draw of each set's n images with the reference set fixed
+    (`fid.error_bars`: FID_BOOTSTRAP half-samples of ⌊n/2⌋ images without replacement, seed
+    FID_BOOTSTRAP_SEED): fid*_ci_low and fid*_ci_high, a 95% interval for the FID expected of n
+    images against this reference (not for the FID at infinite N, which lies below it),
+    fid*_boot_sd its standard deviation, and kid*_std the standard deviation of the unbiased MMD²
+    of all n images (kid*_mean stays the mean over KID_SUBSETS subsets, which is that MMD² when
+    n ≤ KID_MAX_SUBSET).
     net: the Inception network (a `ShardedModule` on W processes: each rank evaluates batch_size
     images of every W·batch_size batch). reference_digest, held_out_digest: the prepared files'
     SHA-256, part of the cache keys, so features of one dataset file are never reused for another.
@@ -526,35 +606,49 @@ def fid_protocol(
             features, ref.features, n_subsets=KID_SUBSETS, max_subset_size=KID_MAX_SUBSET, seed=KID_SEED
         )
 
-    def scores(name: str, images: Tensor) -> tuple[float, fid.KernelDistance] | None:
+    def bars(features: fid.FeatureSet) -> fid.ErrorBars:
+        """The set's FID (`fid.frechet_distance_of_sets`) with its error bars and KID's."""
+        return fid.error_bars(features, ref, n_resamples=FID_BOOTSTRAP, seed=FID_BOOTSTRAP_SEED)
+
+    def scores(name: str, images: Tensor) -> tuple[fid.ErrorBars, fid.KernelDistance] | None:
         batches = unit_batches(images[: p.n_samples], batch)
         if not ctx.is_writer:
             fid.feature_stats(net, batches, **kw)
             return None
         features, stats = fid.features_and_stats(net, batches, **kw, callback=images_done(name, p.n_samples))
-        return fid.frechet_distance_of_sets(fid.FeatureSet(features, *stats.mean_cov()), ref), kid(features)
+        return bars(fid.FeatureSet(features, *stats.mean_cov())), kid(features)
 
     ours = scores("samples", samples)
     # GAN-VAEPP: z₀ decoded directly, unless params.latent_gan_samples is off (then None)
     ours_gan = scores("samples_gan", samples_gan) if p.latent_gan_samples else None
     if not ctx.is_writer:
         return {}
-    value, k_mala = ours
-    value_gan, k_gan = ours_gan or (None, None)
-    k_floor = kid(floor.features)
+    e_mala, k_mala = ours
+    e_gan, k_gan = ours_gan or (None, None)
+    e_floor, k_floor = bars(floor), kid(floor.features)
     return {
-        "fid": value,
-        "fid_floor": fid.frechet_distance_of_sets(floor, ref),
+        "fid": e_mala.fid,
+        "fid_ci_low": e_mala.fid_low,
+        "fid_ci_high": e_mala.fid_high,
+        "fid_boot_sd": e_mala.fid_sd,
+        "fid_floor": e_floor.fid,
+        "fid_floor_ci_low": e_floor.fid_low,
+        "fid_floor_ci_high": e_floor.fid_high,
+        "fid_floor_boot_sd": e_floor.fid_sd,
         "kid_mean": k_mala.mean,
-        "kid_std": k_mala.std,
-        "fid_gan": value_gan,
+        "kid_std": e_mala.kid_sd,
+        "fid_gan": e_gan.fid if e_gan else None,
+        "fid_gan_ci_low": e_gan.fid_low if e_gan else None,
+        "fid_gan_ci_high": e_gan.fid_high if e_gan else None,
+        "fid_gan_boot_sd": e_gan.fid_sd if e_gan else None,
         "kid_gan_mean": k_gan.mean if k_gan else None,
-        "kid_gan_std": k_gan.std if k_gan else None,
+        "kid_gan_std": e_gan.kid_sd if e_gan else None,
         "kid_floor_mean": k_floor.mean,
-        "kid_floor_std": k_floor.std,
+        "kid_floor_std": e_floor.kid_sd,
         "kid_subset_size": k_mala.subset_size,
         "kid_floor_subset_size": k_floor.subset_size,
         "kid_subsets": KID_SUBSETS,
+        "bootstrap_resamples": FID_BOOTSTRAP,
         "n_samples": p.n_samples,
         "n_reference": n_ref,
         "reference": p.reference,
@@ -563,8 +657,13 @@ def fid_protocol(
         "protocol": (
             f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
             f"pytorch-fid Inception pool3; floor: the first {n_held} {held} images (held out) vs the "
-            f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², mean ± sd over "
-            f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}"
+            f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², the mean over "
+            f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}; error bars for the draw of each set's "
+            f"images, the reference fixed, from {FID_BOOTSTRAP} random half-samples of r = "
+            f"{e_mala.subset_size} of the n = {p.n_samples} images (without replacement): sd = "
+            f"√(r/(n − r)) × the sd of their FIDs (fid_boot_sd) or MMD²s (kid_std); FID 95% interval = "
+            f"the FID of all n images − √(r/(n − r)) × (the 97.5% and 2.5% quantiles of their FIDs − "
+            f"their mean), an interval for the FID expected of n images against this reference"
         ),
         **{k: sampler.get(k) for k in SAMPLER_FIELDS},
         "seconds": time.perf_counter() - t0,
@@ -596,7 +695,7 @@ def training_summary(
             "log_z_monitor": m["monitor_log_z"],
             "log_z_monitor_epoch": m["epoch"],
             "elbo_under_monitor_log_z": m["elbo_under_monitor_log_z"],
-            "test_nll_monitor": m["monitor_test_nll"],
+            "valid_nll_monitor": m["monitor_valid_nll"],
             "monitor_seconds": sum(h["monitor_seconds"] for h in checked),
         }
     return {

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .importance import LogMeanExp, stream
 from .mala import langevin_proposal, log_proposal_density, metropolis_accept
 from .posteriors import log_standard_normal
 from .prior import log_f_and_grad
@@ -32,7 +33,6 @@ from .prior import log_f_and_grad
 LogF = Callable[[Tensor], Tensor]
 # progress(name, value, step): what the AIS runs report as they go (see `log_z_ais`)
 Progress = Callable[[str, float, int], None]
-RNG_BLOCK = 1024  # rows per random draw in `log_z_prior_is`; chunks are whole blocks (see there)
 
 
 @dataclass(frozen=True)
@@ -46,58 +46,6 @@ class LogZEstimate:
     n_samples: int
     ess: float
     extra: dict = field(default_factory=dict)
-
-
-class StreamingLogMeanExp:
-    """Running log((1/n)·Σ wᵢ), with wᵢ = exp(log wᵢ) given in chunks, in constant memory.
-
-    Keeps the running max m, s₁ = Σ exp(log w − m) and s₂ = Σ exp(2(log w − m)) in float64, and
-    rescales them when m grows, so no weight overflows whatever its range. Zero weights (log w =
-    −inf, e.g. z outside a truncated posterior's box) are counted; NaN or +inf is an error.
-    """
-
-    def __init__(self) -> None:
-        self.m = -math.inf
-        self.s1 = 0.0
-        self.s2 = 0.0
-        self.n = 0
-
-    def update(self, log_w: Tensor) -> None:
-        log_w = log_w.detach().reshape(-1).to(torch.float64)
-        if log_w.numel() == 0:
-            return
-        if torch.isnan(log_w).any() or torch.isposinf(log_w).any():
-            raise ValueError("log importance weights contain NaN or +inf")
-        self.n += log_w.numel()
-        chunk_max = log_w.max().item()
-        new_m = max(self.m, chunk_max)
-        if new_m == -math.inf:
-            return
-        scale = math.exp(self.m - new_m) if self.m > -math.inf else 0.0
-        shifted = log_w - new_m
-        self.s1 = self.s1 * scale + torch.exp(shifted).sum().item()
-        self.s2 = self.s2 * scale * scale + torch.exp(2.0 * shifted).sum().item()
-        self.m = new_m
-
-    @property
-    def log_mean(self) -> float:
-        """log w̄ = m + log s₁ − log n."""
-        if self.n == 0 or self.s1 == 0.0:
-            return -math.inf
-        return self.m + math.log(self.s1) - math.log(self.n)
-
-    @property
-    def ess(self) -> float:
-        """(Σw)² / Σw² = s₁² / s₂."""
-        return self.s1 * self.s1 / self.s2 if self.s2 > 0.0 else 0.0
-
-    @property
-    def std_err(self) -> float:
-        """Delta-method se of log w̄: √(var(w)/n)/w̄ = √((n·s₂/s₁² − 1)/(n − 1))."""
-        if self.n < 2 or self.s1 == 0.0:
-            return math.inf
-        rel_var = self.n * self.s2 / (self.s1 * self.s1) - 1.0
-        return math.sqrt(max(rel_var, 0.0) / (self.n - 1))
 
 
 def _progress(iterable, enabled: bool, desc: str, total=None):
@@ -134,34 +82,34 @@ def log_z_q_based(
 
     batches: iterable of training batches e (B, ...); encode: e → (μ, log σ), each (B, Z), run
     once per batch; sample_q(μ, log σ, n, generator=...) → (z (n, B, Z), log q (n, B)), as the
-    model's `sample_q`. Samples are drawn in calls of max(1, chunk // B) per image, so a call
-    holds about `chunk` rows. std_err pools all N·n weights as one sample, which over-states the
+    model's `sample_q`. The samples of a batch stream through `importance.stream` (draws of about
+    RNG_BLOCK rows, chunks of about `chunk` rows). std_err pools all N·n weights as one sample, which over-states the
     error (the images are not resampled). Returns log_z in nats; extra carries
     log_mean_f_over_q = log Ẑ_q − log N and the number of images seen.
     """
     if n_train < 1 or n_per_image < 1:
         raise ValueError("n_train and n_per_image must be >= 1")
-    acc = StreamingLogMeanExp()
+    acc = LogMeanExp()  # every image's weights pooled into one mean
     n_images = 0
     with torch.inference_mode():
         for e in _progress(batches, progress, "log Z (paper q)"):
             mu, log_sigma = encode(e)  # (B, Z) each
-            batch = mu.shape[0]
-            n_images += batch
-            per_call = max(1, chunk // batch)
-            done = 0
-            while done < n_per_image:
-                n = min(per_call, n_per_image - done)
-                z, log_q = sample_q(mu, log_sigma, n, generator=generator)  # (n, B, Z), (n, B)
-                acc.update(log_f(z).double() - log_q.double())
-                done += n
-    log_mean = acc.log_mean
+            n_images += mu.shape[0]
+            stream(
+                lambda k, mu=mu, log_sigma=log_sigma: sample_q(mu, log_sigma, k, generator=generator),
+                lambda z, log_q: (log_f(z).double() - log_q.double(),),  # (k, B)
+                n_per_image,
+                mu.shape[0],
+                [acc],
+                chunk=chunk,
+            )
+    log_mean = acc.log_mean.item()
     return LogZEstimate(
         name="paper_q",
         log_z=log_mean + math.log(n_train),
-        std_err=acc.std_err,
+        std_err=acc.std_err.item(),
         n_samples=acc.n,
-        ess=acc.ess,
+        ess=acc.ess.item(),
         extra={"log_mean_f_over_q": log_mean, "n_train": n_train, "n_images": n_images, "n_per_image": n_per_image},
     )
 
@@ -181,33 +129,32 @@ def log_z_prior_is(
 
     log wᵢ = log f(zᵢ) − log N(zᵢ; 0, I) = −β·D(G(zᵢ)), zᵢ ~ N(0, I); log Ẑ = log mean(w), with a
     running logsumexp and running Σw, Σw² for the delta-method std_err and the ESS (Σw)²/Σw².
-    Memory is one chunk of (chunk, Z) rows whatever n_samples is. The noise is drawn in blocks of
-    RNG_BLOCK rows and `chunk` is rounded up to whole blocks, so the same generator state gives the
-    same samples, hence the same estimate up to float64 summation order, for any chunk size.
+    Streamed by `importance.stream`: memory is one chunk of about `chunk` rows whatever n_samples
+    is, and the noise comes in draws of RNG_BLOCK rows, so the same generator state gives the same
+    samples, hence the same estimate up to float64 summation order, for any chunk size.
     Unbiased for Z, so in expectation a lower estimate of log Z; when ESS is a handful of samples
     out of millions the estimate and its std_err are both unreliable.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    blocks_per_chunk = max(1, -(-chunk // RNG_BLOCK))
-    acc = StreamingLogMeanExp()
-    n_blocks = -(-n_samples // RNG_BLOCK)
-    starts = range(0, n_blocks, blocks_per_chunk)
+    acc = LogMeanExp()
     with torch.inference_mode():
-        for first in _progress(starts, progress, "log Z (N(0,I)-IS)", total=len(starts)):
-            parts = []
-            for b in range(first, min(first + blocks_per_chunk, n_blocks)):
-                rows = min(RNG_BLOCK, n_samples - b * RNG_BLOCK)
-                parts.append(torch.randn(rows, zdim, generator=generator, device=device, dtype=dtype))
-            z = torch.cat(parts)  # (≤ chunk, Z)
-            acc.update(log_f(z).double() - log_standard_normal(z.double()))
+        stream(
+            lambda k: (torch.randn(k, 1, zdim, generator=generator, device=device, dtype=dtype),),
+            lambda z: (log_f(z).double() - log_standard_normal(z.double()),),  # (k, 1)
+            n_samples,
+            1,
+            [acc],
+            chunk=chunk,
+            progress=progress,
+            desc="log Z (N(0,I)-IS)",
+        )
     return LogZEstimate(
         name="prior_is",
-        log_z=acc.log_mean,
-        std_err=acc.std_err,
+        log_z=acc.log_mean.item(),
+        std_err=acc.std_err.item(),
         n_samples=acc.n,
-        ess=acc.ess,
-        extra={"chunk_rows": blocks_per_chunk * RNG_BLOCK},
+        ess=acc.ess.item(),
     )
 
 
@@ -338,25 +285,23 @@ def _ais_estimate(
     weights (n_seeds, n_chains): log Z = sign·logmeanexp of all seeds' weights pooled, per seed
     sign·logmeanexp of its own; std_err = max(delta-method se of the pooled weights, sd over seeds /
     √n_seeds); ess that of the weights; `run` (temperatures, chains, kernel, seeds) joins extra."""
-    pooled = StreamingLogMeanExp()
-    per_seed, ess_per_seed = [], []
-    for log_w in log_w_all:
-        one = StreamingLogMeanExp()
-        one.update(log_w)
-        pooled.update(log_w)
-        per_seed.append(sign * one.log_mean)
-        ess_per_seed.append(one.ess)
+    pooled = LogMeanExp()
+    per_seed_acc = LogMeanExp(rows=log_w_all.shape[0], device=log_w_all.device)
+    pooled.update(log_w_all)
+    per_seed_acc.update(log_w_all.T)  # (chains, seeds)
+    per_seed = [sign * v for v in per_seed_acc.log_mean.tolist()]
+    ess_per_seed = per_seed_acc.ess.tolist()
     seeds_t = torch.tensor(per_seed, dtype=torch.float64)
     seed_std = seeds_t.std().item() if len(per_seed) > 1 else None  # no spread from one seed
-    std_err = pooled.std_err
+    std_err = pooled.std_err.item()
     if len(per_seed) > 1:
         std_err = max(std_err, seed_std / math.sqrt(len(per_seed)))
     return LogZEstimate(
         name=name,
-        log_z=sign * pooled.log_mean,
+        log_z=sign * pooled.log_mean.item(),
         std_err=std_err,
         n_samples=pooled.n,
-        ess=pooled.ess,
+        ess=pooled.ess.item(),
         extra={
             "log_z_per_seed": per_seed,
             "seed_mean": seeds_t.mean().item(),

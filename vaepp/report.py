@@ -125,10 +125,50 @@ def _num(row: pd.Series, key: str) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def _text(row: pd.Series, key: str) -> str | None:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
 def _by_log_z(row: pd.Series) -> dict[str, float]:
     """The run's NLL (nats) under each log-Z estimate: {estimator name: nll}."""
     pre = "nll.nll_nats_by_log_z."
     return {c[len(pre) :]: float(row[c]) for c in row.index if c.startswith(pre) and _num(row, c) is not None}
+
+
+# nll.json files written before the proposal was recorded drew from q(z|e) on the first n test images.
+EARLIER_PROPOSAL = "q(z|e) (the earlier protocol: nll.json records no proposal)"
+
+
+def _proposal(row: pd.Series) -> str:
+    """The density the run's headline NLL drew its importance samples from, as nll.json names it."""
+    return _text(row, "nll.proposal_density") or EARLIER_PROPOSAL
+
+
+def _test_images(row: pd.Series) -> str:
+    """Which test images the run's NLL scored (nll.json's test_subset; the first n before it existed)."""
+    n, of, seed = (_num(row, f"nll.test_subset.{k}") for k in ("n", "of", "seed"))
+    if n is None:
+        old = _num(row, "nll.n_test_images")
+        return f"the first {int(old)} test images" if old is not None else "the first test images"
+    if seed is None:
+        return f"all {int(of)} test images"
+    return f"a random sample of {int(n)} of the {int(of)} test images (seed {int(seed)})"
+
+
+def _under_q(row: pd.Series) -> tuple[float | None, float | None, float | None]:
+    """The run's NLL (nats) with the paper's proposal q(z|e): (under the headline log Z, its
+    standard error over test images, under the paper's whole protocol: q(z|e) and log Ẑ_q, i.e.
+    the estimator paper_q). From nll.json's paper_protocol when the headline proposal is another;
+    the headline itself when that is q(z|e) (proposal "posterior", or an nll.json from before the
+    proposal was recorded); (None, None, None) when the run has neither."""
+    if _num(row, "nll.paper_protocol.nll_nats") is not None:
+        pre = "nll.paper_protocol."
+    elif _text(row, "nll.proposal") in (None, "posterior"):
+        pre = "nll."
+    else:
+        return None, None, None
+    return _num(row, f"{pre}nll_nats"), _num(row, f"{pre}nll_stderr"), _num(row, f"{pre}nll_nats_by_log_z.paper_q")
 
 
 def _describe(row: pd.Series) -> str:
@@ -141,14 +181,38 @@ def _describe(row: pd.Series) -> str:
 
 
 def _nll_protocol(row: pd.Series) -> str:
+    """A Table 1-3 cell's note: the run, its NLL protocol (proposal, test images, log Z), the S/10
+    read-out, the ESS and the NLL under the paper's proposal and whole protocol where scored."""
     head = row.get("nll.log_z_headline")
     lz, se = _num(row, f"nll.log_z.{head}.log_z"), _num(row, f"nll.log_z.{head}.std_err")
     lz_text = f" = {lz:.2f} ± {se:.2f}" if lz is not None and se is not None else ""
     under = ", ".join(f"{name} {v:.2f}" for name, v in _by_log_z(row).items())
-    return (
-        f"{_describe(row)}; {row.get('nll.protocol')}{lz_text}; "
-        f"{int(row['nll.n_importance_total'])} importance samples in all; NLL (nats) under each log Z: {under}"
+    protocol, proposal = str(row.get("nll.protocol")), _proposal(row)
+    parts = [
+        f"{_describe(row)}; {protocol}{lz_text}",
+        *([] if proposal in protocol else [f"proposal {proposal}"]),  # the newer protocol texts name it
+        f"test images: {_test_images(row)}",
+        f"{int(row['nll.n_importance_total'])} importance samples in all",
+        f"NLL (nats) under each log Z: {under}",
+    ]
+    nll, s, sub, n_sub = (
+        _num(row, f"nll.{k}") for k in ("nll_nats", "n_importance_per_image", "nll_nats_sub", "n_importance_sub")
     )
+    if sub is not None and n_sub is not None:
+        parts.append(
+            f"from each image's first S/10 = {int(n_sub)} of the same draws {sub:.2f} "
+            f"(shift {sub - nll:+.2f} from S = {int(s)}; log p̂ is a stochastic lower bound, so it falls with S)"
+        )
+    med, low = _num(row, "nll.ess_median"), _num(row, "nll.ess_min")
+    if med is not None and low is not None:
+        parts.append(f"ESS per image: median {med:.1f}, min {low:.1f} of S = {int(s)}")
+    q, q_se, q_full = _under_q(row)
+    if q is not None and _text(row, "nll.proposal") not in (None, "posterior"):
+        pm = f" ± {q_se:.2f}" if q_se is not None else ""
+        parts.append(f"with the paper's proposal q(z|e) (log Z {head}): {q:.2f}{pm} (shift {q - nll:+.2f})")
+    if q_full is not None:
+        parts.append(f"the paper's whole protocol (q(z|e) and log Ẑ_q): {q_full:.2f}")
+    return "; ".join(parts)
 
 
 # The paper's FID protocol (§4.3): 5000 samples against the training set (50k-60k images here).
@@ -162,9 +226,20 @@ def _kid_keys(metric: str) -> tuple[str, str]:
 
 
 def _kid_spread_is_zero(row: pd.Series) -> bool:
-    """True when KID's subsets are the whole sets (m = n), so its sd over subsets is 0 by construction."""
+    """True for a fid.json from before the bootstrap (no bootstrap_resamples) whose KID subsets are
+    the whole sets (m = n): its sd over subsets is 0 by construction. A bootstrap sd is a real
+    error bar whatever m."""
+    if _num(row, "fid.bootstrap_resamples") is not None:
+        return False
     m, n, n_ref = (_num(row, f"fid.{k}") for k in ("kid_subset_size", "n_samples", "n_reference"))
     return m is not None and n is not None and n_ref is not None and m >= min(n, n_ref)
+
+
+def _fid_interval(row: pd.Series, metric: str) -> str:
+    """ " [low, high]": fid.json's bootstrap 95% interval of `metric` (fid, fid_gan, fid_floor), or
+    "" for a fid.json from before the bootstrap (or a set that was not scored)."""
+    low, high = _num(row, f"fid.{metric}_ci_low"), _num(row, f"fid.{metric}_ci_high")
+    return f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
 
 def _paper_fid_comparable(row: pd.Series) -> bool:
@@ -185,18 +260,23 @@ def _fid_protocol(row: pd.Series, metric: str) -> str:
     )
     how = "latent GAN z₀ decoded directly (no MALA)" if metric == "fid_gan" else f"sampler {row['fid.sampler']}{mala}"
     floor, k_floor, k_floor_sd = (_num(row, f"fid.{k}") for k in ("fid_floor", "kid_floor_mean", "kid_floor_std"))
+    boot = _num(row, "fid.bootstrap_resamples")
     if floor is None:
         beside = "no floor or KID recorded (fid.json predates them: rerun compute-fid)"
     else:
-        spread = (
-            "; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
-            if _kid_spread_is_zero(row)
-            else ""
-        )
+        if boot is not None:
+            spread = (
+                f"; [low, high]: the bootstrap 95% interval over {int(boot)} resamples of the images, "
+                "KID: mean ± its bootstrap sd"
+            )
+        elif _kid_spread_is_zero(row):
+            spread = "; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
+        else:
+            spread = "; KID: mean ± sd over subsets"
         beside = (
-            f"floor (real held-out images scored the same way) FID {floor:.2f}, KID {k_floor:.4f} ± "
-            f"{k_floor_sd:.4f}; FID is biased upward at small N (real images score the floor), KID is not"
-            f"{spread}"
+            f"floor (real held-out images scored the same way) FID {floor:.2f}{_fid_interval(row, 'fid_floor')}, "
+            f"KID {k_floor:.4f} ± {k_floor_sd:.4f}; FID is biased upward at small N (real images score the "
+            f"floor), KID is not{spread}"
         )
     n, ref, n_ref = _num(row, "fid.n_samples"), row.get("fid.reference"), _num(row, "fid.n_reference")
     if _paper_fid_comparable(row):
@@ -226,7 +306,7 @@ def measure(row: pd.Series, metric: str) -> Measured:
         value = float(row[f"fid.{metric}"])
         floor = _num(row, "fid.fid_floor")
         kid, kid_sd = (_num(row, k) for k in _kid_keys(metric))
-        text = f"{value:.2f}"
+        text = f"{value:.2f}{_fid_interval(row, metric)}"
         if floor is not None and kid is not None:  # fid.json files before floor and KID have neither
             sd = "" if _kid_spread_is_zero(row) or kid_sd is None else f" ± {kid_sd:.3f}"
             text += f" (floor {floor:.1f}; KID {kid:.3f}{sd})"
@@ -287,7 +367,10 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Figure 4's points: one per run with an NLL or FID; a line is a (dataset_label, algorithm)
     pair, sorted by zdim. Columns: dataset_label, algorithm, zdim, run, likelihood, log_z (the
     headline log-Z estimator), n_test_images, nll_nats (under it), nll_paper_q_nats (under the paper's q-based
-    estimate, where the run has one), bpd, fid, fid_floor (real held-out images at the same N)."""
+    estimate, where the run has one), bpd, fid with its bootstrap 95% interval fid_ci_low, fid_ci_high
+    (where fid.json has one), fid_floor (real held-out images at the same N), proposal (nll.json's;
+    empty for the earlier protocol) and subset_seed (the seed of its test sample, empty for all or
+    the first n)."""
     cols = {
         "nll.log_z_headline": "log_z",
         "nll.n_test_images": "n_test_images",
@@ -295,10 +378,15 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
         "nll.nll_nats_by_log_z.paper_q": "nll_paper_q_nats",
         "nll.bpd": "bpd",
         "fid.fid": "fid",
+        "fid.fid_ci_low": "fid_ci_low",
+        "fid.fid_ci_high": "fid_ci_high",
         "fid.fid_floor": "fid_floor",
+        "nll.proposal": "proposal",
+        "nll.test_subset.seed": "subset_seed",
     }
     keep = ["dataset_label", "algorithm", "zdim", "run", "dataset", "likelihood", *cols]
     pts = runs[runs["has_nll"] | runs["has_fid"]].reindex(columns=keep).rename(columns=cols)
+    pts = pts.astype({"subset_seed": "Int64"})
     return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
 
 
@@ -326,11 +414,20 @@ def dimz_study_points(root: str | Path, study: str | Path, params: Params, files
     return dimz_points(rows).assign(source=f"{study} @ {manifest['commit'][:8]}")
 
 
-def per_image_nll(root: str | Path, pattern: str, run: str) -> pd.Series | None:
-    """Run `run`'s per-image NLLs in nats (estimate-nll's file, `pattern` with {run}, relative to
-    root), in test-image order; None when the file is missing."""
+def per_image_table(root: str | Path, pattern: str, run: str) -> pd.DataFrame | None:
+    """Run `run`'s per-image file (estimate-nll's, `pattern` with {run}, relative to root): one row
+    per scored test image in scoring order, columns image, test_index (older files: none),
+    nll_nats, nll_nats_sub, ess, nll_nats_paper_protocol (when the paper's proposal was scored);
+    None when the file is missing."""
     f = Path(root) / pattern.format(run=run)
-    return pd.read_csv(f)["nll_nats"] if f.is_file() else None
+    return pd.read_csv(f) if f.is_file() else None
+
+
+def per_image_nll(root: str | Path, pattern: str, run: str, column: str = "nll_nats") -> pd.Series | None:
+    """Run `run`'s per-image NLLs in nats (`column` of `per_image_table`: by default the headline
+    protocol's), in scoring order; None when the file or the column is missing."""
+    d = per_image_table(root, pattern, run)
+    return d[column] if d is not None and column in d else None
 
 
 def figure4_points(
@@ -340,31 +437,84 @@ def figure4_points(
     per_image: str | None = None,
 ) -> pd.DataFrame:
     """Figure 4's points: the study's runs (`dimz_points`) and a committed dim-z study's
-    (`dimz_study_points`), with a `source` column. When the committed study evaluated fewer test
-    images (its first m) and a run of this study has per-image NLLs (`per_image`, a pattern with
-    {run}, relative to root), that run's point is its mean over the same first m images, so a line
-    compares every dim z on the same images and binarisations: nll_nats becomes that mean, and the
-    paper-protocol value and bits/dim move with it (a log-Z estimate shifts every image alike)."""
-    pts = dimz_points(runs).assign(source="this study")
+    (`dimz_study_points`), with columns `source` and `comparable` (the point's NLL was scored with
+    this study's protocol, `_nll_protocol_key`: the same proposal and test sample). A committed
+    study's point scored otherwise (an nll.json without `proposal`: q(z|e) on the first n test
+    images) is kept, with comparable False and its source saying so, and is drawn apart.
+    When the comparable study points evaluated fewer test images (m) and a run of this study has
+    per-image NLLs (`per_image`, a pattern with {run}, relative to root), that run's point is its
+    mean over its first m images, which are the study's m images (the same seeded sample: a prefix
+    of it is the sample of size m; or the first m for the earlier protocol on both sides), so a
+    line compares every dim z on the same images and binarisations: nll_nats becomes that mean,
+    and the paper-protocol value and bits/dim move with it (a log-Z estimate shifts every image
+    alike)."""
+    pts = dimz_points(runs).assign(source="this study", comparable=True)
     if study is not None and len(study):
-        counts = study["n_test_images"].dropna()
+        # A study point is comparable only when scored with the protocol of this study's points on
+        # its line (dataset, algorithm; all of this study's when the line has none), and the mean
+        # over "the first m images" is taken only against comparable ones: this study's first m
+        # images are the study's m only under the same protocol (the same seeded sample, or the
+        # first n on both sides). An earlier-protocol point beside a random-sample one stays on the
+        # page, labelled, and no point of this study is recomputed for it: that mean would be over
+        # other images than the study's.
+        our_keys, line = _nll_protocol_key(pts), ["dataset_label", "algorithm"]
+        ours: dict = {}
+        for key, at, has in zip(our_keys, pts[line].itertuples(index=False), pts["nll_nats"].notna(), strict=True):
+            if has:
+                ours.setdefault(tuple(at), set()).add(key)
+                ours.setdefault(None, set()).add(key)
+        keys = _nll_protocol_key(study)
+        has_nll = study["nll_nats"].notna()
+        at_line = study[line].itertuples(index=False)
+        same = [k in ours.get(tuple(at), ours.get(None, ())) for k, at in zip(keys, at_line, strict=True)]
+        same = pd.Series(same, index=study.index, dtype=bool) & has_nll
+        apart = has_nll & ~same
+        study = study.assign(comparable=~apart, source=study["source"].astype(object))
+        for i, key in zip(study.index, keys, strict=True):
+            if apart[i]:
+                what = _nll_protocol_text(key, int(study.loc[i, "n_test_images"]))
+                study.loc[i, "source"] += f", {what}: not comparable with this study's NLL"
+        counts = study.loc[same, "n_test_images"].dropna()
         m = int(counts.min()) if len(counts) else None
-        for i, r in pts.iterrows() if m and per_image else ():
+        alike = {k for k, ok in zip(keys, same, strict=True) if ok}
+        for (i, r), key in zip(pts.iterrows(), our_keys, strict=True) if m and per_image else ():
             nll = per_image_nll(root or ".", per_image, r["run"])
-            if nll is None or not r["n_test_images"] > m:
+            if nll is None or not r["n_test_images"] > m or key not in alike:
                 continue
             first = float(nll.iloc[:m].mean())
             pts.loc[i, "nll_paper_q_nats"] = r["nll_paper_q_nats"] + (first - r["nll_nats"])
             pts.loc[i, "bpd"] = r["bpd"] * first / r["nll_nats"]
-            pts.loc[i, ["nll_nats", "n_test_images", "source"]] = [first, m, f"this study, its first {m} test images"]
+            where = f"this study, on the committed study's {m} test images (its first {m})"
+            pts.loc[i, ["nll_nats", "n_test_images", "source"]] = [first, m, where]
         pts = pd.concat([pts, study], ignore_index=True)
     return pts.sort_values(["dataset_label", "algorithm", "zdim", "run"]).reset_index(drop=True)
 
 
+def _nll_protocol_key(points: pd.DataFrame) -> list[tuple[str, int | None]]:
+    """Per point, what decides whether two Figure 4 NLLs are comparable: (the headline proposal,
+    the seed of the test sample or None for all / the first n test images); ("earlier", None) for
+    an nll.json without `proposal` (q(z|e) on the first n test images)."""
+    return [
+        ("earlier", None) if pd.isna(pr) else (str(pr), None if pd.isna(seed) else int(seed))
+        for pr, seed in zip(points["proposal"], points["subset_seed"], strict=True)
+    ]
+
+
+def _nll_protocol_text(key: tuple[str, int | None], n: int) -> str:
+    """A `_nll_protocol_key` in words, for a point that scored n test images."""
+    proposal, seed = key
+    if proposal == "earlier":
+        return f"earlier NLL protocol: q(z|e) on the first {n} test images"
+    images = f"all {n} test images" if seed is None else f"a random sample of {n} test images (seed {seed})"
+    return f"NLL protocol: proposal {proposal}, {images}"
+
+
 def dimz_series(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Figure 4's lines as files for `dvc plots`: {"<dataset>_<algorithm>.csv": that line's points
-    by dim z, columns zdim, run, n_test_images, nll_nats, nll_paper_q_nats, fid, fid_floor}."""
+    by dim z, columns zdim, run, n_test_images, nll_nats, nll_paper_q_nats, fid, fid_floor, and
+    source where `points` has it (which says when a point's NLL is not comparable)}."""
     cols = ["zdim", "run", "n_test_images", "nll_nats", "nll_paper_q_nats", "fid", "fid_floor"]
+    cols += [c for c in ("source",) if c in points]
     return {
         f"{ds}_{alg}.csv": g[cols].sort_values("zdim").reset_index(drop=True)
         for (ds, alg), g in points.groupby(["dataset", "algorithm"], sort=False)
@@ -408,24 +558,86 @@ def logz_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(recs, columns=cols).fillna({"headline": False}).astype({"n_samples": "Int64"})
 
 
+NLL_ESTIMATOR_TITLE = "The NLL estimator"
+NLL_ESTIMATOR_NOTE = (
+    "One row per run with an NLL, in nats, each under the run's headline log Z unless said. proposal: the "
+    "density r(z|x) the headline NLL draws its S samples per image from; by default the full-support "
+    "defensive mixture ½N(μ, σ²) + ½N(μ, (2σ)²) around the encoder's μ, σ, untruncated, so E[p̂(x)] = p(x). "
+    "nll_nats ± nll_stderr (over test images) and mc_stderr (the importance sampler's). nll_nats_sub: the "
+    "same estimate from each image's first S/10 of the same draws; shift_sub = nll_nats_sub − nll_nats. "
+    "log p̂(x) is a stochastic lower bound on log p(x) (Jensen), so the NLL falls as S grows: the S/10 → S "
+    "shift shows how far the estimate still moves with S, and a shift over 0.5 nats means S is not enough "
+    "for that run. ess_median, ess_min: the per-image effective sample size (Σw)²/Σw² out of S. nll_nats_q: "
+    "the same images and binarisations with the paper's proposal q(z|e) (which, truncated, loses the "
+    "posterior mass outside its box whatever S), shift_q = nll_nats_q − nll_nats; nll_nats_paper_protocol: "
+    "the paper's whole protocol, q(z|e) and its q-based log Ẑ_q (pull-back runs). A run scored before the "
+    "proposal was recorded used q(z|e) on the first n test images: its proposal says so and nll_nats_q is "
+    "its headline."
+)
+
+
+def nll_estimator_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """How the NLL estimate depends on its proposal and on S, one row per run with an NLL
+    (NLL_ESTIMATOR_NOTE). Columns: run, proposal, S (samples per image), nll_nats, nll_stderr,
+    mc_stderr, nll_nats_sub, shift_sub, ess_median, ess_min, nll_nats_q, shift_q,
+    nll_nats_paper_protocol; nats, empty where the run's nll.json has no such value."""
+    recs = []
+    for _, r in runs[runs["has_nll"]].iterrows():
+        nll, sub = _num(r, "nll.nll_nats"), _num(r, "nll.nll_nats_sub")
+        q, _, q_full = _under_q(r)
+        recs.append(
+            {
+                "run": r["run"],
+                "proposal": _proposal(r),
+                "S": _num(r, "nll.n_importance_per_image"),
+                "nll_nats": nll,
+                "nll_stderr": _num(r, "nll.nll_stderr"),
+                "mc_stderr": _num(r, "nll.nll_mc_stderr"),
+                "nll_nats_sub": sub,
+                "shift_sub": None if sub is None else sub - nll,
+                "ess_median": _num(r, "nll.ess_median"),
+                "ess_min": _num(r, "nll.ess_min"),
+                "nll_nats_q": q,
+                "shift_q": None if q is None else q - nll,
+                "nll_nats_paper_protocol": q_full,
+            }
+        )
+    cols = "run proposal S nll_nats nll_stderr mc_stderr nll_nats_sub shift_sub ess_median ess_min nll_nats_q shift_q"
+    return pd.DataFrame(recs, columns=[*cols.split(), "nll_nats_paper_protocol"]).astype({"S": "Int64"})
+
+
 MONITOR_NOTE = (
     "Every train.log_z_every epochs, training pauses for an independent estimate of the current prior's log Z: "
     "AIS from N(0, I) on a small budget (its spread over seeds as error bars) and N(0, I)-IS, the larger heading "
-    "(both are lower estimates in expectation), and the NLL of the first test images under it. The training "
+    "(both are lower estimates in expectation), and the NLL of a seeded sample of the validation images "
+    "(train[50 000:], never the test images) under it; curves written before the monitor moved to validation "
+    "images scored the first test images instead. The table's columns say which: valid_nll (validation images) "
+    "or test_nll (test images), each beside the plain VAE's on the same images (_vae). The training "
     "objective uses the per-batch training estimate log(½(Ẑ_N + Ẑ_q)); its gap to the monitored log Z is what "
     "training can exploit. log_z_train is the epoch's mean training estimate; gap = monitored − training; "
-    "behind_from_epoch: the first monitored epoch from which the run's monitored test NLL stays above the "
+    "behind_from_epoch: the first monitored epoch from which the run's monitored NLL stays above the "
     "plain VAE's; cost: monitor time over training time."
 )
+
+# The monitor's NLL column in a training curve, newest first, and the images it scored.
+MONITOR_NLL = (("monitor_valid_nll", "valid"), ("monitor_test_nll", "test"))
+
+
+def _monitor_nll(curve: pd.DataFrame) -> tuple[str, str] | None:
+    """(the column, "valid" or "test") of the monitor's NLL in a training curve: monitor_valid_nll
+    (validation images) or, in curves written before the monitor scored validation images,
+    monitor_test_nll (the first test images); None when the curve has neither."""
+    return next(((c, what) for c, what in MONITOR_NLL if c in curve and curve[c].notna().any()), None)
 
 
 def monitor_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     """What the log-Z monitor saw in training, one row per pull-back run: at its last monitored
     epoch the training estimate of log Z beside the monitored one (AIS seed sd), their gap, the
-    objective's ELBO beside the ELBO under the monitored log Z, and the monitor's test NLL beside
-    the plain VAE's of the same dataset and epoch; `behind_from_epoch` is the first monitored
-    epoch from which the pull-back run's test NLL stays above the plain VAE's ("" if never);
-    cost: monitor seconds over training seconds."""
+    objective's ELBO beside the ELBO under the monitored log Z, and the monitor's NLL beside
+    the plain VAE's of the same dataset and epoch on the same kind of images: columns valid_nll,
+    valid_nll_vae (validation images) or test_nll, test_nll_vae (older curves: the first test
+    images); `behind_from_epoch` is the first monitored epoch from which the pull-back run's NLL
+    stays above the plain VAE's ("" if never); cost: monitor seconds over training seconds."""
     root = Path(root)
 
     def curve(r) -> pd.DataFrame | None:
@@ -455,17 +667,17 @@ def monitor_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
             "gap": last["monitor_log_z"] - last["log_z"],
             "elbo_objective": last["elbo_under_train_log_z"],
             "elbo_monitor": last["elbo_under_monitor_log_z"],
-            "test_nll": last["monitor_test_nll"],
-            "test_nll_vae": math.nan,
-            "behind_from_epoch": "",
-            "cost": m["monitor_seconds"].sum() / d["seconds"].sum(),
         }
+        if (src := _monitor_nll(m)) is not None:
+            col, images = src
+            rec |= {f"{images}_nll": last[col], f"{images}_nll_vae": math.nan}
+        rec |= {"behind_from_epoch": "", "cost": m["monitor_seconds"].sum() / d["seconds"].sum()}
         v = plain.get((r["dataset"], r["zdim"]), plain.get((r["dataset"], None)))
-        if v is not None:
-            both = m.merge(v.dropna(subset=["monitor_test_nll"]), on="epoch", suffixes=("", "_vae"))
+        if src is not None and v is not None and col in v:  # the plain VAE on the same kind of images
+            both = m.merge(v.dropna(subset=[col])[["epoch", col]], on="epoch", suffixes=("", "_vae"))
             if len(both):
-                rec["test_nll_vae"] = both["monitor_test_nll_vae"].iloc[-1]
-                behind = (both["monitor_test_nll"] > both["monitor_test_nll_vae"]).tolist()
+                rec[f"{images}_nll_vae"] = both[f"{col}_vae"].iloc[-1]
+                behind = (both[col] > both[f"{col}_vae"]).tolist()
                 trailing = len(behind) - next((i for i, b in enumerate(reversed(behind)) if not b), len(behind))
                 if trailing < len(behind):  # behind at every monitored epoch from this one on
                     rec["behind_from_epoch"] = int(both["epoch"].iloc[trailing])
@@ -477,42 +689,68 @@ PAIRED_NOTE = (
     "Each pull-back run against the plain VAE of the same dataset (and dim z where one exists), image by "
     "image on the same test images and binarisations: difference = mean over images of the run's −log p̂(x) "
     "minus the plain VAE's (negative: the run is better), paired se = sd of the per-image differences / √n. "
-    "Each run's NLL is under its headline log Z (a certified run: the certificate's upper end, so its "
-    "log-Z part is not optimistic with probability ≥ 1 − δ); the log-Z estimate's own error is not in the "
-    "paired se."
+    "nll, nll_against, difference, paired_se: under each run's headline protocol (its proposal, by default "
+    "the full-support defensive mixture, and its headline log Z: a certified run's is the certificate's "
+    "upper end, so its log-Z part is not optimistic with probability ≥ 1 − δ). The _q columns: the same "
+    "images and log Z with the paper's proposal q(z|e), where both runs scored it, so difference_q beside "
+    "difference shows how the paper's proposal moves the run's gap to the plain VAE (a truncated q loses "
+    "more posterior mass the more the prior pulls). The log-Z estimate's own error is not in the paired se."
 )
+
+
+def _paired(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
+    """(mean of mine − theirs, its paired standard error sd/√n), nats."""
+    diff = mine - theirs
+    return diff.mean(), diff.std() / math.sqrt(len(diff))
 
 
 def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataFrame:
     """Per-image paired comparison of every pull-back run with the plain VAE (PAIRED_NOTE), from the
-    estimate-nll stage's per-image files (`pattern` with {run}). Columns: run, algorithm, against,
-    n_images, nll, nll_against, difference, paired_se, log_z (the run's headline estimator)."""
+    estimate-nll stage's per-image files (`pattern` with {run}; two files pair when they have as
+    many rows and, where both record it, the same test_index in the same order). Columns: run,
+    algorithm, against, n_images, nll, nll_against, difference, paired_se (headline protocol), then
+    nll_q, nll_against_q, difference_q, paired_se_q (the paper's proposal q(z|e), from the files'
+    nll_nats_paper_protocol; empty unless both runs have it), log_z (the run's headline estimator)."""
     plain = runs[runs["algorithm"] == "vae"]
     recs = []
+    q = "nll_nats_paper_protocol"
     for _, r in runs[runs["algorithm"] != "vae"].iterrows():
-        mine = per_image_nll(root, pattern, r["run"])
+        mine = per_image_table(root, pattern, r["run"])
         if mine is None:
             continue
         same = plain[plain["dataset"] == r["dataset"]]
         same = same[same["zdim"] == r["zdim"]] if (same["zdim"] == r["zdim"]).any() else same
         for _, v in same.iterrows():
-            theirs = per_image_nll(root, pattern, v["run"])
+            theirs = per_image_table(root, pattern, v["run"])
             if theirs is None or len(theirs) != len(mine):
                 continue
-            diff = mine - theirs
-            recs.append(
-                {
-                    "run": r["run"],
-                    "algorithm": r["algorithm"],
-                    "against": v["run"],
-                    "n_images": len(diff),
-                    "nll": mine.mean(),
-                    "nll_against": theirs.mean(),
-                    "difference": diff.mean(),
-                    "paired_se": diff.std() / math.sqrt(len(diff)),
-                    "log_z": r.get("nll.log_z_headline", ""),
+            if "test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]):
+                continue  # the same number of different test images: no pairing
+            difference, paired_se = _paired(mine["nll_nats"], theirs["nll_nats"])
+            rec = {
+                "run": r["run"],
+                "algorithm": r["algorithm"],
+                "against": v["run"],
+                "n_images": len(mine),
+                "nll": mine["nll_nats"].mean(),
+                "nll_against": theirs["nll_nats"].mean(),
+                "difference": difference,
+                "paired_se": paired_se,
+                "nll_q": math.nan,
+                "nll_against_q": math.nan,
+                "difference_q": math.nan,
+                "paired_se_q": math.nan,
+                "log_z": r.get("nll.log_z_headline", ""),
+            }
+            if q in mine and q in theirs:
+                difference_q, paired_se_q = _paired(mine[q], theirs[q])
+                rec |= {
+                    "nll_q": mine[q].mean(),
+                    "nll_against_q": theirs[q].mean(),
+                    "difference_q": difference_q,
+                    "paired_se_q": paired_se_q,
                 }
-            )
+            recs.append(rec)
             break
     return pd.DataFrame(recs)
 
@@ -520,17 +758,22 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
 TRAINING_LENGTH_NOTE = (
     "The same study at the authors' MNIST hyperparameters (lr 1e-4, ‖∇D‖³, c = w, zero-initialised heads: "
     "`authors`) and with PyTorch's initialisation and c = 1 (`probe`), 30 epochs with the log-Z monitor "
-    "after every epoch. NLL: the monitor's test NLL (the first test images, under the monitored log Z) at "
-    "each epoch; log Z: the training estimate (epoch mean) and the monitored one; gap = monitored − training. "
-    "The last rows per variant: estimate-nll at the end (every test image, AIS at the default budget)."
+    "after every epoch. NLL: the monitor's NLL under the monitored log Z at each epoch, of the images the "
+    "`images` column names: validation images (train[50 000:]), or, in curves written before the monitor "
+    "moved to them, the first test images; log Z: the training estimate (epoch mean) and the monitored one; "
+    "gap = monitored − training. The last rows per variant: estimate-nll at the end (AIS at the default "
+    "budget; `images` names its test images and its proposal)."
 )
+
+MONITOR_IMAGES = {"valid": "validation images", "test": "the first test images"}
 
 
 def training_length_table(root: str | Path, pattern: str) -> pd.DataFrame:
     """The training-length study: for every variant directory that `pattern` ("…/{variant}/{run}")
-    matches under root, one row per monitored epoch with the plain VAE's monitored test NLL and, per
-    pull-back run, its monitored test NLL, training and monitored log Z and their gap; then a row
-    "end" with each run's estimate-nll NLL (headline log Z) where its nll.json exists. Empty when
+    matches under root, one row per monitored epoch with the plain VAE's monitored NLL and, per
+    pull-back run, its monitored NLL, training and monitored log Z and their gap (`images`: which
+    images the monitor scored, `_monitor_nll`); then a row "end" with each run's estimate-nll NLL
+    (headline log Z) where its nll.json exists (`images`: its test images and proposal). Empty when
     no variant has curves."""
     root = Path(root)
     head, _, _ = pattern.partition("{variant}")
@@ -538,42 +781,55 @@ def training_length_table(root: str | Path, pattern: str) -> pd.DataFrame:
     recs = []
     for vdir in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
         variant = vdir.name
-        runs = {}
+        runs, images = {}, set()
         for rdir in sorted(p for p in vdir.glob("*") if (p / "train_curve.csv").is_file()):
-            runs[rdir.name] = pd.read_csv(rdir / "train_curve.csv").dropna(subset=["monitor_test_nll"])
+            d = pd.read_csv(rdir / "train_curve.csv")
+            if (src := _monitor_nll(d)) is not None:
+                runs[rdir.name] = d.dropna(subset=[src[0]]).rename(columns={src[0]: "monitor_nll"})
+                images.add(MONITOR_IMAGES[src[1]])
         if not runs:
             continue
         epochs = sorted(set.intersection(*(set(d["epoch"].astype(int)) for d in runs.values())))
         for epoch in epochs:
-            rec: dict = {"variant": variant, "epoch": epoch}
+            rec: dict = {"variant": variant, "epoch": epoch, "images": " and ".join(sorted(images))}
             for name, d in runs.items():
                 row = d[d["epoch"] == epoch].iloc[0]
-                rec[f"{name} NLL"] = row["monitor_test_nll"]
+                rec[f"{name} NLL"] = row["monitor_nll"]
                 if "monitor_log_z_ais" in d and not math.isnan(row.get("monitor_log_z_ais", math.nan)):
                     rec[f"{name} log Z train"] = row["log_z"]
                     rec[f"{name} log Z monitored"] = row["monitor_log_z"]
                     rec[f"{name} gap"] = row["monitor_log_z"] - row["log_z"]
             recs.append(rec)
         end: dict = {"variant": variant, "epoch": "end"}
+        scored = set()
         for name in runs:
             nll = _read_json(vdir / name / "nll.json")
             if nll is not None:
                 end[f"{name} NLL"] = nll["nll_nats"]
                 if nll.get("log_z"):
                     end[f"{name} log Z monitored"] = nll["log_z"][nll["log_z_headline"]]["log_z"]
+                flat = pd.Series(_flat(nll, "nll."), dtype=object)  # as a row of `collect`
+                scored.add(f"{_test_images(flat)}, proposal {_proposal(flat)}")
         if len(end) > 2:
-            recs.append(end)
+            recs.append({**end, "images": "estimate-nll: " + " and ".join(sorted(scored))})
     return pd.DataFrame(recs)
 
 
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
-    """ "<run>/<metric>" → value for the pipeline's parent run (numbers only)."""
+    """ "<run>/<metric>" → value for the pipeline's parent run (numbers only): nll.json's and
+    fid.json's headline values (nll_nats_sub: from S/10 samples; fid_ci_low, fid_ci_high: FID's
+    bootstrap 95% interval), nll_nats_<estimator> under each log Z, and nll_nats_paper_protocol,
+    the NLL with the paper's proposal q(z|e) under the headline log Z (`_under_q`)."""
     keys = {
         "nll_nats": "nll.nll_nats",
         "nll_stderr": "nll.nll_stderr",
         "bpd": "nll.bpd",
         "nll_vae_prior_nats": "nll.nll_vae_prior_nats",
+        "nll_nats_sub": "nll.nll_nats_sub",
+        "ess_median": "nll.ess_median",
         "fid": "fid.fid",
+        "fid_ci_low": "fid.fid_ci_low",
+        "fid_ci_high": "fid.fid_ci_high",
         "fid_gan": "fid.fid_gan",
         "mala_acceptance": "mala.mala_acceptance",
         "elbo_under_train_log_z": "train.elbo_under_train_log_z",
@@ -585,6 +841,9 @@ def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
     for _, r in runs.iterrows():
         out.update({f"{r['run']}/{name}": float(r[col]) for name, col in keys.items() if _num(r, col) is not None})
         out.update({f"{r['run']}/nll_nats_{name}": v for name, v in _by_log_z(r).items()})
+        q = _under_q(r)[0]  # the paper's proposal q(z|e), headline log Z
+        if q is not None:
+            out[f"{r['run']}/nll_nats_paper_protocol"] = q
     return out
 
 
@@ -598,17 +857,30 @@ def _png(fig) -> str:
 
 DIMZ_NOTE = (
     "One point per run: this study's runs and those of the committed dim-z study (studies/dimz, made by "
-    "scripts/study_dimz.py: trained exactly like this study's runs, evaluated on the first 512 test "
-    "images; `source` names the commit that made it). Beside it, this study's points are their runs' "
-    "mean over the same first 512 images (Tables 1–4 use all of them), so each line compares every dim "
-    "z on the same images and binarisations. A line joins one algorithm's runs on one dataset "
-    "across dim z. Filled markers: the NLL under the run's headline log Z (exact for N(0, I), AIS for a "
-    "pull-back prior, the certificate's upper end for a certified one); hollow squares: the same run under "
-    "the paper's q-based log Ẑ, which sits below AIS (see the log-Z table), so the gap between the two "
-    "markers is the paper protocol's optimism. FID: the run's samples (latent GAN + MALA; N(0, I) for the "
-    "plain VAE; exact samples for a certified prior) at the protocol of Table 4, with the real-vs-real "
-    "floor at the same N dashed: at N = 400 a perfect model would score the floor, not 0."
+    "scripts/study_dimz.py: trained exactly like this study's runs, evaluated on fewer test images; `source` "
+    "names the commit that made it). A committed point's NLL joins this study's lines only when it was scored "
+    "with this study's NLL protocol (the same proposal and the same seeded sample of test images); then this "
+    "study's points beside it are their runs' mean over the study's images (the first m of the same seeded "
+    "sample are its sample of size m; Tables 1–4 use all of them), so each line compares every dim z on the "
+    "same images and binarisations. A point scored with another protocol is drawn apart, crosses on a dotted "
+    "line, with its legend and `source` saying which: above all the earlier protocol (q(z|e) as the proposal, "
+    "the first n test images, which are not a sample of the test set), marked “earlier protocol”; it is not "
+    "comparable with this study's NLL (the truncated q loses posterior mass the full-support proposal keeps). "
+    "A line joins one "
+    "algorithm's runs on one dataset across dim z. Filled markers: the NLL under the run's headline log Z "
+    "(exact for N(0, I), AIS for a pull-back prior, the certificate's upper end for a certified one); hollow "
+    "squares (hollow diamonds for a point drawn apart): the same run under the paper's q-based log Ẑ, which sits "
+    "below AIS (see the log-Z table), so the gap between the two markers is the paper's log Ẑ's optimism. "
+    "FID: the run's samples (latent GAN + MALA; N(0, I) for the plain VAE; exact samples for a certified "
+    "prior) at the protocol of Table 4 (fid_ci_low, fid_ci_high: its bootstrap 95% interval where recorded), "
+    "with the real-vs-real floor at the same N dashed: at N = 400 a perfect model would score the floor, not 0."
 )
+
+# Figure 4's NLL markers by comparability with this study's protocol (`figure4_points`):
+# comparable → (gid suffix, marker, line style, paper-q marker)
+NLL_MARKERS = {True: ("", "o", "-", "s"), False: ("-other-protocol", "x", ":", "D")}
+EARLIER_LEGEND = ", earlier protocol: q(z|e), first n test images (not comparable)"
+OTHER_LEGEND = ", another NLL protocol (not comparable; see its source)"
 
 
 def figure_id(*parts: str) -> str:
@@ -623,10 +895,15 @@ def dimz_figure(points: pd.DataFrame) -> str:
     algorithm) and under the paper's q-based log Ẑ (hollow squares, same colour); then FID against
     dim z, one line per (dataset, algorithm), with the real-vs-real floor dashed. Every line and
     marker set carries an id, `figure_id("dimz", panel, dataset, algorithm)` with panel "nll",
-    "nll-paper-q" or "fid", and one marker per point, so the page can be checked point by point."""
+    "nll-paper-q" or "fid", and one marker per point, so the page can be checked point by point.
+    NLL points not comparable with this study's protocol (`points["comparable"]` False, from
+    `figure4_points`) are drawn apart, panels "nll-other-protocol" and "nll-paper-q-other-protocol"
+    (NLL_MARKERS), their legend naming the earlier protocol where they have no `proposal`."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
+    if "comparable" not in points:  # `dimz_points`: this study's own, comparable by definition
+        points = points.assign(comparable=True)
     datasets = list(dict.fromkeys(points["dataset_label"])) or ["no run"]
     algorithms = list(dict.fromkeys(points["algorithm"]))
     colour = {a: f"C{i}" for i, a in enumerate(algorithms)}
@@ -636,21 +913,30 @@ def dimz_figure(points: pd.DataFrame) -> str:
         d = points[points["dataset_label"] == ds]
         nats = (d["likelihood"] == "bernoulli").all()
         unit = "nats" if nats else "bits/dim"
-        for alg, g in d.dropna(subset=["nll_nats"]).groupby("algorithm", sort=False):
+        for (alg, same), g in d.dropna(subset=["nll_nats"]).groupby(["algorithm", "comparable"], sort=False):
+            suffix, marker, ls, q_marker = NLL_MARKERS[bool(same)]
+            what = "" if same else EARLIER_LEGEND if g["proposal"].isna().all() else OTHER_LEGEND
             to_unit = 1.0 if nats else g["bpd"] / g["nll_nats"]
-            kw = dict(color=colour[alg], marker="o")
-            ax.plot(g["zdim"], g["nll_nats"] * to_unit, label=alg, gid=figure_id("dimz", "nll", ds, alg), **kw)
+            ax.plot(
+                g["zdim"],
+                g["nll_nats"] * to_unit,
+                ls=ls,
+                marker=marker,
+                color=colour[alg],
+                label=f"{alg}{what}",
+                gid=figure_id("dimz", f"nll{suffix}", ds, alg),
+            )
             q = g.dropna(subset=["nll_paper_q_nats"])
             if len(q):
                 ax.plot(
                     q["zdim"],
                     q["nll_paper_q_nats"] * (1.0 if nats else q["bpd"] / q["nll_nats"]),
                     ls="none",
-                    marker="s",
+                    marker=q_marker,
                     mfc="none",
                     color=colour[alg],
-                    label=f"{alg}, paper's log Ẑ",
-                    gid=figure_id("dimz", "nll-paper-q", ds, alg),
+                    label=f"{alg}, paper's log Ẑ{what}",
+                    gid=figure_id("dimz", f"nll-paper-q{suffix}", ds, alg),
                 )
         ax.set(xlabel="dim z", ylabel=f"NLL ({unit})", title=f"{ds}: NLL against dim z")
     ax = axes[-1]
@@ -689,7 +975,10 @@ CURVE_PANELS = (
         [("elbo_under_train_log_z", "-"), ("elbo_under_monitor_log_z", "--")],
     ),
     ("log Z: training estimate (—) vs monitored (--)", [("log_z", "-"), ("monitor_log_z", "--")]),
-    ("test NLL under monitored log Z", [("monitor_test_nll", "-")]),
+    (
+        "NLL under monitored log Z: validation images (—), the first test images in older curves (··)",
+        [("monitor_valid_nll", "-"), ("monitor_test_nll", ":")],
+    ),
     ("β", [("beta", "-")]),
     ("penalty", [("penalty", "-")]),
 )
@@ -781,6 +1070,7 @@ def render_markdown(
         parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
         parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
     parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
+    parts += [f"## {NLL_ESTIMATOR_TITLE}", "", NLL_ESTIMATOR_NOTE, "", _md_table(nll_estimator_table(runs)), ""]
     if paired is not None and len(paired):
         parts += ["## Each pull-back run against the plain VAE, image by image", "", PAIRED_NOTE, ""]
         parts += [_md_table(paired), ""]
@@ -883,6 +1173,9 @@ def render_html(
         f"<p><small>Paper, MNIST: variance of Ẑ with 10⁹ samples {e(var)}."
         " ESS: effective sample size (Σw)²/Σw² of each importance-sampling estimate; seed_sd: AIS "
         "spread over seeds; nll_nats: the NLL computed with that log Z.</small></p>",
+        f"<h2>{e(NLL_ESTIMATOR_TITLE)}</h2>",
+        f"<p><small>{e(NLL_ESTIMATOR_NOTE)}</small></p>",
+        _html_table(nll_estimator_table(runs)),
     ]
     if paired is not None and len(paired):
         out += [

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import checkpoints, evaluate, io
 from .config import LatentGANParams, RunConfig, TrainParams
+from .data import subset_indices
 from .distributed import DistContext, ShardedLatentModel
 from .latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
 from .model import VAEPP, ModelSpec
@@ -103,6 +104,18 @@ def _resume_or_start(ctx: DistContext, path: Path, expected: dict, say: Say | No
     ctx.barrier()
 
 
+def monitor_images(valid: Tensor, n: int, seed: int) -> Tensor:
+    """The validation images the log-Z monitor scores: valid[`data.subset_indices`(len, n, seed)],
+    the first n of a seeded permutation of the validation split (a uniform random sample, in that
+    order). valid: uint8 (N, C, H, W); returns (n, C, H, W). A ValueError if n > N."""
+    if n > valid.shape[0]:
+        raise ValueError(
+            f"train.monitor.valid_images = {n}: the validation split has only {valid.shape[0]} images; "
+            "lower it or raise data.n_valid"
+        )
+    return valid[subset_indices(int(valid.shape[0]), n, seed)]
+
+
 def fit_vae(
     run: RunConfig,
     images: Tensor,
@@ -110,26 +123,33 @@ def fit_vae(
     ctx: DistContext,
     *,
     checkpoint_path: Path,
-    test: Tensor | None = None,
+    valid: Tensor | None = None,
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     say: Say | None = None,
 ) -> tuple[VAEPP, TrainResult, dict]:
-    """The train stage's work: the run's model trained on uint8 images (N, C, H, W), resuming a
-    matching checkpoint at `checkpoint_path`, with the log-Z monitor (`evaluate.log_z_monitor`)
-    on the uint8 evaluation images `test` every `train.log_z_every` epochs (none without `test`).
+    """The train stage's work: the run's model trained on the uint8 training split `images`
+    (N, C, H, W), resuming a matching checkpoint at `checkpoint_path`, with the log-Z monitor
+    (`evaluate.log_z_monitor`) every `train.log_z_every` epochs on validation images (none
+    without `valid`): `monitor_images(valid, ...)`, the same images at every check.
     Returns (model, result, settings for `save_vae`)."""
     spec = model_spec(run, tuple(images.shape[1:]), meta["binary"])
     algorithm = train_algorithm(run)
     params = train_params(run, meta["binary"])
     settings = train_settings(spec, params, algorithm)
-    origin = {"data_sha256": meta.get("sha256"), "n_train": int(images.shape[0])}
+    origin = {
+        "data_sha256": meta.get("sha256"),
+        "n_train": int(images.shape[0]),
+        "n_valid": None if valid is None else int(valid.shape[0]),
+        "subset_seed": run.data.subset_seed,
+    }
+    monitor = None
+    if valid is not None and params.log_z_every:
+        scored = monitor_images(valid, params.monitor.valid_images, run.data.subset_seed)
+        monitor = lambda m: evaluate.log_z_monitor(m, scored, params.monitor, device=ctx.device)  # noqa: E731
     _resume_or_start(ctx, checkpoint_path, {**settings, **origin}, say)
     torch.manual_seed(params.seed)
     model = VAEPP(spec)
-    monitor = None
-    if test is not None and params.log_z_every:
-        monitor = lambda m: evaluate.log_z_monitor(m, test, params.monitor, device=ctx.device)  # noqa: E731
     extra = {"run": run.model_dump(mode="json"), "dataset_meta": meta, **origin}
     result = train(
         model,
