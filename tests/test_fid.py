@@ -1,6 +1,7 @@
 """FID: the Fréchet distance against closed forms, the feature statistics against numpy, KID
-against the closed-form MMD² of the cubic kernel, the plumbing with a small fake network (as
-pytorch-fid's own tests do), the floor and KID of the FID protocol, checksums of weights and
+against the closed-form MMD² of the cubic kernel, the half-sample error bars of both against
+fresh draws, the plumbing with a small fake network (as pytorch-fid's own tests do), the floor,
+KID and error bars of the FID protocol, checksums of weights and
 cached statistics and features, the offline weights against their source network, that the FID math imports
 nothing that reaches the outside world, and (slow) MNIST train vs test in the measured range."""
 
@@ -359,6 +360,128 @@ def test_kid_vectorised_equals_the_pairwise_sum_and_is_seeded():
         fid.kernel_inception_distance(x, y[:, :3])
 
 
+# ------------------------------------------------------------------ error bars: half-samples
+
+
+def _feature_set(x):
+    return fid.FeatureSet(x, *fid.FeatureStats(x.shape[1]).update(x).mean_cov())
+
+
+@pytest.mark.parametrize("n, m, d", [(30, 25, 50), (31, 40, 8)])  # r < d: the r × m path; r ≥ d: the d × d path
+def test_subset_distances_are_the_fid_and_kid_of_each_subsets_rows(n, m, d):
+    gen = torch.Generator().manual_seed(n + d)
+    x = torch.rand(n, d, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.rand(m, d, generator=gen, dtype=torch.float64)
+    idx = fid.half_samples(n, 6, seed=3)
+    assert idx.shape == (6, n // 2) and torch.equal(idx, fid.half_samples(n, 6, seed=3))
+    assert all(len(set(row.tolist())) == n // 2 for row in idx)  # without replacement
+    fids, kids = fid.subset_distances(_feature_set(x), _feature_set(y), idx)
+    k = fid.polynomial_kernel
+    for b, rows in enumerate(idx):
+        xs = x[rows]
+        assert float(fids[b]) == pytest.approx(
+            fid.frechet_distance_of_sets(_feature_set(xs), _feature_set(y)), rel=1e-10
+        )
+        assert float(kids[b]) == pytest.approx(fid.mmd2_unbiased(k(xs, xs), k(y, y), k(xs, y)), rel=1e-10, abs=1e-14)
+    with pytest.raises(ValueError, match="distinct"):
+        fid.subset_distances(_feature_set(x), _feature_set(y), torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_error_bars_are_seeded_centred_on_the_fid_and_give_kid_a_nonzero_sd():
+    """n ≤ KID's subset size: every KID subset is the whole set and the subsets' sd is 0, while
+    the half-samples' sd is a real error bar; the same seed gives the same numbers."""
+    gen = torch.Generator().manual_seed(11)
+    x, y = (
+        _feature_set(torch.rand(40, 8, generator=gen, dtype=torch.float64) + 0.05),
+        _feature_set(torch.rand(40, 8, generator=gen, dtype=torch.float64)),
+    )
+    bars = fid.error_bars(x, y, n_resamples=50, seed=4)
+    assert bars == fid.error_bars(x, y, n_resamples=50, seed=4)
+    assert bars.fid_low != fid.error_bars(x, y, n_resamples=50, seed=5).fid_low
+    assert bars.fid == fid.frechet_distance_of_sets(x, y)
+    assert bars.fid_low < bars.fid < bars.fid_high and bars.fid_sd > 0
+    assert bars.n_resamples == 50 and bars.subset_size == 20
+    subsets = fid.kernel_inception_distance(x.features, y.features, n_subsets=20)
+    assert subsets.subset_size == 40 and subsets.std < 1e-12 * abs(subsets.mean)
+    assert bars.kid_sd > 1e3 * subsets.std and bars.kid_sd > 1e-3 * abs(subsets.mean)
+    with pytest.raises(ValueError, match="n ≥ 4"):
+        fid.error_bars(_feature_set(x.features[:3]), y)
+
+
+def _fresh_and_half_samples(draw, y, *, fresh, sets, n_resamples):
+    """FIDs and KIDs of `fresh` independent sample sets (fresh, 2) and `error_bars` of `sets`
+    other ones (a list), all against the fixed reference set y."""
+    k = fid.polynomial_kernel
+    draws = []
+    for _ in range(fresh):
+        x = draw()
+        draws.append(
+            (
+                fid.frechet_distance_of_sets(_feature_set(x), y),
+                fid.mmd2_unbiased(k(x, x), k(y.features, y.features), k(x, y.features)),
+            )
+        )
+    bars = [fid.error_bars(_feature_set(draw()), y, n_resamples=n_resamples, seed=s) for s in range(sets)]
+    return np.array(draws), bars
+
+
+def _sd_and_its_error(values):
+    """The sample sd of `values` and its Monte-Carlo standard error (delta method on the
+    variance, no normality assumed): se(s) ≈ sd((v − v̄)²) / (2 s √R)."""
+    sd = values.std(ddof=1)
+    return sd, ((values - values.mean()) ** 2).std(ddof=1) / (2 * sd * np.sqrt(len(values)))
+
+
+def test_error_bars_match_fresh_draws_and_cover_the_expected_fid_at_the_stated_rate():
+    """Known answer, regular regime (n ≫ d, well-conditioned covariances, the means differ, so
+    FID and KID are smooth functions of the samples' moments): the half-sample sd of FID and KID
+    equals the sd over independent fresh sample sets within Monte-Carlo error, and the 95%
+    interval covers E[FID at n] (the mean over fresh sets) in 95% of sets within binomial error."""
+    d, n, m = 4, 200, 200
+    gen = torch.Generator().manual_seed(21)
+    rotation = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    a = rotation * torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=torch.float64)  # Σ = a aᵀ, eigenvalues 1 … 0.49
+
+    def draw(k=n, shift=0.3):
+        return torch.randn(k, d, generator=gen, dtype=torch.float64) @ a.T + shift
+
+    y = _feature_set(draw(m, 0.0))
+    draws, bars = _fresh_and_half_samples(draw, y, fresh=2000, sets=60, n_resamples=200)
+    for col, attr in ((0, "fid_sd"), (1, "kid_sd")):
+        sd, se = _sd_and_its_error(draws[:, col])
+        ours = np.array([getattr(b, attr) for b in bars])
+        se_ours = ours.std(ddof=1) / np.sqrt(len(ours))
+        assert abs(ours.mean() - sd) < 4 * np.hypot(se, se_ours), (attr, ours.mean(), sd, se, se_ours)
+    expected = draws[:, 0].mean()  # E[FID at n], to ±sd/√2000
+    covered = np.mean([b.fid_low <= expected <= b.fid_high for b in bars])
+    assert abs(covered - 0.95) < 4 * np.sqrt(0.95 * 0.05 / len(bars)), covered
+
+
+def test_error_bars_stay_conservative_with_fewer_images_than_features():
+    """n < d (40 images, 64 pool3-like features), as 400 images of 2048: FID's finite-N bias
+    exceeds its sd several times, yet the interval covers E[FID at n] at least at the stated rate,
+    and the half-sample sd does not under-state the sd over fresh sets (it may over-state it)."""
+    d, n, m = 64, 40, 40
+    rng = np.random.default_rng(5)
+    basis = rng.standard_normal((d, d)) * (np.arange(1, d + 1) ** -0.8)[:, None]
+
+    def draw(k=n, shift=0.35):
+        return torch.from_numpy(np.maximum(rng.standard_normal((k, d)) @ basis + shift, 0.0))
+
+    y = _feature_set(draw(m, 0.3))
+    draws, bars = _fresh_and_half_samples(draw, y, fresh=1000, sets=60, n_resamples=200)
+    sd, se = _sd_and_its_error(draws[:, 0])
+    ours = np.array([b.fid_sd for b in bars])
+    assert ours.mean() > sd - 4 * np.hypot(se, ours.std(ddof=1) / np.sqrt(len(ours))), (ours.mean(), sd)
+    expected = draws[:, 0].mean()
+    halves = [fid.frechet_distance_of_sets(_feature_set(draw(n // 2)), y) for _ in range(100)]
+    # the regime: FID's finite-N bias grows by several sds from n to n/2 images, so the half-samples'
+    # own FIDs (as a bootstrap's) sit above E; the interval is recentred on their mean
+    assert np.mean(halves) - expected > 3 * sd
+    covered = np.mean([b.fid_low <= expected <= b.fid_high for b in bars])
+    assert covered > 0.95 - 4 * np.sqrt(0.95 * 0.05 / len(bars)), covered
+
+
 # ------------------------------------------------------------------ the protocol: floor and KID
 
 
@@ -417,11 +540,21 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
         fid.fid_from_images(net, unit(test[:30]), unit(train[:40]), **kw), rel=1e-12
     )
     ref = fid.inception_features(net, unit(train[:40]))
-    for prefix, imgs in (("kid", samples[:30]), ("kid_gan", samples_gan[:30]), ("kid_floor", test[:30])):
-        want = fid.kernel_inception_distance(fid.inception_features(net, unit(imgs)), ref, seed=evaluate.KID_SEED)
-        got = (out[f"{prefix}_mean"], out[f"{prefix}_std"])
-        assert got == pytest.approx((want.mean, want.std), rel=1e-9, abs=1e-15)
-    assert out["kid_subset_size"] == 30 and out["kid_subsets"] == 100
+    # KID: the subsets' mean; its sd and FID's interval and sd: the half-samples' (`fid.error_bars`).
+    for name, imgs in (("", samples[:30]), ("_gan", samples_gan[:30]), ("_floor", test[:30])):
+        feats = fid.inception_features(net, unit(imgs))
+        want = fid.kernel_inception_distance(feats, ref, seed=evaluate.KID_SEED)
+        bars = fid.error_bars(
+            _feature_set(feats), _feature_set(ref), n_resamples=evaluate.FID_BOOTSTRAP, seed=evaluate.FID_BOOTSTRAP_SEED
+        )
+        got = [out[f"kid{name}_{k}"] for k in ("mean", "std")] + [
+            out[f"fid{name}_{k}"] for k in ("ci_low", "ci_high", "boot_sd")
+        ]
+        assert got == pytest.approx([want.mean, bars.kid_sd, bars.fid_low, bars.fid_high, bars.fid_sd], rel=1e-9)
+        assert bars.kid_sd > 0 and bars.kid_sd != pytest.approx(want.std)  # not the subsets' sd
+        assert out[f"fid{name}_ci_low"] < out[f"fid{name}"] < out[f"fid{name}_ci_high"]
+    assert out["kid_subset_size"] == 30 and out["kid_subsets"] == 100 and out["bootstrap_resamples"] == 200
+    assert "200 random half-samples of r = 15 of the n = 30 images" in out["protocol"]
     assert out["held_out"] == "test" and out["n_held_out"] == 30 and out["n_reference"] == 40
     assert "floor: the first 30 test images (held out) vs the same 40 train images" in out["protocol"]
     assert out["fid"] > out["fid_floor"] > 0  # darkened samples score worse than real images
@@ -452,7 +585,8 @@ def test_fid_protocol_without_the_latent_gan_set_skips_its_pass_only(tmp_path):
         outs[both] = _toy_fid_protocol(net, samples, samples_gan, train, test, p, tmp_path / str(both))
         passes[both] = len(net.seen)
     assert passes[True] - passes[False] == 2  # the latent-GAN set's 2 batches of 16
-    assert outs[False]["fid_gan"] is None and outs[False]["kid_gan_mean"] is None and outs[False]["kid_gan_std"] is None
+    gan_keys = ("fid_gan", "fid_gan_ci_low", "fid_gan_ci_high", "fid_gan_boot_sd", "kid_gan_mean", "kid_gan_std")
+    assert all(outs[False][k] is None for k in gan_keys) and all(outs[True][k] is not None for k in gan_keys)
     same = {k for k in outs[True] if not k.startswith(("seconds", "fid_gan", "kid_gan"))}
     assert {k: outs[False][k] for k in same} == {k: outs[True][k] for k in same}
 

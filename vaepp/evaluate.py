@@ -662,7 +662,7 @@ def fid_protocol(
             f"images, the reference fixed, from {FID_BOOTSTRAP} random half-samples of r = "
             f"{e_mala.subset_size} of the n = {p.n_samples} images (without replacement): sd = "
             f"√(r/(n − r)) × the sd of their FIDs (fid_boot_sd) or MMD²s (kid_std); FID 95% interval = "
-            f"the FID of all n images − √(r/(n − r)) × (the 97.5% and 2.5% quantiles of their FIDs − "
+            f"the FID of all n images + √(r/(n − r)) × (the 2.5% and 97.5% quantiles of their FIDs − "
             f"their mean), an interval for the FID expected of n images against this reference"
         ),
         **{k: sampler.get(k) for k in SAMPLER_FIELDS},

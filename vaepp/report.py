@@ -226,8 +226,8 @@ def _kid_keys(metric: str) -> tuple[str, str]:
 
 
 def _kid_spread_is_zero(row: pd.Series) -> bool:
-    """True for a fid.json from before the bootstrap (no bootstrap_resamples) whose KID subsets are
-    the whole sets (m = n): its sd over subsets is 0 by construction. A bootstrap sd is a real
+    """True for a fid.json from before the half-sample error bars (no bootstrap_resamples) whose KID subsets are
+    the whole sets (m = n): its sd over subsets is 0 by construction. A half-sample sd is a real
     error bar whatever m."""
     if _num(row, "fid.bootstrap_resamples") is not None:
         return False
@@ -236,8 +236,8 @@ def _kid_spread_is_zero(row: pd.Series) -> bool:
 
 
 def _fid_interval(row: pd.Series, metric: str) -> str:
-    """ " [low, high]": fid.json's bootstrap 95% interval of `metric` (fid, fid_gan, fid_floor), or
-    "" for a fid.json from before the bootstrap (or a set that was not scored)."""
+    """ " [low, high]": fid.json's half-sample 95% interval of `metric` (fid, fid_gan, fid_floor), or
+    "" for a fid.json from before the half-sample error bars (or a set that was not scored)."""
     low, high = _num(row, f"fid.{metric}_ci_low"), _num(row, f"fid.{metric}_ci_high")
     return f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
@@ -266,8 +266,8 @@ def _fid_protocol(row: pd.Series, metric: str) -> str:
     else:
         if boot is not None:
             spread = (
-                f"; [low, high]: the bootstrap 95% interval over {int(boot)} resamples of the images, "
-                "KID: mean ± its bootstrap sd"
+                f"; [low, high]: the 95% interval of the FID at this n from {int(boot)} random half-samples of "
+                "the images (`fid.error_bars`), KID: mean ± its half-sample sd"
             )
         elif _kid_spread_is_zero(row):
             spread = "; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
@@ -367,7 +367,7 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Figure 4's points: one per run with an NLL or FID; a line is a (dataset_label, algorithm)
     pair, sorted by zdim. Columns: dataset_label, algorithm, zdim, run, likelihood, log_z (the
     headline log-Z estimator), n_test_images, nll_nats (under it), nll_paper_q_nats (under the paper's q-based
-    estimate, where the run has one), bpd, fid with its bootstrap 95% interval fid_ci_low, fid_ci_high
+    estimate, where the run has one), bpd, fid with its half-sample 95% interval fid_ci_low, fid_ci_high
     (where fid.json has one), fid_floor (real held-out images at the same N), proposal (nll.json's;
     empty for the earlier protocol) and subset_seed (the seed of its test sample, empty for all or
     the first n)."""
@@ -818,7 +818,7 @@ def training_length_table(root: str | Path, pattern: str) -> pd.DataFrame:
 def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
     """ "<run>/<metric>" → value for the pipeline's parent run (numbers only): nll.json's and
     fid.json's headline values (nll_nats_sub: from S/10 samples; fid_ci_low, fid_ci_high: FID's
-    bootstrap 95% interval), nll_nats_<estimator> under each log Z, and nll_nats_paper_protocol,
+    half-sample 95% interval), nll_nats_<estimator> under each log Z, and nll_nats_paper_protocol,
     the NLL with the paper's proposal q(z|e) under the headline log Z (`_under_q`)."""
     keys = {
         "nll_nats": "nll.nll_nats",
@@ -872,7 +872,7 @@ DIMZ_NOTE = (
     "squares (hollow diamonds for a point drawn apart): the same run under the paper's q-based log Ẑ, which sits "
     "below AIS (see the log-Z table), so the gap between the two markers is the paper's log Ẑ's optimism. "
     "FID: the run's samples (latent GAN + MALA; N(0, I) for the plain VAE; exact samples for a certified "
-    "prior) at the protocol of Table 4 (fid_ci_low, fid_ci_high: its bootstrap 95% interval where recorded), "
+    "prior) at the protocol of Table 4 (fid_ci_low, fid_ci_high: its half-sample 95% interval where recorded), "
     "with the real-vs-real floor at the same N dashed: at N = 400 a perfect model would score the floor, not 0."
 )
 
