@@ -397,7 +397,10 @@ def test_fid_cells_show_the_bootstrap_interval_and_older_files_render_as_before(
     cells = {c.run: c for c in _ours_cells(tabs["table4"], "VAEPP", "MNIST")}
     new, f = cells["vaepp"], written["vaepp"]["fid"]
     assert new.text == f"{f['fid']:.2f} [{f['fid_ci_low']:.2f}, {f['fid_ci_high']:.2f}] (floor 21.5; KID 0.035 ± 0.002)"
-    assert "FID 21.50 [19.75, 23.50]" in new.protocol and "95% interval of the FID at this n from 200 random half-samples" in new.protocol
+    assert (
+        "FID 21.50 [19.75, 23.50]" in new.protocol
+        and "95% interval of the FID at this n from 200 random half-samples" in new.protocol
+    )
     gan = _ours_cells(tabs["table4"], "GAN-VAEPP", "MNIST")[0]
     assert gan.text.startswith(f"{written['vaepp']['fid']['fid_gan']:.2f} [")
     old = cells["vaepp_z8"]
