@@ -393,7 +393,7 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
 def dimz_study_points(root: str | Path, study: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
     """Figure 4's points of a committed dim-z study: the directory `study` (relative to root) holds
     manifest.json (`runs`: the study's run definitions, `commit`: the code that made them) and
-    <run>/<kind>.json per run (scripts/study_dimz.py). Each run is resolved on `params`' shared
+    <run>/<kind>.json per run (scripts/run_study.py dimz). Each run is resolved on `params`' shared
     sections, as the study added it to them; columns as `dimz_points`, plus source = "<study>
     @ <commit[:8]>". Empty when the study has no manifest."""
     from .config import RunParams
@@ -857,7 +857,7 @@ def _png(fig) -> str:
 
 DIMZ_NOTE = (
     "One point per run: this study's runs and those of the committed dim-z study (studies/dimz, made by "
-    "scripts/study_dimz.py: trained exactly like this study's runs, evaluated on fewer test images; `source` "
+    "scripts/run_study.py dimz: trained exactly like this study's runs, evaluated on fewer test images; `source` "
     "names the commit that made it). A committed point's NLL joins this study's lines only when it was scored "
     "with this study's NLL protocol (the same proposal and the same seeded sample of test images); then this "
     "study's points beside it are their runs' mean over the study's images (the first m of the same seeded "
