@@ -34,9 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.common import load_data  # noqa: E402
 from vaepp.checkpoints import load_vae  # noqa: E402
 from vaepp.config import load_params, resolve_run  # noqa: E402
-from vaepp.data import load_prepared, split_prepared, subset_indices  # noqa: E402
+from vaepp.data import subset_indices  # noqa: E402
 from vaepp.evaluate import unit_batches  # noqa: E402
 from vaepp.importance import defensive_proposal  # noqa: E402
 from vaepp.io import atomic_write_csv, atomic_write_json  # noqa: E402
@@ -76,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = load_vae(model_path, "cpu")
         model.eval()
         d = run.data
-        prepared = load_prepared(ROOT / "data" / d.dataset)
-        splits = split_prepared(
-            prepared, n_train=d.n_train, n_valid=d.n_valid, n_test=d.n_test, subset_seed=d.subset_seed
-        )
+        splits = load_data(ROOT / "data", run)  # the stages' own split of the prepared data
         # a seeded random sample of the validation split (its own seed: not the monitor's images)
         pick = subset_indices(splits.valid.shape[0], args.images, d.subset_seed + 1)
         images = splits.valid[pick]
