@@ -18,7 +18,6 @@ one-process sums; only rank 0 writes (the metrics and a missing reference or hel
 from __future__ import annotations
 
 import hashlib
-import re
 import sys
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def _compute(args, run, ctx) -> int:
             reference_digest=digest[p.reference],
             held_out_digest=digest[held],
             stats_dir=common.cache_dir() / "fid_stats",
+            sampled=sampled_splits(run),
             device=ctx.device,
             progress=not args.no_progress and ctx.is_writer,
             callback=common.progress_logger(log, ctx),
@@ -76,7 +76,6 @@ def _compute(args, run, ctx) -> int:
             return 0
         metrics["run"] = run.name
         metrics["test_subset"] = common.record_of_test_images(splits, run)
-        metrics["protocol"] = name_test_sample(metrics["protocol"], run)
         atomic_write_json(args.out, metrics)
         log.log_metrics(common.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})
@@ -104,13 +103,12 @@ def split_digests(splits, run) -> dict[str, str]:
     return digest
 
 
-def name_test_sample(protocol: str, run) -> str:
-    """The protocol string with "the first n test images" saying what they are when data.n_test
-    is set: the first n of the seeded random test sample, itself a random sample of the test set."""
+def sampled_splits(run) -> dict[str, str]:
+    """The splits that are random samples of their file, for `evaluate.fid_protocol`'s text: the
+    test split when data.n_test is set (a seeded random sample of all test images)."""
     if run.data.n_test is None:
-        return protocol
-    seed = run.data.subset_seed
-    return re.sub(r"the first (\d+) test images", rf"\1 test images drawn at random (subset_seed {seed})", protocol)
+        return {}
+    return {"test": f"drawn at random (subset_seed {run.data.subset_seed})"}
 
 
 def main(argv: list[str] | None = None) -> int:

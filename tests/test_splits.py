@@ -311,13 +311,21 @@ def test_fid_feature_caches_name_the_test_sample_not_only_the_file():
 
 
 def test_the_fid_protocol_says_the_held_out_test_images_are_a_random_sample():
-    from stages.compute_fid import name_test_sample
+    from stages.compute_fid import sampled_splits
+    from vaepp.evaluate import images_text
 
-    text = (
-        "400 samples vs the first 400 train images of mnist, pytorch-fid Inception pool3; "
-        "floor: the first 400 test images (held out) vs the same 400 train images"
-    )
-    sampled = name_test_sample(text, _tiny_run(n_test=32, subset_seed=5))
+    def text(run):
+        sampled = sampled_splits(run)
+        return (
+            f"400 samples vs {images_text(400, 'train', sampled)} of mnist, pytorch-fid Inception pool3; "
+            f"floor: {images_text(400, 'test', sampled)} (held out) vs the same 400 train images"
+        )
+
+    sampled = text(_tiny_run(n_test=32, subset_seed=5))
     assert "floor: 400 test images drawn at random (subset_seed 5) (held out)" in sampled
     assert "the first 400 train images" in sampled and "first 400 test" not in sampled
-    assert name_test_sample(text, _tiny_run(n_test=None, subset_seed=5)) == text  # all, in order
+    everything = text(_tiny_run(n_test=None, subset_seed=5))
+    assert everything == (
+        "400 samples vs the first 400 train images of mnist, pytorch-fid Inception pool3; "
+        "floor: the first 400 test images (held out) vs the same 400 train images"
+    )  # all, in order

@@ -535,6 +535,7 @@ def fid_protocol(
     reference_digest: str,
     held_out_digest: str,
     stats_dir: Path,
+    sampled: dict[str, str] | None = None,
     device: torch.device | str,
     progress: bool = False,
     callback: Progress | None = None,
@@ -561,6 +562,8 @@ def fid_protocol(
     images of every W·batch_size batch). reference_digest, held_out_digest: the prepared files'
     SHA-256, part of the cache keys, so features of one dataset file are never reused for another.
     sampler: the sampling stage's metrics, whose SAMPLER_FIELDS are copied into the result.
+    sampled: {split: how its images were drawn} for a split that is a random sample of its file
+    (the protocol text then names it so, `images_text`); other splits are the file's first images.
     Only rank 0 writes the caches and returns the metrics (other ranks return {}).
 
     callback(name, value, step), if given, gets fid.<set>.images_done, the images of a set through
@@ -655,8 +658,8 @@ def fid_protocol(
         "n_held_out": n_held,
         "held_out": held,
         "protocol": (
-            f"{p.n_samples} samples vs the first {n_ref} {p.reference} images of {dataset}, "
-            f"pytorch-fid Inception pool3; floor: the first {n_held} {held} images (held out) vs the "
+            f"{p.n_samples} samples vs {images_text(n_ref, p.reference, sampled)} of {dataset}, "
+            f"pytorch-fid Inception pool3; floor: {images_text(n_held, held, sampled)} (held out) vs the "
             f"same {n_ref} {p.reference} images; KID: cubic-kernel unbiased MMD², the mean over "
             f"{KID_SUBSETS} subsets of m = {k_mala.subset_size}; error bars for the draw of each set's "
             f"images, the reference fixed, from {FID_BOOTSTRAP} random half-samples of r = "
@@ -669,6 +672,15 @@ def fid_protocol(
         "seconds": time.perf_counter() - t0,
         "seconds_floor": t_floor,
     }
+
+
+def images_text(n: int, split: str, sampled: dict[str, str] | None = None) -> str:
+    """How a protocol text names the first n images of a split: "the first n <split> images", or,
+    for a split in `sampled` (a seeded random sample, whose every prefix is one too),
+    "n <split> images <how they were drawn>"."""
+    if sampled and split in sampled:
+        return f"{n} {split} images {sampled[split]}"
+    return f"the first {n} {split} images"
 
 
 def dataset_fields(dataset: str, meta: dict) -> dict:

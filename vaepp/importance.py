@@ -157,7 +157,7 @@ def stream(
     evaluate(*draws concatenated along dim 0) → one tensor of
     values (k, R) per accumulator. With `prefix`, the values of each row's first `prefix` samples
     also go to `prefix_accumulators` (the same draws: a read-out of how far an estimate moves with
-    n). Nothing is returned: read the accumulators.
+    n; they may be fewer than the accumulators: they take the first values). Nothing is returned: read the accumulators.
     """
     if min(n, rows, chunk, block) < 1:
         raise ValueError(f"n, rows, chunk and block must be >= 1, got {n}, {rows}, {chunk}, {block}")
@@ -174,7 +174,7 @@ def stream(
         for acc, v in zip(accumulators, values, strict=True):
             acc.update(v)
         if prefix is not None and start < prefix:
-            for acc, v in zip(prefix_accumulators, values, strict=True):
+            for acc, v in zip(prefix_accumulators, values, strict=False):  # the first values
                 acc.update(v[: prefix - start])
 
 

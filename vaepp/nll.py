@@ -173,7 +173,7 @@ def estimate_nll(
                     chunk=chunk,
                     block=rng_rows,
                     prefix=s_sub,
-                    prefix_accumulators=[sub, LogMeanExp(B, e.device)],
+                    prefix_accumulators=[sub],
                 )
                 for key, value in zip(
                     parts,
