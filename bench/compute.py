@@ -99,7 +99,7 @@ def build(params: Path, run_name: str) -> Built:
     """The run's model as `stages/train.py` builds it, with the per-row FLOPs of its networks."""
     from vaepp.config import load_run
     from vaepp.model import VAEPP
-    from vaepp.study import model_spec
+    from vaepp.resolve import model_spec
 
     run = load_run(params, run_name)
     if run.data.dataset not in DATASETS:
@@ -230,7 +230,7 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
     block is kept too. seconds/epoch = seconds/step × ⌊n_train / batch⌋.
     """
-    from vaepp.study import train_algorithm, train_params
+    from vaepp.resolve import train_algorithm, train_params
     from vaepp.train import make_optimizers, train_step
 
     setups = {}

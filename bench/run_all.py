@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             QUICK["startup_repeats"] if args.quick else FULL["startup_repeats"],
         )
     from vaepp.config import ParamsError
-    from vaepp.io import atomic_write_json
+    from vaepp.files import atomic_write_json
 
     params = Path(args.params)
     if not params.is_absolute():
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 def only_startup(out: str | None, repeats: int) -> int:
     """`--only startup`: the stage fixed cost alone, printed (and written to `out` if given:
     the whole bench's reports/bench.json is left as it is)."""
-    from vaepp.io import atomic_write_json
+    from vaepp.files import atomic_write_json
 
     res = {"machine": machine(), "stage_fixed_cost": startup.measure(repeats)}
     if out:

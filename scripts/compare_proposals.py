@@ -40,7 +40,7 @@ from vaepp.config import load_params, resolve_run  # noqa: E402
 from vaepp.data import subset_indices  # noqa: E402
 from vaepp.evaluate import unit_batches  # noqa: E402
 from vaepp.importance import defensive_proposal  # noqa: E402
-from vaepp.io import atomic_write_csv, atomic_write_json  # noqa: E402
+from vaepp.files import atomic_write_csv, atomic_write_json  # noqa: E402
 from vaepp.nll import estimate_nll  # noqa: E402
 
 # (α, k): the weight of the wide component and its width in σ; None = the paper's q(z|e)

@@ -35,7 +35,7 @@ def _main(argv: list[str] | None) -> int:
 def _compute(args, run, ctx) -> int:
     from vaepp import distributed as vdist
     from vaepp import evaluate, fetch_fid_weights
-    from vaepp.io import atomic_write_json, load_checkpoint
+    from vaepp.files import atomic_write_json, load_checkpoint
 
     splits = common.load_data(args.data, run)
     meta = splits.meta

@@ -34,7 +34,7 @@ def _main(argv: list[str] | None) -> int:
 def _estimate(args, run, ctx) -> int:
     from vaepp import evaluate
     from vaepp.checkpoints import load_vae
-    from vaepp.io import atomic_write_csv, atomic_write_json
+    from vaepp.files import atomic_write_csv, atomic_write_json
 
     splits = common.load_data(args.data, run)
     meta = splits.meta

@@ -3,7 +3,7 @@
 Outputs (paths from dvc.yaml): --latent-gan (the model), --out (latent_gan.json: final losses and
 the moment gaps between GAN samples and posterior samples). While it fits, a resumable checkpoint
 sits at --checkpoint; it resumes only a fit of the same settings on posterior samples of the same
-VAE file and data, and is removed once the outputs are written (`vaepp.study.fit_run_latent_gan`).
+VAE file and data, and is removed once the outputs are written (`vaepp.fit.fit_run_latent_gan`).
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes fit with
 DistributedDataParallel on the same global batch; only rank 0 writes (docs/distributed.md).
 """
@@ -27,15 +27,15 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _fit(args, run, ctx) -> int:
-    from vaepp import checkpoints, study
-    from vaepp.io import atomic_write_json
+    from vaepp import checkpoints, fit
+    from vaepp.files import atomic_write_json
 
     splits = common.load_data(args.data, run)
     images, meta = splits.train, splits.meta  # the posteriors of the training split only
     model, _ = checkpoints.load_vae(args.vae, ctx.device)
     ds = common.dataset_input(run, meta, args.data, context="training")
     with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx, dataset=ds) as log:
-        gan, history, settings, gap = study.fit_run_latent_gan(
+        gan, history, settings, gap = fit.fit_run_latent_gan(
             run,
             model,
             args.vae,

@@ -39,7 +39,7 @@ def _main(argv: list[str] | None) -> int:
 
     params = load_params(args.params)  # validate before the heavy imports
     from vaepp import report
-    from vaepp.io import atomic_write_text
+    from vaepp.files import atomic_write_text
 
     files = {name: getattr(args, name) for name in PATTERNS}
     runs = report.collect(Path("."), params, files)

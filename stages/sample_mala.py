@@ -28,7 +28,7 @@ def _main(argv: list[str] | None) -> int:
 def _sample(args, run, ctx) -> int:
     from vaepp import evaluate
     from vaepp.checkpoints import load_latent_gan, load_vae
-    from vaepp.io import atomic_torch_save, atomic_write_json
+    from vaepp.files import atomic_torch_save, atomic_write_json
     from vaepp.sampling import save_grid
 
     model, saved = load_vae(args.vae, ctx.device)

@@ -3,7 +3,7 @@
 Outputs (paths from dvc.yaml): --vae (the model), --curve (per-epoch metrics, CSV), --out
 (train.json). While it trains, a resumable checkpoint sits at --checkpoint: a killed run
 continues where it stopped when the stage is rerun with the same params (with other params it
-starts afresh); it is removed once the outputs are written (`vaepp.study.fit_vae`).
+starts afresh); it is removed once the outputs are written (`vaepp.fit.fit_vae`).
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes train with
 DistributedDataParallel on the same global batch; only rank 0 writes (docs/distributed.md).
 """
@@ -25,14 +25,14 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _train(args, run, ctx) -> int:
-    from vaepp import checkpoints, evaluate, study
-    from vaepp.io import atomic_write_csv, atomic_write_json
+    from vaepp import checkpoints, evaluate, fit
+    from vaepp.files import atomic_write_csv, atomic_write_json
 
     splits = common.load_data(args.data, run)  # the training split is fitted, the validation split monitored
     images, meta = splits.train, splits.meta
     ds = common.dataset_input(run, meta, args.data, context="training")
     with common.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
-        model, result, settings = study.fit_vae(
+        model, result, settings = fit.fit_vae(
             run,
             images,
             meta,

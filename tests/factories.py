@@ -9,8 +9,8 @@ from pathlib import Path
 
 from vaepp.config import LatentGANParams, Params, TrainParams, load_params, resolve_run
 from vaepp.model import ModelSpec
-from vaepp.study import model_spec as _model_spec
-from vaepp.study import train_params as _train_params
+from vaepp.resolve import model_spec as _model_spec
+from vaepp.resolve import train_params as _train_params
 
 TINY = Path(__file__).with_name("profiles_tiny.yaml")
 
@@ -30,7 +30,7 @@ def train_params(**overrides) -> TrainParams:
 def latent_gan_params(**overrides) -> LatentGANParams:
     """The tiny profile's `latent_gan` section resolved as for binary data (inputs "mean", noise
     of the profile's dim z, penalty_p 3), with `overrides` (which may restore an "auto"), validated."""
-    from vaepp.study import latent_gan_params as _resolved
+    from vaepp.resolve import latent_gan_params as _resolved
 
     base = _resolved(resolve_run(tiny(), "vaepp"), True).model_dump()
     return LatentGANParams(**{**base, **overrides})

@@ -127,7 +127,7 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> st
 
 
 def state_dict(path: Path) -> dict:
-    from vaepp.io import load_checkpoint
+    from vaepp.files import load_checkpoint
 
     return load_checkpoint(path)["model"]
 
@@ -139,14 +139,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def history_without_times(path: Path) -> list[dict]:
-    from vaepp.io import load_checkpoint
+    from vaepp.files import load_checkpoint
 
     # wall-clock columns: the epoch's training time and the log-Z monitor's
     return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in load_checkpoint(path)["history"]]
 
 
 def checkpoint_epoch(work: Path, rel: Path = CKPT) -> int:
-    from vaepp.io import load_checkpoint
+    from vaepp.files import load_checkpoint
 
     return int(load_checkpoint(work / rel)["epoch"])
 

@@ -1,4 +1,4 @@
-"""Atomic writes (vaepp.io): outputs appear whole or not at all, with the mode a plain open() gives."""
+"""Atomic writes (vaepp.files): outputs appear whole or not at all, with the mode a plain open() gives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 def test_outputs_get_the_umask_mode_and_no_temporaries(tmp_path):
     """atomic writes: the file has the mode a plain open() gives (not mkstemp's 0600); a failure
     inside the write leaves neither the file nor a temporary; an existing file is kept intact."""
-    from vaepp.io import atomic_write_bytes, atomic_write_json
+    from vaepp.files import atomic_write_bytes, atomic_write_json
 
     plain = tmp_path / "plain"
     plain.write_text("x")

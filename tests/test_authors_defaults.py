@@ -11,8 +11,8 @@ from factories import model_spec, tiny, train_params
 from vaepp.config import resolve_run
 from vaepp.model import VAEPP
 from vaepp.posteriors import log_standard_normal
-from vaepp.study import latent_gan_params
-from vaepp.study import train_params as resolved_train_params
+from vaepp.resolve import latent_gan_params
+from vaepp.resolve import train_params as resolved_train_params
 from vaepp.train import train
 
 

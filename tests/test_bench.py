@@ -47,7 +47,7 @@ def test_train_step_flops_match_executed_matmuls(tmp_path, arch, run):
     ResNets torch's conv double backward executes ~6.35F instead of 6F for the penalty, so the
     count stays below the executed total by less than 2%. (Algorithm 1's critic step
     differentiates w.r.t. a leaf inside autograd.grad, which FlopCounterMode cannot trace.)"""
-    from vaepp.study import train_algorithm, train_params
+    from vaepp.resolve import train_algorithm, train_params
     from vaepp.train import make_optimizers, train_step
 
     params = _params(tmp_path, arch=arch, channels=[4, 8, 8])

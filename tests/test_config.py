@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vaepp.config import ParamsError, load_params, load_run, parse_params, resolve_run
-from vaepp.study import model_spec, train_algorithm
+from vaepp.resolve import model_spec, train_algorithm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())

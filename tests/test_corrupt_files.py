@@ -22,7 +22,7 @@ def test_corrupt_checkpoints_and_models_are_refused_by_name(reference, tmp_path)
     tensor included, which torch alone would load."""
     from factories import model_spec, train_params
     from vaepp.checkpoints import Checkpoint
-    from vaepp.io import CheckpointError, load_checkpoint
+    from vaepp.files import CheckpointError, load_checkpoint
     from vaepp.model import VAEPP
     from vaepp.train import train
 

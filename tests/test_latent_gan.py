@@ -9,10 +9,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from factories import latent_gan_params, model_spec, tiny
-from vaepp import study
+from vaepp import fit, resolve
 from vaepp.checkpoints import Checkpoint, load_latent_gan, save_latent_gan
 from vaepp.config import load_params, resolve_run
-from vaepp.io import CheckpointError, load_checkpoint
+from vaepp.files import CheckpointError, load_checkpoint
 from vaepp.latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
 from vaepp.model import VAEPP
 from vaepp.nets import SLOPE
@@ -34,7 +34,7 @@ def test_default_networks_are_the_authors():
     norm + LeakyReLU(0.2)] → Linear(z) → LeakyReLU; critic 6 × [Linear(40) + weight norm +
     LeakyReLU(0.2)] → Linear(1)."""
     run = resolve_run(load_params(PARAMS_YAML), "vaepp")
-    params = study.latent_gan_params(run, binary=True)
+    params = resolve.latent_gan_params(run, binary=True)
     zdim = run.model.zdim
     gan = _gan(zdim, params)
     assert gan.noise_dim == zdim and params.inputs == "mean"
@@ -66,7 +66,7 @@ def test_unresolved_auto_is_refused():
     pool = lambda: torch.randn(64, 3)  # noqa: E731
     for field in ("inputs", "penalty_p"):
         spec = latent_gan_params(**{field: "auto"})
-        with pytest.raises(ValueError, match=rf"{field}.*vaepp\.study\.latent_gan_params"):
+        with pytest.raises(ValueError, match=rf"{field}.*vaepp\.resolve\.latent_gan_params"):
             fit_latent_gan(_gan(3, latent_gan_params()), pool, spec)
     with pytest.raises(ValueError, match="noise_dim"):
         _gan(3, latent_gan_params(noise_dim="auto"))
@@ -133,11 +133,11 @@ def _pools_of_the_stage(tmp_path, monkeypatch, inputs: str):
         seen.extend([sample_pool(), sample_pool()])
         return []
 
-    monkeypatch.setattr(study, "fit_latent_gan", fake_fit)
+    monkeypatch.setattr(fit, "fit_latent_gan", fake_fit)
     vae = tmp_path / "vae.pt"
     vae.write_bytes(b"vae")
     meta = {"binary": True, "sha256": None}
-    _, _, settings, gap = study.fit_run_latent_gan(
+    _, _, settings, gap = fit.fit_run_latent_gan(
         run, model, vae, images, meta, ONE_PROCESS, checkpoint_path=tmp_path / "gan.ckpt"
     )
     assert settings["spec"]["inputs"] == inputs and set(gap) == {"mean_gap", "cov_gap"}

@@ -11,7 +11,7 @@ from stages import common
 from vaepp import data, fetch_data
 from vaepp.config import load_run
 from vaepp.model import VAEPP
-from vaepp.study import model_spec, train_algorithm, train_params
+from vaepp.resolve import model_spec, train_algorithm, train_params
 from vaepp.train import train
 
 

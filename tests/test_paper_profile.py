@@ -112,7 +112,7 @@ def test_paper_cifar_nll_runs_use_the_authors_latent_map_networks():
 def test_paper_mnist_fid_run_is_the_bernoulli_model():
     """Table 4's caption: the MNIST FID comes from the Bernoulli model; the other FID runs from the
     discretised logistic model with a scalar γ at dim z 128."""
-    from vaepp.study import model_spec
+    from vaepp.resolve import model_spec
 
     params = load_params(PAPER)
     fid_mnist, mnist = resolve_run(params, "fid_mnist_vaepp"), resolve_run(params, "mnist_vaepp")

@@ -31,7 +31,7 @@ def test_pickles_with_code_are_refused_by_every_loader(tmp_path):
     that hold a custom class are refused by name and their code never runs."""
     from vaepp import fetch_fid_weights
     from vaepp.data import DataError, load_prepared
-    from vaepp.io import CheckpointError, load_checkpoint
+    from vaepp.files import CheckpointError, load_checkpoint
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "vae.pt"

@@ -109,7 +109,7 @@ def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, whole_ga
     digest differs) is set aside with one warning and the fit starts afresh, to the same networks
     as an uninterrupted fit."""
     from vaepp.config import load_run
-    from vaepp.io import atomic_torch_save, load_checkpoint
+    from vaepp.files import atomic_torch_save, load_checkpoint
     from vaepp.latent_gan import latent_gan_settings
 
     work = gan_workspace(reference, tmp_path / "w")

@@ -180,7 +180,7 @@ def test_no_test_image_reaches_training_the_latent_gan_or_the_monitor(recognisab
     to the training loop, the latent GAN's posterior pool and the log-Z monitor, and every input
     of image shape to any network (encoder, critic), is compared with every test image."""
     from stages import fit_latent_gan, train
-    from vaepp import evaluate, study
+    from vaepp import evaluate, fit
 
     work, prepared_train, test = recognisable_workspace
     fitted, monitored, pooled = [], [], []
@@ -193,9 +193,9 @@ def test_no_test_image_reaches_training_the_latent_gan_or_the_monitor(recognisab
 
         return wrapper
 
-    monkeypatch.setattr(study, "train", recording(study.train, fitted))
+    monkeypatch.setattr(fit, "train", recording(fit.train, fitted))
     monkeypatch.setattr(evaluate, "log_z_monitor", recording(evaluate.log_z_monitor, monitored))
-    monkeypatch.setattr(study, "posterior_samples", recording(study.posterior_samples, pooled))
+    monkeypatch.setattr(fit, "posterior_samples", recording(fit.posterior_samples, pooled))
 
     def every_network_input(module, args):
         for x in args:

@@ -129,7 +129,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, algorithm):
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
     from vaepp.checkpoints import Checkpoint
-    from vaepp.io import CheckpointError
+    from vaepp.files import CheckpointError
 
     images = (batch(5, 32) * 255).to(torch.uint8)
     model, params = make("vaepp")

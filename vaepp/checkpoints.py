@@ -1,7 +1,7 @@
 """Saving and loading what the fits produce: trained models and resumable checkpoints.
 
 Two kinds of file, both written atomically and loaded with `weights_only=True` after every
-member's CRC-32 is checked (`vaepp.io`):
+member's CRC-32 is checked (`vaepp.files`):
 
 - trained models, each carrying the settings that rebuild it (as nanoGPT's checkpoints carry
   their config): models/<run>/vae.pt (`save_vae` / `load_vae`) and models/<run>/latent_gan.pt
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import io as vio
+from . import files
 from .model import VAEPP, ModelSpec
 
 FORMAT = 1
@@ -61,7 +61,7 @@ class Checkpoint:
         self.write = write
         self.extra = dict(extra or {})
         if write:
-            vio.remove_stale_temporaries(self.path)
+            files.remove_stale_temporaries(self.path)
 
     def resume(
         self,
@@ -84,9 +84,9 @@ class Checkpoint:
         )
         if not self.path.exists():
             return None
-        ckpt = vio.load_checkpoint(self.path, map_location=device)
+        ckpt = files.load_checkpoint(self.path, map_location=device)
         if any(ckpt.get(key) != value for key, value in settings.items()):
-            raise vio.CheckpointError(
+            raise files.CheckpointError(
                 f"{self.path}: checkpoint was written with other settings; delete it to start "
                 "afresh, or restore the settings it was written with"
             )
@@ -102,7 +102,7 @@ class Checkpoint:
         fit = self._fit
         if not self.write or not (epoch % fit["every"] == 0 or epoch == fit["epochs"]):
             return
-        vio.atomic_torch_save(
+        files.atomic_torch_save(
             {
                 "format": FORMAT,
                 **fit["settings"],
@@ -126,8 +126,8 @@ def keep_or_discard(path: str | Path, expected: dict) -> str | None:
     if not path.exists():
         return None
     try:
-        old = vio.load_checkpoint(path, map_location="cpu")
-    except vio.CheckpointError as err:
+        old = files.load_checkpoint(path, map_location="cpu")
+    except files.CheckpointError as err:
         path.unlink()
         return f"warning: {err}; starting afresh"
     if any(old.get(k) != v for k, v in expected.items()):
@@ -151,14 +151,14 @@ def _cpu_state(module: nn.Module) -> dict:
 def save_vae(path: str | Path, model: VAEPP, settings: dict, *, history: list[dict], **extra) -> Path:
     """models/<run>/vae.pt: {"format", **settings ("model_spec", "train_spec"; see
     `vaepp.train.train_settings`), "model" (CPU tensors), **extra (e.g. the run), "history"}."""
-    return vio.atomic_torch_save(
+    return files.atomic_torch_save(
         {"format": FORMAT, **settings, "model": _cpu_state(model), **extra, "history": history}, path
     )
 
 
 def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]:
     """The trained VAE of `save_vae`, in eval mode on `device`, and the file's dict."""
-    ckpt = vio.load_checkpoint(path, map_location=device)
+    ckpt = files.load_checkpoint(path, map_location=device)
     model = VAEPP(ModelSpec.from_dict(ckpt["model_spec"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -167,7 +167,7 @@ def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]
 def save_latent_gan(path: str | Path, gan: nn.Module, settings: dict, *, history: list[dict]) -> Path:
     """models/<run>/latent_gan.pt: {"format", **settings ("spec", "zdim"; see
     `vaepp.latent_gan.latent_gan_settings`), "model" (CPU tensors), "history"}."""
-    return vio.atomic_torch_save({"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
+    return files.atomic_torch_save({"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
 
 
 def load_latent_gan(path: str | Path, device: torch.device | str):
@@ -178,11 +178,11 @@ def load_latent_gan(path: str | Path, device: torch.device | str):
     from .config import LatentGANParams
     from .latent_gan import LatentGAN  # latent_gan imports this module for its checkpoints
 
-    ckpt = vio.load_checkpoint(path, map_location=device)
+    ckpt = files.load_checkpoint(path, map_location=device)
     try:
         params = LatentGANParams(**ckpt["spec"])
     except ValidationError as err:  # e.g. a file from before a setting existed
-        raise vio.CheckpointError(f"{path}: its latent-GAN settings are not valid ones; refit it\n{err}") from err
+        raise files.CheckpointError(f"{path}: its latent-GAN settings are not valid ones; refit it\n{err}") from err
     gan = LatentGAN.from_params(ckpt["zdim"], params)
     gan.load_state_dict(ckpt["model"])
     return gan.to(device).eval()

@@ -21,21 +21,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Dataset = Literal[
-    "mnist",
-    "fashion_mnist",
-    "static_mnist_standin",
-    "static_mnist",
-    "omniglot",
-    "cifar10",
-    "cifar10_smoke",
-    "celeba",
-]
+from .datasets import DatasetName
+
+Dataset = DatasetName  # the registry's names (vaepp.datasets)
 RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow", "certified"]
 Penalty = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
 PositiveInt = Field(gt=0)
 Auto = Literal["auto"]
-# "auto" follows the likelihood (vaepp.study): the authors' Bernoulli scripts raise ‖∇D‖ to 3 and
+# "auto" follows the likelihood (vaepp.resolve): the authors' Bernoulli scripts raise ‖∇D‖ to 3 and
 # weight the naive critic's penalty by w; their discretised-logistic scripts use 6 and 1.
 PenaltyExponent = Annotated[float, Field(gt=0.0)] | Auto
 PenaltyWeight = Annotated[float, Field(ge=0.0)] | Auto

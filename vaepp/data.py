@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import CheckpointError, atomic_torch_save, atomic_write_json, file_digest, load_checkpoint
+from .files import CheckpointError, atomic_torch_save, atomic_write_json, file_digest, load_checkpoint
 
 
 class DataError(RuntimeError):

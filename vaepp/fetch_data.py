@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .data import IDX_LAYOUT, DataError, IdxLayout, binarize, error_line, idx_raw_dir, load_idx, soft_target
-from .io import atomic_write_bytes, atomic_write_json, file_digest
+from .files import atomic_write_bytes, atomic_write_json, file_digest
 
 Log = Callable[[str], None] | None
 NETWORK_TIMEOUT_S = 5.0  # socket timeout for every download attempt: offline fails in seconds

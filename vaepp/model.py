@@ -33,7 +33,7 @@ LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in flo
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model; stored in every checkpoint. No defaults: the values
-    come from a run's `config.ModelParams` (`vaepp.study.model_spec`) with "auto" resolved."""
+    come from a run's `config.ModelParams` (`vaepp.resolve.model_spec`) with "auto" resolved."""
 
     image_shape: tuple[int, int, int]  # (C, H, W)
     zdim: int

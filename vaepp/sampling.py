@@ -29,6 +29,6 @@ def grid_png(images: Tensor, *, nrow: int = 10) -> bytes:
 
 
 def save_grid(images: Tensor, path: Path, *, nrow: int = 10) -> None:
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(Path(path), grid_png(images, nrow=nrow))

@@ -455,7 +455,7 @@ def train(
 
     unresolved = [k for k in ("penalty_p", "critic_penalty_weight") if getattr(params, k) == "auto"]
     if unresolved:
-        raise ValueError(f"train.{unresolved[0]} is 'auto': resolve it by the likelihood (vaepp.study.train_params)")
+        raise ValueError(f"train.{unresolved[0]} is 'auto': resolve it by the likelihood (vaepp.resolve.train_params)")
     if (algorithm == "certified") != model.spec.certified:
         raise ValueError(
             f"algorithm {algorithm!r} and a model with certified={model.spec.certified} do not go together"

@@ -1,7 +1,5 @@
-"""From a validated run (`config.RunConfig`) to the library's arguments and fits: the ModelSpec,
-the training algorithm (the train and latent-GAN params are passed as validated), and the one call
-each fitting stage makes (`fit_vae`, `fit_run_latent_gan`). The one place where "auto" settings
-are decided from the dataset.
+"""The one call each fitting stage makes (`fit_vae`, `fit_run_latent_gan`), with the run's
+"auto" settings resolved by `vaepp.resolve`.
 
 A fit resumes a checkpoint only if it was written with the same settings on the same data (and,
 for the latent GAN, posterior samples of the same VAE file): `checkpoints.keep_or_discard`.
@@ -15,84 +13,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import checkpoints, evaluate, io
-from .config import LatentGANParams, RunConfig, TrainParams
+from . import checkpoints, evaluate, files
+from .config import RunConfig
 from .data import subset_indices
 from .distributed import DistContext, ShardedLatentModel
 from .latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
-from .model import VAEPP, ModelSpec
-from .train import Algorithm, TrainResult, train, train_settings
+from .model import VAEPP
+from .resolve import latent_gan_params, model_spec, train_algorithm, train_params
+from .train import TrainResult, train, train_settings
 
 Say = Callable[[str], None]
-
-
-def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> ModelSpec:
-    """Likelihood "auto": Bernoulli on binary data, discretised logistic otherwise; posterior
-    "auto": Normal truncated at ±2σ with a Bernoulli likelihood (the paper's default on binary
-    data), Normal otherwise.
-    `vaepp_flow` runs add `model.n_flows` planar flows; `vae` runs have no pull-back (β ≡ 0)."""
-    m = run.model
-    likelihood = m.likelihood if m.likelihood != "auto" else ("bernoulli" if binary else "logistic")
-    posterior = m.posterior if m.posterior != "auto" else ("truncated" if likelihood == "bernoulli" else "normal")
-    return ModelSpec(
-        image_shape=tuple(image_shape),
-        zdim=m.zdim,
-        likelihood=likelihood,
-        logistic_scale=m.logistic_scale,
-        arch=m.arch,
-        hidden=tuple(m.hidden),
-        channels=tuple(m.channels),
-        posterior=posterior,
-        log_sigma_min=m.log_sigma_min,
-        n_flows=m.n_flows if run.algorithm == "vaepp_flow" else 0,
-        pullback=run.algorithm != "vae",
-        beta_max=m.beta_max,
-        init=m.init,
-        certified=run.algorithm == "certified",
-        acceptance_c_init=m.acceptance_c_init,
-        acceptance_mlp=tuple(m.acceptance_mlp),
-        truncation=m.truncation,
-    )
-
-
-def _is_bernoulli(run: RunConfig, binary: bool) -> bool:
-    likelihood = run.model.likelihood
-    return likelihood == "bernoulli" or (likelihood == "auto" and binary)
-
-
-def train_params(run: RunConfig, binary: bool) -> TrainParams:
-    """The run's training params with "auto" resolved by the likelihood, as in the authors'
-    scripts: ‖∇D‖ raised to p = 3 and Algorithm 1's critic penalty weight c = w on Bernoulli data;
-    p = 6 and c = 1 on discretised-logistic data."""
-    t = run.train
-    bern = _is_bernoulli(run, binary)
-    update = {}
-    if t.penalty_p == "auto":
-        update["penalty_p"] = 3.0 if bern else 6.0
-    if t.critic_penalty_weight == "auto":
-        update["critic_penalty_weight"] = run.model.beta_max if bern else 1.0
-    return t.model_copy(update=update)
-
-
-def latent_gan_params(run: RunConfig, binary: bool) -> LatentGANParams:
-    """The run's latent-GAN params with "auto" resolved: fitted to the posterior means μ(e) on
-    Bernoulli data and to draws z ~ q(z|e) otherwise, noise of dim z, and the likelihood's
-    penalty exponent (as `train_params`)."""
-    g = run.latent_gan
-    bern = _is_bernoulli(run, binary)
-    update = {}
-    if g.inputs == "auto":
-        update["inputs"] = "mean" if bern else "sample"
-    if g.noise_dim == "auto":
-        update["noise_dim"] = run.model.zdim
-    if g.penalty_p == "auto":
-        update["penalty_p"] = 3.0 if bern else 6.0
-    return g.model_copy(update=update)
-
-
-def train_algorithm(run: RunConfig) -> Algorithm:
-    """The training algorithm of a run: `vaepp_flow` trains as VAEPP (Algorithm 2) with flows."""
-    return "vaepp" if run.algorithm == "vaepp_flow" else run.algorithm
 
 
 def _resume_or_start(ctx: DistContext, path: Path, expected: dict, say: Say | None) -> None:
@@ -203,7 +133,7 @@ def fit_run_latent_gan(
     gan = LatentGAN.from_params(model.zdim, params)
     settings = latent_gan_settings(params, model.zdim)
     origin = {
-        "vae_sha256": io.file_digest(vae_path),
+        "vae_sha256": files.file_digest(vae_path),
         "data_sha256": meta.get("sha256"),
         "n_train": int(images.shape[0]),
     }

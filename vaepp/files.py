@@ -30,8 +30,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file is missing, truncated, corrupt or from other settings."""
 
 
-_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -40,7 +43,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -134,3 +137,28 @@ def file_digest(path: str | Path, algorithm: str = "sha256", *, chunk: int = 1 <
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, *, missing_ok: bool = False) -> dict | None:
+    """A JSON file's content (None for a missing file with `missing_ok`); a ValueError naming the
+    file and the remedy when it is missing or cannot be read or parsed."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read ({err}); rerun the stage that writes it") from None
+
+
+def flat(d: dict, prefix: str = "", *, lists_as_json: bool = False) -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}; with `lists_as_json`, lists become JSON text so that every
+    value is a scalar."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + ".", lists_as_json=lists_as_json))
+        else:
+            out[key] = json.dumps(v) if lists_as_json and isinstance(v, (list, tuple)) else v
+    return out
