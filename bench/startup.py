@@ -1,13 +1,13 @@
 """Stage fixed cost: what `dvc repro` spends on one stage beyond the stage's real work.
 
-Measured the way a user pays it, in a temporary copy of a tiny project: the repository's
-`dvc.yaml`, `stages/` and `vaepp/`, the repository's params.yaml cut down to one run of one epoch,
-a synthetic prepared dataset of N_TRAIN training and N_VALID validation images, in a fresh git +
-DVC repository. Its train stage (`train@<first run>`) is run through DVC with `dvc repro --force
---single-item`, as `make repro` runs every stage: the real `python` of this environment,
-OMP_WAIT_POLICY unset (so the stage takes its load sample), MLflow on with the default SQLite store
-at the copy's root. Before the timed runs one untimed run creates the MLflow store and the parent
-run (once per project, not per stage).
+Measured the way a user pays it, in a temporary copy of a tiny project: the repository's `dvc.yaml`
+and the code it runs (`stages/`, `vaepp/`, `tracking/`, `acquire/`), the repository's params.yaml
+cut down to one run of one epoch, a synthetic prepared dataset of N_TRAIN training and N_VALID
+validation images, in a fresh git + DVC repository. Its train stage (`train@<first run>`) is run
+through DVC with `dvc repro --force --single-item`, as `make repro` runs every stage: the real
+`python` of this environment, OMP_WAIT_POLICY unset (so the stage takes its load sample), MLflow on
+with the default SQLite store at the copy's root. Before the timed runs one untimed run creates the
+MLflow store and the parent run (once per project, not per stage).
 
   fixed cost  = wall time of the forced single-stage `dvc repro`, less the stage's own work
                 (the training loop's `seconds` in its metrics file); so it INCLUDES the `dvc`
@@ -79,7 +79,7 @@ def make_project(dest: Path, src: Path = ROOT) -> tuple[str, str]:
     import torch
     import yaml
 
-    for sub in ("stages", "vaepp"):
+    for sub in ("stages", "vaepp", "tracking", "acquire"):
         shutil.copytree(src / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(src / "dvc.yaml", dest / "dvc.yaml")
     raw = yaml.safe_load((src / "params.yaml").read_text())
@@ -141,7 +141,7 @@ t1 = time.perf_counter()
 from mlflow import MlflowClient
 import mlflow.store.tracking.sqlalchemy_store
 t2 = time.perf_counter()
-from vaepp.tracking import Tracker
+from tracking.tracker import Tracker
 tracker = Tracker.for_pipeline(Path("."), Path("params.yaml"))
 t3 = time.perf_counter()
 with tracker.stage_run("bench", "parts", {"a": 1}) as log:

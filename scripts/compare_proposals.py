@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.common import load_data  # noqa: E402
-from vaepp.checkpoints import load_vae  # noqa: E402
+from stages.inputs import load_data  # noqa: E402
+from vaepp.artifacts import load_vae  # noqa: E402
 from vaepp.config import load_params, resolve_run  # noqa: E402
 from vaepp.data import subset_indices  # noqa: E402
 from vaepp.evaluate import unit_batches  # noqa: E402

@@ -15,7 +15,7 @@ second thread mostly waits. So this runs the study's runs in `jobs` lanes:
 
 DVC releases its repository lock while a stage's command runs and takes it back to record the
 result, so lanes only wait for each other's bookkeeping. Every run's outputs are its own; the
-MLflow parent run is shared (`vaepp.tracking`). Results are those of `dvc repro` with the same
+MLflow parent run is shared (`tracking`). Results are those of `dvc repro` with the same
 thread count per process: a run's numbers do not depend on which lane ran it or when.
 
 Output: each lane's lines, prefixed with its run; a progress bar shows its last state only.

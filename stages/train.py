@@ -10,28 +10,25 @@ DistributedDataParallel on the same global batch; only rank 0 writes (docs/distr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import common  # noqa: E402
+from stages import cli, inputs, track
+from stages.boot import boot
 
 
 def _main(argv: list[str] | None) -> int:
-    args = common.parser(__doc__.splitlines()[0], paths=("data", "vae", "curve", "out", "checkpoint")).parse_args(argv)
-    run = common.load_run(args)
-    dev = common.device(args.device, run.device)
-    return common.distributed_main(args, run, dev, __file__, argv, _train)
+    args = cli.parser(__doc__.splitlines()[0], paths=("data", "vae", "curve", "out", "checkpoint")).parse_args(argv)
+    run = inputs.load_run(args)
+    dev = cli.device(args.device, run.device)
+    return cli.distributed_main(args, run, dev, __spec__.name, argv, _train)
 
 
 def _train(args, run, ctx) -> int:
-    from vaepp import checkpoints, evaluate, fit
+    from vaepp import artifacts, checkpoints, evaluate, fit
     from vaepp.files import atomic_write_csv, atomic_write_json
 
-    splits = common.load_data(args.data, run)  # the training split is fitted, the validation split monitored
+    splits = inputs.load_data(args.data, run)  # the training split is fitted, the validation split monitored
     images, meta = splits.train, splits.meta
-    ds = common.dataset_input(run, meta, args.data, context="training")
-    with common.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
+    ds = inputs.dataset_input(run, meta, args.data, context="training")
+    with track.stage_run(args, "train", run, run.model_dump(), ctx, dataset=ds) as log:
         model, result, settings = fit.fit_vae(
             run,
             images,
@@ -39,7 +36,7 @@ def _train(args, run, ctx) -> int:
             ctx,
             checkpoint_path=args.checkpoint,
             valid=splits.valid,
-            say=common.say,
+            say=cli.say,
             callback=lambda epoch, m: log.log_metrics(m, step=epoch),
             progress=not args.no_progress and ctx.is_writer,
         )
@@ -56,13 +53,13 @@ def _train(args, run, ctx) -> int:
                 resumed_from_epoch=result.resumed_from_epoch,
             ),
         }
-        checkpoints.save_vae(
+        artifacts.save_vae(
             args.vae, model, settings, run=run.model_dump(mode="json"), dataset_meta=meta, history=result.history
         )
         atomic_write_csv(args.curve, result.history)
         atomic_write_json(args.out, metrics)
         checkpoints.finish(args.checkpoint)
-        log.log_metrics({f"final_{k}": v for k, v in common.numbers(metrics).items()})
+        log.log_metrics({f"final_{k}": v for k, v in track.numbers(metrics).items()})
         log.log_artifact(args.curve)
     checked = f", log Z {metrics['log_z_monitor']:.2f} monitored" if "log_z_monitor" in metrics else ""
     print(
@@ -73,7 +70,8 @@ def _train(args, run, ctx) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.guarded(_main, argv)
+    boot()
+    return cli.guarded(_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-# As in stages/common.py: idle OpenMP threads sleep rather than spin, so tests and the stage
+# As in stages/boot.py: idle OpenMP threads sleep rather than spin, so tests and the stage
 # processes they start do not slow each other down by orders of magnitude on 2 cores. Set before
 # anything imports torch (stage_helpers does: the fixtures import it when they run).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

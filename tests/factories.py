@@ -7,7 +7,7 @@ import dataclasses
 from functools import cache
 from pathlib import Path
 
-from vaepp.config import LatentGANParams, Params, TrainParams, load_params, resolve_run
+from vaepp.config import LatentGANParams, Params, TrainParams, deep_merge, load_params, resolve_run
 from vaepp.model import ModelSpec
 from vaepp.resolve import model_spec as _model_spec
 from vaepp.resolve import train_params as _train_params
@@ -47,13 +47,7 @@ def tiny_params_yaml(overrides: dict) -> str:
     anything else replaces), validated: a params file for a stage test."""
     import yaml
 
-    def merge(base: dict, over: dict) -> dict:
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-        return out
-
-    raw = merge(yaml.safe_load(TINY.read_text()), overrides)
+    raw = deep_merge(yaml.safe_load(TINY.read_text()), overrides)
     from vaepp.config import parse_params
 
     parse_params(raw, source="test params")

@@ -1,8 +1,9 @@
 """Helpers of the tests that run stage scripts as real subprocesses, exactly as DVC runs them.
 
 The working directory is a temporary workspace (tiny synthetic prepared dataset, params file) and
-the scripts are those of this repository. Every expected failure must be one line on stderr,
-exit code 2, no traceback.
+the stage modules are those of this repository, run as `python -m stages.<name>` with the
+repository on PYTHONPATH (DVC runs them from the repository root, which puts it on sys.path).
+Every expected failure must be one line on stderr, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from stage_args import stage_argv
+from stage_args import stage_argv, stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -37,7 +38,8 @@ STEPS_PER_EPOCH = N_TRAIN // TINY["train"]["batch_size"]
 
 def env(**extra: str) -> dict[str, str]:
     """The environment of a stage run: no DVC/MLflow variables from outside, MLflow off unless a
-    test turns it on, downloads cached in a path that holds nothing (no network work)."""
+    test turns it on, downloads cached in a path that holds nothing (no network work), the
+    repository importable from any working directory."""
     out = {
         k: v
         for k, v in os.environ.items()
@@ -49,6 +51,7 @@ def env(**extra: str) -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
         MLFLOW_DISABLE_TELEMETRY="true",
         PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPATH=str(ROOT),
     )
     out.update(extra)
     return out
@@ -98,9 +101,8 @@ def workspace(path: Path, raw: dict | None = None) -> Path:
 
 def stage_cmd(name: str, *extra: str) -> list[str]:
     """DVC stage `name` (e.g. "fit-latent-gan") of run `vaepp` as dvc.yaml runs it, without
-    progress bars: `python stages/fit_latent_gan.py <dvc.yaml's arguments> --no-progress`."""
-    script = ROOT / "stages" / f"{name.replace('-', '_')}.py"
-    return [PY, str(script), *stage_argv(name, RUN), "--no-progress", *extra]
+    progress bars: `python -m stages.fit_latent_gan <dvc.yaml's arguments> --no-progress`."""
+    return [PY, "-m", stage_module(name), *stage_argv(name, RUN), "--no-progress", *extra]
 
 
 def train_cmd(*extra: str) -> list[str]:
@@ -206,14 +208,14 @@ def corruptions(data: bytes, rng: random.Random) -> dict[str, bytes]:
 
 
 HOOKED_TRAIN = '''
-"""stages/train.py with a test hook: `pause-write N` stops inside the N-th write of the training
-checkpoint (after its bytes are written to the temporary file, before fsync and rename);
+"""The train stage (`python -m stages.train`) with a test hook: `pause-write N` stops inside the
+N-th write of the training checkpoint (after its bytes are written to the temporary file, before fsync and rename);
 `nan-step N RECORD` makes the N-th training step's loss NaN after recording the checkpoint's
 SHA-256 in RECORD. Started with the repository root on PYTHONPATH."""
 import hashlib, os, runpy, sys, time
 from pathlib import Path
 
-root, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, n = sys.argv[2], int(sys.argv[3])  # sys.argv[1]: the repository root
 if mode == "pause-write":
     real_fsync, seen = os.fsync, [0]
 
@@ -243,8 +245,8 @@ elif mode == "nan-step":
 
     vt.elbo_terms = elbo_terms
     rest = sys.argv[5:]
-sys.argv = [os.path.join(root, "stages", "train.py"), *rest]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = [sys.argv[0], *rest]
+runpy.run_module("stages.train", run_name="__main__", alter_sys=True)  # argv[0]: stages/train.py, as with -m
 '''
 
 
@@ -256,5 +258,5 @@ def hooked(work: Path, *hook: str) -> list[str]:
 
 
 def hook_env() -> dict[str, str]:
-    """env() with the repository root importable, for the hook's own `import vaepp.train`."""
-    return env(PYTHONPATH=str(ROOT))
+    """env(): the repository root is importable there, for the hook's own `import vaepp.train`."""
+    return env()

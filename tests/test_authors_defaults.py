@@ -39,9 +39,9 @@ def test_zero_heads_start_q_at_the_standard_normal_and_g_flat(arch, likelihood):
 def test_zero_heads_still_learn():
     """A zero output layer gets a gradient at step 0 (its input is not zero), so the fit moves."""
     torch.manual_seed(0)
-    model = VAEPP(model_spec((1, 12, 12), hidden=(16,), pullback=False))
+    model = VAEPP(model_spec((1, 12, 12), hidden=(16,), prior="standard"))
     images = torch.randint(0, 256, (32, 1, 12, 12), dtype=torch.uint8)
-    train(model, images, train_params(epochs=1, batch_size=16, lr=1e-2), "vae")
+    train(model, images, train_params(epochs=1, batch_size=16, lr=1e-2))
     assert model.encoder.output_layer.weight.abs().max() > 0 and model.decoder.output_layer.weight.abs().max() > 0
 
 
@@ -68,11 +68,11 @@ def test_training_refuses_an_unresolved_auto():
     model = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
     params = tiny().train  # penalty_p: auto
     with pytest.raises(ValueError, match="auto"):
-        train(model, torch.zeros(32, 1, 12, 12, dtype=torch.uint8), params, "vaepp")
+        train(model, torch.zeros(32, 1, 12, 12, dtype=torch.uint8), params)
 
 
 def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
-    from vaepp import evaluate
+    from vaepp.log_z_monitor import log_z_monitor
 
     images = torch.randint(0, 256, (64, 1, 12, 12), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     valid = images[:16]
@@ -81,8 +81,8 @@ def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
     for monitored in (False, True):
         torch.manual_seed(0)
         model = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
-        mon = (lambda m: evaluate.log_z_monitor(m, valid, params.monitor, device="cpu")) if monitored else None
-        fits.append((model, train(model, images, params, "vaepp", monitor=mon)))
+        mon = (lambda m: log_z_monitor(m, valid, params.monitor, device="cpu")) if monitored else None
+        fits.append((model, train(model, images, params, monitor=mon)))
     (plain, a), (watched, b) = fits
     assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items())
     checked = [h["epoch"] for h in b.history if "monitor_log_z" in h]
@@ -96,21 +96,23 @@ def test_the_monitor_leaves_training_bitwise_unchanged_and_fills_its_columns():
     assert not any("monitor_log_z" in h for h in a.history)
 
 
-@pytest.mark.parametrize("algorithm", ["vae", "naive_vaepp", "vaepp"])
-def test_l2_falls_on_conv_kernels_only_and_never_on_the_naive_critic(algorithm):
+@pytest.mark.parametrize(
+    ("method", "prior", "algorithm"),
+    [("vae", "standard", "vaepp"), ("naive_vaepp", "pullback", "naive"), ("vaepp", "pullback", "vaepp")],
+)
+def test_l2_falls_on_conv_kernels_only_and_never_on_the_naive_critic(method, prior, algorithm):
     from vaepp.train import make_optimizers
 
-    model = VAEPP(model_spec((1, 12, 12), arch="resnet", channels=(4, 8), pullback=algorithm != "vae"))
-    opts = make_optimizers(model, train_params(weight_decay=2e-4), algorithm)
+    params = train_params(weight_decay=2e-4, algorithm=algorithm)
+    model = VAEPP(model_spec((1, 12, 12), arch="resnet", channels=(4, 8), prior=prior))
+    opts = make_optimizers(model, params)
     decayed = {id(p) for opt in opts.values() for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     critic = {id(p) for p in model.critic.parameters()}
     for name, p in model.named_parameters():
-        if algorithm == "vae" and id(p) in critic:
+        if method == "vae" and id(p) in critic:
             continue  # the plain VAE has no critic to train
-        want = p.dim() == 4 and not (algorithm == "naive_vaepp" and id(p) in critic)
+        want = p.dim() == 4 and not (method == "naive_vaepp" and id(p) in critic)
         assert (id(p) in decayed) == want, name
-    mlp = VAEPP(model_spec((1, 12, 12), hidden=(16,), pullback=algorithm != "vae"))
-    groups = [
-        g for opt in make_optimizers(mlp, train_params(weight_decay=2e-4), algorithm).values() for g in opt.param_groups
-    ]
+    mlp = VAEPP(model_spec((1, 12, 12), hidden=(16,), prior=prior))
+    groups = [g for opt in make_optimizers(mlp, params).values() for g in opt.param_groups]
     assert not any(g["params"] and g["weight_decay"] > 0 for g in groups)  # dense layers: no L2

@@ -27,12 +27,13 @@ from stage_helpers import PY, ROOT, RUN, TINY, assert_clean_failure, env, set_pa
 
 
 def stage_commands() -> dict[str, list[str]]:
-    """Each stage's command from dvc.yaml with ${key} = vaepp and ${item} = mnist, minus `python`."""
+    """Each stage's command from dvc.yaml with ${key} = vaepp and ${item} = mnist, minus `python`:
+    `-m stages.<name> ARGS`."""
     commands = {}
     for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         cmd = (st.get("do") or st)["cmd"].replace("${key}", RUN).replace("${item}", "mnist")
         argv = shlex.split(cmd)
-        assert argv[0] == "python" and argv[1].startswith("stages/"), cmd
+        assert argv[:2] == ["python", "-m"] and argv[2].startswith("stages."), cmd
         commands[name] = argv[1:]
     return commands
 
@@ -83,7 +84,7 @@ def stage_cases():
 
 @pytest.mark.parametrize(("name", "case"), list(stage_cases()))
 def test_each_stage_rejects_bad_params_in_one_line(tmp_path, name, case):
-    """`python stages/<x>.py <dvc.yaml args> --params bad.yaml` by hand, in an empty directory:
+    """`python -m stages.<x> <dvc.yaml args> --params bad.yaml` by hand, in an empty directory:
     exit 2, one line naming the file, the key, the value and what is allowed, before any data
     or model is read and with nothing written."""
     argv = stage_commands()[name]
@@ -92,7 +93,7 @@ def test_each_stage_rejects_bad_params_in_one_line(tmp_path, name, case):
     write_bad(bad, change)
     start = time.monotonic()
     proc = subprocess.run(
-        [PY, str(ROOT / argv[0]), *argv[1:], "--params", bad.name],
+        [PY, *argv, "--params", bad.name],
         cwd=tmp_path,
         env=env(),
         capture_output=True,
@@ -226,7 +227,7 @@ def fuzz_cases(n_schema: int = 40, n_runs: int = 8) -> list[tuple[str, object, l
 
 def test_fuzz_malformed_params_files_fail_cleanly_in_every_process(tmp_path):
     """≥ 50 malformed params.yaml files, each in a workspace as `dvc repro` runs the train stage
-    (`python stages/train.py --run vaepp`, params.yaml in the working directory): each fails in
+    (`python -m stages.train --run vaepp`, params.yaml in the working directory): each fails in
     one line naming params.yaml (and the key), exit 2, no traceback, nothing written."""
     cases = fuzz_cases()
     assert len(cases) >= 50
@@ -327,11 +328,17 @@ def test_dvc_exp_run_with_bad_param_fails_in_the_first_stage(tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "estimate_nll.py", "report.py"])
 def test_stage_under_a_python_without_the_packages_fails_in_one_line(tmp_path, script):
-    """DVC runs `python stages/...` with whatever `python` is first on PATH. Started by a Python
+    """DVC runs `python -m stages...` with whatever `python` is first on PATH. Started by a Python
     that lacks the project's packages (here: this one with site-packages switched off), a stage
     says so in one line, with the remedy, before anything else."""
     proc = subprocess.run(
-        [PY, "-S", str(ROOT / "stages" / script), *stage_argv(script.removesuffix(".py").replace("_", "-"), RUN)],
+        [
+            PY,
+            "-S",
+            "-m",
+            f"stages.{script.removesuffix('.py')}",
+            *stage_argv(script.removesuffix(".py").replace("_", "-"), RUN),
+        ],
         cwd=tmp_path,
         env=env(),
         capture_output=True,

@@ -47,18 +47,19 @@ def test_train_step_flops_match_executed_matmuls(tmp_path, arch, run):
     ResNets torch's conv double backward executes ~6.35F instead of 6F for the penalty, so the
     count stays below the executed total by less than 2%. (Algorithm 1's critic step
     differentiates w.r.t. a leaf inside autograd.grad, which FlopCounterMode cannot trace.)"""
-    from vaepp.resolve import train_algorithm, train_params
+    from vaepp.resolve import method, train_params
     from vaepp.train import make_optimizers, train_step
 
     params = _params(tmp_path, arch=arch, channels=[4, 8, 8])
     b = compute.build(params, run)
-    train, algorithm = train_params(b.run, b.binary), train_algorithm(b.run)
+    train = train_params(b.run, b.binary)
+    assert method(b.run) == run
     model = b.model.train()
-    opts = make_optimizers(model, train, algorithm)
+    opts = make_optimizers(model, train)
     e = compute.random_images(train.batch_size, b.image_shape)
     with FlopCounterMode(display=False) as counter:
-        train_step(model, opts, e, train, algorithm, n_train=b.n_train)
-    counted = compute.train_step_flops(algorithm, b, train.batch_size, train.n_prior_samples)
+        train_step(model, opts, e, train, n_train=b.n_train)
+    counted = compute.train_step_flops(method(b.run), b, train.batch_size, train.n_prior_samples)
     executed = counter.get_total_flops()
     if arch == "mlp":
         assert counted == pytest.approx(executed, rel=1e-3)
@@ -211,8 +212,8 @@ def test_png_round_trip_is_exact(tmp_path):
 def test_pipeline_overhead_paths(tmp_path):
     assert "stages.train" in pipeline.stage_modules() and "stages.__init__" not in pipeline.stage_modules()
     assert pipeline.dvc_noop(tmp_path) == {"measured": False, "reason": "no pipeline outputs (no dvc.lock)"}
-    times = pipeline.import_times(["stages.common"])
-    assert times["python_start_s"] > 0 and times["modules"]["stages.common"] >= 0
+    times = pipeline.import_times(["stages.cli"])
+    assert times["python_start_s"] > 0 and times["modules"]["stages.cli"] >= 0
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from vaepp.certified import (
+from vaepp.resampled import (
     bernstein_width,
     hoeffding_width,
     lars_log_z,

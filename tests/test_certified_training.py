@@ -1,4 +1,4 @@
-"""The `certified` algorithm: the bounded pull-back prior N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z
+"""The `certified` prior: the bounded pull-back prior N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z
 trained with Algorithm 2's single optimiser and LARS's estimate of log Z."""
 
 import math
@@ -14,7 +14,7 @@ from vaepp.train import train, train_step
 
 def make(seed=0, **kw):
     torch.manual_seed(seed)
-    spec = model_spec((1, 12, 12), hidden=(16,), certified=True, **kw)
+    spec = model_spec((1, 12, 12), hidden=(16,), prior="certified", **kw)
     return VAEPP(spec), train_params(batch_size=16, n_prior_samples=16, lr=1e-3, epochs=2, seed=seed)
 
 
@@ -27,10 +27,10 @@ def test_the_prior_is_bounded_by_the_standard_normal():
     """f(z) = N(z; 0, I)·a(z) with a ∈ (0, 1): log f < log N everywhere, so Z = E_N[a] < 1."""
     model, _ = make()
     with torch.no_grad():
-        model.xi.fill_(2.0)
+        model.prior.xi.fill_(2.0)
         z = 3 * torch.randn(200, model.zdim)
         assert (model.log_f(z) < log_standard_normal(z)).all()
-        log_a = model.log_acceptance_of(z)
+        log_a = model.prior.log_acceptance_of(model, z)
         assert torch.allclose(model.log_f(z), log_standard_normal(z) + log_a)
 
 
@@ -39,13 +39,13 @@ def test_one_step_is_finite_moves_c_and_the_ema(mlp):
     model, params = make(acceptance_mlp=mlp)
     from vaepp.train import make_optimizers
 
-    opts = make_optimizers(model, params, "certified")
-    c0 = float(model.acceptance_c.detach())
+    opts = make_optimizers(model, params)
+    c0 = float(model.prior.acceptance_c.detach())
     e = images(16).float() / 255
-    m = train_step(model, opts, e, params, "certified", n_train=48)
+    m = train_step(model, opts, e, params, n_train=48)
     assert all(math.isfinite(v) for v in m.values())
-    assert float(model.acceptance_c.detach()) != c0 and float(model.z_ema) != 0.5
-    assert m["z_ema"] == pytest.approx(float(model.z_ema))
+    assert float(model.prior.acceptance_c.detach()) != c0 and float(model.prior.z_ema) != 0.5
+    assert m["z_ema"] == pytest.approx(float(model.prior.z_ema))
     assert 0.0 < m["z_ema"] <= 1.0 and "penalty" in m
 
 
@@ -57,7 +57,7 @@ def test_certified_training_resumes_bitwise_with_its_ema(tmp_path):
 
     model, params = make(seed=3)
     params = params.model_copy(update={"epochs": 3})
-    whole = train(model, images(), params, "certified", checkpoint=Checkpoint(tmp_path / "a.ckpt"))
+    whole = train(model, images(), params, checkpoint=Checkpoint(tmp_path / "a.ckpt"))
 
     def crash(epoch, metrics):
         if epoch == 1:
@@ -65,20 +65,25 @@ def test_certified_training_resumes_bitwise_with_its_ema(tmp_path):
 
     stopped, _ = make(seed=3)
     with pytest.raises(Crash):
-        train(stopped, images(), params, "certified", callback=crash, checkpoint=Checkpoint(tmp_path / "b.ckpt"))
+        train(stopped, images(), params, callback=crash, checkpoint=Checkpoint(tmp_path / "b.ckpt"))
     resumed, _ = make(seed=9)
-    rest = train(resumed, images(), params, "certified", checkpoint=Checkpoint(tmp_path / "b.ckpt"))
+    rest = train(resumed, images(), params, checkpoint=Checkpoint(tmp_path / "b.ckpt"))
+    assert "prior.z_ema" in model.state_dict()
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in model.state_dict().items())  # z_ema included
     assert [h["loss"] for h in rest.history] == [h["loss"] for h in whole.history]
 
 
 def test_algorithm_and_model_must_agree():
+    """A certified prior trains with Algorithm 2 only: Algorithm 1 is refused, naming the setting;
+    a pull-back prior of the same networks accepts both."""
     model, params = make()
-    with pytest.raises(ValueError, match="certified"):
-        train(model, images(), params, "vaepp")
-    plain = VAEPP(model_spec((1, 12, 12), hidden=(16,)))
-    with pytest.raises(ValueError, match="certified"):
-        train(plain, images(), params, "certified")
+    assert params.algorithm == "vaepp"
+    naive = params.model_copy(update={"algorithm": "naive", "epochs": 1})
+    with pytest.raises(ValueError, match=r"train.algorithm = 'naive': the certified prior trains with vaepp only"):
+        train(model, images(), naive)
+    pullback = VAEPP(model_spec((1, 12, 12), hidden=(16,), prior="pullback"))
+    assert pullback.spec.prior == "pullback" and pullback.prior.algorithms == ("naive", "vaepp")
+    train(pullback, images(), naive)
 
 
 def _grads(model, params, e):
@@ -87,7 +92,7 @@ def _grads(model, params, e):
 
     model.zero_grad()
     torch.manual_seed(11)
-    loss, _ = model_loss(model, e, len(e), params, "certified", n_train=48)
+    loss, _ = model_loss(model, e, len(e), params, n_train=48)
     loss.backward()
     return {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
 
@@ -97,7 +102,7 @@ def test_a_fixed_decoder_in_the_acceptance_leaves_only_the_reconstruction_traini
     (through z, into D(G(z))), the critic's and c's are those of the full loss."""
     model, params = make(seed=4)
     with torch.no_grad():
-        model.xi.fill_(1.0)
+        model.prior.xi.fill_(1.0)
         for p in model.decoder.parameters():
             p.add_(0.1 * torch.randn_like(p))  # a G that is not flat, so D(G(z)) depends on G and z
     e = images(16).float() / 255

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vaepp.config import ParamsError, load_params, load_run, parse_params, resolve_run
-from vaepp.resolve import model_spec, train_algorithm
+from vaepp.resolve import method, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -80,8 +80,11 @@ BAD = [
     ("latent_gan.n_critic", 0, "n_critic"),
     ("device", "tpu", "device"),
     ("runs", {}, "at least one run"),
-    ("runs", {"a b": {"algorithm": "vae"}}, "run name"),
-    ("runs.vae.algorithm", "gan", "runs.vae.algorithm"),
+    ("runs", {"a b": {"prior": "standard"}}, "run name"),
+    ("runs.vae.prior", "gan", "runs.vae.prior"),
+    ("runs.vae.algorithm", "vae", "runs.vae.algorithm = 'vae': unknown key"),  # the former vocabulary
+    ("runs.vae.train", {"algorithm": "vaepp_flow"}, "runs.vae.train.algorithm = 'vaepp_flow'"),
+    ("train.algorithm", "certified", "train.algorithm = 'certified'"),
     ("runs.vae.model", {"zdim": -1}, "runs.vae.model.zdim"),
     ("runs.vae.model", {"depth": 3}, "runs.vae.model.depth"),
     ("runs.vae.train", {"lr": "fast"}, "runs.vae.train.lr"),
@@ -91,7 +94,8 @@ BAD = [
     ("profile", ["a"], "profile"),
     ("nll", "lots", "nll"),
     ("train", None, "train"),
-    ("model.n_flows", 0, "n_flows"),
+    ("model.n_flows", -1, "n_flows"),
+    ("model.n_flows", 201, "n_flows"),
     ("model.zdim", 10**9, "zdim"),
     ("train.weight_decay", -1.0, "weight_decay"),
     ("nll.chunk", 0, "chunk"),
@@ -147,9 +151,45 @@ def test_run_overrides_apply_to_that_run_only():
 
 
 def test_specs_from_runs():
-    params = parse_params(with_change("runs.flow", {"algorithm": "vaepp_flow"}))
-    flow = model_spec(resolve_run(params, "flow"), (1, 28, 28), binary=True)
-    assert flow.n_flows == DEFAULT["model"]["n_flows"] and flow.posterior == "truncated"
-    assert train_algorithm(resolve_run(params, "flow")) == "vaepp"
+    params = parse_params(with_change("runs.flow", {"prior": "pullback", "model": {"n_flows": 20}}))
+    flow_run = resolve_run(params, "flow")
+    flow = model_spec(flow_run, (1, 28, 28), binary=True)
+    assert flow.n_flows == 20 and flow.prior == "pullback" and flow.posterior == "truncated"
+    assert flow_run.train.algorithm == "vaepp" and method(flow_run) == "vaepp_flow"
     vae = model_spec(resolve_run(params, "vae"), (3, 32, 32), binary=False)
-    assert not vae.pullback and vae.likelihood == "logistic" and vae.posterior == "normal"
+    assert vae.prior == "standard" and vae.likelihood == "logistic" and vae.posterior == "normal"
+    assert vae.n_flows == DEFAULT["model"]["n_flows"] == 0
+
+
+@pytest.mark.parametrize(
+    ("run", "want"),
+    [
+        ({"prior": "standard"}, ("standard", "vae")),
+        ({"prior": "standard", "train": {"algorithm": "naive"}}, ("standard", "vae")),
+        ({"prior": "pullback", "train": {"algorithm": "naive"}}, ("pullback", "naive_vaepp")),
+        ({"prior": "pullback"}, ("pullback", "vaepp")),
+        ({"prior": "pullback", "model": {"n_flows": 3}}, ("pullback", "vaepp_flow")),
+        ({"prior": "certified"}, ("certified", "certified")),
+    ],
+)
+def test_each_method_is_a_prior_with_its_overrides(run, want):
+    """The paper's methods (and the certified prior) as a prior plus per-run overrides."""
+    resolved = resolve_run(parse_params(with_change("runs.r", run)), "r")
+    assert (resolved.prior, method(resolved)) == want
+    assert model_spec(resolved, (1, 28, 28), binary=True).prior == resolved.prior
+
+
+def test_a_certified_prior_refuses_algorithm_1():
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change("runs.certified.train", {"algorithm": "naive"}), source="params.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("params.yaml")
+    assert "runs.certified.train.algorithm = 'naive'" in msg and "vaepp" in msg
+
+
+def test_a_misspelt_prior_lists_the_allowed_values():
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change("runs.vaepp.prior", "pullbak"), source="params.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("params.yaml")
+    assert "runs.vaepp.prior = 'pullbak'" in msg and "'standard', 'pullback' or 'certified'" in msg

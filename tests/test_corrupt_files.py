@@ -101,11 +101,11 @@ class _FakeFeatures(torch.nn.Module):
 def test_corrupt_fid_statistics_cache_is_refused_by_name(tmp_path):
     """Cached reference statistics corrupted six ways: FidCacheError naming the file and the
     remedy; the images are never re-read to overwrite the evidence."""
-    from vaepp import fid
+    from vaepp import fid_cache
 
     net = _FakeFeatures()
     images = torch.rand(20, 1, 28, 28)
-    _, _, n = fid.reference_statistics("synthetic-train-first20", lambda: images, tmp_path, net)
+    _, _, n = fid_cache.reference_statistics("synthetic-train-first20", lambda: images, tmp_path, net)
     path = tmp_path / "synthetic-train-first20.npz"
     assert path.is_file() and n == 20
     data = path.read_bytes()
@@ -115,15 +115,15 @@ def test_corrupt_fid_statistics_cache_is_refused_by_name(tmp_path):
 
     for how, bad in corruptions(data, random.Random(7)).items():
         path.write_bytes(bad)
-        with pytest.raises(fid.FidCacheError) as err:
-            fid.reference_statistics("synthetic-train-first20", never, tmp_path, net)
+        with pytest.raises(fid_cache.FidCacheError) as err:
+            fid_cache.reference_statistics("synthetic-train-first20", never, tmp_path, net)
         assert str(path) in str(err.value) and "delete" in str(err.value), how
 
 
 def test_corrupt_inception_weights_are_refused_by_name(tmp_path):
     """A weights file with its checksum record, corrupted six ways, and a file with no record:
     FidWeightsError naming the file and the remedy."""
-    from vaepp import fetch_fid_weights
+    from acquire import fid_weights as fetch_fid_weights
 
     path = fetch_fid_weights.checkpoint_path(tmp_path)
     path.parent.mkdir(parents=True)

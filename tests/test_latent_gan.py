@@ -10,13 +10,14 @@ from torch.nn.utils import parametrize
 
 from factories import latent_gan_params, model_spec, tiny
 from vaepp import fit, resolve
-from vaepp.checkpoints import Checkpoint, load_latent_gan, save_latent_gan
+from vaepp.artifacts import load_latent_gan, save_latent_gan
+from vaepp.checkpoints import Checkpoint
 from vaepp.config import load_params, resolve_run
+from vaepp.distributed import ONE_PROCESS
 from vaepp.files import CheckpointError, load_checkpoint
 from vaepp.latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
 from vaepp.model import VAEPP
 from vaepp.nets import SLOPE
-from vaepp.train import ONE_PROCESS
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -98,7 +98,7 @@ def test_model_energy_is_beta_critic_plus_half_squared_norm():
     torch.manual_seed(0)
     model = VAEPP(model_spec((1, 6, 6), zdim=3, hidden=(16,), beta_max=5.0)).double().eval()
     with torch.no_grad():
-        model.xi.fill_(1.0)  # β away from its initial w/2
+        model.prior.xi.fill_(1.0)  # β away from its initial w/2
     z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     direct = model.beta * model.critic_images(model.image_mean(model.decode(z))) + 0.5 * z.square().sum(-1)
     (grad,) = torch.autograd.grad(direct.sum(), z)

@@ -7,17 +7,19 @@ import math
 import pytest
 import torch
 
-from stages import common
-from vaepp import data, fetch_data
+from acquire import datasets as fetch_data
+from stages import cli
+from stages.boot import ROOT
+from vaepp import data
 from vaepp.config import load_run
 from vaepp.model import VAEPP
-from vaepp.resolve import model_spec, train_algorithm, train_params
+from vaepp.resolve import method, model_spec, train_params
 from vaepp.train import train
 
 
 @pytest.fixture(scope="module")
 def mnist_train():
-    cache = common.cache_dir()
+    cache = cli.cache_dir()
     fetch_data.ensure_idx("mnist", cache)
     train_images, _ = data.load_idx("mnist", cache)
     assert train_images.shape == (60000, 1, 28, 28)
@@ -26,11 +28,12 @@ def mnist_train():
 
 @pytest.mark.parametrize("run_name", ["vae", "naive_vaepp", "vaepp"])
 def test_two_mnist_epochs_lower_the_loss(mnist_train, run_name):
-    run = load_run(common.ROOT / "params.yaml", run_name)
+    run = load_run(ROOT / "params.yaml", run_name)
+    assert method(run) == run_name  # the run named after the method is that method
     params = train_params(run, binary=True).model_copy(update={"epochs": 2})
     torch.manual_seed(params.seed)
     model = VAEPP(model_spec(run, (1, 28, 28), True))
-    result = train(model, mnist_train, params, train_algorithm(run), device="cpu")
+    result = train(model, mnist_train, params, device="cpu")
     first, second = result.history
     assert all(math.isfinite(v) for v in second.values() if isinstance(v, float))
     # Epoch means over 468 batches each: the second epoch's loss is lower by far more than the

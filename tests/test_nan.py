@@ -51,7 +51,8 @@ def test_nan_before_any_checkpoint_claims_none(tmp_path):
     from factories import model_spec, train_params
     from vaepp.checkpoints import Checkpoint
     from vaepp.model import VAEPP
-    from vaepp.train import NonFiniteLossError, train
+    from vaepp.optim import NonFiniteLossError
+    from vaepp.train import train
 
     torch.manual_seed(0)
     model = VAEPP(model_spec((1, 8, 8), zdim=2, hidden=(8,), likelihood="bernoulli"))
@@ -61,5 +62,5 @@ def test_nan_before_any_checkpoint_claims_none(tmp_path):
     ckpt = tmp_path / "train.ckpt"
     params = train_params(batch_size=16, n_prior_samples=8, epochs=1)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 0; training stopped$"):
-        train(model, images, params, "vaepp", checkpoint=Checkpoint(ckpt))
+        train(model, images, params, checkpoint=Checkpoint(ckpt))
     assert not ckpt.exists() and list(tmp_path.iterdir()) == []

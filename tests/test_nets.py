@@ -92,9 +92,10 @@ def test_one_training_step_runs_on_the_cpu():
         update={"penalty_p": 6.0, "critic_penalty_weight": 1.0}
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opts = make_optimizers(model, params, "vaepp")
+    assert params.algorithm == "vaepp"
+    opts = make_optimizers(model, params)
     e = torch.randint(0, 256, (4, *CIFAR)).float() / 255
-    metrics = train_step(model, opts, e, params, "vaepp", n_train=100)
+    metrics = train_step(model, opts, e, params, n_train=100)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("encoder.head") for k in moved) and any(k.startswith("decoder.out") for k in moved)

@@ -167,9 +167,9 @@ def test_several_log_z_estimates_are_labelled():
         estimate_nll(model, [x], n_importance=5, binarize=False, log_z={"a": 0.0, "b": 1.0})
 
 
-def _tiny_vaepp(beta_max, pullback=True):
+def _tiny_vaepp(beta_max, prior="pullback"):
     torch.manual_seed(0)
-    spec = model_spec((1, 6, 6), zdim=4, hidden=(32, 32), beta_max=beta_max, pullback=pullback)
+    spec = model_spec((1, 6, 6), zdim=4, hidden=(32, 32), beta_max=beta_max, prior=prior)
     return VAEPP(spec).eval()
 
 
@@ -184,8 +184,11 @@ def test_vaepp_with_beta_zero_equals_plain_vae():
     zero = nll(_tiny_vaepp(beta_max=0.0))  # β = 0·sigmoid(ξ) = 0: p_λ = N(0, I), Z = 1
     # Equal up to float32 rounding of log f (the plain-VAE term is recomputed in float64).
     assert zero["nll_nats"] == pytest.approx(zero["nll_nats_plain_vae"], rel=1e-6)
-    plain_model = _tiny_vaepp(beta_max=0.0, pullback=False)
-    plain_model.load_state_dict(_tiny_vaepp(beta_max=0.0).state_dict())
+    plain_model = _tiny_vaepp(beta_max=0.0, prior="standard")
+    pullback_state = _tiny_vaepp(beta_max=0.0).state_dict()
+    shared = {k: v for k, v in pullback_state.items() if not k.startswith("prior.")}
+    assert set(pullback_state) - set(shared) == {"prior.xi"}  # N(0, I) has no ξ; every network is shared
+    plain_model.load_state_dict(shared)
     assert nll(plain_model)["nll_nats"] == pytest.approx(zero["nll_nats"], rel=1e-6)
     # With β > 0 the pull-back term changes the weights (so the equality above is not vacuous).
     assert abs(nll(_tiny_vaepp(beta_max=10.0))["nll_nats"] - zero["nll_nats"]) > 1e-3

@@ -2,7 +2,7 @@
 
 import os
 
-from stages.common import busy_cores, choose_omp_wait_policy
+from stages.boot import busy_cores, choose_omp_wait_policy
 
 
 def _stat_file(tmp_path, user, idle):

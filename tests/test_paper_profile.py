@@ -220,7 +220,7 @@ def write_standins(work: Path, datasets) -> None:
 def tiny_paper_study(tmp_path_factory):
     """Every run of the paper profile through train → fit-latent-gan → estimate-nll → sample-mala
     (and compute-fid for FID_RUNS) → report, in-process, on the stand-ins."""
-    from stages import common, compute_fid, estimate_nll, fit_latent_gan, sample_mala, train
+    from stages import cli, compute_fid, estimate_nll, fit_latent_gan, sample_mala, train
     from stages import report as report_stage
 
     STAGE_NAMES = {
@@ -239,7 +239,7 @@ def tiny_paper_study(tmp_path_factory):
     # FID statistics of the stand-ins go to a scratch cache; the wheel of the FID network is shared.
     cache = work / "cache"
     cache.mkdir()
-    real_wheels = common.cache_dir() / "wheels"
+    real_wheels = cli.cache_dir() / "wheels"
     real_wheels.mkdir(parents=True, exist_ok=True)
     (cache / "wheels").symlink_to(real_wheels)
     mp = pytest.MonkeyPatch()

@@ -7,7 +7,7 @@ import torch
 
 from vaepp.penalties import critic_grad_norm, draw_alpha, gradient_penalty, penalty_sum
 from vaepp.posteriors import log_standard_normal
-from vaepp.prior import beta_from_xi, log_f, log_z_train
+from vaepp.priors.pullback import beta_from_xi, log_f, log_z_train
 
 
 def quadratic_critic(x):

@@ -29,7 +29,7 @@ class _Evil:
 def test_pickles_with_code_are_refused_by_every_loader(tmp_path):
     """weights_only=True everywhere: a model file, a prepared split and an Inception weights file
     that hold a custom class are refused by name and their code never runs."""
-    from vaepp import fetch_fid_weights
+    from acquire import fid_weights as fetch_fid_weights
     from vaepp.data import DataError, load_prepared
     from vaepp.files import CheckpointError, load_checkpoint
 

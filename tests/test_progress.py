@@ -14,8 +14,11 @@ from test_fid import FakeInception, _images
 from vaepp import evaluate
 from vaepp.config import FIDParams, MALAParams
 from vaepp.distributed import DistContext
+from vaepp.fid_protocol import fid_protocol
 from vaepp.latent_gan import LatentGAN
 from vaepp.model import VAEPP
+from vaepp.nll_protocol import nll_protocol
+from vaepp.sampling_protocol import sampling_protocol
 
 
 class Recorder:
@@ -66,9 +69,9 @@ def test_nll_protocol_is_the_same_with_progress_and_reports_log_z_and_the_runnin
     small = params(prior_is_samples=4096, ais_chains=32, ais_temps=100, ais_seeds=2, q_based_per_image=4)
     small = small.model_copy(update={"n_importance": 50, "n_passes": 2, "batch_images": 4})
     train, test = images(16, 1), images(40, 2)
-    plain = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu")
+    plain = nll_protocol(model, DistContext(), train, test, small, device="cpu")
     rec = Recorder()
-    watched = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
+    watched = nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
     assert without_seconds(watched) == without_seconds(plain)  # bitwise: floats compared with ==
 
     series = rec.series()
@@ -106,9 +109,9 @@ def test_nll_progress_of_the_plain_vae_is_the_nll_alone():
     model = PullbackLinearVAE(beta=1.0, pullback=False)
     small = params().model_copy(update={"n_importance": 20, "batch_images": 8})
     train, test = images(8, 1), images(16, 2)
-    plain = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu")
+    plain = nll_protocol(model, DistContext(), train, test, small, device="cpu")
     rec = Recorder()
-    watched = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
+    watched = nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
     assert without_seconds(watched) == without_seconds(plain)
     series = rec.series()
     assert set(series) == {"nll.images_done", "nll.nats_running", "nll_paper.images_done", "nll_paper.nats_running"}
@@ -127,11 +130,11 @@ def sampling_setup(seed: int = 0, **spec):
 def test_sampling_protocol_is_the_same_with_progress_and_reports_steps_and_acceptance(n_steps):
     model, gan = sampling_setup()
     with torch.no_grad():
-        model.xi.fill_(2.0)  # a pull-back strong enough that some large steps are rejected
+        model.prior.xi.fill_(2.0)  # a pull-back strong enough that some large steps are rejected
     p = MALAParams(n_samples=12, n_steps=n_steps, step_size=0.5, seed=3)
-    images_a, gan_a, plain = evaluate.sampling_protocol(model, gan, DistContext(), p, device="cpu")
+    images_a, gan_a, plain = sampling_protocol(model, gan, DistContext(), p, device="cpu")
     rec = Recorder()
-    images_b, gan_b, watched = evaluate.sampling_protocol(model, gan, DistContext(), p, device="cpu", callback=rec)
+    images_b, gan_b, watched = sampling_protocol(model, gan, DistContext(), p, device="cpu", callback=rec)
     assert torch.equal(images_a, images_b) and torch.equal(gan_a, gan_b)
     assert without_seconds(watched) == without_seconds(plain)
 
@@ -148,10 +151,10 @@ def test_sampling_protocol_is_the_same_with_progress_and_reports_steps_and_accep
 
 
 def test_sampling_progress_is_silent_where_no_mala_runs():
-    model, gan = sampling_setup(pullback=False)
+    model, gan = sampling_setup(prior="standard")
     rec = Recorder()
     p = MALAParams(n_samples=6, n_steps=5, step_size=1e-3, seed=0)
-    _, _, metrics = evaluate.sampling_protocol(model, gan, DistContext(), p, device="cpu", callback=rec)
+    _, _, metrics = sampling_protocol(model, gan, DistContext(), p, device="cpu", callback=rec)
     assert metrics["sampler"] == "prior N(0, I)" and rec.calls == []
 
 
@@ -160,7 +163,7 @@ def run_fid(stats_dir, callback=None) -> dict:
     test = (_images(35, 11) * 255).round().to(torch.uint8)
     samples = (_images(32, 12) ** 2 * 255).round().to(torch.uint8)
     samples_gan = (_images(32, 13) * 255).round().to(torch.uint8)
-    return evaluate.fid_protocol(
+    return fid_protocol(
         FakeInception(),
         DistContext(),
         samples,
@@ -202,7 +205,7 @@ def test_fid_protocol_is_the_same_with_progress_and_reports_images_per_set(tmp_p
 
 def test_certified_nll_reports_the_certificate_and_reverse_ais():
     torch.manual_seed(0)
-    model = VAEPP(model_spec((1, 12, 12), hidden=(16,), certified=True))
+    model = VAEPP(model_spec((1, 12, 12), hidden=(16,), prior="certified"))
     small = params(prior_is_samples=2048, ais_chains=8, ais_temps=30, ais_seeds=2, q_based_per_image=2)
     small = small.model_copy(
         update={
@@ -214,9 +217,9 @@ def test_certified_nll_reports_the_certificate_and_reverse_ais():
     )
     train = ((torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(1)) > 0.6) * 255).to(torch.uint8)
     test = ((torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(2)) > 0.6) * 255).to(torch.uint8)
-    plain = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu")
+    plain = nll_protocol(model, DistContext(), train, test, small, device="cpu")
     rec = Recorder()
-    watched = evaluate.nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
+    watched = nll_protocol(model, DistContext(), train, test, small, device="cpu", callback=rec)
     assert without_seconds(watched) == without_seconds(plain)
     series = rec.series()
     estimates = ("paper_q", "prior_is", "ais", "certificate", "reverse_ais")

@@ -23,6 +23,7 @@ from stage_args import report_files, stage_argv
 from stages import report as stage
 from vaepp import report
 from vaepp.config import load_params
+from vaepp.files import flat
 from vaepp.paper_numbers import TABLES, paper_value
 
 SWEEP = {"vaepp": 16, "vaepp_z8": 8, "vaepp_z32": 32}  # MNIST VAEPP runs over dim z
@@ -560,7 +561,7 @@ def test_stage_writes_markdown_and_csv_that_equal_the_json(study, monkeypatch):
     assert list(csv.index) == list(load_params(params).runs)
     for run, files in written.items():
         for kind, obj in files.items():
-            for key, value in report._flat(obj).items():
+            for key, value in flat(obj, lists_as_json=True).items():
                 got = csv.loc[run, f"{kind}.{key}"]
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     assert float(got) == value, (run, kind, key)

@@ -180,7 +180,7 @@ def test_no_test_image_reaches_training_the_latent_gan_or_the_monitor(recognisab
     to the training loop, the latent GAN's posterior pool and the log-Z monitor, and every input
     of image shape to any network (encoder, critic), is compared with every test image."""
     from stages import fit_latent_gan, train
-    from vaepp import evaluate, fit
+    from vaepp import fit
 
     work, prepared_train, test = recognisable_workspace
     fitted, monitored, pooled = [], [], []
@@ -194,7 +194,7 @@ def test_no_test_image_reaches_training_the_latent_gan_or_the_monitor(recognisab
         return wrapper
 
     monkeypatch.setattr(fit, "train", recording(fit.train, fitted))
-    monkeypatch.setattr(evaluate, "log_z_monitor", recording(evaluate.log_z_monitor, monitored))
+    monkeypatch.setattr(fit, "log_z_monitor", recording(fit.log_z_monitor, monitored))
     monkeypatch.setattr(fit, "posterior_samples", recording(fit.posterior_samples, pooled))
 
     def every_network_input(module, args):
@@ -245,17 +245,17 @@ def test_estimate_nll_scores_the_test_subset_and_records_it(recognisable_workspa
 def test_estimate_nll_on_the_validation_split_scores_no_test_image(recognisable_workspace, monkeypatch):
     """nll.split: valid (choices made by looking at numbers) scores a seeded random sample of
     validation images, records it as valid_subset and per-image valid_index, and no test image."""
+    import vaepp.nll_protocol as protocol
     from stages import estimate_nll, train
-    from vaepp import evaluate
 
     work, full_train, test = recognisable_workspace
     raw = yaml.safe_load((work / "params.yaml").read_text())
     raw["nll"]["split"] = "valid"
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     scored = []
-    real = evaluate.nll_protocol
+    real = protocol.nll_protocol
     monkeypatch.setattr(
-        evaluate,
+        protocol,
         "nll_protocol",
         lambda m, c, tr, images, *a, **k: scored.append(images) or real(m, c, tr, images, *a, **k),
     )
@@ -312,7 +312,7 @@ def test_fid_feature_caches_name_the_test_sample_not_only_the_file():
 
 def test_the_fid_protocol_says_the_held_out_test_images_are_a_random_sample():
     from stages.compute_fid import sampled_splits
-    from vaepp.evaluate import images_text
+    from vaepp.fid_protocol import images_text
 
     def text(run):
         sampled = sampled_splits(run)

@@ -1,5 +1,7 @@
-"""A stage's start-up: the tracking process (MLflow imported beside the stage, not in it), when a
-stage starts one, and the OpenMP wait-policy sample. The in-process tracker is tests/test_tracking.py's."""
+"""A stage's start-up: nothing at import of a stage module, then `stages.boot.boot()` (environment
+defaults, the OpenMP wait-policy sample before torch, the exit handler and the tracking process:
+MLflow imported beside the stage, not in it, when a stage starts one). The in-process tracker is
+tests/test_tracking.py's."""
 
 import os
 import signal
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import common
-from vaepp.tracking import TrackerProcess, sqlite_uri
+from stages import boot, track
+from tracking.process import TrackerProcess
+from tracking.store import sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 WARNING = "MLflow logging disabled:"
@@ -109,7 +112,7 @@ STAGE = """
 import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from vaepp.tracking import TrackerProcess
+from tracking.process import TrackerProcess
 t = TrackerProcess.start(Path({root!r})).open(Path({repo!r}), Path({repo!r}) / "params.yaml", exp_name="k", git_rev="r")
 with t.stage_run("train", "vae", {{}}) as log:
     log.log_metrics({{"elbo": -1.0}}, step=0)
@@ -144,12 +147,12 @@ def test_tracker_hands_the_stage_params_to_the_started_process(repo, monkeypatch
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_EXP_NAME", "from-env")
-    monkeypatch.setattr(common, "_TRACKING_PROCESS", TrackerProcess.start(ROOT))
-    t = common.tracker("params.yaml")
+    monkeypatch.setattr(track, "_PROCESS", TrackerProcess.start(ROOT))
+    t = track.tracker("params.yaml")
     try:
-        assert isinstance(t, TrackerProcess) and common._TRACKING_PROCESS is None
+        assert isinstance(t, TrackerProcess) and track._PROCESS is None
         assert t.enabled and t.tags["dvc.exp_name"] == "from-env" and (repo / "mlflow.db").is_file()
-        assert not isinstance(common.tracker("params.yaml"), TrackerProcess)  # one process, one use
+        assert not isinstance(track.tracker("params.yaml"), TrackerProcess)  # one process, one use
         from mlflow import MlflowClient
 
         assert MlflowClient(sqlite_uri(repo)).get_run(t.parent_id).data.params == {"model.zdim": "16"}
@@ -195,8 +198,8 @@ def test_only_a_stage_script_starts_a_tracking_process():
         ([stage], {"VAEPP_MLFLOW": "0"}),
         ([stage], {"RANK": "1"}),
     ]:
-        assert common.start_tracking_process(argv, env) is None
-    p = common.start_tracking_process([stage], {"RANK": "0"})
+        assert boot.start_tracking_process(argv, env) is None
+    p = boot.start_tracking_process([stage], {"RANK": "0"})
     try:
         assert isinstance(p, TrackerProcess) and p.proc.poll() is None
     finally:
@@ -211,7 +214,98 @@ def test_one_core_takes_no_load_sample(monkeypatch):
     def never():
         raise AssertionError("sampled")
 
-    assert common.choose_omp_wait_policy({}, busy=never) == "default"
+    assert boot.choose_omp_wait_policy({}, busy=never) == "default"
+
+
+IMPORT_ONLY = """
+import atexit, os, sys, time
+
+def no_sleep(_):
+    raise AssertionError("a load sample at import")
+
+time.sleep = no_sleep
+environ, path, exits = dict(os.environ), list(sys.path), atexit._ncallbacks()
+import {module}
+assert dict(os.environ) == environ, "the environment changed"
+assert sys.path == path, "sys.path changed"
+assert atexit._ncallbacks() == exits, "an exit handler was registered"
+heavy = sorted(m for m in ("torch", "mlflow", "vaepp", "tracking") if m in sys.modules)
+assert not heavy, heavy
+children = [
+    f.read_text().split() for f in __import__("pathlib").Path("/proc/self/task").glob("*/children")
+]
+assert not any(children), children
+"""
+
+
+def stage_modules() -> list[str]:
+    return sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", stage_modules())
+def test_importing_a_stage_module_does_nothing(module):
+    """Importing any module of stages/ only defines things: no environment defaults, no sys.path
+    entry, no exit handler, no load sample, no tracking process, and neither torch nor mlflow nor
+    the library imported (so that `boot()` can still choose the OpenMP wait policy before torch)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "OMP_"))}
+    env.update(VAEPP_MLFLOW="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_ONLY.format(module=module)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+BOOT = """
+import atexit, logging, os, sys  # logging registers an exit handler of its own when first imported
+sys.argv = [{argv0!r}, "--run", "vae"]
+import stages.train
+from stages import boot, track
+exits = atexit._ncallbacks()
+policy = boot.boot()
+assert "torch" not in sys.modules, "torch imported before the wait policy was chosen"
+assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and os.environ["DVC_NO_ANALYTICS"] == "1"
+assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "20"
+added = atexit._ncallbacks() - exits
+assert boot.boot() == policy and atexit._ncallbacks() - exits == added, "a second boot() did more"
+print(policy, added, type(track._PROCESS).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv0", "mlflow", "expected"),
+    [
+        (str(ROOT / "stages" / "train.py"), "1", "ACTIVE 2 TrackerProcess"),  # exit handler + tracking process
+        (str(ROOT / "stages" / "train.py"), "0", "ACTIVE 1 NoneType"),  # the exit handler only
+        ("-c", "1", "ACTIVE 0 NoneType"),  # not a stage's process: neither
+    ],
+)
+def test_boot_prepares_a_stage_process_once(argv0, mlflow, expected):
+    """boot(): environment defaults, the wait policy (the user's setting kept) with torch not yet
+    imported; in a stage's own process the gc.freeze exit handler and, with tracking on, the
+    tracking process, kept for `stages.track.tracker()`; a second call does nothing more."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RANK"))}
+    env.update(VAEPP_MLFLOW=mlflow, OMP_WAIT_POLICY="ACTIVE", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", BOOT.format(argv0=argv0)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == expected
+
+
+def test_stage_module_runs_with_dash_m_from_the_repository_root():
+    """`python -m stages.train --help` as DVC runs it (the repository root the working directory,
+    nothing else on the path): usage, exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(VAEPP_MLFLOW="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "--checkpoint PATH" in proc.stdout, proc.stderr
 
 
 def test_bench_rows_state_the_target_and_the_parts():

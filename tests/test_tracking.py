@@ -15,7 +15,8 @@ import yaml
 
 from stage_helpers import RUN, VAE, params, train_cmd, workspace
 from stage_helpers import env as stage_env
-from vaepp.tracking import Tracker, mlflow_key, sqlite_uri
+from tracking.store import mlflow_key, sqlite_uri
+from tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 WARNING = "MLflow logging disabled:"
@@ -144,7 +145,7 @@ def test_duplicate_parents_resolve_to_the_oldest(repo):
 STAGE_PROCESS = """
 import sys
 from pathlib import Path
-from vaepp.tracking import Tracker
+from tracking.tracker import Tracker
 t = Tracker.for_pipeline(Path({repo!r}), Path({repo!r}) / "params.yaml", exp_name="together", git_rev="r")
 with t.stage_run("train", sys.argv[1], {{"zdim": 16}}) as log:
     log.log_metrics({{"elbo": -100.0}}, step=0)
@@ -156,7 +157,7 @@ def test_stage_processes_started_together_share_one_parent(repo):
     tracker(repo, exp_name="earlier")  # the store exists, as after any earlier execution
     code = STAGE_PROCESS.format(repo=str(repo))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}  # `vaepp` importable, as in the test session
+    env = {**os.environ, "PYTHONPATH": path}  # `tracking` importable, as in the test session
     procs = [
         subprocess.Popen([sys.executable, "-c", code, f"run{i}"], env=env, stderr=subprocess.PIPE) for i in range(3)
     ]
@@ -232,22 +233,22 @@ def test_failure_mid_run_warns_once_and_the_body_goes_on(repo, capsys):
 
 
 def test_stage_edge_reads_the_environment(repo, monkeypatch, capsys):
-    from stages import common
+    from stages import track
 
     monkeypatch.chdir(repo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_EXP_NAME", "from-env")
     monkeypatch.setenv("VAEPP_MLFLOW", "0")
-    off = common.tracker("params.yaml")
+    off = track.tracker("params.yaml")
     with off.stage_run("train", "vae", {}) as log:
         log.log_metrics({"elbo": -1.0})
     assert not off.enabled and not (repo / "mlflow.db").exists() and capsys.readouterr().err == ""
     monkeypatch.setenv("VAEPP_MLFLOW", "1")
-    on = common.tracker("params.yaml")
+    on = track.tracker("params.yaml")
     assert on.enabled and on.tags["dvc.exp_name"] == "from-env" and (repo / "mlflow.db").is_file()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert not common.tracker("params.yaml").enabled and WARNING in capsys.readouterr().err
+    assert not track.tracker("params.yaml").enabled and WARNING in capsys.readouterr().err
 
 
 def free_port() -> int:
@@ -382,13 +383,13 @@ def test_mlflow_ui_binds_to_localhost_unless_asked():
 def test_parent_carries_the_shared_params_once(repo, capsys):
     from mlflow import MlflowClient
 
-    from stages import common
+    from stages import inputs
 
     (repo / "params.yaml").write_text(
         "profile: tiny\ndevice: cpu\ndata: {dataset: mnist, n_test: 32}\nmodel: {zdim: 4, hidden: [32, 32]}\n"
         "nll: {log_z: {ais_chains: 16}}\nruns: {vae: {algorithm: vae}, vaepp: {algorithm: vaepp}}\n"
     )
-    shared = common.shared_params(repo / "params.yaml")
+    shared = inputs.shared_params(repo / "params.yaml")
     assert shared == {
         "data.dataset": "mnist",
         "data.n_test": "32",
@@ -438,9 +439,9 @@ def test_stages_in_process_log_datasets_progress_and_parent_params(tmp_path, mon
     import torch
     from mlflow import MlflowClient
 
+    from acquire import fid_weights as fetch_fid_weights
     from stage_args import stage_argv
     from stages import compute_fid, estimate_nll, fit_latent_gan, sample_mala, train
-    from vaepp import fetch_fid_weights
 
     class Features(torch.nn.Module):  # stands in for Inception: 12 pooled features per image
         def forward(self, x):

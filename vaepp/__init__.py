@@ -1,6 +1,6 @@
 """VAEPP: Variational Autoencoder with a Pull-back Prior — a reference reproduction.
 
-The library never reads params.yaml, argv, the environment or MLflow (except `tracking`);
+The library never reads params.yaml, argv, the environment or MLflow (that is `tracking/`'s);
 functions take explicit arguments and return tensors and dicts.
 """
 

@@ -1,16 +1,10 @@
-"""Saving and loading what the fits produce: trained models and resumable checkpoints.
-
-Two kinds of file, both written atomically and loaded with `weights_only=True` after every
-member's CRC-32 is checked (`vaepp.files`):
-
-- trained models, each carrying the settings that rebuild it (as nanoGPT's checkpoints carry
-  their config): models/<run>/vae.pt (`save_vae` / `load_vae`) and models/<run>/latent_gan.pt
-  (`save_latent_gan` / `load_latent_gan`);
-- the resumable state of a fit (`Checkpoint`), used by both `vaepp.train.train` and
-  `vaepp.latent_gan.fit_latent_gan`: the network, every optimiser's state, the global, CUDA and
-  data-order RNG states, the epoch and the history, written every `checkpoint_every` epochs and
-  after the last. A fit killed at any moment and rerun resumes from the last file written and
-  ends bitwise equal to an uninterrupted fit; a file of other settings is refused.
+"""The resumable state of a fit (`Checkpoint`), used by both `vaepp.train.train` and
+`vaepp.latent_gan.fit_latent_gan`: the network, every optimiser's state, the global, CUDA and
+data-order RNG states, the epoch and the history, written every `checkpoint_every` epochs and
+after the last. A fit killed at any moment and rerun resumes from the last file written and ends
+bitwise equal to an uninterrupted fit; a file of other settings is refused. Written atomically and
+loaded with `weights_only=True` after every member's CRC-32 is checked (`vaepp.files`); the trained
+models the fits produce are `vaepp.artifacts`.
 
 File layout (format 1): {"format", **settings, "model": state_dict, ...}; a checkpoint adds
 "optimizers", "rng", "epoch", "history" and what the fit stores beside them.
@@ -24,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from . import files
-from .model import VAEPP, ModelSpec
 
 FORMAT = 1
 
@@ -143,60 +136,11 @@ def finish(path: str | Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-# ----- trained models ----------------------------------------------------------------------------
-def _cpu_state(module: nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def save_vae(path: str | Path, model: VAEPP, settings: dict, *, history: list[dict], **extra) -> Path:
-    """models/<run>/vae.pt: {"format", **settings ("model_spec", "train_spec"; see
-    `vaepp.train.train_settings`), "model" (CPU tensors), **extra (e.g. the run), "history"}."""
-    return files.atomic_torch_save(
-        {"format": FORMAT, **settings, "model": _cpu_state(model), **extra, "history": history}, path
-    )
-
-
-def load_vae(path: str | Path, device: torch.device | str) -> tuple[VAEPP, dict]:
-    """The trained VAE of `save_vae`, in eval mode on `device`, and the file's dict."""
-    ckpt = files.load_checkpoint(path, map_location=device)
-    model = VAEPP(ModelSpec.from_dict(ckpt["model_spec"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
-def save_latent_gan(path: str | Path, gan: nn.Module, settings: dict, *, history: list[dict]) -> Path:
-    """models/<run>/latent_gan.pt: {"format", **settings ("spec", "zdim"; see
-    `vaepp.latent_gan.latent_gan_settings`), "model" (CPU tensors), "history"}."""
-    return files.atomic_torch_save({"format": FORMAT, **settings, "model": _cpu_state(gan), "history": history}, path)
-
-
-def load_latent_gan(path: str | Path, device: torch.device | str):
-    """The latent GAN of `save_latent_gan`, in eval mode on `device`: its networks rebuilt from
-    the recorded (resolved) params and zdim, then its weights loaded."""
-    from pydantic import ValidationError
-
-    from .config import LatentGANParams
-    from .latent_gan import LatentGAN  # latent_gan imports this module for its checkpoints
-
-    ckpt = files.load_checkpoint(path, map_location=device)
-    try:
-        params = LatentGANParams(**ckpt["spec"])
-    except ValidationError as err:  # e.g. a file from before a setting existed
-        raise files.CheckpointError(f"{path}: its latent-GAN settings are not valid ones; refit it\n{err}") from err
-    gan = LatentGAN.from_params(ckpt["zdim"], params)
-    gan.load_state_dict(ckpt["model"])
-    return gan.to(device).eval()
-
-
 __all__ = [
     "Checkpoint",
     "FORMAT",
     "finish",
     "keep_or_discard",
-    "load_latent_gan",
-    "load_vae",
     "rng_state",
-    "save_latent_gan",
-    "save_vae",
     "set_rng_state",
 ]

@@ -1,6 +1,6 @@
 """params.yaml, validated once at the edge into frozen typed objects.
 
-A study is a set of named runs. Each run names an algorithm and may override any key of the
+A study is a set of named runs. Each run names its prior (`prior`) and may override any key of the
 shared sections `data`, `model`, `train`, `latent_gan`, `nll`, `mala`, `fid` (a run's
 `model: {zdim: 32}` changes only that run); everything else is shared, so
 `dvc exp run -S model.zdim=256` changes every run that does not pin its own zdim. Unknown keys,
@@ -16,18 +16,33 @@ float rounding) may be left out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .datasets import DatasetName
+from .options import (
+    Arch,
+    Auto,
+    Backend,
+    Device,
+    FIDReference,
+    GeneratorOutput,
+    Init,
+    LatentInputs,
+    LikelihoodKind,
+    LogisticScale,
+    PenaltyKind,
+    PosteriorKind,
+    PriorKind,
+    ProposalKind,
+    Split,
+    TrainAlgorithm,
+)
 
 Dataset = DatasetName  # the registry's names (vaepp.datasets)
-RunAlgorithm = Literal["vae", "naive_vaepp", "vaepp", "vaepp_flow", "certified"]
-Penalty = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
 PositiveInt = Field(gt=0)
-Auto = Literal["auto"]
 # "auto" follows the likelihood (vaepp.resolve): the authors' Bernoulli scripts raise ‖∇D‖ to 3 and
 # weight the naive critic's penalty by w; their discretised-logistic scripts use 6 and 1.
 PenaltyExponent = Annotated[float, Field(gt=0.0)] | Auto
@@ -75,20 +90,18 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    arch: Literal["mlp", "resnet", "resnet_map"]  # resnet_map: the latent as a feature map (vaepp.nets)
+    arch: Arch
     zdim: int = Field(gt=0, le=65536)
     hidden: tuple[int, ...]
     channels: tuple[int, ...]
-    likelihood: Literal["auto", "bernoulli", "logistic"]  # auto: from the dataset
-    logistic_scale: Literal["per_pixel", "scalar"]
-    posterior: Literal["auto", "normal", "truncated"]  # auto: truncated on binary data
+    likelihood: Auto | LikelihoodKind  # auto: from the dataset (vaepp.resolve)
+    logistic_scale: LogisticScale
+    posterior: Auto | PosteriorKind  # auto: truncated on binary data
     log_sigma_min: float = Field(le=0.0)
     beta_max: float = Field(gt=0.0)
-    n_flows: int = Field(ge=1, le=200)  # used by vaepp_flow runs
-    # zero_heads (authors): the encoder's μ and log σ heads and the decoder's output layer start
-    # at zero, so q starts as N(0, I) and G as a flat image; torch: PyTorch's default init.
-    init: Literal["zero_heads", "torch"]
-    # The bounded pull-back prior of `certified` runs: N(z; 0, I)·sigmoid(c − β·D(G(z)) + h(z))/Z.
+    n_flows: int = Field(ge=0, le=200)  # planar flows on the posterior (paper: VAEPP+flow); 0 = none
+    init: Init
+    # The bounded pull-back prior (prior: certified): N(z; 0, I)·sigmoid(c − β·D(G(z)) + h(z))/Z.
     acceptance_c_init: float  # c at the start (learnable)
     acceptance_mlp: tuple[int, ...]  # hidden sizes of h(z), an MLP on z in the logit; [] = no h
     truncation: int | None = Field(ge=1)  # LARS's truncated sampler: at most T proposals; null = T = ∞
@@ -120,13 +133,14 @@ class MonitorParams(_Section):
 
 
 class TrainParams(_Section):
+    algorithm: TrainAlgorithm  # a prior with a critic: naive (Algorithm 1) or vaepp (Algorithm 2)
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0.0, le=1.0)
     lr_halve_every: int = Field(gt=0)
     weight_decay: float = Field(ge=0.0)
     n_prior_samples: int = Field(gt=0)
-    penalty: Penalty
+    penalty: PenaltyKind
     penalty_k: float = Field(ge=0.0)
     penalty_p: PenaltyExponent  # auto: 3 on Bernoulli data, 6 on discretised-logistic data
     critic_lr: float = Field(gt=0.0, le=1.0)
@@ -134,8 +148,8 @@ class TrainParams(_Section):
     clamp_kl: bool
     max_steps_per_epoch: int | None = Field(gt=0)
     log_z_every: int | None = Field(ge=0)  # epochs between log-Z monitor checks; 0 or None: off
-    lars_decay: float = Field(ge=0.0, lt=1.0)  # `certified` runs: the EMA of LARS's Ẑ (0.99)
-    # `certified` runs: whether the acceptance term trains the decoder G through D(G(z)); false
+    lars_decay: float = Field(ge=0.0, lt=1.0)  # prior certified: the EMA of LARS's Ẑ (0.99)
+    # prior certified: whether the acceptance term trains the decoder G through D(G(z)); false
     # holds G's weights fixed there, so only the reconstruction trains G.
     acceptance_trains_decoder: bool
     monitor: MonitorParams
@@ -144,18 +158,18 @@ class TrainParams(_Section):
 
 
 class LatentGANParams(_Section):
-    inputs: Literal["auto", "mean", "sample"]  # auto: posterior means on Bernoulli data, else z ~ q
+    inputs: Auto | LatentInputs  # auto: posterior means on Bernoulli data, else z ~ q
     noise_dim: Annotated[int, Field(gt=0)] | Auto  # auto: dim z
     hidden: tuple[int, ...]  # the generator's hidden layers
     critic_hidden: tuple[int, ...]
     weight_norm: bool  # weight normalisation on the hidden layers (authors)
-    generator_output: Literal["linear", "leaky_relu"]  # authors: LeakyReLU on the output too
+    generator_output: GeneratorOutput  # authors: LeakyReLU on the output too
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0.0, le=1.0)
     lr_halve_every: int = Field(gt=0)  # the VAE's schedule, restarted at `lr`
     n_critic: int = Field(gt=0)
-    penalty: Penalty
+    penalty: PenaltyKind
     penalty_k: float = Field(ge=0.0)
     penalty_p: PenaltyExponent
     max_steps_per_epoch: int | None = Field(gt=0)
@@ -185,7 +199,7 @@ class ProposalParams(_Section):
     mixture (1 − weight)·N(μ, σ²) + weight·N(μ, (width·σ)²) around the encoder's μ, σ, untruncated;
     posterior: the paper's protocol, q(z|e) itself (with a truncated q, not unbiased for p(x))."""
 
-    kind: Literal["defensive", "posterior"]
+    kind: ProposalKind
     weight: float = Field(gt=0.0, le=1.0)
     width: float = Field(ge=1.0)
     # also score every run under the paper's proposal q(z|e), beside the headline (nll.json paper_protocol)
@@ -200,7 +214,7 @@ class NLLParams(_Section):
     seed: int = Field(ge=0)
     # the images scored: test (the run's test split, scored once at the end) or valid (a seeded random
     # sample of data.n_test validation images, for choices made by looking at numbers: studies/attempts)
-    split: Literal["test", "valid"]
+    split: Split
     proposal: ProposalParams
     log_z: LogZParams
 
@@ -214,7 +228,7 @@ class MALAParams(_Section):
 
 class FIDParams(_Section):
     n_samples: int = Field(gt=0)
-    reference: Literal["train", "test"]  # paper: generated vs the training set
+    reference: FIDReference  # paper: generated vs the training set
     n_reference: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     # also score the latent-GAN samples z₀ decoded without MALA (fid_gan, kid_gan_*: GAN-VAEPP)
@@ -226,13 +240,13 @@ class DistributedParams(_Section):
     lists this section as a DVC param: changing it never reruns anything."""
 
     nproc_per_node: int = Field(default=1, gt=0, le=1024)  # > 1: the stage starts itself under torchrun
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
+    backend: Backend = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
 
 
 class RunParams(_Section):
-    """One named run: an algorithm plus optional per-run overrides of shared sections."""
+    """One named run: its prior plus optional per-run overrides of shared sections."""
 
-    algorithm: RunAlgorithm
+    prior: PriorKind
     data: dict[str, Any] = {}
     model: dict[str, Any] = {}
     train: dict[str, Any] = {}
@@ -244,7 +258,7 @@ class RunParams(_Section):
 
 class Params(_Section):
     profile: str = "default"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Device = "cpu"
     distributed: DistributedParams = DistributedParams()
     datasets: tuple[Dataset, ...]  # prepared by the prepare-data stage
     data: DataParams
@@ -282,8 +296,8 @@ class RunConfig(_Section):
     """A run with its overrides applied: what the stages use."""
 
     name: str
-    algorithm: RunAlgorithm
-    device: Literal["cpu", "cuda", "auto"]
+    prior: PriorKind
+    device: Device
     distributed: DistributedParams = DistributedParams()
     data: DataParams
     model: ModelParams
@@ -292,6 +306,34 @@ class RunConfig(_Section):
     nll: NLLParams
     mala: MALAParams
     fid: FIDParams
+
+
+# A run written before `prior` replaced `algorithm` (studies' manifests record their runs as run):
+# each old algorithm as a prior plus the overrides it implied.
+_OLD_ALGORITHMS = {
+    "vae": ("standard", {}),
+    "naive_vaepp": ("pullback", {"train": {"algorithm": "naive"}}),
+    "vaepp": ("pullback", {}),
+    "vaepp_flow": ("pullback", {"model": {"n_flows": 20}}),
+    "certified": ("certified", {}),
+}
+
+
+def upgrade_run_spec(spec: dict) -> dict:
+    """A run definition in today's form: one recorded with the old `algorithm` key (vae,
+    naive_vaepp, vaepp, vaepp_flow, certified) becomes its `prior` plus the train or model
+    override that algorithm implied (Algorithm 1; the 20 planar flows every profile used);
+    anything else is returned as it is."""
+    if "algorithm" not in spec or "prior" in spec:
+        return spec
+    spec = dict(spec)
+    old = spec.pop("algorithm")
+    if old not in _OLD_ALGORITHMS:
+        raise ParamsError(f"algorithm = {old!r}: not a recorded algorithm ({', '.join(_OLD_ALGORITHMS)})")
+    prior, implied = _OLD_ALGORITHMS[old]
+    for key, value in implied.items():
+        spec[key] = deep_merge(spec.get(key, {}), value)
+    return {"prior": prior, **spec}
 
 
 def resolve_run(params: Params, name: str) -> RunConfig:
@@ -303,7 +345,7 @@ def resolve_run(params: Params, name: str) -> RunConfig:
     for key, cls in _SECTIONS.items():
         base = getattr(params, key).model_dump()
         try:
-            sections[key] = cls(**_deep_merge(base, getattr(run, key)))
+            sections[key] = cls(**deep_merge(base, getattr(run, key)))
         except ValidationError as err:
             raise ParamsError(_format(err, prefix=f"runs.{name}.{key}")) from None
     data, monitor = sections["data"], sections["train"].monitor
@@ -312,15 +354,18 @@ def resolve_run(params: Params, name: str) -> RunConfig:
             f"runs.{name}.train.monitor.valid_images = {monitor.valid_images}: more than the "
             f"{data.n_valid} validation images (data.n_valid); lower it or raise data.n_valid"
         )
-    if run.algorithm == "certified" and sections["model"].truncation is not None:
+    if run.prior == "certified" and sections["train"].algorithm != "vaepp":
+        raise ParamsError(
+            f"runs.{name}.train.algorithm = {sections['train'].algorithm!r}: a certified prior trains with "
+            "Algorithm 2 only (its critic's penalty is in the one loss); set train.algorithm: vaepp"
+        )
+    if run.prior == "certified" and sections["model"].truncation is not None:
         raise ParamsError(
             f"runs.{name}.model.truncation = {sections['model'].truncation}: a certified prior with LARS's "
             "truncated sampler has no NLL protocol here (its density is not f(z)/Z, so no log Z constant gives "
             "its log p(x)); set model.truncation: null"
         )
-    return RunConfig(
-        name=name, algorithm=run.algorithm, device=params.device, distributed=params.distributed, **sections
-    )
+    return RunConfig(name=name, prior=run.prior, device=params.device, distributed=params.distributed, **sections)
 
 
 _SECTIONS = {
@@ -334,11 +379,11 @@ _SECTIONS = {
 }
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     """base with override's keys replaced; nested mappings merge key by key."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
     return out
 
 

@@ -17,8 +17,8 @@ soft target e and tests draw a fresh binarisation x ~ Bernoulli(e) (`binarize`) 
 
 `load_idx` reads MNIST / Fashion-MNIST IDX files already on disk, under torchvision's names in
 <cache>/<MNIST|FashionMNIST>/raw/, with torchvision's own loader and download=False. Fetching and
-verifying raw files, and turning every raw source into images (`prepare`), is `vaepp.fetch_data`;
-this module reads only files it is given.
+verifying raw files, and turning every raw source into images (`prepare`), is `acquire.datasets`,
+outside the library; this module reads only files it is given.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .datasets import DATASETS
 from .files import CheckpointError, atomic_torch_save, atomic_write_json, file_digest, load_checkpoint
 
 
@@ -191,13 +192,14 @@ def binarize(e: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 @dataclass(frozen=True)
 class IdxLayout:
-    label: str  # the display name
+    label: str  # the display name (the registry's, `vaepp.datasets`)
     tv_class: str  # torchvision.datasets class, also the folder name under the cache
 
 
+# The datasets stored as IDX files (the registry's rows with fetcher "idx").
 IDX_LAYOUT = {
-    "mnist": IdxLayout(label="MNIST", tv_class="MNIST"),
-    "fashion_mnist": IdxLayout(label="Fashion-MNIST", tv_class="FashionMNIST"),
+    "mnist": IdxLayout(label=DATASETS["mnist"].label, tv_class="MNIST"),
+    "fashion_mnist": IdxLayout(label=DATASETS["fashion_mnist"].label, tv_class="FashionMNIST"),
 }
 
 
@@ -214,7 +216,7 @@ def error_line(err: BaseException) -> str:
 
 def load_idx(dataset: str, cache: str | Path) -> tuple[Tensor, Tensor]:
     """Train and test images (N, 1, 28, 28) uint8 read by torchvision's loader (download=False)
-    from the IDX files under `idx_raw_dir(dataset, cache)` (placed by `fetch_data.ensure_idx`)."""
+    from the IDX files under `idx_raw_dir(dataset, cache)` (placed by `acquire.datasets.ensure_idx`)."""
     import torchvision.datasets as tvd
 
     layout = IDX_LAYOUT[dataset]

@@ -40,17 +40,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .prior import log_f_and_grad
+from .options import Backend, choices
+from .score import log_f_and_grad
 
-Backend = Literal["auto", "gloo", "nccl"]
-BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+BACKENDS = choices(Backend)
 
 
 # ----- who am I -----------------------------------------------------------------------------
@@ -91,11 +91,12 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
 
 
 def relaunch_command(
-    launch: Launch, nproc_per_node: int, script: str, argv: Sequence[str], python: str
+    launch: Launch, nproc_per_node: int, script: str, argv: Sequence[str], python: str, *, module: bool = False
 ) -> list[str] | None:
     """The `torchrun --standalone --nproc_per_node=N script -- argv…` command that starts N local
     processes, when `nproc_per_node` > 1 asks for them and this process was not started by a
-    launcher (then None: run here). python: the interpreter (sys.executable at the edge)."""
+    launcher (then None: run here). python: the interpreter (sys.executable at the edge). module:
+    `script` is a module name that each process runs as `python -m script` (torchrun's `-m`)."""
     if nproc_per_node <= 1 or launch.from_launcher:
         return None
     # "--" ends torchrun's own options: without it, argparse reads the script's `--run` as an
@@ -106,6 +107,7 @@ def relaunch_command(
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc_per_node}",
+        *(["-m"] if module else []),
         script,
         "--",
         *argv,
@@ -147,6 +149,9 @@ class DistContext:
     @property
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+
+
+ONE_PROCESS = DistContext()  # the default of every function that takes a context: one process, no group
 
 
 def resolve_backend(setting: Backend, device_type: str) -> str:
@@ -439,6 +444,7 @@ def data_parallel(
 __all__ = [
     "BACKENDS",
     "DistContext",
+    "ONE_PROCESS",
     "Launch",
     "ShardedLatentModel",
     "ShardedModule",

@@ -146,9 +146,13 @@ def read_json(path: str | Path, *, missing_ok: bool = False) -> dict | None:
     if missing_ok and not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read ({err}); rerun the stage that writes it") from None
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err}); rerun the stage that writes it") from None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun the stage that writes it") from None
 
 
 def flat(d: dict, prefix: str = "", *, lists_as_json: bool = False) -> dict:

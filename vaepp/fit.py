@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import checkpoints, evaluate, files
+from . import checkpoints, files
 from .config import RunConfig
 from .data import subset_indices
 from .distributed import DistContext, ShardedLatentModel
 from .latent_gan import LatentGAN, fit_latent_gan, latent_gan_settings, moment_gap, posterior_samples
+from .log_z_monitor import log_z_monitor
 from .model import VAEPP
-from .resolve import latent_gan_params, model_spec, train_algorithm, train_params
+from .resolve import latent_gan_params, model_spec, train_params
 from .train import TrainResult, train, train_settings
 
 Say = Callable[[str], None]
@@ -60,13 +61,12 @@ def fit_vae(
 ) -> tuple[VAEPP, TrainResult, dict]:
     """The train stage's work: the run's model trained on the uint8 training split `images`
     (N, C, H, W), resuming a matching checkpoint at `checkpoint_path`, with the log-Z monitor
-    (`evaluate.log_z_monitor`) every `train.log_z_every` epochs on validation images (none
+    (`log_z_monitor.log_z_monitor`) every `train.log_z_every` epochs on validation images (none
     without `valid`): `monitor_images(valid, ...)`, the same images at every check.
     Returns (model, result, settings for `save_vae`)."""
     spec = model_spec(run, tuple(images.shape[1:]), meta["binary"])
-    algorithm = train_algorithm(run)
     params = train_params(run, meta["binary"])
-    settings = train_settings(spec, params, algorithm)
+    settings = train_settings(spec, params)
     origin = {
         "data_sha256": meta.get("sha256"),
         "n_train": int(images.shape[0]),
@@ -76,7 +76,7 @@ def fit_vae(
     monitor = None
     if valid is not None and params.log_z_every:
         scored = monitor_images(valid, params.monitor.valid_images, run.data.subset_seed)
-        monitor = lambda m: evaluate.log_z_monitor(m, scored, params.monitor, device=ctx.device)  # noqa: E731
+        monitor = lambda m: log_z_monitor(m, scored, params.monitor, device=ctx.device)  # noqa: E731
     _resume_or_start(ctx, checkpoint_path, {**settings, **origin}, say)
     torch.manual_seed(params.seed)
     model = VAEPP(spec)
@@ -85,7 +85,6 @@ def fit_vae(
         model,
         images,
         params,
-        algorithm,
         device=ctx.device,
         ctx=ctx,
         callback=callback,

@@ -18,7 +18,6 @@ float rounding.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -30,10 +29,11 @@ from torch.nn.utils import parametrizations
 
 from .checkpoints import Checkpoint
 from .config import LatentGANParams
-from .distributed import DistContext, all_sum, check_same_input, data_parallel, row_range
+from .distributed import ONE_PROCESS, DistContext, all_sum, check_same_input, data_parallel, row_range
 from .nets import SLOPE
+from .optim import adam, check_finite, halving_factor
+from .options import GeneratorOutput
 from .penalties import draw_alpha, penalty_sum
-from .train import ONE_PROCESS, adam
 
 
 def _weight_normed_mlp(sizes: list[int], *, weight_norm: bool, final_activation: bool) -> nn.Sequential:
@@ -70,7 +70,7 @@ class LatentGAN(nn.Module):
         critic_hidden: tuple[int, ...],
         *,
         weight_norm: bool,
-        generator_output: Literal["linear", "leaky_relu"],
+        generator_output: GeneratorOutput,
     ):
         super().__init__()
         self.zdim = zdim
@@ -220,7 +220,7 @@ def fit_latent_gan(
     start, stop = row_range(batch, ctx.rank, ctx.world)
     for epoch in range(first_epoch, params.epochs):
         t0 = time.perf_counter()
-        lr = params.lr * 0.5 ** (epoch // params.lr_halve_every)
+        lr = params.lr * halving_factor(epoch, params.lr_halve_every)
         for opt in opts.values():
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -242,8 +242,13 @@ def fit_latent_gan(
                 loss, crit = loss_fn(
                     "critic", noise[start:stop], real[start:stop], None if alpha is None else alpha[start:stop]
                 )
-                if not math.isfinite(crit["critic_loss"]):
-                    raise FloatingPointError(f"latent GAN: non-finite critic loss at epoch {epoch + 1}, step {step}")
+                check_finite(
+                    crit["critic_loss"],
+                    epoch + 1,
+                    step,
+                    None if checkpoint is None else checkpoint.path,
+                    what="latent-GAN critic loss",
+                )
                 opt_d.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_d.step()

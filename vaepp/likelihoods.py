@@ -7,13 +7,10 @@ data is x = k/255, k ∈ {0, …, 255}.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LikelihoodKind = Literal["bernoulli", "logistic"]
 
 
 def bernoulli_log_prob(logits: Tensor, target: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor
 from .importance import LogMeanExp, stream
 from .mala import langevin_proposal, log_proposal_density, metropolis_accept
 from .posteriors import log_standard_normal
-from .prior import log_f_and_grad
+from .score import log_f_and_grad
 
 LogF = Callable[[Tensor], Tensor]
 # progress(name, value, step): what the AIS runs report as they go (see `log_z_ais`)

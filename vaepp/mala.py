@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .posteriors import LOG_2PI
-from .prior import log_f_and_grad
+from .score import log_f_and_grad
 
 EnergyAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
 

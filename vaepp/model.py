@@ -1,31 +1,30 @@
-"""The VAEPP model: encoder q(z|e), decoder p(x|z) with mean G(z), critic D, and β = w·sigmoid(ξ).
+"""The VAEPP model: encoder q(z|e), decoder p(x|z) with mean G(z), critic D, and the prior p(z).
 
-With `pullback=False` it is the plain VAE with prior N(0, I) (β ≡ 0, log Z = 0): the baseline is
-this same code. Shapes: images (B, C, H, W) in [0, 1]; latents (..., Z); densities in nats.
+The prior is one module of `vaepp.priors`, chosen by `ModelSpec.prior`: with "standard" the model
+is the plain VAE with prior N(0, I) (β ≡ 0, log Z = 0), so the baseline is this same code.
+Shapes: images (B, C, H, W) in [0, 1]; latents (..., zdim); densities in nats.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import prior
-from .likelihoods import LikelihoodKind, bernoulli_log_prob, discretized_logistic_log_prob
+from .likelihoods import bernoulli_log_prob, discretized_logistic_log_prob
 from .mala import energy_from_log_f
-from .nets import Arch, _mlp, build_networks, zero_output_layers
+from .nets import build_networks, zero_output_layers
+from .options import Arch, Init, LikelihoodKind, LogisticScale, PosteriorKind, PriorKind
 from .posteriors import (
     LOG_2PI,
     LOG_TRUNCATED_MASS,
     PlanarFlows,
-    PosteriorKind,
     log_posterior,
-    log_standard_normal,
     sample_standard,
 )
+from .priors import build_prior
 
 LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in float32
 
@@ -33,26 +32,26 @@ LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in flo
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model; stored in every checkpoint. No defaults: the values
-    come from a run's `config.ModelParams` (`vaepp.resolve.model_spec`) with "auto" resolved."""
+    come from a run's `config.ModelParams` and `prior` (`vaepp.resolve.model_spec`) with "auto"
+    resolved."""
 
     image_shape: tuple[int, int, int]  # (C, H, W)
     zdim: int
     likelihood: LikelihoodKind
-    logistic_scale: Literal["per_pixel", "scalar"]
+    logistic_scale: LogisticScale
     arch: Arch
     hidden: tuple[int, ...]
     channels: tuple[int, ...]
     posterior: PosteriorKind
     log_sigma_min: float
     n_flows: int  # 0: no planar flows
-    pullback: bool  # False: the plain VAE, β ≡ 0
+    prior: PriorKind  # vaepp.priors
     beta_max: float  # w in β = w·sigmoid(ξ)
-    init: Literal["zero_heads", "torch"]  # zero_heads: q starts as N(0, I), G as a flat image
-    # The bounded prior of `certified` runs (`prior.log_acceptance`); unused otherwise.
-    certified: bool = False
-    acceptance_c_init: float = 0.0
-    acceptance_mlp: tuple[int, ...] = ()
-    truncation: int | None = None
+    init: Init  # zero_heads: q starts as N(0, I), G as a flat image
+    # The bounded prior's acceptance (prior "certified": `priors.certified`); unused otherwise.
+    acceptance_c_init: float
+    acceptance_mlp: tuple[int, ...]
+    truncation: int | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +63,11 @@ class ModelSpec:
         d["hidden"] = tuple(d["hidden"])
         d["channels"] = tuple(d["channels"])
         d.setdefault("init", "torch")  # model files written before the option existed
+        if "prior" not in d:  # model files written with the two flags pullback and certified
+            pullback, certified = d.pop("pullback"), d.pop("certified", False)
+            d["prior"] = "certified" if certified else "pullback" if pullback else "standard"
+        d.setdefault("acceptance_c_init", 0.0)
+        d.setdefault("truncation", None)
         d["acceptance_mlp"] = tuple(d.get("acceptance_mlp", ()))
         return cls(**d)
 
@@ -85,19 +89,8 @@ class VAEPP(nn.Module):
         )
         if spec.init == "zero_heads":
             zero_output_layers(self.encoder, self.decoder)
-        if spec.certified and not spec.pullback:
-            raise ValueError("a certified prior is a pull-back prior: it needs pullback=True")
-        # a(z) = sigmoid(c − β·D(G(z)) + h(z)); h's output layer starts at zero, so h ≡ 0 at first.
-        self.acceptance_c = nn.Parameter(torch.tensor(float(spec.acceptance_c_init))) if spec.certified else None
-        self.acceptance_mlp = None
-        if spec.certified and spec.acceptance_mlp:
-            self.acceptance_mlp = _mlp([spec.zdim, *spec.acceptance_mlp, 1])
-            nn.init.zeros_(self.acceptance_mlp[-1].weight)
-            nn.init.zeros_(self.acceptance_mlp[-1].bias)
-        if spec.certified:  # LARS's running Ẑ (forward value of the training log Z), starts at ½
-            self.register_buffer("z_ema", torch.tensor(0.5, dtype=torch.float64))
+        self.prior = build_prior(spec)  # before the flows: the order in which weights draw their init
         self.n_channels = c
-        self.xi = nn.Parameter(torch.zeros(()))  # β = w·sigmoid(ξ), ξ₀ = 0
         self.flows = PlanarFlows(spec.zdim, spec.n_flows) if spec.n_flows > 0 else None
         # The paper's "learnable scalar γ": one log-scale shared by every pixel (FID runs).
         self.log_gamma = (
@@ -107,13 +100,11 @@ class VAEPP(nn.Module):
     # ----- parameters of the prior -------------------------------------------------------
     @property
     def beta(self) -> Tensor:
-        """β = w·sigmoid(ξ) for VAEPP; exactly 0 for the plain VAE."""
-        if not self.spec.pullback:
-            return torch.zeros((), device=self.xi.device)
-        return prior.beta_from_xi(self.xi, self.spec.beta_max)
+        """The prior's β: w·sigmoid(ξ) with a critic; exactly 0 for N(0, I)."""
+        return self.prior.beta
 
     def model_parameters(self) -> list[nn.Parameter]:
-        """Encoder, decoder, flows, γ and ξ: everything but the critic."""
+        """Encoder, decoder, flows, γ and the prior's parameters: everything but the critic."""
         critic_ids = {id(p) for p in self.critic.parameters()}
         return [p for p in self.parameters() if id(p) not in critic_ids]
 
@@ -187,31 +178,13 @@ class VAEPP(nn.Module):
         return self.critic(images.reshape(-1, *images.shape[-3:])).view(lead)
 
     # ----- prior -------------------------------------------------------------------------
-    def log_acceptance(self, z: Tensor, critic_on_decoded: Tensor) -> Tensor:
-        """log a(z) of a certified prior (`prior.log_acceptance`): z (..., Z), D(G(z)) (...) → (...)."""
-        extra = None if self.acceptance_mlp is None else self.acceptance_mlp(z).squeeze(-1)
-        return prior.log_acceptance(critic_on_decoded, self.beta, self.acceptance_c, extra)
-
     def log_f_from_raw(self, z: Tensor, raw: Tensor) -> Tensor:
-        """log f(z) (`prior.log_f`) reusing an existing decoder pass `raw`; the plain VAE's
-        β ≡ 0 leaves log N(z; 0, I) without a critic pass. A certified prior's f is
-        N(z; 0, I)·a(z), a ∈ (0, 1) (so Z ≤ 1). z (..., Z) → (...), nats."""
-        if not self.spec.pullback:
-            return log_standard_normal(z)
-        d = self.critic_images(self.image_mean(raw))
-        if self.spec.certified:
-            return log_standard_normal(z) + self.log_acceptance(z, d)
-        return prior.log_f(z, d, self.beta)
-
-    def log_acceptance_of(self, z: Tensor) -> Tensor:
-        """log a(z) of a certified prior, decoding z: (..., Z) → (...)."""
-        return self.log_acceptance(z, self.critic_images(self.image_mean(self.decode(z))))
+        """The prior's log f(z) reusing an existing decoder pass `raw` of z: (..., zdim) → (...), nats."""
+        return self.prior.log_f(self, z, raw)
 
     def log_f(self, z: Tensor) -> Tensor:
-        """log f(z) in nats, Gaussian constant kept: (..., Z) → (...)."""
-        if not self.spec.pullback:
-            return log_standard_normal(z)
-        return self.log_f_from_raw(z, self.decode(z))
+        """The prior's log f(z) in nats, Gaussian constant kept: (..., zdim) → (...)."""
+        return self.prior.log_f(self, z)
 
     def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """One decoder pass serves both: x (B, C, H, W), z (n, B, Z) → (n, B), (n, B)."""

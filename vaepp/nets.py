@@ -13,13 +13,13 @@ the paper's Algorithm 1 line 14 swaps the roles).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-Arch = Literal["mlp", "resnet", "resnet_map"]
+from .options import Arch
+
 SLOPE = 0.2  # LeakyReLU negative slope used throughout (authors' code)
 
 

@@ -23,13 +23,13 @@ sums over the rows a process holds (`penalty_sum`), so that W processes add up t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-PenaltyKind = Literal["wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2"]
-PENALTY_KINDS: tuple[str, ...] = ("wgan_gp", "wgan_gp_classic", "wgan_div_1", "wgan_div_2")
+from .options import PenaltyKind, choices
+
+PENALTY_KINDS = choices(PenaltyKind)
 
 
 def critic_grad_norm(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

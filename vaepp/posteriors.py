@@ -6,14 +6,13 @@ All densities are in nats; z has shape (n, B, Z) for n samples of each of B post
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-PosteriorKind = Literal["normal", "truncated"]
+from .options import PosteriorKind
 
 LOG_2PI = math.log(2.0 * math.pi)
 TRUNCATION = 2.0  # in standard deviations

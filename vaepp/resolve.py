@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .config import LatentGANParams, RunConfig, TrainParams
 from .model import ModelSpec
-from .train import Algorithm
 
 
 def likelihood(run: RunConfig, binary: bool) -> str:
@@ -27,7 +26,7 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
     """Likelihood "auto": Bernoulli on binary data, discretised logistic otherwise; posterior
     "auto": Normal truncated at ±2σ with a Bernoulli likelihood (the paper's default on binary
     data), Normal otherwise.
-    `vaepp_flow` runs add `model.n_flows` planar flows; `vae` runs have no pull-back (β ≡ 0)."""
+    The prior is the run's `prior`; `model.n_flows` planar flows on the posterior (0: none)."""
     m = run.model
     lik = likelihood(run, binary)
     posterior = m.posterior if m.posterior != "auto" else ("truncated" if lik == "bernoulli" else "normal")
@@ -41,11 +40,10 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
         channels=tuple(m.channels),
         posterior=posterior,
         log_sigma_min=m.log_sigma_min,
-        n_flows=m.n_flows if run.algorithm == "vaepp_flow" else 0,
-        pullback=run.algorithm != "vae",
+        n_flows=m.n_flows,
+        prior=run.prior,
         beta_max=m.beta_max,
         init=m.init,
-        certified=run.algorithm == "certified",
         acceptance_c_init=m.acceptance_c_init,
         acceptance_mlp=tuple(m.acceptance_mlp),
         truncation=m.truncation,
@@ -86,6 +84,14 @@ def latent_gan_params(run: RunConfig, binary: bool) -> LatentGANParams:
     return g.model_copy(update=update)
 
 
-def train_algorithm(run: RunConfig) -> Algorithm:
-    """The training algorithm of a run: `vaepp_flow` trains as VAEPP (Algorithm 2) with flows."""
-    return "vaepp" if run.algorithm == "vaepp_flow" else run.algorithm
+def method(run: RunConfig) -> str:
+    """The paper's name of a run's method, for matching its tables: "vae" (prior N(0, I)),
+    "naive_vaepp" (pull-back prior, Algorithm 1), "vaepp" (Algorithm 2), "vaepp_flow" (Algorithm 2
+    with planar flows) or "certified" (this project's bounded pull-back prior)."""
+    if run.prior == "standard":
+        return "vae"
+    if run.prior == "pullback":
+        if run.train.algorithm == "naive":
+            return "naive_vaepp"
+        return "vaepp_flow" if run.model.n_flows > 0 else "vaepp"
+    return run.prior

