@@ -98,12 +98,7 @@ def build(params: Path, run_name: str) -> Built:
     from vaepp.model import VAEPP
     from vaepp.resolve import model_spec
 
-    run = load_run(params, run_name)
-    if run.data.dataset not in DATASETS:
-        raise ValueError(
-            f"{params}: data.dataset = {run.data.dataset!r} has no known image shape in "
-            f"vaepp/datasets.py; bench one of {', '.join(DATASETS)}"
-        )
+    run = load_run(params, run_name)  # its dataset is a registry name (config validates it)
     shape, binary, n_prepared = DATASETS[run.data.dataset]
     n_train = n_prepared - run.data.n_valid  # the training split, as `vaepp.data.split_prepared` cuts it
     if n_train < 1:
@@ -227,15 +222,15 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
     block is kept too. seconds/epoch = seconds/step × ⌊n_train / batch⌋.
     """
-    from vaepp.resolve import train_algorithm, train_params
+    from vaepp.resolve import method, train_params
     from vaepp.train import make_optimizers, train_step
 
     setups = {}
     for name in runs:
         b = build(params, name)
-        spec, algorithm = train_params(b.run, b.binary), train_algorithm(b.run)
+        spec, algorithm = train_params(b.run, b.binary), method(b.run)
         model = b.model.train()
-        opts = make_optimizers(model, spec, algorithm)
+        opts = make_optimizers(model, spec)
         gen = torch.Generator().manual_seed(2)
         data = torch.randint(0, 256, (spec.batch_size * 8, *b.image_shape), generator=gen, dtype=torch.uint8)
         setups[name] = (b, spec, algorithm, model, opts, data)
@@ -247,7 +242,7 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
         t0 = time.perf_counter()
         for s in range(n):
             e = data[(s % n_batches) * B : (s % n_batches + 1) * B].float().div_(255.0)
-            train_step(model, opts, e, spec, algorithm, n_train=b.n_train)
+            train_step(model, opts, e, spec, n_train=b.n_train)
         return time.perf_counter() - t0
 
     blocks: dict[str, list[float]] = {name: [] for name in runs}

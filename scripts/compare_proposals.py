@@ -39,9 +39,10 @@ from vaepp.artifacts import load_vae  # noqa: E402
 from vaepp.config import load_params, resolve_run  # noqa: E402
 from vaepp.data import subset_indices  # noqa: E402
 from vaepp.evaluate import unit_batches  # noqa: E402
-from vaepp.importance import defensive_proposal  # noqa: E402
 from vaepp.files import atomic_write_csv, atomic_write_json  # noqa: E402
+from vaepp.importance import defensive_proposal  # noqa: E402
 from vaepp.nll import estimate_nll  # noqa: E402
+from vaepp.resolve import method  # noqa: E402
 
 # (α, k): the weight of the wide component and its width in σ; None = the paper's q(z|e)
 GRID = [None, (1.0, 1.0), (0.5, 1.5), (0.5, 2.0), (0.2, 2.0), (0.5, 3.0), (0.2, 4.0), (1.0 / 3.0, 4.0)]
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {
                     "run": run_name,
-                    "algorithm": run.algorithm,
+                    "algorithm": method(run),
                     "proposal": _name(setting),
                     "weight": None if setting is None else setting[0],
                     "width": None if setting is None else setting[1],

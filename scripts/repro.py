@@ -41,9 +41,9 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 def lane_order(runs: dict[str, str]) -> list[str]:
-    """Run names, costliest first: {name: algorithm} → pull-back runs, then plain VAEs, each in
-    params order (a plain VAE trains about 3× faster than a pull-back run)."""
-    return sorted(runs, key=lambda name: runs[name] == "vae")
+    """Run names, costliest first: {name: prior} → runs with a critic, then plain VAEs (prior
+    standard), each in params order (a plain VAE trains about 3× faster than a pull-back run)."""
+    return sorted(runs, key=lambda name: runs[name] == "standard")
 
 
 def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"params.yaml: {err}", file=sys.stderr)
         return 2
-    runs = {name: run.algorithm for name, run in params.runs.items()}
+    runs = {name: run.prior for name, run in params.runs.items()}
     if args.runs:
         unknown = set(args.runs.split(",")) - set(runs)
         if unknown:
             print(f"--runs: no such run {', '.join(sorted(unknown))}; defined: {', '.join(runs)}", file=sys.stderr)
             return 2
-        runs = {name: algorithm for name, algorithm in runs.items() if name in args.runs.split(",")}
+        runs = {name: prior for name, prior in runs.items() if name in args.runs.split(",")}
     cores = os.cpu_count() or 1
     try:
         jobs = max(1, int(os.environ.get("REPRO_JOBS", min(cores, len(runs)))))

@@ -138,8 +138,8 @@ def choose_omp_wait_policy(environ=None, busy: Callable[[], float | None] = busy
 
 
 def is_stage_script(argv: list[str]) -> bool:
-    """True in the process of a stage: `python -m stages.<name>` (argv[0] is then the module's
-    file) or `python stages/<name>.py`; false for `python -c`, the test runner, a benchmark."""
+    """True in the process of a stage, `python -m stages.<name>` (argv[0] is then the module's
+    file, also under torchrun); false for `python -c`, the test runner, a benchmark."""
     return bool(argv) and argv[0] not in ("", "-c", "-m") and Path(argv[0]).resolve().parent == ROOT / "stages"
 
 

@@ -1,7 +1,7 @@
 """prepare-data: fetch, verify and write one dataset in the prepared form (data/<dataset>/).
 
 Outputs: data/<dataset>/{train.pt, test.pt, meta.json} (the format: vaepp/data.py; the sources:
-vaepp/fetch_data.py). Downloads are cached under $VAEPP_CACHE or ~/.cache/vaepp and shared by every
+acquire/datasets.py). Downloads are cached under $VAEPP_CACHE or ~/.cache/vaepp and shared by every
 checkout and experiment; a dataset that cannot be had (offline, no registry source) stops the
 stage with one line naming the remedy.
 """

@@ -22,7 +22,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _train(args, run, ctx) -> int:
-    from vaepp import artifacts, checkpoints, evaluate, fit
+    from vaepp import artifacts, checkpoints, evaluate, fit, resolve
     from vaepp.files import atomic_write_csv, atomic_write_json
 
     splits = inputs.load_data(args.data, run)  # the training split is fitted, the validation split monitored
@@ -47,7 +47,7 @@ def _train(args, run, ctx) -> int:
             "dataset": run.data.dataset,
             **evaluate.training_summary(
                 result.history,
-                algorithm=run.algorithm,
+                algorithm=resolve.method(run),
                 n_train=int(images.shape[0]),
                 seconds=result.seconds,
                 resumed_from_epoch=result.resumed_from_epoch,

@@ -38,7 +38,7 @@ def latent_gan_params(**overrides) -> LatentGANParams:
 
 def model_spec(image_shape: tuple[int, int, int] = (1, 28, 28), *, binary: bool = True, **overrides) -> ModelSpec:
     """The tiny profile's VAEPP model for images of `image_shape` ("auto" resolved for binary or
-    grey-level data), with `overrides` of ModelSpec fields (e.g. pullback=False, hidden=(8,))."""
+    grey-level data), with `overrides` of ModelSpec fields (e.g. prior="standard", hidden=(8,))."""
     return dataclasses.replace(_model_spec(resolve_run(tiny(), "vaepp"), image_shape, binary), **overrides)
 
 

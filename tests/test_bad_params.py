@@ -42,7 +42,8 @@ BAD_PARAMS = [  # (id, change to the tiny profile, needles of the one line)
     ("zdim-negative", {"model.zdim": -3}, ["model.zdim = -3", "greater than 0"]),
     ("lr-negative", {"train.lr": -1.0e-4}, ["train.lr = -0.0001", "greater than 0"]),
     ("dataset-unknown", {"data.dataset": "imagenet"}, ["data.dataset = 'imagenet'", "'mnist'"]),
-    ("algorithm-unknown", {"runs.vaepp.algorithm": "gan"}, ["runs.vaepp.algorithm = 'gan'", "'vaepp'"]),
+    ("prior-unknown", {"runs.vaepp.prior": "gan"}, ["runs.vaepp.prior = 'gan'", "'pullback'"]),
+    ("algorithm-unknown", {"train.algorithm": "gan"}, ["train.algorithm = 'gan'", "'naive' or 'vaepp'"]),
     ("penalty-unknown", {"train.penalty": "wgan"}, ["train.penalty = 'wgan'", "'wgan_gp'"]),
     ("key-misspelt", {"model.zdm": 3}, ["model.zdm = 3", "unknown key"]),
     ("run-override-bad", {"runs.vaepp.model": {"zdim": 0}}, ["runs.vaepp.model.zdim = 0", "greater than 0"]),
@@ -51,13 +52,13 @@ BAD_PARAMS = [  # (id, change to the tiny profile, needles of the one line)
         {"runs.vaepp.data": {"dataset": "fashion_mnist"}},
         ["runs.vaepp", "'fashion_mnist'", "not prepared", "datasets"],
     ),
-    ("run-missing", {"runs": {"vae": {"algorithm": "vae"}}}, ["runs.vaepp", "no such run", "vae"]),
+    ("run-missing", {"runs": {"vae": {"prior": "standard"}}}, ["runs.vaepp", "no such run", "vae"]),
     ("beta-max-infinite", {"model.beta_max": float("inf")}, ["model.beta_max = inf", "finite"]),
     ("zdim-boolean", {"model.zdim": True}, ["model.zdim = True", "boolean"]),
     ("yaml-syntax", "runs: [\n", ["not valid YAML", "line"]),
     ("not-utf8", b"\xff\xfe m\x00o\x00", ["not UTF-8"]),
 ]
-CORE = ("zdim-negative", "algorithm-unknown", "run-missing", "yaml-syntax")  # the rest: slow
+CORE = ("zdim-negative", "prior-unknown", "run-missing", "yaml-syntax")  # the rest: slow
 
 
 def write_bad(path: Path, change) -> None:
@@ -129,7 +130,10 @@ def bad_values(info) -> list:
         arms = [a for a in get_args(ann) if a is not type(None)]
         if any(get_origin(a) is Literal for a in arms):
             out.append("not_a_choice")
-        (ann,) = [a for a in arms if get_origin(a) is not Literal]
+        rest = [a for a in arms if get_origin(a) is not Literal]
+        if not rest:  # choices only, e.g. "auto" or a likelihood (`vaepp.options`)
+            return ["not_a_choice", 3, ["mnist"]]
+        (ann,) = rest
         if get_origin(ann) is Annotated:
             ann, *extra = get_args(ann)
             metadata += [m for e in extra for m in getattr(e, "metadata", [e])]

@@ -11,6 +11,8 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
+from vaepp.logz import log_z_ais, log_z_reverse_ais
+from vaepp.posteriors import log_standard_normal
 from vaepp.resampled import (
     bernstein_width,
     hoeffding_width,
@@ -19,8 +21,6 @@ from vaepp.resampled import (
     log_z_certificate,
     rejection_sample,
 )
-from vaepp.logz import log_z_ais, log_z_reverse_ais
-from vaepp.posteriors import log_standard_normal
 
 ZDIM = 4
 

@@ -33,7 +33,6 @@ def test_corrupt_checkpoints_and_models_are_refused_by_name(reference, tmp_path)
         VAEPP(model_spec((1, 28, 28), zdim=3, hidden=(8,))),
         torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8),
         train_params(epochs=1, batch_size=32, n_prior_samples=8),
-        "vaepp",
         checkpoint=Checkpoint(genuine / CKPT),
     )
     files = [(genuine, CKPT), (reference, VAE)]

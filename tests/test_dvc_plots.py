@@ -53,7 +53,7 @@ def _declared() -> dict[str, dict]:
     return {k: v for item in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in item.items()}
 
 
-def _curve(run: str, algorithm: str, tag: str) -> dict[str, np.ndarray]:
+def _curve(run: str, prior: str, tag: str) -> dict[str, np.ndarray]:
     """Training-curve columns shaped like the train stage's: a falling loss, β rising towards its
     bound and a drifting log Z for pull-back runs; 0 for β and log Z in the plain VAE."""
     n = EPOCHS[tag]
@@ -61,7 +61,7 @@ def _curve(run: str, algorithm: str, tag: str) -> dict[str, np.ndarray]:
     offset = 3.0 * (sum(map(ord, run)) % 7) + (0.0 if tag == "baseline" else -6.0)
     recon = 80.0 + 70.0 * np.exp(-(epoch - 1) / 2.0) + offset
     kl = 15.0 + 5.0 * (1 - np.exp(-epoch / 3.0))
-    pull = algorithm != "vae"
+    pull = prior != "standard"
     beta = (5.0 + offset / 10 + 4.0 * (1 - np.exp(-epoch / (3.0 if tag == "baseline" else 5.0)))) if pull else 0 * epoch
     log_z = (11.0 + offset / 3 - 0.9 * epoch + 0.3 * np.sin(epoch)) if pull else 0.0 * epoch
     return {
@@ -81,7 +81,7 @@ def _curve(run: str, algorithm: str, tag: str) -> dict[str, np.ndarray]:
 def _write_curves(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
     curves = {}
     for run, spec in _runs().items():
-        curves[run] = cols = _curve(run, spec["algorithm"], tag)
+        curves[run] = cols = _curve(run, spec["prior"], tag)
         path = repo / "plots" / run / "train_curve.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [",".join(cols)] + [
@@ -249,7 +249,7 @@ def test_cross_run_charts_name_every_run_of_params():
         want = {
             f"plots/{run}/train_curve.csv"
             for run, spec in runs.items()
-            if column in ("loss", "monitor_valid_nll") or spec["algorithm"] != "vae"
+            if column in ("loss", "monitor_valid_nll") or spec["prior"] != "standard"
         }
         got = declared[plot_id]["y"]
         assert set(got) == want and set(got.values()) == {column}, (

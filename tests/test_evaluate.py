@@ -15,14 +15,26 @@ from vaepp.log_z_monitor import log_z_monitor
 from vaepp.log_z_protocol import headline_log_z_stderr
 from vaepp.nll_protocol import nll_protocol
 from vaepp.posteriors import log_standard_normal
+from vaepp.priors import PRIORS
+
+
+def fake_prior(kind: str, truncation: int | None = None) -> SimpleNamespace:
+    """What the protocols read from a model's prior (`vaepp.priors`), with the flags of the real
+    prior `kind`."""
+    real = PRIORS[kind]
+    return SimpleNamespace(
+        kind=kind, exact_log_z=real.exact_log_z, has_certificate=real.has_certificate, truncation=truncation
+    )
 
 
 class PullbackLinearVAE(LinearGaussianVAE):
-    """The linear-Gaussian VAE with the attributes the protocol reads from a trained model."""
+    """The linear-Gaussian VAE with the attributes the protocol reads from a trained model; with
+    prior "standard" its β is 0 (p = N(0, I))."""
 
-    def __init__(self, beta: float, pullback: bool = True):
-        super().__init__(beta=beta if pullback else 0.0)
-        self.spec = SimpleNamespace(pullback=pullback, likelihood="gaussian", certified=False, truncation=None)
+    def __init__(self, beta: float, prior: str = "pullback"):
+        super().__init__(beta=beta if prior != "standard" else 0.0)
+        self.spec = SimpleNamespace(prior=prior, likelihood="gaussian", truncation=None)
+        self.prior = fake_prior(prior)
         self.zdim = ZDIM
 
     def log_f(self, z):
@@ -85,7 +97,7 @@ def test_every_log_z_estimate_and_the_headline_nll_match_the_exact_values():
 
 
 def test_plain_vae_has_log_z_zero_exactly_and_runs_no_estimator():
-    model = PullbackLinearVAE(beta=1.5, pullback=False)
+    model = PullbackLinearVAE(beta=1.5, prior="standard")
     out = nll_protocol(model, DistContext(), images(8, 1), images(8, 2), params(), device="cpu")
     assert out["log_z"] == {} and out["log_z_headline"] == "exact"
     assert out["nll_nats_by_log_z"] == {"exact": out["nll_nats"]}
@@ -160,7 +172,7 @@ def test_the_training_monitor_finds_the_exact_log_z_and_nll_of_the_linear_case()
     exact = -model.exact_log_px(valid.double().div(255.0)).mean().item()
     # the same images: only the importance sampler's error and log Ẑ's separate the two
     assert abs(out["monitor_valid_nll"] - exact) < 0.05 + abs(out["monitor_log_z"] - model.log_z)
-    plain = log_z_monitor(PullbackLinearVAE(beta=1.5, pullback=False), valid, mp, device="cpu")
+    plain = log_z_monitor(PullbackLinearVAE(beta=1.5, prior="standard"), valid, mp, device="cpu")
     assert plain["monitor_log_z"] == 0.0 and "monitor_log_z_ais" not in plain
 
 
@@ -174,6 +186,7 @@ def test_headline_log_z_error_is_the_certificates_half_width_for_a_certified_run
 
 def test_a_certified_prior_with_a_truncated_sampler_has_no_nll_protocol():
     model = PullbackLinearVAE(beta=1.0)
-    model.spec = SimpleNamespace(pullback=True, likelihood="gaussian", certified=True, truncation=4)
+    model.spec = SimpleNamespace(prior="certified", likelihood="gaussian", truncation=4)
+    model.prior = fake_prior("certified", truncation=4)
     with pytest.raises(ValueError, match="model.truncation"):
         nll_protocol(model, DistContext(), images(8, 1), images(4, 2), params(), device="cpu")

@@ -73,6 +73,21 @@ def test_unresolved_auto_is_refused():
         _gan(3, latent_gan_params(noise_dim="auto"))
 
 
+def test_a_non_finite_critic_loss_stops_the_fit_before_its_step():
+    """A NaN in the latents fitted: NonFiniteLossError (the fits' one error for it) naming the loss,
+    the epoch and the step, and the critic left as it was."""
+    from vaepp.optim import NonFiniteLossError
+
+    pool = torch.randn(64, 3)
+    pool[::2] = float("nan")  # half the rows: every critic batch draws some
+    gan = _gan(3, latent_gan_params(hidden=(8,), critic_hidden=(8,)))
+    before = {k: v.clone() for k, v in gan.state_dict().items()}
+    spec = latent_gan_params(hidden=(8,), critic_hidden=(8,), epochs=1, batch_size=64, n_critic=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite latent-GAN critic loss \(nan\) at epoch 1, step 0"):
+        fit_latent_gan(gan, lambda: pool, spec)
+    assert all(torch.equal(v, gan.state_dict()[k]) for k, v in before.items())
+
+
 def test_learning_rate_halves_on_schedule():
     """lr_halve_every = 1: epochs log lr, lr/2, lr/4; the first epoch matches a fit that never
     halves, the later ones do not (the optimisers use the logged rate)."""

@@ -1,6 +1,6 @@
-"""Two epochs of each algorithm on real MNIST (the offline-verified 60k training images, the
-embedded default's networks) on the CPU: the loss must fall from the first epoch to the second
-and stay finite. About a minute in all on 2 cores."""
+"""Two epochs of each method (VAE, Naive VAEPP, VAEPP) on real MNIST (the offline-verified 60k
+training images, the embedded default's networks) on the CPU: the loss must fall from the first
+epoch to the second and stay finite. About a minute in all on 2 cores."""
 
 import math
 

@@ -22,6 +22,7 @@ from stage_args import report_files, stage_argv
 from vaepp import report
 from vaepp.config import load_params, parse_params, resolve_run
 from vaepp.report import Measured
+from vaepp.resolve import method
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "profiles" / "paper.yaml"
@@ -133,7 +134,7 @@ def test_paper_profile_has_a_run_for_every_measurable_cell(tmp_path):
     assert len(cells) >= 30
     orphans = [(t, c) for t, c, m in cells if m.run is None]
     assert not orphans, orphans
-    cifar = [resolve_run(params, n) for n, r in params.runs.items() if r.algorithm == "vaepp"]
+    cifar = [run for run in (resolve_run(params, n) for n in params.runs) if method(run) == "vaepp"]
     sweep = sorted(r.model.zdim for r in cifar if r.data.dataset == "cifar10" and r.train.penalty == "wgan_div_1")
     assert sweep == [64, 128, 256, 512, 1024]  # Figure 4's dim-z sweep (128: the FID run)
 
@@ -264,20 +265,17 @@ def test_every_paper_run_goes_through_every_stage(tiny_paper_study):
         run = resolve_run(params, name)
         nll = json.loads((work / "metrics" / name / "nll.json").read_text())
         assert nll["n_importance_total"] == 4 * 2 * 4 and nll["stand_in"]
-        expect = {"exact"} if run.algorithm == "vae" else {"paper_q", "prior_is", "ais"}
-        if run.algorithm == "certified":
+        expect = {"exact"} if run.prior == "standard" else {"paper_q", "prior_is", "ais"}
+        if run.prior == "certified":
             expect |= {"certificate", "reverse_ais"}
             assert nll["log_z_headline"] == "certificate", name
         assert set(nll["nll_nats_by_log_z"]) == expect, name
         ckpt = torch.load(work / "models" / name / "vae.pt", weights_only=True)
         spec = ckpt["model_spec"]
-        assert (spec["arch"], spec["zdim"], spec["pullback"]) == (
-            run.model.arch,
-            run.model.zdim,
-            run.algorithm != "vae",
-        )
+        assert (spec["arch"], spec["zdim"], spec["prior"]) == (run.model.arch, run.model.zdim, run.prior)
+        assert ckpt["train_spec"]["algorithm"] == run.train.algorithm
         assert spec["arch"] in ("resnet", "resnet_map") and spec["init"] == "zero_heads"
-        assert spec["n_flows"] == (20 if run.algorithm == "vaepp_flow" else 0)
+        assert spec["n_flows"] == (20 if method(run) == "vaepp_flow" else 0)
         assert spec["likelihood"] == run.model.likelihood
         assert tuple(spec["image_shape"]) == SHAPES.get(run.data.dataset, (1, 28, 28))
         assert (work / "samples" / name / "grid.png").is_file()

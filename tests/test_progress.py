@@ -106,7 +106,7 @@ def test_nll_protocol_is_the_same_with_progress_and_reports_log_z_and_the_runnin
 
 
 def test_nll_progress_of_the_plain_vae_is_the_nll_alone():
-    model = PullbackLinearVAE(beta=1.0, pullback=False)
+    model = PullbackLinearVAE(beta=1.0, prior="standard")
     small = params().model_copy(update={"n_importance": 20, "batch_images": 8})
     train, test = images(8, 1), images(16, 2)
     plain = nll_protocol(model, DistContext(), train, test, small, device="cpu")

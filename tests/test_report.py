@@ -43,11 +43,11 @@ NEW_NLL_KEYS = (
 
 def _params(root: Path, extra_runs: dict | None = None) -> Path:
     runs = {
-        "vae": {"algorithm": "vae"},
-        "naive_vaepp": {"algorithm": "naive_vaepp"},
-        **{name: {"algorithm": "vaepp", "model": {"zdim": z}} for name, z in SWEEP.items()},
-        "vaepp_missing": {"algorithm": "vaepp", "model": {"zdim": 64}},  # defined, never run
-        "cifar_vaepp": {"algorithm": "vaepp", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
+        "vae": {"prior": "standard"},
+        "naive_vaepp": {"prior": "pullback", "train": {"algorithm": "naive"}},
+        **{name: {"prior": "pullback", "model": {"zdim": z}} for name, z in SWEEP.items()},
+        "vaepp_missing": {"prior": "pullback", "model": {"zdim": 64}},  # defined, never run
+        "cifar_vaepp": {"prior": "pullback", "data": {"dataset": "cifar10"}, "model": {"zdim": 128}},
         **(extra_runs or {}),
     }
     path = root / "params.yaml"
@@ -442,7 +442,7 @@ def test_adding_a_run_adds_a_row_and_a_dimz_point(study):
     points = report.dimz_points(runs)
     assert sorted(points.loc[points["algorithm"] == "vaepp", "zdim"]) == [8, 16, 32]
     written["vaepp_z64"] = _write_run(root, "vaepp_z64", "vaepp", 64, 9)
-    params2 = _params(root, {"vaepp_z64": {"algorithm": "vaepp", "model": {"zdim": 64}}})
+    params2 = _params(root, {"vaepp_z64": {"prior": "pullback", "model": {"zdim": 64}}})
     runs2, tabs2, page2 = _build(root, params2)
     points2 = report.dimz_points(runs2)
     assert len(runs2) == len(runs) + 1 and len(points2) == len(points) + 1
@@ -826,7 +826,7 @@ def _committed_dimz_study(root: Path, written: dict, edit_nll) -> np.ndarray:
         written[name]["nll"] = json.loads(nll_file.read_text())
     per_image = np.random.default_rng(5).normal(100.0, 20.0, 2000)
     _write_per_image(root, "vae", {"image": range(2000), "nll_nats": per_image})
-    runs = {name: {"algorithm": "vae", "model": {"zdim": z}} for name, z in DIMZ_SWEEP.items()}
+    runs = {name: {"prior": "standard", "model": {"zdim": z}} for name, z in DIMZ_SWEEP.items()}
     manifest = {"commit": "0123456789abcdef", "runs": runs}
     (root / "studies" / "dimz" / "manifest.json").write_text(json.dumps(manifest))
     return per_image

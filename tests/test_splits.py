@@ -132,7 +132,7 @@ OVERRIDES = {
     "train": {"epochs": 2, "batch_size": 16, "n_prior_samples": 16, "log_z_every": 1, "monitor": {"valid_images": 8}},
     "latent_gan": {"hidden": [8, 8], "critic_hidden": [8, 8], "epochs": 1, "batch_size": 16, "n_critic": 2},
     "nll": {"n_importance": 4, "n_passes": 1, "batch_images": 4},
-    "runs": {"vaepp": {"algorithm": "vaepp"}},
+    "runs": {"vaepp": {"prior": "pullback"}},
 }
 
 

@@ -387,7 +387,7 @@ def test_parent_carries_the_shared_params_once(repo, capsys):
 
     (repo / "params.yaml").write_text(
         "profile: tiny\ndevice: cpu\ndata: {dataset: mnist, n_test: 32}\nmodel: {zdim: 4, hidden: [32, 32]}\n"
-        "nll: {log_z: {ais_chains: 16}}\nruns: {vae: {algorithm: vae}, vaepp: {algorithm: vaepp}}\n"
+        "nll: {log_z: {ais_chains: 16}}\nruns: {vae: {prior: standard}, vaepp: {prior: pullback}}\n"
     )
     shared = inputs.shared_params(repo / "params.yaml")
     assert shared == {

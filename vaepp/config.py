@@ -117,7 +117,7 @@ class ModelParams(_Section):
 
 
 class MonitorParams(_Section):
-    """The training-time log-Z monitor (`evaluate.log_z_monitor`): an independent estimate of the
+    """The training-time log-Z monitor (`log_z_monitor.log_z_monitor`): an independent estimate of the
     current prior's log Z (AIS plus N(0, I)-IS) and the validation NLL under it, every
     `train.log_z_every` epochs."""
 

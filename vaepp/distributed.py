@@ -304,7 +304,7 @@ class _ShardedLogF(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, z: Tensor, log_f, ctx: DistContext) -> Tensor:
-        rows = z.reshape(-1, z.shape[-1])  # (R, Z)
+        rows = z.reshape(-1, z.shape[-1])  # (R, zdim)
         start, stop = row_range(rows.shape[0], ctx.rank, ctx.world)
         value, grad = log_f_and_grad(log_f, _local(rows, start, stop))  # this rank's rows
         n = rows.shape[0]
@@ -319,7 +319,7 @@ class _ShardedLogF(torch.autograd.Function):
 
 
 def sharded_log_f(ctx: DistContext, log_f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """log f: (..., Z) → (...) evaluated on this rank's share of the rows and all-gathered; when
+    """log f: (..., zdim) → (...) evaluated on this rank's share of the rows and all-gathered; when
     its input requires a gradient (AIS, MALA through `energy_from_log_f`) the gradient is exact
     to first order. For `log_z_q_based`, `log_z_prior_is`, `log_z_ais`."""
     if not ctx.distributed:
@@ -359,7 +359,7 @@ class ShardedLatentModel:
         return self.model.sample_q(mu, log_sigma, n, generator=generator)
 
     def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, ...), z (n, B, Z) → log p(x|z), log f(z), each (n, B)."""
+        """x (B, ...), z (n, B, zdim) → log p(x|z), log f(z), each (n, B)."""
         ctx = self.ctx
         if not ctx.distributed:
             return self.model.log_px_and_log_f(x, z)
@@ -370,7 +370,7 @@ class ShardedLatentModel:
             log_px, log_f = self.model.log_px_and_log_f(x, _local(z, start, stop))
             return (gather_rows(ctx, log_px[: stop - start], n=n), gather_rows(ctx, log_f[: stop - start], n=n))
         start, stop = row_range(b, ctx.rank, ctx.world)  # split the images
-        z_mine = _local(z.transpose(0, 1), start, stop).transpose(0, 1)  # (n, b_r, Z)
+        z_mine = _local(z.transpose(0, 1), start, stop).transpose(0, 1)  # (n, b_r, zdim)
         log_px, log_f = self.model.log_px_and_log_f(_local(x, start, stop), z_mine)
         return (gather_rows(ctx, log_px.T[: stop - start], n=b).T, gather_rows(ctx, log_f.T[: stop - start], n=b).T)
 

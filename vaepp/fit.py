@@ -110,7 +110,7 @@ def fit_run_latent_gan(
 ) -> tuple[LatentGAN, list[dict], dict, dict]:
     """The fit-latent-gan stage's work (paper §4.3): the latent GAN fitted, resuming a matching
     checkpoint, to the training images' posteriors: with `inputs` "mean" (resolved on Bernoulli
-    data) to the means μ(e) (N, Z), computed once; with "sample" to one draw z ~ q(z|e) per image,
+    data) to the means μ(e) (N, zdim), computed once; with "sample" to one draw z ~ q(z|e) per image,
     redrawn every epoch. Returns (gan, history, settings for `save_latent_gan`, moment gaps
     between 10⁴ GAN samples and the pool)."""
     params = latent_gan_params(run, meta["binary"])

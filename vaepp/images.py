@@ -11,7 +11,7 @@ from torch import Tensor
 
 @torch.inference_mode()
 def decode_images(model, z: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """G(z) for z (N, Z) as uint8 images (N, C, H, W), decoded in batches (on the CPU)."""
+    """G(z) for z (N, zdim) as uint8 images (N, C, H, W), decoded in batches (on the CPU)."""
     out = []
     for i in range(0, z.shape[0], batch_size):
         img = model.image_mean(model.decode(z[i : i + batch_size]))

@@ -152,7 +152,7 @@ def stream(
     """Draw n samples for each of `rows` targets and feed their values to the accumulators.
 
     draw(k) → a tuple of tensors whose first dimension holds k samples of every row (e.g. z
-    (k, R, Z) and log r (k, R)); called with k ≤ the plan's per-draw count (`plan`), in order, so
+    (k, R, zdim) and log r (k, R)); called with k ≤ the plan's per-draw count (`plan`), in order, so
     the random stream is fixed by n, rows and `block` (RNG_BLOCK everywhere but in tests).
     evaluate(*draws concatenated along dim 0) → one tensor of
     values (k, R) per accumulator. With `prefix`, the values of each row's first `prefix` samples
@@ -187,9 +187,9 @@ def defensive_proposal(
     width: float = DEFENSIVE_WIDTH,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """z (n, B, Z) ~ r(z|x) = (1 − α)·N(z; μ, σ²) + α·N(z; μ, (kσ)²) and log r(z|x) (n, B), nats.
+    """z (n, B, zdim) ~ r(z|x) = (1 − α)·N(z; μ, σ²) + α·N(z; μ, (kσ)²) and log r(z|x) (n, B), nats.
 
-    μ, log σ: (B, Z), the encoder's (for a truncated posterior its untruncated parent, for flows
+    μ, log σ: (B, zdim), the encoder's (for a truncated posterior its untruncated parent, for flows
     their base Gaussian); α = weight ∈ (0, 1], k = width ≥ 1. Each sample picks its component
     (u < α: the wide one) and is μ + s·σ·ε, s ∈ {1, k}, ε ~ N(0, I); its density sums both
     components, log r = logaddexp(log(1 − α) + log N(z; μ, σ²), log α + log N(z; μ, (kσ)²)), with
@@ -198,12 +198,12 @@ def defensive_proposal(
     """
     if not 0.0 < weight <= 1.0 or not width >= 1.0:
         raise ValueError(f"need weight in (0, 1] and width >= 1, got {weight}, {width}")
-    eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)  # (n, B, Z)
+    eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)  # (n, B, zdim)
     wide = torch.rand((n, mu.shape[0]), generator=generator, device=mu.device, dtype=mu.dtype) < weight
     scale = torch.where(wide, width, 1.0).unsqueeze(-1)  # (n, B, 1)
     sigma = torch.exp(log_sigma)
     z = mu + scale * sigma * eps
-    sq = eps.square() * scale.square()  # ((z − μ)/σ)², (n, B, Z)
+    sq = eps.square() * scale.square()  # ((z − μ)/σ)², (n, B, zdim)
     base = -log_sigma.sum(-1) - 0.5 * mu.shape[-1] * LOG_2PI  # (B,)
     zdim = mu.shape[-1]
     log_narrow = -0.5 * sq.sum(-1) + base

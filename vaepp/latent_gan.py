@@ -53,13 +53,13 @@ def _weight_normed_mlp(sizes: list[int], *, weight_norm: bool, final_activation:
 
 
 class LatentGAN(nn.Module):
-    """Generator g: u ~ N(0, I_noise) → z (Z) and critic D_z: z (Z) → ℝ, both MLPs.
+    """Generator g: u ~ N(0, I_noise) → z (zdim) and critic D_z: z (zdim) → ℝ, both MLPs.
 
     generator: noise_dim → hidden[0] → … → hidden[-1] → Z, LeakyReLU(0.2) after every hidden
     layer and, with generator_output = "leaky_relu" (authors), after the output layer too (a
     bijection of ℝ, so every z stays reachable). critic: Z → critic_hidden… → 1, LeakyReLU after
     every hidden layer, linear output. `weight_norm` puts weight normalisation on every hidden
-    layer of both (authors: generator 5 × 40, critic 6 × 40, noise of dim Z).
+    layer of both (authors: generator 5 × 40, critic 6 × 40, noise of dim zdim).
     """
 
     def __init__(
@@ -94,11 +94,11 @@ class LatentGAN(nn.Module):
         )
 
     def critic(self, z: Tensor) -> Tensor:
-        """D_z(z): (n, Z) → (n,)."""
+        """D_z(z): (n, zdim) → (n,)."""
         return self.critic_net(z).squeeze(-1)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """n latent samples z₀ = g(u), u ~ N(0, I_noise): (n, Z)."""
+        """n latent samples z₀ = g(u), u ~ N(0, I_noise): (n, zdim)."""
         device = device or next(self.parameters()).device
         noise = torch.randn(n, self.noise_dim, generator=generator, device=device)
         return self.generator(noise)
@@ -121,9 +121,9 @@ def latent_gan_settings(params: LatentGANParams, zdim: int) -> dict:
 
 @torch.inference_mode()
 def posterior_samples(encode_sample: Callable[[Tensor], Tensor], images: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """One latent row per image: images uint8 (N, C, H, W) → (N, Z), batched.
+    """One latent row per image: images uint8 (N, C, H, W) → (N, zdim), batched.
 
-    `encode_sample(e)` maps a float batch (b, C, H, W) in [0, 1] to (b, Z): one posterior draw
+    `encode_sample(e)` maps a float batch (b, C, H, W) in [0, 1] to (b, zdim): one posterior draw
     z ~ q(z|e) per image, or the posterior mean μ(e)."""
     out = []
     for i in range(0, images.shape[0], batch_size):
@@ -140,7 +140,7 @@ def critic_loss(
     params: LatentGANParams,
     ctx: DistContext = ONE_PROCESS,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Rank r's critic loss on its rows (noise u (b, noise), real z (b, Z), α (b, 1)) of a batch of
+    """Rank r's critic loss on its rows (noise u (b, noise), real z (b, zdim), α (b, 1)) of a batch of
     B, and the global metrics: critic_loss, wasserstein = mean D(fake) − mean D(real), penalty."""
     w = ctx.world
     with torch.no_grad():
@@ -173,7 +173,7 @@ def fit_latent_gan(
     progress: bool = False,
     checkpoint: Checkpoint | None = None,
 ) -> list[dict]:
-    """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns the (N, Z) tensor of "real"
+    """Fit the WGAN for `params.epochs` epochs. `sample_pool()` returns the (N, zdim) tensor of "real"
     latents at the start of every epoch (one row per training image: the posterior means, or a
     fresh posterior draw; the same on every rank). `params` must be resolved (no "auto"; see
     `vaepp.resolve.latent_gan_params`). Both optimisers' learning rate is lr · 0.5^⌊t / lr_halve_every⌋
@@ -271,7 +271,7 @@ def fit_latent_gan(
 
 
 def moment_gap(a: Tensor, b: Tensor) -> dict[str, float]:
-    """Distance between the first two moments of two (N, Z) samples: ‖μa − μb‖ and the
+    """Distance between the first two moments of two (N, zdim) samples: ‖μa − μb‖ and the
     Frobenius norm of Σa − Σb (a cheap check of what the GAN learnt)."""
     return {
         "mean_gap": float((a.mean(0) - b.mean(0)).norm()),

@@ -20,7 +20,7 @@ def log_z_monitor(model, valid: Tensor, params: MonitorParams, *, device: torch.
     NLL under it: what the training estimate log Z_train (`prior.log_z_train`) is checked against.
 
     valid: the uint8 validation images to score (N, C, H, W), all of them (the caller picks them:
-    `study.monitor_images`), with `params.n_importance` samples each from the NLL's default
+    `fit.monitor_images`), with `params.n_importance` samples each from the NLL's default
     full-support proposal (`importance.defensive_proposal`; a fresh
     binarisation on Bernoulli data). Returns, in nats: monitor_log_z (the larger of AIS and
     N(0, I)-IS: both are lower estimates in expectation), monitor_log_z_ais with

@@ -10,7 +10,7 @@ Three estimators, each returning a `LogZEstimate`:
 `log_z_reverse_ais` runs AIS backwards from exact samples of p_λ: a stochastic UPPER estimate of
 log Z, the other half of bidirectional Monte Carlo.
 
-They need only `log_f: (..., Z) → (...)`, log f with its Gaussian constant (so Z = 1 at β = 0),
+They need only `log_f: (..., zdim) → (...)`, log f with its Gaussian constant (so Z = 1 at β = 0),
 and, for gradient moves, autograd through it. Both N(0, I)-IS and AIS are unbiased for Z, hence by
 Jensen LOWER estimates of log Z in expectation; the larger is the less optimistic.
 """
@@ -80,8 +80,8 @@ def log_z_q_based(
     looks better than it is). The paper's "q̂ = q/N ≤ q(z)" argument would need the mixture
     density q(z) in the denominator, not one component. Never report this estimate alone.
 
-    batches: iterable of training batches e (B, ...); encode: e → (μ, log σ), each (B, Z), run
-    once per batch; sample_q(μ, log σ, n, generator=...) → (z (n, B, Z), log q (n, B)), as the
+    batches: iterable of training batches e (B, ...); encode: e → (μ, log σ), each (B, zdim), run
+    once per batch; sample_q(μ, log σ, n, generator=...) → (z (n, B, zdim), log q (n, B)), as the
     model's `sample_q`. The samples of a batch stream through `importance.stream` (draws of about
     RNG_BLOCK rows, chunks of about `chunk` rows). std_err pools all N·n weights as one sample, which over-states the
     error (the images are not resampled). Returns log_z in nats; extra carries
@@ -93,7 +93,7 @@ def log_z_q_based(
     n_images = 0
     with torch.inference_mode():
         for e in _progress(batches, progress, "log Z (paper q)"):
-            mu, log_sigma = encode(e)  # (B, Z) each
+            mu, log_sigma = encode(e)  # (B, zdim) each
             n_images += mu.shape[0]
             stream(
                 lambda k, mu=mu, log_sigma=log_sigma: sample_q(mu, log_sigma, k, generator=generator),
@@ -177,7 +177,7 @@ def annealing_schedule(n_temps: int, kind: Literal["linear", "sigmoid"] = "sigmo
 
 def _log_ratio_and_grad(log_f: LogF, z: Tensor) -> tuple[Tensor, Tensor]:
     """h(z) = log f(z) − log N(z; 0, I) (= −β·D(G(z))) and ∇h, by `prior.log_f_and_grad` applied
-    to the log-ratio. (M, Z) → (M,), (M, Z)."""
+    to the log-ratio. (M, zdim) → (M,), (M, zdim)."""
     return log_f_and_grad(lambda x: log_f(x) - log_standard_normal(x), z)
 
 
@@ -205,7 +205,7 @@ def _ais_seeds(
     step size adapted to its own acceptance rate, so a seed's run is the same as alone up to float
     rounding. Returns (log weights (S, M) float64, mean acceptance (S,), final step sizes (S,)).
 
-    `start` (S, M, Z), if given, replaces the N(0, I) draw as the chains' starting points (nothing is
+    `start` (S, M, zdim), if given, replaces the N(0, I) draw as the chains' starting points (nothing is
     drawn for them): with exact samples of p ∝ f and the reversed temperatures this is reverse AIS
     (`log_z_reverse_ais`). The loop itself does not depend on the direction of `temps`.
     `callback`, if given, is called after every temperature as callback("temps_done_fraction",
@@ -218,9 +218,9 @@ def _ais_seeds(
         return torch.cat([fn(shape, generator=g, device=device, dtype=dtype) for g in gens])
 
     if start is None:
-        z = draw(torch.randn, (n_chains, zdim))  # (S·M, Z) ~ π₀
+        z = draw(torch.randn, (n_chains, zdim))  # (S·M, zdim) ~ π₀
     else:
-        z = start.detach().reshape(n_seeds * n_chains, zdim).to(device=device, dtype=dtype)  # (S·M, Z) ~ π_{t₀}
+        z = start.detach().reshape(n_seeds * n_chains, zdim).to(device=device, dtype=dtype)  # (S·M, zdim) ~ π_{t₀}
     h, grad_h = _log_ratio_and_grad(log_f, z)
     log_w = torch.zeros(n_seeds * n_chains, dtype=torch.float64, device=z.device)
     alpha = torch.full((n_seeds,), float(step_size), dtype=torch.float64)
@@ -397,7 +397,7 @@ def log_z_reverse_ais(
     """A stochastic UPPER estimate of log Z by reverse AIS from p ∝ f to N(0, I) ("reverse_ais"):
     the upper half of bidirectional Monte Carlo (Grosse et al. 2015).
 
-    start: (S, M, Z) exact samples of p(z) = f(z)/Z, one block of M chains per seed (S = len(seeds)),
+    start: (S, M, zdim) exact samples of p(z) = f(z)/Z, one block of M chains per seed (S = len(seeds)),
     e.g. from a rejection sampler. The chains run the path of `log_z_ais` backwards, t = 1 → 0 over
     the reversed `annealing_schedule(n_temps, schedule)`, with the same kernels (MALA or HMC, step
     size adapted per seed): before the move at t_{k−1} each chain adds (t_{k−1} − t_k)·h(z) to its

@@ -10,7 +10,7 @@ and one MALA step from z is
     log q(z'|z) = −‖z' − z + α∇E(z)‖² / (4α),
     accept with probability min(1, exp(E(z) − E(z') + log q(z|z') − log q(z'|z))), per chain.
 
-Chains are the rows of z: (M, Z). Every operation is vectorised over the M chains; the only
+Chains are the rows of z: (M, zdim). Every operation is vectorised over the M chains; the only
 Python loop is over steps. The proposal pieces are public because the annealed importance
 sampler in `vaepp.logz` uses the same move on tempered energies.
 """
@@ -33,7 +33,7 @@ def energy_from_log_f(log_f: Callable[[Tensor], Tensor]) -> EnergyAndGrad:
     """E(z) = −log f(z) − (Z/2)·log 2π and ∇E(z) = −∇log f(z), from a log f with its constant.
 
     With log f(z) = log N(z; 0, I) − β·D(G(z)) this is exactly β·D(G(z)) + ½‖z‖² (paper §4.3).
-    Works inside `torch.inference_mode()`. z: (M, Z) → E (M,), ∇E (M, Z); E in nats.
+    Works inside `torch.inference_mode()`. z: (M, zdim) → E (M,), ∇E (M, zdim); E in nats.
     """
 
     def energy_and_grad(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,8 +44,8 @@ def energy_from_log_f(log_f: Callable[[Tensor], Tensor]) -> EnergyAndGrad:
 
 
 def langevin_proposal(z: Tensor, grad: Tensor, step_size: float | Tensor, generator=None, noise=None) -> Tensor:
-    """z' = z − α∇E(z) + √(2α)·ξ, ξ ~ N(0, I). z, grad: (M, Z) → (M, Z). α: a number, or one per
-    chain (M,); ξ is drawn from `generator` unless given as `noise` (M, Z)."""
+    """z' = z − α∇E(z) + √(2α)·ξ, ξ ~ N(0, I). z, grad: (M, zdim) → (M, zdim). α: a number, or one per
+    chain (M,); ξ is drawn from `generator` unless given as `noise` (M, zdim)."""
     if noise is None:
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
     if not isinstance(step_size, Tensor):
@@ -56,7 +56,7 @@ def langevin_proposal(z: Tensor, grad: Tensor, step_size: float | Tensor, genera
 
 def log_proposal_density(z_to: Tensor, z_from: Tensor, grad_from: Tensor, step_size: float | Tensor) -> Tensor:
     """log q(z_to | z_from) = −‖z_to − z_from + α∇E(z_from)‖² / (4α), up to a constant that is the
-    same in both directions and cancels in the acceptance ratio. (M, Z) → (M,); α a number or (M,)."""
+    same in both directions and cancels in the acceptance ratio. (M, zdim) → (M,); α a number or (M,)."""
     a = step_size if not isinstance(step_size, Tensor) else step_size[:, None]
     return -(z_to - z_from + a * grad_from).square().sum(-1) / (4.0 * step_size)
 
@@ -86,8 +86,8 @@ def mala(
 ) -> tuple[Tensor, float, dict]:
     """Run M MALA chains for n_steps on E(z) (paper §4.3).
 
-    energy_and_grad: z (M, Z) → (E (M,), ∇E (M, Z)); use `energy_from_log_f(log_f)` to build it
-    from a log f, or the model's `energy_and_grad`. z0: (M, Z) start points (e.g. latent-GAN
+    energy_and_grad: z (M, zdim) → (E (M,), ∇E (M, zdim)); use `energy_from_log_f(log_f)` to build it
+    from a log f, or the model's `energy_and_grad`. z0: (M, zdim) start points (e.g. latent-GAN
     samples, or N(0, I)).
 
     adapt: after each step, log α += adapt_rate·(acceptance − target_accept), one α shared by all
@@ -96,7 +96,7 @@ def mala(
     metropolis=False drops the accept/reject test: the unadjusted Langevin algorithm (ULA), whose
     stationary law is biased by O(α); kept to show what the correction removes.
 
-    Returns (z (M, Z), acceptance rate over all steps and chains, stats) with stats:
+    Returns (z (M, zdim), acceptance rate over all steps and chains, stats) with stats:
     "step_size" (final α), "acceptance_per_step" (n_steps,), "energy_mean_per_step" (n_steps,).
 
     callback: called after every step k (1-based) as callback("steps_done", k, k) and
@@ -110,7 +110,7 @@ def mala(
     if not step_size > 0.0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if z0.dim() != 2:
-        raise ValueError(f"z0 must have shape (M, Z), got {tuple(z0.shape)}")
+        raise ValueError(f"z0 must have shape (M, zdim), got {tuple(z0.shape)}")
     z = z0.detach().clone()
     energy, grad = energy_and_grad(z)
     alpha = float(step_size)

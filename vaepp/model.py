@@ -7,8 +7,6 @@ Shapes: images (B, C, H, W) in [0, 1]; latents (..., zdim); densities in nats.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -16,7 +14,6 @@ from torch import Tensor
 from .likelihoods import bernoulli_log_prob, discretized_logistic_log_prob
 from .mala import energy_from_log_f
 from .nets import build_networks, zero_output_layers
-from .options import Arch, Init, LikelihoodKind, LogisticScale, PosteriorKind, PriorKind
 from .posteriors import (
     LOG_2PI,
     LOG_TRUNCATED_MASS,
@@ -25,51 +22,9 @@ from .posteriors import (
     sample_standard,
 )
 from .priors import build_prior
+from .spec import ModelSpec
 
 LOGISTIC_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: bins stay resolvable in float32
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model; stored in every checkpoint. No defaults: the values
-    come from a run's `config.ModelParams` and `prior` (`vaepp.resolve.model_spec`) with "auto"
-    resolved."""
-
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    zdim: int
-    likelihood: LikelihoodKind
-    logistic_scale: LogisticScale
-    arch: Arch
-    hidden: tuple[int, ...]
-    channels: tuple[int, ...]
-    posterior: PosteriorKind
-    log_sigma_min: float
-    n_flows: int  # 0: no planar flows
-    prior: PriorKind  # vaepp.priors
-    beta_max: float  # w in β = w·sigmoid(ξ)
-    init: Init  # zero_heads: q starts as N(0, I), G as a flat image
-    # The bounded prior's acceptance (prior "certified": `priors.certified`); unused otherwise.
-    acceptance_c_init: float
-    acceptance_mlp: tuple[int, ...]
-    truncation: int | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
-        d = dict(d)
-        d["image_shape"] = tuple(d["image_shape"])
-        d["hidden"] = tuple(d["hidden"])
-        d["channels"] = tuple(d["channels"])
-        d.setdefault("init", "torch")  # model files written before the option existed
-        if "prior" not in d:  # model files written with the two flags pullback and certified
-            pullback, certified = d.pop("pullback"), d.pop("certified", False)
-            d["prior"] = "certified" if certified else "pullback" if pullback else "standard"
-        d.setdefault("acceptance_c_init", 0.0)
-        d.setdefault("truncation", None)
-        d["acceptance_mlp"] = tuple(d.get("acceptance_mlp", ()))
-        return cls(**d)
 
 
 class VAEPP(nn.Module):
@@ -110,18 +65,18 @@ class VAEPP(nn.Module):
 
     # ----- posterior ---------------------------------------------------------------------
     def encode(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """e (B, C, H, W) → μ, log σ, each (B, Z); log σ is floored at `log_sigma_min`."""
+        """e (B, C, H, W) → μ, log σ, each (B, zdim); log σ is floored at `log_sigma_min`."""
         mu, log_sigma = self.encoder(e)
         return mu, log_sigma.clamp(min=self.spec.log_sigma_min)
 
     def sample_q(
         self, mu: Tensor, log_sigma: Tensor, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """n reparameterised draws per posterior: z (n, B, Z) and log q(z | e) (n, B), nats."""
+        """n reparameterised draws per posterior: z (n, B, zdim) and log q(z | e) (n, B), nats."""
         eps = sample_standard(
             self.spec.posterior, (n, *mu.shape), device=mu.device, dtype=mu.dtype, generator=generator
         )
-        z = mu + torch.exp(log_sigma) * eps  # (n, B, Z)
+        z = mu + torch.exp(log_sigma) * eps  # (n, B, zdim)
         # log q from ε directly: Σ_d [−ε²/2 − log σ_d − log(2π)/2] (− Z·log 0.9545 if truncated).
         log_q = (-0.5 * eps.square() - log_sigma - 0.5 * LOG_2PI).sum(-1)
         if self.spec.posterior == "truncated":
@@ -132,7 +87,7 @@ class VAEPP(nn.Module):
         return z, log_q
 
     def log_q(self, z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
-        """log q(z | e) of given points z (n, B, Z) → (n, B). Not available with flows (the
+        """log q(z | e) of given points z (n, B, zdim) → (n, B). Not available with flows (the
         planar maps have no closed-form inverse); use the log q returned by `sample_q`."""
         if self.flows is not None:
             raise ValueError("log q of arbitrary points is not available with planar flows")
@@ -140,7 +95,7 @@ class VAEPP(nn.Module):
 
     # ----- decoder -----------------------------------------------------------------------
     def decode(self, z: Tensor, *, weights_fixed: bool = False) -> Tensor:
-        """z (..., Z) → raw decoder output (..., n_out·C, H, W). weights_fixed: G's weights are
+        """z (..., zdim) → raw decoder output (..., n_out·C, H, W). weights_fixed: G's weights are
         detached, so the output's gradient reaches z but not G (a certified prior's acceptance
         that does not train the decoder)."""
         lead = z.shape[:-1]
@@ -187,13 +142,13 @@ class VAEPP(nn.Module):
         return self.prior.log_f(self, z)
 
     def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """One decoder pass serves both: x (B, C, H, W), z (n, B, Z) → (n, B), (n, B)."""
+        """One decoder pass serves both: x (B, C, H, W), z (n, B, zdim) → (n, B), (n, B)."""
         raw = self.decode(z)
         return self.log_px(x, raw), self.log_f_from_raw(z, raw)
 
     def energy_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """MALA's E(z) = β·D(G(z)) + ½‖z‖² and ∇E (`mala.energy_from_log_f` of this log f).
-        z (M, Z) → (M,), (M, Z)."""
+        z (M, zdim) → (M,), (M, zdim)."""
         return energy_from_log_f(self.log_f)(z)
 
 

@@ -4,7 +4,7 @@ in two forms: `resnet` maps the trunk's features to the latent with a dense head
 binary-image networks); `resnet_map` lays the latent out as a small feature map with convolutional
 heads (the authors' CIFAR-10 networks: dim z 1024 as an 8×8×16 map).
 
-Shapes: images (B, C, H, W) in [0, 1]; the encoder returns (μ, log σ_raw), each (B, Z); the
+Shapes: images (B, C, H, W) in [0, 1]; the encoder returns (μ, log σ_raw), each (B, zdim); the
 decoder returns its raw output (B, n_out·C, H, W) which the model splits into likelihood
 parameters; the critic returns D(x), (B,). LOW D means "looks real" (as in the authors' code;
 the paper's Algorithm 1 line 14 swaps the roles).
@@ -76,7 +76,7 @@ class MLPEncoder(nn.Module):
         return self.net[-1]
 
     def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_sigma = self.net(e.flatten(1)).chunk(2, dim=-1)  # (B, Z) each
+        mu, log_sigma = self.net(e.flatten(1)).chunk(2, dim=-1)  # (B, zdim) each
         return mu, log_sigma
 
 
@@ -195,7 +195,7 @@ def latent_map_shape(image_shape: tuple[int, int, int], zdim: int, channels: lis
 
 class ResNetMapEncoder(nn.Module):
     """The ResNet trunk, then a 3×3 conv head to 2L channels on the h'×w' map: μ and log σ are
-    its first and last L channels, each flattened (channel-major) to (B, L·h'·w') = (B, Z). The
+    its first and last L channels, each flattened (channel-major) to (B, L·h'·w') = (B, zdim). The
     model floors log σ at `model.log_sigma_min` (−3 in the authors' CIFAR-10 runs)."""
 
     def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int]):
@@ -214,7 +214,7 @@ class ResNetMapEncoder(nn.Module):
 
 
 class ResNetMapDecoder(nn.Module):
-    """The map encoder's mirror: z (B, Z) viewed as (B, L, h', w') in the encoder's layout, a 3×3
+    """The map encoder's mirror: z (B, zdim) viewed as (B, L, h', w') in the encoder's layout, a 3×3
     conv to the top channel count, up-blocks back through `channels`, conv out, crop to H × W."""
 
     def __init__(self, image_shape: tuple[int, int, int], zdim: int, channels: list[int], n_out: int):

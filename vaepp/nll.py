@@ -27,7 +27,7 @@ from torch import Tensor
 from .importance import RNG_BLOCK, LogMeanExp, stream
 from .posteriors import log_standard_normal
 
-# (μ, log σ (B, Z), n, generator=) → z (n, B, Z) and log r(z|x) (n, B) in nats
+# (μ, log σ (B, zdim), n, generator=) → z (n, B, zdim) and log r(z|x) (n, B) in nats
 Proposal = Callable[..., tuple[Tensor, Tensor]]
 
 
@@ -36,15 +36,15 @@ class LatentModel(Protocol):
     fits, e.g. a linear-Gaussian model in tests). Shapes: B images, n samples each, Z = zdim."""
 
     def encode(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, ...) → μ, log σ, each (B, Z)."""
+        """(B, ...) → μ, log σ, each (B, zdim)."""
 
     def sample_q(
         self, mu: Tensor, log_sigma: Tensor, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """z (n, B, Z) ~ q(z|e) and log q(z|e) (n, B), in nats."""
+        """z (n, B, zdim) ~ q(z|e) and log q(z|e) (n, B), in nats."""
 
     def log_px_and_log_f(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, ...), z (n, B, Z) → log p(x|z) (n, B) and log f(z) (n, B) in nats, where
+        """x (B, ...), z (n, B, zdim) → log p(x|z) (n, B) and log f(z) (n, B) in nats, where
         log f(z) = log N(z; 0, I) − β·D(G(z)) keeps its Gaussian constant; one decoder pass."""
 
 
@@ -153,7 +153,7 @@ def estimate_nll(
         for e in batches:
             B = e.shape[0]
             dims_per_image = e[0].numel()
-            mu, log_sigma = model.encode(e)  # (B, Z) each, once per batch
+            mu, log_sigma = model.encode(e)  # (B, zdim) each, once per batch
             per_pass: dict[str, list[Tensor]] = {k: [] for k in parts}
             for _ in range(n_passes):
                 x = torch.bernoulli(e, generator=binarize_generator or generator) if binarize else e

@@ -6,11 +6,16 @@ Each is a `Literal`; `choices(Option)` gives its values as a tuple.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, get_args
 
-# The prior p(z) (vaepp/priors/): N(0, I); the paper's pull-back prior N(z; 0, I)·exp(−β·D(G(z)))/Z;
-# this project's bounded pull-back prior N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z, with a certified Z.
-PriorKind = Literal["standard", "pullback", "certified"]
+# The prior p(z): one module per prior in vaepp/priors/, named as params.yaml names it (standard:
+# N(0, I); pullback: the paper's N(z; 0, I)·exp(−β·D(G(z)))/Z; certified: this project's bounded
+# N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z with a certified Z). Read from the file names, so that a new
+# prior is one new module (registered in `vaepp.priors.PRIORS`) and config needs no edit.
+PriorKind = Literal[
+    tuple(sorted(p.stem for p in (Path(__file__).parent / "priors").glob("*.py") if not p.stem.startswith("_")))
+]
 # How a prior with a critic trains (paper §3.3): "naive" is Algorithm 1 (the critic takes its own
 # WGAN step), "vaepp" is Algorithm 2 (one step on the loss with the critic's penalty in it).
 TrainAlgorithm = Literal["naive", "vaepp"]

@@ -1,6 +1,6 @@
 """Encoder posteriors q(z | e): diagonal Normal, Normal truncated at ±2σ, and planar flows.
 
-All densities are in nats; z has shape (n, B, Z) for n samples of each of B posteriors.
+All densities are in nats; z has shape (n, B, zdim) for n samples of each of B posteriors.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def log_normal(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
 
 
 def log_standard_normal(z: Tensor) -> Tensor:
-    """log N(z; 0, I) with its constant, summed over the last dimension: (..., Z) → (...)."""
+    """log N(z; 0, I) with its constant, summed over the last dimension: (..., zdim) → (...)."""
     return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
@@ -77,7 +77,7 @@ class PlanarFlows(nn.Module):
         self.b = nn.Parameter(torch.zeros(n_flows))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z: (..., Z) → (f(z) (..., Z), Σ log|det ∂f/∂z| (...))."""
+        """z: (..., zdim) → (f(z) (..., zdim), Σ log|det ∂f/∂z| (...))."""
         log_det = torch.zeros(z.shape[:-1], device=z.device, dtype=z.dtype)
         for u, w, b in zip(self.u, self.w, self.b, strict=True):
             wu = (w * u).sum()

@@ -11,7 +11,7 @@ estimate of an unbounded weight has. This module holds:
 - `log_prior_density`: log p(z) or log p_T(z), differentiable.
 - `lars_log_z`: LARS's smoothed training estimate of log Z with its straight-through gradient.
 
-`log_acceptance` callables map z (n, Z) → log a(z) (n,), in nats. Every log value is in nats.
+`log_acceptance` callables map z (n, zdim) → log a(z) (n,), in nats. Every log value is in nats.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def log_z_certificate(
 ) -> LogZEstimate:
     """A (1 − δ) confidence interval [Z_lo, Z_hi] on Z = E_{ε~N(0,I)}[a(ε)], a(ε) ∈ (0, 1] ("certificate").
 
-    log_acceptance: z (n, Z) → log a(z) (n,). Steps:
+    log_acceptance: z (n, zdim) → log a(z) (n,). Steps:
     1. Pilot: Ẑ₀ and V₀ from `pilot_samples` draws. M is the smallest count with
        log(Ẑ_M + w(M)) − log Ẑ_M ≤ target_half_width, w the tighter upper width below, evaluated at
        pessimistic values of the main run's Ẑ and V: Ẑ_M = max(Ẑ₀ − 3·s₀, Ẑ₀/2) − 3·√(V₀/M) and
@@ -296,7 +296,7 @@ def rejection_sample(
     (LARS). Its density is p_T(z) = N(z; 0, I)·[a(z)(1 − α)/Z + α], α = (1 − Z)^(T−1), and it costs
     (1 − (1 − Z)^T)/Z proposals on average; T = 1 is N(0, I).
 
-    Returns z (n, Z) in `dtype` and {"proposals": proposals used up to and including the n-th
+    Returns z (n, zdim) in `dtype` and {"proposals": proposals used up to and including the n-th
     sample's last, "acceptance_rate": n / proposals}. The samples carry no graph but are ordinary
     tensors, usable as inputs to a model under training. Untruncated, the loop ends only once n
     proposals are accepted, so a(z) must not vanish almost everywhere (sigmoid logits never do).

@@ -1,4 +1,4 @@
-"""Training: Algorithm 2 (VAEPP, one step), Algorithm 1 (Naive VAEPP, two steps) and the plain VAE.
+"""Training: Algorithm 2 (VAEPP, one step) and Algorithm 1 (Naive VAEPP, two steps), for any prior.
 
 Per global batch of B images e in [0, 1]: one posterior draw z_i ~ q(z|e_i), K prior draws
 ε_k ~ N(0, I), and the m = min(B, K) penalty pairs (e_i, G(ε_i)):
@@ -7,14 +7,16 @@ Per global batch of B images e in [0, 1]: one posterior draw z_i ~ q(z|e_i), K p
     kl     = (1/B)·Σ_i [log q(z_i|e_i) − log f(z_i)] + log Z_train
     loss   = recon + kl + w·(1/m)·Σ_{i<m} R_i                  (Algorithm 2)
 
-with log Z_train = log(½(Ẑ_N + Ẑ_q)) (`prior.log_z_train`). The paper's Algorithm 2 line 6 adds
+with log Z_train = log(½(Ẑ_N + Ẑ_q)) (`priors.pullback.log_z_train`). The paper's Algorithm 2 line 6 adds
 βζ to a maximised objective and line 9 updates ω without a gradient; here, as in the authors'
 code, the penalty is added to the loss, scaled by w (= `beta_max`), and encoder, decoder, critic
 and ξ take one Adam step together. Algorithm 1 takes the same loss without the penalty on
 everything but the critic, then one critic step on fresh prior samples,
     (1/B)·Σ_i D(e_i) − (1/K)·Σ_k D(G(ε_k)) + c·(1/m)·Σ_{i<m} R_i
-(D low = real; the paper's line 14 swaps them) with Adam(β₁ = 0.5, β₂ = 0.999). The plain VAE is
-the same code with β ≡ 0 and log Z = 0.
+(D low = real; the paper's line 14 swaps them) with Adam(β₁ = 0.5, β₂ = 0.999). The formulas above
+are the pull-back prior's; each prior forms its own terms and loss (`vaepp.priors`: N(0, I) has
+log f = log N(z; 0, I), log Z = 0 and no critic; the certified prior uses LARS's estimate of Z),
+while the posterior draw, the optimisers, the steps and the loop here are shared.
 
 Every loss is written as a sum over the rows one process holds. On W processes
 (`vaepp.distributed`) the global batch is split into contiguous blocks E_r and rank r's loss is
@@ -231,7 +233,7 @@ def train(
     With a `checkpoint`, the fit's state is written every `checkpoint_every` epochs and at the
     end, and a fit that finds one resumes from it, so a killed run finishes with the same result
     as an uninterrupted one. `callback(epoch, metrics)` receives each epoch's mean metrics.
-    `monitor(model)` (`evaluate.log_z_monitor`) runs after every `log_z_every`-th epoch and after
+    `monitor(model)` (`log_z_monitor.log_z_monitor`) runs after every `log_z_every`-th epoch and after
     the last; its values join that epoch's metrics, with elbo_under_monitor_log_z = the epoch's
     mean ELBO terms under its log Z instead of the per-batch training estimate. It must leave the
     global RNG alone, so that a monitored fit trains exactly as an unmonitored one.

@@ -21,7 +21,7 @@ from .pullback import PullbackPrior
 from .standard import PosteriorDraw, StandardPrior
 
 if TYPE_CHECKING:
-    from vaepp.model import ModelSpec
+    from vaepp.spec import ModelSpec
 
 PRIORS = {"standard": StandardPrior, "pullback": PullbackPrior, "certified": CertifiedPrior}
 

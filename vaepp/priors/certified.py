@@ -27,7 +27,7 @@ from .standard import PosteriorDraw
 
 if TYPE_CHECKING:
     from vaepp.config import MALAParams, TrainParams
-    from vaepp.model import VAEPP, ModelSpec
+    from vaepp.spec import ModelSpec
 
 
 def log_acceptance(critic_on_decoded: Tensor, beta: Tensor, c: Tensor, extra: Tensor | None = None) -> Tensor:
@@ -49,6 +49,7 @@ class CertifiedPrior(nn.Module):
     algorithms = ("vaepp",)
     exact_log_z = False
     has_certificate = True  # Z ≤ 1 certified from N(0, I) draws (`vaepp.log_z_protocol`)
+    truncation: int | None = None  # LARS's truncated sampler (at most T proposals), from the spec
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -71,18 +72,18 @@ class CertifiedPrior(nn.Module):
         extra = None if self.acceptance_mlp is None else self.acceptance_mlp(z).squeeze(-1)
         return log_acceptance(critic_on_decoded, self.beta, self.acceptance_c, extra)
 
-    def log_acceptance_of(self, model: VAEPP, z: Tensor) -> Tensor:
+    def log_acceptance_of(self, model: nn.Module, z: Tensor) -> Tensor:
         """log a(z), decoding z: (..., zdim) → (...), nats."""
         return self.log_acceptance(z, model.critic_images(model.image_mean(model.decode(z))))
 
-    def log_f(self, model: VAEPP, z: Tensor, raw: Tensor | None = None) -> Tensor:
+    def log_f(self, model: nn.Module, z: Tensor, raw: Tensor | None = None) -> Tensor:
         """log f(z) = log N(z; 0, I) + log a(z) (a ∈ (0, 1), so Z ≤ 1), reusing the decoder pass
         `raw` of z when given: (..., zdim) → (...), nats."""
         raw = model.decode(z) if raw is None else raw
         return log_standard_normal(z) + self.log_acceptance(z, model.critic_images(model.image_mean(raw)))
 
     def elbo_terms(
-        self, model: VAEPP, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
+        self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
     ) -> dict[str, Tensor]:
         """This rank's terms with LARS's per-image estimate of Z (`resampled.lars_log_z`): the K
         proposals' a(ε_k) plus the image's own a(z_i)·N(z_i)/q(z_i|e_i), an EMA (decay `lars_decay`,
@@ -116,7 +117,7 @@ class CertifiedPrior(nn.Module):
         }
 
     def loss(
-        self, model: VAEPP, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
+        self, model: nn.Module, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
     ) -> tuple[Tensor, dict[str, float]]:
         """Rank r's loss (Algorithm 2's single optimiser, LARS's log Z):
         (W/B)·Σ_{i∈E_r} [−log p(e_i|z_i) + log q(z_i|e_i) − log p(z_i)] + w·(W/m)·Σ R_i, and the
@@ -146,7 +147,7 @@ class CertifiedPrior(nn.Module):
         self.z_ema.fill_(metrics["z_ema"])
 
     def sample(
-        self, model: VAEPP, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
+        self, model: nn.Module, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
     ) -> tuple[Tensor, dict]:
         """The sampler: exact samples (n_samples, zdim) by rejection from N(0, I)
         (`resampled.rejection_sample`, LARS's truncated one with a finite `truncation`), then

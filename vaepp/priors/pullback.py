@@ -26,7 +26,7 @@ from .standard import PosteriorDraw
 
 if TYPE_CHECKING:
     from vaepp.config import MALAParams, TrainParams
-    from vaepp.model import VAEPP, ModelSpec
+    from vaepp.spec import ModelSpec
 
 
 def beta_from_xi(xi: Tensor, beta_max: float) -> Tensor:
@@ -79,7 +79,7 @@ def prior_rows(ctx: DistContext, batch: int, n_prior: int) -> list[list[int]]:
 
 
 def critic_on_prior_samples(
-    model: VAEPP, e: Tensor, batch: int, n_prior: int, ctx: DistContext, z_all: Tensor, fixed: bool
+    model: nn.Module, e: Tensor, batch: int, n_prior: int, ctx: DistContext, z_all: Tensor, fixed: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """K prior draws ε_k ~ N(0, I) (drawn whole on every rank, after the posterior's), decoded on
     this rank's rows (`prior_rows`) and scored by the critic. fixed: G's weights held fixed.
@@ -134,14 +134,14 @@ class PullbackPrior(nn.Module):
     def beta(self) -> Tensor:
         return beta_from_xi(self.xi, self.beta_max)
 
-    def log_f(self, model: VAEPP, z: Tensor, raw: Tensor | None = None) -> Tensor:
+    def log_f(self, model: nn.Module, z: Tensor, raw: Tensor | None = None) -> Tensor:
         """log f(z) = log N(z; 0, I) − β·D(G(z)), reusing the decoder pass `raw` of z when given:
         (..., zdim) → (...), nats."""
         raw = model.decode(z) if raw is None else raw
         return log_f(z, model.critic_images(model.image_mean(raw)), self.beta)
 
     def elbo_terms(
-        self, model: VAEPP, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
+        self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
     ) -> dict[str, Tensor]:
         """This rank's sums "recon", "kl" (of log q − log f), the global log Z_train, log Ẑ_N and
         log Ẑ_q (`log_z_train`), the sums "critic_recon" of D(G(z_i)) and "critic_prior" of D(G(ε_k))
@@ -167,7 +167,7 @@ class PullbackPrior(nn.Module):
         }
 
     def loss(
-        self, model: VAEPP, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
+        self, model: nn.Module, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
     ) -> tuple[Tensor, dict[str, float]]:
         """Rank r's loss of the model step: (W/B)·Σ [−log p(e_i|z_i) + log q − log f] + log Z_train,
         plus w·(W/m)·Σ R_i with Algorithm 2; the global batch's metrics in nats."""
@@ -203,7 +203,7 @@ class PullbackPrior(nn.Module):
         """Nothing to update outside the optimiser."""
 
     def sample(
-        self, model: VAEPP, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
+        self, model: nn.Module, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
     ) -> tuple[Tensor, dict]:
         """The sampler of paper §4.3: MALA for `params.n_steps` steps on E(z) = β·D(G(z)) + ½‖z‖²
         from the latent GAN's z₀ (n_samples, zdim), its noise from `generator`, the chains' energy

@@ -14,7 +14,7 @@ from vaepp.posteriors import log_standard_normal
 
 if TYPE_CHECKING:
     from vaepp.config import MALAParams, TrainParams
-    from vaepp.model import VAEPP, ModelSpec
+    from vaepp.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,19 @@ class StandardPrior(nn.Module):
     def beta(self) -> Tensor:
         return torch.zeros(())
 
-    def log_f(self, model: VAEPP, z: Tensor, raw: Tensor | None = None) -> Tensor:
+    def log_f(self, model: nn.Module, z: Tensor, raw: Tensor | None = None) -> Tensor:
         """log N(z; 0, I): (..., zdim) → (...), nats; no decoder or critic pass."""
         return log_standard_normal(z)
 
     def elbo_terms(
-        self, model: VAEPP, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
+        self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
     ) -> dict[str, Tensor]:
         """This rank's sums "recon" of −log p(e_i|z_i) and "kl" of log q(z_i|e_i) − log N(z_i; 0, I)."""
         check_same_input(ctx, draw.z_all)
         return {"recon": draw.recon, "kl": (draw.log_q - log_standard_normal(draw.z)).sum()}
 
     def loss(
-        self, model: VAEPP, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
+        self, model: nn.Module, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
     ) -> tuple[Tensor, dict[str, float]]:
         """Rank r's loss (W/B)·Σ [−log p(e_i|z_i) + log q(z_i|e_i) − log N(z_i; 0, I)] and the global
         batch's metrics in nats."""
@@ -74,7 +74,7 @@ class StandardPrior(nn.Module):
         """Nothing to update outside the optimiser."""
 
     def sample(
-        self, model: VAEPP, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
+        self, model: nn.Module, z0: Tensor, ctx, params: MALAParams, *, generator, device, progress=False, callback=None
     ) -> tuple[Tensor, dict]:
         """The sampler: z ~ N(0, I) exactly, (n_samples, zdim), from `generator` (the latent GAN's
         z₀ is not used); returns (z, the sampler's metrics)."""

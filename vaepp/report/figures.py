@@ -109,7 +109,7 @@ def dimz_figure(points: pd.DataFrame) -> str:
 
 
 # Panels of the training-curve figure: (title, [(column, style)]); a solid line is what training
-# optimises, a dashed one the independent check of the log-Z monitor (`evaluate.log_z_monitor`).
+# optimises, a dashed one the independent check of the log-Z monitor (`log_z_monitor.log_z_monitor`).
 CURVE_PANELS = (
     (
         "ELBO: objective (—) vs under monitored log Z (--)",

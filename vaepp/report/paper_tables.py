@@ -128,7 +128,7 @@ def _fid_protocol(row: pd.Series, metric: str) -> str:
         if boot is not None:
             spread = (
                 f"; [low, high]: the 95% interval of the FID at this n from {int(boot)} random half-samples of "
-                "the images (`fid.error_bars`), KID: mean ± its half-sample sd"
+                "the images (`fid_error_bars.error_bars`), KID: mean ± its half-sample sd"
             )
         elif _kid_spread_is_zero(row):
             spread = "; KID subsets are the whole sets (m = n), so no spread over subsets is shown"
