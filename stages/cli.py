@@ -45,12 +45,9 @@ def device(name: str | None, params_device: str) -> str:
     available. A CUDA device asked for but missing is an error, not a silent CPU run."""
     import torch
 
-    choice = name or params_device
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
-    return choice
+    from vaepp import resolve
+
+    return resolve.device(name or params_device, torch.cuda.is_available())
 
 
 def distributed_main(args, run, dev: str, module: str, argv: list[str] | None, body) -> int:

@@ -25,6 +25,7 @@ import yaml
 from factories import latent_gan_params, model_spec, tiny_params_yaml, train_params
 from stage_args import stage_argv
 from vaepp import distributed as vdist
+from vaepp import resolve
 from vaepp.checkpoints import Checkpoint
 from vaepp.latent_gan import LatentGAN, fit_latent_gan, posterior_samples
 from vaepp.logz import log_z_ais, log_z_prior_is, log_z_q_based
@@ -505,11 +506,11 @@ def test_launch_from_env_and_relaunch():
 
 
 def test_backend_choice():
-    assert vdist.resolve_backend("auto", "cpu") == "gloo"
-    assert vdist.resolve_backend("auto", "cuda") == "nccl"
-    assert vdist.resolve_backend("gloo", "cuda") == "gloo"
+    assert resolve.backend("auto", "cpu") == "gloo"
+    assert resolve.backend("auto", "cuda") == "nccl"
+    assert resolve.backend("gloo", "cuda") == "gloo"
     with pytest.raises(ValueError, match="nccl.*CUDA"):
-        vdist.resolve_backend("nccl", "cpu")
+        resolve.backend("nccl", "cpu")
 
 
 def test_one_process_context_is_the_identity():

@@ -88,3 +88,12 @@ def test_a_certified_prior_refuses_algorithm_1():
     images = torch.zeros(8, 1, 6, 6, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"train.algorithm = 'naive': the certified prior trains with vaepp only"):
         train(model, images, train_params(algorithm="naive", epochs=1, batch_size=4))
+
+
+def test_the_machine_auto_rules_resolve_in_one_place():
+    from vaepp import resolve
+
+    assert resolve.device("auto", cuda_available=False) == "cpu" and resolve.device("auto", True) == "cuda"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve.device("cuda", cuda_available=False)
+    assert resolve.backend("auto", "cpu") == "gloo" and resolve.backend("auto", "cuda") == "nccl"

@@ -47,10 +47,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .options import Backend, choices
+from . import resolve
+from .options import Backend
 from .score import log_f_and_grad
-
-BACKENDS = choices(Backend)
 
 
 # ----- who am I -----------------------------------------------------------------------------
@@ -154,19 +153,6 @@ class DistContext:
 ONE_PROCESS = DistContext()  # the default of every function that takes a context: one process, no group
 
 
-def resolve_backend(setting: Backend, device_type: str) -> str:
-    """auto → nccl on CUDA devices, gloo on the CPU; nccl without CUDA is refused."""
-    if setting not in BACKENDS:
-        raise ValueError(f"distributed.backend = {setting!r}; allowed: {', '.join(BACKENDS)}")
-    if setting == "auto":
-        return "nccl" if device_type == "cuda" else "gloo"
-    if setting == "nccl" and device_type != "cuda":
-        raise ValueError(
-            "distributed.backend = 'nccl' needs CUDA devices (device: cuda); use 'gloo' or 'auto' on the CPU"
-        )
-    return setting
-
-
 @contextmanager
 def session(
     launch: Launch, *, backend: Backend = "auto", device: str | torch.device = "cpu", timeout_s: float | None = None
@@ -179,7 +165,7 @@ def session(
     if launch.world == 1:
         yield DistContext(device=device)
         return
-    chosen = resolve_backend(backend, device.type)
+    chosen = resolve.backend(backend, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
@@ -442,7 +428,6 @@ def data_parallel(
 
 
 __all__ = [
-    "BACKENDS",
     "DistContext",
     "ONE_PROCESS",
     "Launch",
@@ -454,7 +439,6 @@ __all__ = [
     "gather_rows",
     "launch_from_env",
     "relaunch_command",
-    "resolve_backend",
     "row_range",
     "session",
     "shard_rows",

@@ -1,13 +1,15 @@
 """From a validated run (`config.RunConfig`) to the library's arguments: the one place where
-"auto" settings are decided from the dataset (the likelihood, the posterior, the penalty exponent,
-Algorithm 1's critic weight, the latent GAN's inputs and noise size). The stages, the report and
-the benchmarks all resolve through here.
+"auto" settings are decided: from the dataset (the likelihood, the posterior, the penalty exponent,
+Algorithm 1's critic weight, the latent GAN's inputs and noise size) and from the machine (the
+device, the distributed backend). The stages, the report, the distributed code and the benchmarks
+all resolve through here.
 """
 
 from __future__ import annotations
 
 from .config import LatentGANParams, RunConfig, TrainParams
-from .model import ModelSpec
+from .options import Backend, Device, choices
+from .spec import ModelSpec
 
 
 def likelihood(run: RunConfig, binary: bool) -> str:
@@ -95,3 +97,27 @@ def method(run: RunConfig) -> str:
             return "naive_vaepp"
         return "vaepp_flow" if run.model.n_flows > 0 else "vaepp"
     return run.prior
+
+
+def device(choice: Device, cuda_available: bool) -> str:
+    """The device: "auto" is CUDA when available, else the CPU; a CUDA device asked for but missing
+    is a RuntimeError, not a silent CPU run."""
+    if choice == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if choice == "cuda" and not cuda_available:
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    return choice
+
+
+def backend(setting: Backend, device_type: str) -> str:
+    """The distributed backend: "auto" is nccl on CUDA devices, gloo on the CPU; nccl without CUDA
+    is refused."""
+    if setting not in choices(Backend):
+        raise ValueError(f"distributed.backend = {setting!r}; allowed: {', '.join(choices(Backend))}")
+    if setting == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if setting == "nccl" and device_type != "cuda":
+        raise ValueError(
+            "distributed.backend = 'nccl' needs CUDA devices (device: cuda); use 'gloo' or 'auto' on the CPU"
+        )
+    return setting
