@@ -105,8 +105,12 @@ class ModelParams(_Section):
     acceptance_c_init: float  # c at the start (learnable)
     acceptance_mlp: tuple[int, ...]  # hidden sizes of h(z), an MLP on z in the logit; [] = no h
     truncation: int | None = Field(ge=1)  # LARS's truncated sampler: at most T proposals; null = T = ∞
+    # The LARS prior (prior: lars): N(z; 0, I)·sigmoid(MLP(z))/Z, the MLP's tanh hidden sizes (LARS: [100, 100]).
+    lars_mlp: tuple[int, ...]
+    # The VampPrior (prior: vampprior): p(z) = (1/K)·Σ_k q(z | u_k) over K learnable pseudo-inputs u_k.
+    vampprior_components: int = Field(gt=0)  # K (Tomczak & Welling 2018: 500)
 
-    _sizes = field_validator("hidden", "channels")(_positive_sizes)
+    _sizes = field_validator("hidden", "channels", "lars_mlp")(_positive_sizes)
 
     @field_validator("acceptance_mlp")
     @classmethod
@@ -359,11 +363,16 @@ def resolve_run(params: Params, name: str) -> RunConfig:
             f"runs.{name}.train.algorithm = {sections['train'].algorithm!r}: a certified prior trains with "
             "Algorithm 2 only (its critic's penalty is in the one loss); set train.algorithm: vaepp"
         )
-    if run.prior == "certified" and sections["model"].truncation is not None:
+    if run.prior in ("certified", "lars") and sections["model"].truncation is not None:
         raise ParamsError(
-            f"runs.{name}.model.truncation = {sections['model'].truncation}: a certified prior with LARS's "
+            f"runs.{name}.model.truncation = {sections['model'].truncation}: a {run.prior} prior with LARS's "
             "truncated sampler has no NLL protocol here (its density is not f(z)/Z, so no log Z constant gives "
             "its log p(x)); set model.truncation: null"
+        )
+    if run.prior == "vampprior" and sections["model"].n_flows > 0:
+        raise ParamsError(
+            f"runs.{name}.model.n_flows = {sections['model'].n_flows}: a VampPrior is a mixture of the encoder's "
+            "posteriors, whose density at given points planar flows do not give; set model.n_flows: 0"
         )
     return RunConfig(name=name, prior=run.prior, device=params.device, distributed=params.distributed, **sections)
 

@@ -11,8 +11,9 @@ from typing import Literal, get_args
 
 # The prior p(z): one module per prior in vaepp/priors/, named as params.yaml names it (standard:
 # N(0, I); pullback: the paper's N(z; 0, I)·exp(−β·D(G(z)))/Z; certified: this project's bounded
-# N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z with a certified Z). Read from the file names, so that a new
-# prior is one new module (registered in `vaepp.priors.PRIORS`) and config needs no edit.
+# N(z; 0, I)·sigmoid(c − β·D(G(z)))/Z with a certified Z; lars: Bauer & Mnih's N(z; 0, I)·sigmoid(MLP(z))/Z).
+# Read from the file names, so that a new prior is one new module (registered in
+# `vaepp.priors.PRIORS`) and config needs no edit.
 PriorKind = Literal[
     tuple(sorted(p.stem for p in (Path(__file__).parent / "priors").glob("*.py") if not p.stem.startswith("_")))
 ]

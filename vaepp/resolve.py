@@ -49,6 +49,8 @@ def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) 
         acceptance_c_init=m.acceptance_c_init,
         acceptance_mlp=tuple(m.acceptance_mlp),
         truncation=m.truncation,
+        lars_mlp=tuple(m.lars_mlp),
+        vampprior_components=m.vampprior_components,
     )
 
 

@@ -31,6 +31,9 @@ class ModelSpec:
     acceptance_c_init: float
     acceptance_mlp: tuple[int, ...]
     truncation: int | None
+    lars_mlp: tuple[int, ...]  # the LARS prior's MLP hidden sizes (prior "lars": `priors.lars`); unused otherwise
+    # The VampPrior's number K of pseudo-inputs (prior "vampprior": `priors.vampprior`); unused otherwise.
+    vampprior_components: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,5 +50,7 @@ class ModelSpec:
             d["prior"] = "certified" if certified else "pullback" if pullback else "standard"
         d.setdefault("acceptance_c_init", 0.0)
         d.setdefault("truncation", None)
+        d.setdefault("vampprior_components", 500)  # model files written before the VampPrior (never one)
         d["acceptance_mlp"] = tuple(d.get("acceptance_mlp", ()))
+        d["lars_mlp"] = tuple(d.setdefault("lars_mlp", (100, 100)))  # model files written before the LARS prior
         return cls(**d)

@@ -9,7 +9,8 @@ Each prior is an `nn.Module` holding its own parameters and defining, in one pla
 - `has_critic` (a critic D on decoded images enters it) and `algorithms` (the training
   algorithms it accepts).
 
-To add a prior: its module here and one line in `PRIORS`, plus its name in `options.PriorKind`.
+To add a prior: its module here and one line in `PRIORS` (`options.PriorKind` reads the module
+names, so config needs no edit).
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .certified import CertifiedPrior
+from .lars import LarsPrior
 from .pullback import PullbackPrior
 from .standard import PosteriorDraw, StandardPrior
+from .vampprior import VampPrior
 
 if TYPE_CHECKING:
     from vaepp.spec import ModelSpec
 
-PRIORS = {"standard": StandardPrior, "pullback": PullbackPrior, "certified": CertifiedPrior}
+PRIORS = {
+    "standard": StandardPrior,
+    "pullback": PullbackPrior,
+    "certified": CertifiedPrior,
+    "lars": LarsPrior,
+    "vampprior": VampPrior,
+}
 
 
 def build_prior(spec: ModelSpec):
