@@ -1,6 +1,7 @@
 """`python scripts/run_study.py NAME`: a committed study beside the default one (studies/NAME).
 
-The runs of studies/NAME/runs.yaml, added to params.yaml's, are run by `scripts/repro.py --runs`
+The runs of studies/NAME/runs.yaml, added to params.yaml's (with the datasets they read added to
+`datasets`), are run by `scripts/repro.py --runs`
 in a fresh clone of HEAD (so the study is made by committed code only, with the same lanes and
 thread counts as `make repro`); then each run's metrics (train, latent_gan, nll, mala, fid .json),
 per-image NLLs and training curve are copied to studies/NAME/<run>/, and studies/NAME/manifest.json
@@ -8,7 +9,8 @@ records the commit, date, machine, wall time and the runs' definitions.
 
 Studies: `dimz`, the dim-z sweep behind Figure 4 (the report reads it with `--dimz-study`; about
 28 minutes on 2 cores); `attempts`, the certified prior's best attempts scored on validation
-images (README "A certified pull-back prior").
+images (README "A certified pull-back prior"); `fashion`, five priors on Fashion-MNIST for Tables 2
+and 4 (the report reads it with `--fashion-study`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"studies/{name}/runs.yaml: {', '.join(sorted(clash))} already in params.yaml", file=sys.stderr)
         return 2
     params["runs"].update(runs)
+    # the datasets the study's runs read, prepared beside the default study's
+    needed = [spec["data"]["dataset"] for spec in runs.values() if "dataset" in spec.get("data", {})]
+    params["datasets"] = list(dict.fromkeys([*params["datasets"], *needed]))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     t0 = time.perf_counter()
     rc = subprocess.call([sys.executable, "scripts/repro.py", "--runs", ",".join(runs)], cwd=work)

@@ -161,6 +161,16 @@ def test_specs_from_runs():
     assert vae.n_flows == DEFAULT["model"]["n_flows"] == 0
 
 
+def test_a_vampprior_gets_normal_posteriors_unless_told():
+    """Posterior "auto" on binary data: truncated, except for a VampPrior (its authors' Normal
+    posteriors; a mixture of truncated ones has holes); an explicit choice is kept."""
+    params = parse_params(with_change("runs.vamp", {"prior": "vampprior"}))
+    assert model_spec(resolve_run(params, "vamp"), (1, 28, 28), binary=True).posterior == "normal"
+    assert model_spec(resolve_run(params, "vae"), (1, 28, 28), binary=True).posterior == "truncated"
+    told = parse_params(with_change("runs.vamp", {"prior": "vampprior", "model": {"posterior": "truncated"}}))
+    assert model_spec(resolve_run(told, "vamp"), (1, 28, 28), binary=True).posterior == "truncated"
+
+
 @pytest.mark.parametrize(
     ("run", "want"),
     [
@@ -170,6 +180,8 @@ def test_specs_from_runs():
         ({"prior": "pullback"}, ("pullback", "vaepp")),
         ({"prior": "pullback", "model": {"n_flows": 3}}, ("pullback", "vaepp_flow")),
         ({"prior": "certified"}, ("certified", "certified")),
+        ({"prior": "lars"}, ("lars", "lars")),
+        ({"prior": "vampprior"}, ("vampprior", "vampprior")),
     ],
 )
 def test_each_method_is_a_prior_with_its_overrides(run, want):

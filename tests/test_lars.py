@@ -79,6 +79,16 @@ def test_the_prior_is_registered_without_a_critic_and_with_a_certificate():
         assert torch.equal(prior.log_acceptance(z), torch.full((50,), math.log(0.5)))  # a ≡ ½ at the start
 
 
+def test_a_resampled_prior_without_its_acceptance_cannot_be_built():
+    from vaepp.priors.certified import ResampledPrior
+
+    class NoAcceptance(ResampledPrior):
+        kind = "none"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoAcceptance(model_spec(zdim=ZDIM))
+
+
 def test_log_f_is_log_n_plus_logsigmoid_of_the_mlp():
     model = _model()
     _randomise_output(model)

@@ -190,7 +190,7 @@ class LogZParams(_Section):
     ais_seeds: int = Field(gt=0)
     q_based_per_image: int = Field(gt=0)  # paper protocol: 1000 on MNIST
     q_based_images: int | None = Field(gt=0)  # None = the whole training set
-    # `certified` runs: the certificate on Z = E_N[a] at confidence 1 − delta, with M samples
+    # resampled priors (`certified`, `lars`): the certificate on Z = E_N[a] at confidence 1 − delta, with M samples
     # chosen (from an independent pilot) so that log Z's upper end is within the half-width of log Ẑ
     certificate_delta: float = Field(gt=0.0, lt=1.0)
     certificate_half_width: float = Field(gt=0.0)

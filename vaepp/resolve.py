@@ -27,11 +27,14 @@ def penalty_exponent(bernoulli: bool) -> float:
 def model_spec(run: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> ModelSpec:
     """Likelihood "auto": Bernoulli on binary data, discretised logistic otherwise; posterior
     "auto": Normal truncated at ±2σ with a Bernoulli likelihood (the paper's default on binary
-    data), Normal otherwise.
+    data), Normal otherwise and for a VampPrior (its authors' choice: a mixture of truncated
+    posteriors is zero outside the union of their boxes, so a draw there stops training).
     The prior is the run's `prior`; `model.n_flows` planar flows on the posterior (0: none)."""
     m = run.model
     lik = likelihood(run, binary)
-    posterior = m.posterior if m.posterior != "auto" else ("truncated" if lik == "bernoulli" else "normal")
+    posterior = m.posterior
+    if posterior == "auto":
+        posterior = "truncated" if lik == "bernoulli" and run.prior != "vampprior" else "normal"
     return ModelSpec(
         image_shape=tuple(image_shape),
         zdim=m.zdim,

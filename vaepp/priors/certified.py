@@ -15,6 +15,7 @@ their log a(z).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,7 +45,7 @@ def log_acceptance(critic_on_decoded: Tensor, beta: Tensor, c: Tensor, extra: Te
     return torch.nn.functional.logsigmoid(logit)
 
 
-class ResampledPrior(nn.Module):
+class ResampledPrior(nn.Module, ABC):
     """What every resampled prior p(z) = N(z; 0, I)·a(z)/Z, a(z) = sigmoid(ℓ(z)) ∈ (0, 1), shares
     (Bauer & Mnih 2019): log f = log N + log a, LARS's training estimate of Z with its running Ẑ in
     the buffer `z_ema` (starts at ½), the loss (with the critic's penalty when a critic enters a),
@@ -62,25 +63,25 @@ class ResampledPrior(nn.Module):
         self.register_buffer("z_ema", torch.tensor(0.5, dtype=torch.float64))
 
     # ----- the acceptance: what a subclass defines -----------------------------------------------
+    @abstractmethod
     def log_acceptance(self, z: Tensor, cond: Tensor | None) -> Tensor:
         """log a(z) = log sigmoid(ℓ(z)) given what ℓ reads beside z (`cond`): z (..., zdim) → (...), nats."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decoded(self, model: nn.Module, z: Tensor, raw: Tensor | None) -> Tensor | None:
         """The decoder pass of z that the acceptance reads (`raw` when given), or None if it reads none."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _acceptance_from(self, model: nn.Module, z: Tensor, raw: Tensor | None) -> Tensor:
         """log a(z) from z (..., zdim) and its decoder pass `raw` (`_decoded`) → (...), nats."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _acceptance_inputs(
         self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, ctx
     ) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
         """One training step's K prior draws ε_k ~ N(0, I) (K, zdim), drawn whole on every rank after the
         posterior's, and what `log_acceptance` reads beside z at this rank's posterior rows and at
         the K draws, plus this rank's extra terms for `loss`."""
-        raise NotImplementedError
 
     # ----- shared ----------------------------------------------------------------------------------
     @property

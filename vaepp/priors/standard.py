@@ -31,6 +31,23 @@ class PosteriorDraw:
     recon: Tensor
 
 
+def exact_prior_terms(ctx, draw: PosteriorDraw, log_prior: Tensor) -> dict[str, Tensor]:
+    """A normalised prior's (log Z = 0) ELBO terms on this rank: the sums "recon" of −log p(e_i|z_i)
+    and "kl" of log q(z_i|e_i) − log p(z_i), given log p at this rank's draws (b,)."""
+    check_same_input(ctx, draw.z_all)
+    return {"recon": draw.recon, "kl": (draw.log_q - log_prior).sum()}
+
+
+def exact_prior_loss(t: dict[str, Tensor], batch: int, ctx: DistContext) -> tuple[Tensor, dict[str, float]]:
+    """Rank r's loss (W/B)·Σ [−log p(e_i|z_i) + log q(z_i|e_i) − log p(z_i)] for a normalised prior,
+    and the global batch's metrics in nats."""
+    n_ranks = ctx.world
+    s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
+    recon, kl = s_recon / batch, s_kl / batch
+    loss = n_ranks * t["recon"] / batch + n_ranks * t["kl"] / batch
+    return loss, {"recon": float(recon), "kl": float(kl), "log_z": 0.0, "loss": float(recon + kl)}
+
+
 class StandardPrior(nn.Module):
     """p(z) = N(z; 0, I): β ≡ 0, log Z = 0."""
 
@@ -56,19 +73,14 @@ class StandardPrior(nn.Module):
         self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
     ) -> dict[str, Tensor]:
         """This rank's sums "recon" of −log p(e_i|z_i) and "kl" of log q(z_i|e_i) − log N(z_i; 0, I)."""
-        check_same_input(ctx, draw.z_all)
-        return {"recon": draw.recon, "kl": (draw.log_q - log_standard_normal(draw.z)).sum()}
+        return exact_prior_terms(ctx, draw, log_standard_normal(draw.z))
 
     def loss(
         self, model: nn.Module, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
     ) -> tuple[Tensor, dict[str, float]]:
         """Rank r's loss (W/B)·Σ [−log p(e_i|z_i) + log q(z_i|e_i) − log N(z_i; 0, I)] and the global
         batch's metrics in nats."""
-        n_ranks = ctx.world
-        s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
-        recon, kl = s_recon / batch, s_kl / batch
-        loss = n_ranks * t["recon"] / batch + n_ranks * t["kl"] / batch
-        return loss, {"recon": float(recon), "kl": float(kl), "log_z": 0.0, "loss": float(recon + kl)}
+        return exact_prior_loss(t, batch, ctx)
 
     def after_step(self, metrics: dict[str, float]) -> None:
         """Nothing to update outside the optimiser."""

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vaepp.distributed import DistContext, all_sum, check_same_input
+from vaepp.distributed import DistContext
 from vaepp.optim import NonFiniteLossError
 
-from .standard import PosteriorDraw
+from .standard import PosteriorDraw, exact_prior_loss, exact_prior_terms
 
 if TYPE_CHECKING:
     from vaepp.config import MALAParams, TrainParams
@@ -90,8 +90,7 @@ class VampPrior(nn.Module):
         self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
     ) -> dict[str, Tensor]:
         """This rank's sums "recon" of −log p(e_i|z_i) and "kl" of log q(z_i|e_i) − log p(z_i)."""
-        check_same_input(ctx, draw.z_all)
-        return {"recon": draw.recon, "kl": (draw.log_q - self.log_f(model, draw.z)).sum()}
+        return exact_prior_terms(ctx, draw, self.log_f(model, draw.z))
 
     def loss(
         self, model: nn.Module, e: Tensor, t: dict[str, Tensor], batch: int, params: TrainParams, ctx: DistContext
@@ -99,16 +98,13 @@ class VampPrior(nn.Module):
         """Rank r's loss (W/B)·Σ [−log p(e_i|z_i) + log q(z_i|e_i) − log p(z_i)] and the global batch's
         metrics in nats. A draw outside every truncated component (log p = −∞) stops with a
         NonFiniteLossError saying so."""
-        n_ranks = ctx.world
-        s_recon, s_kl = all_sum(ctx, [t["recon"], t["kl"]])
-        recon, kl = s_recon / batch, s_kl / batch
-        if model.spec.posterior == "truncated" and math.isinf(float(kl)):
+        loss, metrics = exact_prior_loss(t, batch, ctx)
+        if model.spec.posterior == "truncated" and math.isinf(metrics["kl"]):
             raise NonFiniteLossError(
                 "VampPrior with truncated posteriors: a posterior draw fell outside every component's "
                 "±2σ box, so log p(z) = −inf; use model.posterior: normal"
             )
-        loss = n_ranks * t["recon"] / batch + n_ranks * t["kl"] / batch
-        return loss, {"recon": float(recon), "kl": float(kl), "log_z": 0.0, "loss": float(recon + kl)}
+        return loss, metrics
 
     def after_step(self, metrics: dict[str, float]) -> None:
         """Nothing to update outside the optimiser."""
