@@ -1,7 +1,8 @@
 """report: every run's metrics beside the paper's Tables 1-4, as one offline HTML page and for pandas.
 
-Outputs in --out: index.html (self-contained: tables, dim-z plot, training curves, log-Z
-estimates, sample grids), tables.md, metrics.csv (one row per run). Inputs are path patterns
+Outputs in --out: index.html (self-contained: what the study found, tables, dim-z plot, training
+curves, log-Z estimates, sample grids), tables.md, metrics.csv (one row per run, committed
+studies' runs of --table-study included, each with its `source`). Inputs are path patterns
 from dvc.yaml (`vaepp.report.collect`). Also logs the report and the headline metrics to the
 pipeline's MLflow parent run. Runs whose metrics are missing show "not run"; the stage fails only
 on unreadable params or corrupt metrics files.
@@ -30,6 +31,12 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--per-image", help="path pattern with {run} of estimate-nll's per-image NLL files (optional)")
     p.add_argument("--dimz-study", help="directory of a committed dim-z study for Figure 4 (optional)")
     p.add_argument(
+        "--table-study",
+        action="append",
+        default=[],
+        help="directory of a committed study whose runs fill the tables beside this study's (repeatable)",
+    )
+    p.add_argument(
         "--training-length",
         help="path pattern with {variant} and {run} of the training-length study's curves and nll.json (optional)",
     )
@@ -37,13 +44,19 @@ def _main(argv: list[str] | None) -> int:
     from vaepp.config import load_params
 
     params = load_params(args.params)  # validate before the heavy imports
+    import pandas as pd
+
     from vaepp import report
     from vaepp.files import atomic_write_text
 
     files = {name: getattr(args, name) for name in PATTERNS}
-    runs = report.collect(Path("."), params, files)
+    if args.per_image:
+        files["per_image"] = args.per_image
+    own = report.collect(Path("."), params, files)
     dimz = report.dimz_study_points(Path("."), args.dimz_study, params, files) if args.dimz_study else None
-    figure4 = report.figure4_points(runs, dimz, Path("."), args.per_image)
+    figure4 = report.figure4_points(own, dimz, Path("."), args.per_image)
+    studies = [report.study_runs(Path("."), study, params, files) for study in args.table_study]
+    runs = pd.concat([own, *(s for s in studies if len(s))], ignore_index=True)  # every table's runs
     tabs = report.tables(runs)
     study = report.training_length_table(Path("."), args.training_length) if args.training_length else None
     paired = report.paired_table(Path("."), runs, args.per_image) if args.per_image else None

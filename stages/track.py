@@ -9,6 +9,7 @@ DVC_EXP_NAME, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME) and holds the trackin
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 _PROCESS = None  # the tracking process boot() started (a TrackerProcess), until tracker() takes it
@@ -67,17 +68,24 @@ def numbers(metrics: dict) -> dict:
     return {k: v for k, v in flat(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@contextmanager
 def stage_run(args, stage: str, run, params: dict, ctx=None, dataset: dict | None = None):
-    """The stage's MLflow child run (a context manager giving its log), with `params` flattened
-    and `dataset` (`stages.inputs.dataset_input`) as its dataset input; on ranks other than 0 a
-    silent no-op."""
+    """The stage's MLflow child run (a context manager giving its log), with `params` flattened,
+    `dataset` (`stages.inputs.dataset_input`) as its dataset input and the tags vaepp.prior (the
+    run's `prior`) and vaepp.method (`resolve.method`: the paper's name, or the prior's), so every
+    prior can be told apart by name; on ranks other than 0 a silent no-op."""
     from vaepp.files import flat
+    from vaepp.resolve import method
 
     if ctx is not None and not ctx.is_writer:
         from tracking.tracker import Tracker
 
-        return Tracker(reason=f"rank {ctx.rank}").stage_run(stage, run.name, {})
-    return tracker(args.params).stage_run(stage, run.name, flat(params), dataset=dataset)
+        with Tracker(reason=f"rank {ctx.rank}").stage_run(stage, run.name, {}) as log:
+            yield log
+        return
+    with tracker(args.params).stage_run(stage, run.name, flat(params), dataset=dataset) as log:
+        log.set_tags({"vaepp.prior": run.prior, "vaepp.method": method(run)})
+        yield log
 
 
 def progress_logger(log, ctx=None):

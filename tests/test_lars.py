@@ -233,3 +233,47 @@ def test_an_older_model_file_without_lars_mlp_loads():
     spec = _model().spec.to_dict()
     del spec["lars_mlp"]
     assert ModelSpec.from_dict(spec).lars_mlp == (100, 100)
+
+
+def test_the_training_gradient_of_z_through_elbo_terms_is_unbiased():
+    """Through `elbo_terms`, Ẑ_smooth·∇log Ẑ for one image averages to the quadrature ∇Z of the MLP's parameters."""
+    from vaepp.priors.standard import PosteriorDraw
+
+    k, reps = 8, 4000
+    model = _model()
+    _one_coordinate(model)
+    prior = model.prior.double()
+    prior.z_ema.fill_(0.8)  # far from Z ≈ 0.38, so the smoothed Ẑ is far from the current one
+    params = train_params(n_prior_samples=k, lars_decay=0.99)
+    chosen = (prior.mlp[-1].bias, prior.mlp[-1].weight, prior.mlp[0].weight)
+
+    def pick(grads):  # the output bias, one output weight, the first layer's weight on z₀ of one unit
+        return torch.stack([grads[0][0], grads[1][0, 0], grads[2][0, 0]])
+
+    u = torch.linspace(-12.0, 12.0, 240_001, dtype=torch.float64)
+    grid = torch.zeros(len(u), ZDIM, dtype=torch.float64)
+    grid[:, 0] = u
+    phi = torch.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
+    exact = pick(torch.autograd.grad(torch.trapezoid(phi * torch.sigmoid(prior.mlp(grid).squeeze(-1)), u), chosen))
+
+    torch.manual_seed(12)  # the K proposals come from the global generator, as in training
+    gen = torch.Generator().manual_seed(13)
+    q_mean, q_sd = torch.tensor([0.5, -0.3, 0.0], dtype=torch.float64), 1.1  # a fixed "posterior" N(m, σ²I)
+    e = torch.zeros(1, 1, 6, 6, dtype=torch.float64)  # read for its dtype and device only
+    nothing = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for _ in range(reps):
+        noise = torch.randn(1, ZDIM, generator=gen, dtype=torch.float64)
+        z = q_mean + q_sd * noise
+        log_q = log_standard_normal(noise) - ZDIM * math.log(q_sd)
+        draw = PosteriorDraw(z_all=z, log_q_all=log_q, z=z, log_q=log_q, raw=nothing, recon=nothing)
+        t = prior.elbo_terms(model, draw, e, 1, params, 1, ONE_PROCESS)
+        # one image: kl = log q(z) − log N(z) − log a(z) + log Ẑ, so log Ẑ is what remains
+        log_z = t["kl"] - (log_q - log_standard_normal(z) - prior.log_acceptance(z)).sum()
+        # ∇log Ẑ·Ẑ_smooth = ∇Ẑ_cur: the current estimate's gradient, averaged.
+        grads.append(pick(torch.autograd.grad(t["z_smooth"] * log_z, chosen)))
+    assert float(log_z.detach().exp()) == pytest.approx(float(t["z_smooth"]), rel=1e-12)  # the value is the smoothed Ẑ
+    grads = torch.stack(grads)  # (reps, 3)
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(reps)
+    assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+    assert (se < 0.05 * exact.abs()).all(), (se, exact)  # the test has power

@@ -123,6 +123,9 @@ def test_mlflow_finds_parent_and_children_after_repro(repo):
     assert len(parents) == 1
     stages = set(children["tags.dvc.stage"])
     assert {"train", "fit-latent-gan", "estimate-nll", "sample-mala", "compute-fid"} <= stages
+    for run, prior, method in (("vae", "standard", "vae"), ("naive_vaepp", "pullback", "naive_vaepp")):
+        mine = children[children["tags.dvc.run"] == run]
+        assert set(mine["tags.vaepp.prior"]) == {prior} and set(mine["tags.vaepp.method"]) == {method}, run
     nll_child = children[(children["tags.dvc.stage"] == "estimate-nll") & (children["tags.dvc.run"] == "vaepp")]
     expected = json.loads((root / "metrics/vaepp/nll.json").read_text())["nll_nats"]
     assert nll_child["metrics.nll_nats"].iloc[0] == pytest.approx(expected)

@@ -409,18 +409,22 @@ def test_fid_cells_show_the_bootstrap_interval_and_older_files_render_as_before(
     assert "KID subsets are the whole sets (m = n)" in old.protocol and "bootstrap" not in old.protocol
 
 
-def test_not_run_cells_say_why(study):
+def test_not_run_cells_are_compact_and_one_note_says_why(study):
     root, params, _ = study
-    _, tabs, _ = _build(root, params)
+    _, tabs, page = _build(root, params)
     t1 = tabs["table1"]
-    missing = _ours_cells(t1, "VAEPP", "MNIST (NLL, nats)")[-1]
+    missing = _ours_cells(t1, "VAEPP", "MNIST (NLL, nats)")[-1]  # a defined run whose file is missing
     assert missing.value is None and str(missing) == "not run" and "metrics/vaepp_missing/nll.json" in missing.protocol
-    flow = _ours_cells(t1, "VAEPP+Flow", "MNIST (NLL, nats)")
-    assert [str(c) for c in flow] == ["not run — no run of the params matches (add one under `runs:`)"]
-    cifar = _ours_cells(t1, "VAEPP", "CIFAR-10 (bits/dim)")  # a run is defined; its data needs the internet
-    assert [str(c) for c in cifar] == ["not run — needs the internet (torchvision download)"]
+    flow = _ours_cells(t1, "VAEPP+Flow", "MNIST (NLL, nats)")  # no run defined
+    assert [(str(c), c.protocol) for c in flow] == [("not run", "")]
+    cifar = _ours_cells(t1, "VAEPP", "CIFAR-10 (bits/dim)")  # its data needs the internet
+    assert [(str(c), c.protocol) for c in cifar] == [("not run", "")]
     table3 = tabs["table3"].filter(like="ours").to_numpy().ravel()
-    assert all(str(c).startswith("not run — needs the internet") for c in table3)
+    assert all(str(c) == "not run" for c in table3)
+    note = report.not_run_note()
+    online = "Static MNIST (Larochelle), Omniglot, CIFAR-10 and CelebA 64×64 need the internet"
+    assert online in note and "MNIST and Fashion-MNIST have offline sources" in note
+    assert page.count(html.escape(note)) == 1 and "needs the internet" not in page.split("<h2 id='table1'>")[1]
     peers = t1.loc[t1["Model"] == "PixelCNN"]
     assert list(peers["MNIST (NLL, nats) · paper"]) == ["81.30"] and list(peers["MNIST (NLL, nats) · ours"]) == [""]
 
@@ -548,6 +552,8 @@ def _md_tables(text: str) -> dict[str, pd.DataFrame]:
     for section in text.split("\n## ")[1:]:
         title, body = section.split("\n", 1)
         rows = [line for line in body.splitlines() if line.startswith("|") and not line.startswith("|---")]
+        if not rows:
+            continue  # a section of prose (what the study found)
         df = pd.read_csv(io.StringIO("\n".join(rows)), sep="|", skipinitialspace=True, dtype=str, keep_default_na=False)
         out[title] = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed")]).rename(columns=str.strip)
     return out
@@ -893,3 +899,88 @@ def test_a_committed_dimz_study_with_another_nll_protocol_is_drawn_apart(study, 
     for _, row in line[line["run"] != "vae"].iterrows():
         assert row["nll_nats"] == written[row["run"]]["nll"]["nll_nats"]
         assert row["source"] == f"studies/dimz @ 01234567, {why}: not comparable with this study's NLL"
+
+
+def _committed_table_study(root: Path, written: dict) -> dict[str, np.ndarray]:
+    """A committed Fashion-MNIST study under studies/fashion (a plain VAE and a VampPrior, with
+    their per-image NLLs on the same 300 test images), as scripts/run_study.py leaves it."""
+    import shutil
+
+    study = root / "studies" / "fashion"
+    study.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    base = 230.0 + 20.0 * rng.random(300)
+    per_image = {"fashion_vae": base, "fashion_vampprior": base - 2.0 + 0.3 * rng.standard_normal(300)}
+    for i, (name, alg) in enumerate((("fashion_vae", "vae"), ("fashion_vampprior", "vampprior"))):
+        written[name] = _write_run(root, name, alg, 40, 40 + i)
+        shutil.move(root / "metrics" / name, study / name)
+        shutil.move(root / "plots" / name / "train_curve.csv", study / name / "train_curve.csv")
+        nll_file = study / name / "nll.json"
+        nll = {**json.loads(nll_file.read_text()), "dataset": "fashion_mnist", "dataset_label": "Fashion-MNIST"}
+        nll_file.write_text(json.dumps(nll))
+        written[name]["nll"] = nll
+        pd.DataFrame({"image": range(300), "nll_nats": per_image[name]}).to_csv(
+            study / name / "nll_per_image.csv", index=False
+        )
+    runs = {
+        "fashion_vae": {"prior": "standard", "data": {"dataset": "fashion_mnist"}, "model": {"zdim": 40}},
+        "fashion_vampprior": {"prior": "vampprior", "data": {"dataset": "fashion_mnist"}, "model": {"zdim": 40}},
+    }
+    (study / "manifest.json").write_text(json.dumps({"commit": "89abcdef01234567", "runs": runs}))
+    return per_image
+
+
+def test_a_committed_table_study_fills_its_columns_and_is_paired_within_itself(study, monkeypatch):
+    """studies/fashion (the report's --table-study) fills Table 2's and Table 4's Fashion-MNIST
+    cells, each note naming the study; its runs pair with their own plain VAE; the report opens
+    with its findings; metrics.csv holds its rows with their source."""
+    root, params, written = study
+    per_image = _committed_table_study(root, written)
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    md = (root / "reports" / "tables.md").read_text()
+    tabs = _md_tables(md)
+    tabs = {title: df.apply(lambda c: c.str.strip()) for title, df in tabs.items()}
+    t2 = tabs["Table 2: test NLL (nats) on Static MNIST, Fashion-MNIST and Omniglot"].set_index("Model")
+    for model, run in (("Plain VAE", "fashion_vae"), ("VampPrior — run here", "fashion_vampprior")):
+        nll = written[run]["nll"]
+        assert t2.loc[model, "Fashion-MNIST · ours"].startswith(f"{nll['nll_nats']:.2f} ± {nll['nll_stderr']:.2f}")
+    t4 = tabs["Table 4: FID of samples (lower is better)"].set_index("Model")
+    fid = written["fashion_vampprior"]["fid"]["fid"]
+    assert t4.loc["VampPrior — run here, exact samples", "Fashion · ours"].startswith(f"{fid:.2f} [")
+    assert "fashion_vampprior (vampprior, dim z 40, studies/fashion @ 89abcdef): Fashion-MNIST from PyPI" in md
+    paired = tabs["Each prior against the plain VAE, image by image"].set_index("run")
+    diff = per_image["fashion_vampprior"] - per_image["fashion_vae"]
+    assert paired.loc["fashion_vampprior", "against"] == "fashion_vae"
+    assert float(paired.loc["fashion_vampprior", "difference"]) == pytest.approx(diff.mean(), abs=0.01)
+    found = md.split("## What the study found")[1].split("\n## ")[0]
+    assert "**Fashion-MNIST (studies/fashion @ 89abcdef).**" in found
+    se = diff.std(ddof=1) / math.sqrt(len(diff))
+    assert f"VampPrior {diff.mean():+.2f} ± {se:.2f} (better)" in found
+    csv = pd.read_csv(root / "reports" / "metrics.csv").set_index("run")
+    assert csv.loc["fashion_vae", "source"] == "studies/fashion @ 89abcdef" and csv.loc["vae", "source"] == "this study"
+    assert "fashion" not in "".join(p.name for p in (root / "reports" / "dimz").iterdir())  # not a dim-z point
+
+
+def test_findings_restate_the_paired_table_log_z_gap_and_fid_ranking(study):
+    root, params_path, written = study
+    runs, _, _ = _build(root, params_path)
+    rng = np.random.default_rng(3)
+    base = 90 + 10 * rng.random(80)
+    for run, shift in (("vae", 0.0), ("naive_vaepp", 1.5)):
+        _write_per_image(root, run, {"image": range(80), "nll_nats": base + shift + 0.2 * rng.standard_normal(80)})
+    paired = report.paired_table(root, runs, "metrics/{run}/nll_per_image.csv")
+    found = report.findings(runs, paired)["MNIST"]
+    row = paired.set_index("run").loc["naive_vaepp"]
+    gains, log_z, fid = found
+    assert gains.anchor == "paired" and log_z.anchor == "logz" and fid.anchor == "table4"
+    assert f"Naive VAEPP {row['difference']:+.2f} ± {row['paired_se']:.2f} (worse)" in gains.text
+    by = written["naive_vaepp"]["nll"]["nll_nats_by_log_z"]
+    assert f"Naive VAEPP by {by['ais'] - by['paper_q']:.2f} nats" in log_z.text
+    ranked = sorted((w["fid"]["fid"], name) for name, w in written.items() if "fid" in w)
+    positions = [fid.text.index(f"{v:.1f}") for v, _ in ranked]
+    assert positions == sorted(positions)  # best first
+    assert f"real held-out images score {written['vae']['fid']['fid_floor']:.1f}" in fid.text
+    page = report.render_html(runs, report.tables(runs), root, paired=paired)
+    assert page.index("What the study found") < page.index("<h2 id='table1'>")
+    assert "<a href='#paired'>" in page and "<h2 id='paired'>" in page and "<h2 id='table4'>" in page

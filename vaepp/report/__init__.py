@@ -13,24 +13,27 @@ numbers (paper_numbers.py) sit in their own columns. Figures: matplotlib PNGs (A
 pyplot state) inlined as base64, so the page needs no network.
 
 The modules, each importing only those before it: `rows` (reading one run's row), `collect` (the
-run table, per-image files, headline metrics), `paper_tables` (Tables 1-4), `dimz` (Figure 4's
-points), `estimates` (log-Z and NLL-estimator tables), `studies` (log-Z monitor, paired and
-training-length tables), `figures` (matplotlib), `render` (Markdown and HTML). This package
-exposes the names callers use, so `from vaepp import report; report.collect(...)` reads as before.
+run table, a committed study's runs, per-image files, headline metrics), `paper_tables` (Tables
+1-4), `dimz` (Figure 4's points), `estimates` (log-Z and NLL-estimator tables), `studies` (log-Z
+monitor, paired and training-length tables), `findings` (the sentences that open the report),
+`figures` (matplotlib), `render` (Markdown and HTML). This package exposes the names callers use,
+so `from vaepp import report; report.collect(...)` reads as before.
 """
 
 from vaepp.paper_numbers import NOT_A_BOUND
 
-from .collect import FILE_KEYS, KINDS, collect, headline_metrics, per_image_nll, per_image_table
+from .collect import FILE_KEYS, KINDS, THIS_STUDY, collect, headline_metrics, per_image_nll, per_image_table, study_runs
 from .dimz import DIMZ_NOTE, dimz_points, dimz_series, dimz_study_points, figure4_points
 from .estimates import NLL_ESTIMATOR_NOTE, NLL_ESTIMATOR_TITLE, logz_table, nll_estimator_table
 from .figures import CURVE_PANELS, EARLIER_LEGEND, NLL_MARKERS, OTHER_LEGEND, curves_figure, dimz_figure, figure_id
+from .findings import Finding, findings
 from .paper_tables import (
-    NO_SUCH_RUN,
+    NOT_RUN,
     PAPER_FID_MIN_REFERENCE,
     PAPER_FID_SAMPLES,
     Measured,
     measure,
+    not_run_note,
     tables,
 )
 from .render import render_html, render_markdown
@@ -60,12 +63,14 @@ __all__ = [
     "NLL_ESTIMATOR_TITLE",
     "NLL_MARKERS",
     "NOT_A_BOUND",
-    "NO_SUCH_RUN",
+    "NOT_RUN",
     "OTHER_LEGEND",
     "PAIRED_NOTE",
     "PAPER_FID_MIN_REFERENCE",
     "PAPER_FID_SAMPLES",
+    "THIS_STUDY",
     "TRAINING_LENGTH_NOTE",
+    "Finding",
     "Measured",
     "collect",
     "curves_figure",
@@ -75,16 +80,19 @@ __all__ = [
     "dimz_study_points",
     "figure4_points",
     "figure_id",
+    "findings",
     "headline_metrics",
     "logz_table",
     "measure",
     "monitor_table",
     "nll_estimator_table",
+    "not_run_note",
     "paired_table",
     "per_image_nll",
     "per_image_table",
     "render_html",
     "render_markdown",
+    "study_runs",
     "tables",
     "training_length_table",
 ]

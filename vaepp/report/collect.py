@@ -11,25 +11,27 @@ from pathlib import Path
 import pandas as pd
 
 from vaepp import resolve
-from vaepp.config import Params, resolve_run
-from vaepp.datasets import is_binary
+from vaepp.config import Params, RunParams, resolve_run, upgrade_run_spec
+from vaepp.datasets import DATASETS, is_binary
 from vaepp.files import flat, read_json
 
 from .rows import _by_log_z, _num, _under_q
 
 KINDS = ("train", "nll", "latent_gan", "mala", "fid")  # the metrics files of a run
 FILE_KEYS = ("train_curve", "grid", "grid_gan")  # the curve and sample grids shown per run
+THIS_STUDY = "this study"  # the `source` of the runs of params.yaml (a committed study's: "<dir> @ <commit>")
 
 
-def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
+def collect(root: str | Path, params: Params, files: dict[str, str], source: str = THIS_STUDY) -> pd.DataFrame:
     """One row per run of `params.runs` (in order): settings, availability and every metric.
 
-    Columns: run, algorithm (the paper's name of the run's method, `resolve.method`), dataset,
-    dataset_label, dataset_source, stand_in, zdim, penalty ("none" for the plain VAE and for
-    penalty_k = 0), likelihood ("auto" resolved by `resolve.likelihood`), logistic_scale;
-    has_<kind> for each metrics file;
+    Columns: run, source (which study made it: `source`), algorithm (the paper's name of the run's
+    method, `resolve.method`), dataset, dataset_label, dataset_source, stand_in, zdim, penalty
+    ("none" for the plain VAE and for penalty_k = 0), likelihood ("auto" resolved by
+    `resolve.likelihood`), logistic_scale; has_<kind> for each metrics file;
     "<kind>.<key>" for every (flattened) metric; "param.<section>.<key>" for the resolved params;
-    "file.<name>" the path (relative to root) of the curve and grids, or "" when missing.
+    "file.<name>" the path (relative to root) of the curve and grids, or "" when missing, and
+    "file.per_image" that of estimate-nll's per-image NLLs when `files` has a "per_image" pattern.
     files: the path patterns of the package docstring (`vaepp.report`), relative to root.
     """
     missing = {"metrics", "meta", *FILE_KEYS} - set(files)
@@ -45,9 +47,10 @@ def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataF
         method = resolve.method(run)
         row = {
             "run": name,
+            "source": source,
             "algorithm": method,
             "dataset": ds,
-            "dataset_label": meta.get("label", ds),
+            "dataset_label": meta.get("label", DATASETS[ds].label if ds in DATASETS else ds),
             "dataset_source": meta.get("source", "not prepared"),
             "stand_in": bool(meta.get("stand_in", False)),
             "zdim": run.model.zdim,
@@ -59,12 +62,41 @@ def collect(root: str | Path, params: Params, files: dict[str, str]) -> pd.DataF
             found = read_json(root / files["metrics"].format(run=name, kind=kind), missing_ok=True)
             row[f"has_{kind}"] = found is not None
             row.update({f"{kind}.{k}": v for k, v in flat(found or {}, lists_as_json=True).items()})
-        paths = {key: files[key].format(run=name) for key in FILE_KEYS}
+        paths = {key: files[key].format(run=name) for key in (*FILE_KEYS, "per_image") if key in files}
         row.update({f"file.{key}": rel if (root / rel).is_file() else "" for key, rel in paths.items()})
         settings = flat(run.model_dump(mode="json", exclude={"name"}), lists_as_json=True)
         row.update({f"param.{k}": v for k, v in settings.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def study_runs(root: str | Path, study: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
+    """The runs of a committed study as `collect` rows: the directory `study` (relative to root)
+    holds manifest.json (`runs`: the study's run definitions, `commit`: the code that made them)
+    and <run>/<kind>.json, train_curve.csv and nll_per_image.csv per run (scripts/run_study.py).
+    Each run is resolved on `params`' shared sections, as the study added it to them; the dataset
+    and its likelihood are those its nll.json names (params of another profile may differ);
+    source = "<study> @ <commit[:8]>". Empty when the study has no manifest."""
+    manifest = read_json(Path(root) / study / "manifest.json", missing_ok=True)
+    if not manifest:
+        return pd.DataFrame()
+    runs = {name: RunParams(**upgrade_run_spec(spec)) for name, spec in manifest["runs"].items()}
+    study_params = params.model_copy(update={"runs": runs})
+    pattern = {
+        "metrics": f"{study}/{{run}}/{{kind}}.json",
+        "train_curve": f"{study}/{{run}}/train_curve.csv",
+        "per_image": f"{study}/{{run}}/nll_per_image.csv",
+    }
+    rows = collect(root, study_params, {**files, **pattern}, source=f"{study} @ {manifest['commit'][:8]}")
+    for col in ("dataset", "dataset_label", "dataset_source", "stand_in"):  # what it read, as nll.json says
+        if f"nll.{col}" in rows:
+            rows[col] = rows[f"nll.{col}"].fillna(rows[col])
+    if "nll.dataset" in rows:  # "auto" resolved on the dataset the study ran on
+        rows["likelihood"] = [
+            resolve.likelihood(resolve_run(study_params, name), is_binary(ds))
+            for name, ds in zip(rows["run"], rows["dataset"], strict=True)
+        ]
+    return rows
 
 
 def per_image_table(root: str | Path, pattern: str, run: str) -> pd.DataFrame | None:

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from vaepp import resolve
-from vaepp.config import Params, RunParams, resolve_run, upgrade_run_spec
-from vaepp.datasets import is_binary
-from vaepp.files import read_json
+from vaepp.config import Params
 
-from .collect import collect, per_image_nll
+from .collect import per_image_nll, study_runs
 
 DIMZ_NOTE = (
     "One point per run: this study's runs and those of the committed dim-z study (studies/dimz, made by "
@@ -66,28 +63,13 @@ def dimz_points(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def dimz_study_points(root: str | Path, study: str | Path, params: Params, files: dict[str, str]) -> pd.DataFrame:
-    """Figure 4's points of a committed dim-z study: the directory `study` (relative to root) holds
-    manifest.json (`runs`: the study's run definitions, `commit`: the code that made them) and
-    <run>/<kind>.json per run (scripts/run_study.py dimz). Each run is resolved on `params`' shared
-    sections, as the study added it to them; columns as `dimz_points`, plus source = "<study>
-    @ <commit[:8]>". Empty when the study has no manifest."""
-    manifest = read_json(Path(root) / study / "manifest.json", missing_ok=True)
-    if not manifest:
-        return pd.DataFrame()
-    runs = {name: RunParams(**upgrade_run_spec(spec)) for name, spec in manifest["runs"].items()}
-    study_params = params.model_copy(update={"runs": runs})
-    pattern = {"metrics": f"{study}/{{run}}/{{kind}}.json", "train_curve": f"{study}/{{run}}/train_curve.csv"}
-    rows = collect(root, study_params, {**files, **pattern})
-    # the dataset the study ran on, as its nll.json names it (params of another profile may differ)
-    for col in ("dataset", "dataset_label"):
-        if f"nll.{col}" in rows:
-            rows[col] = rows[f"nll.{col}"].fillna(rows[col])
-    if "nll.dataset" in rows:  # and its likelihood "auto" resolved on that dataset
-        rows["likelihood"] = [
-            resolve.likelihood(resolve_run(study_params, name), is_binary(ds))
-            for name, ds in zip(rows["run"], rows["dataset"], strict=True)
-        ]
-    return dimz_points(rows).assign(source=f"{study} @ {manifest['commit'][:8]}")
+    """Figure 4's points of a committed dim-z study (`collect.study_runs`: the directory `study`
+    relative to root, made by scripts/run_study.py dimz): columns as `dimz_points`, plus source =
+    "<study> @ <commit[:8]>". Empty when the study has no manifest."""
+    rows = study_runs(root, study, params, files)
+    if rows.empty:
+        return rows
+    return dimz_points(rows).assign(source=rows["source"].iloc[0])
 
 
 def figure4_points(

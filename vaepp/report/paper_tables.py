@@ -1,7 +1,7 @@
 """The paper's Tables 1-4 with this project's measurements beside its numbers: which runs measure
 a cell (the `match` conditions of `paper_numbers`, against `collect`'s columns), each measured cell
 as a `Measured` value with its protocol note (dataset source, sample counts, log Z, FID protocol),
-and "not run" cells that say why.
+and compact "not run" cells (`not_run_note` says why, once).
 """
 
 from __future__ import annotations
@@ -10,12 +10,27 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from vaepp.datasets import needs_internet
+from vaepp.datasets import DATASETS, needs_internet
 from vaepp.paper_numbers import TABLES, Column, Row
 
+from .collect import THIS_STUDY
 from .rows import _by_log_z, _num, _proposal, _test_images, _text, _under_q
 
-NO_SUCH_RUN = "no run of the params matches (add one under `runs:`)"
+NOT_RUN = "not run"  # a cell no run measures; `not_run_note` says why, once per report
+
+
+def not_run_note() -> str:
+    """Why a cell says "not run", stated once: which datasets need the internet (registry)."""
+    online = [d.label for d in DATASETS.values() if d.needs_internet]
+    offline = [d.label for d in DATASETS.values() if not d.needs_internet and not d.stand_in]
+    return (
+        "“not run”: no run of this study, nor of a committed study the report shows, measures the cell. "
+        f"{', '.join(online[:-1])} and {online[-1]} need the internet (torchvision downloads): "
+        "profiles/paper.yaml runs them on a machine that has it. "
+        f"{' and '.join(offline)} have offline sources; a cell of theirs that says “not run” has no run "
+        "defined under `runs:` (add one), and one that names a missing metrics file has a run that has not "
+        "finished. A blank cell is a model quoted from the paper, never run here."
+    )
 
 
 @dataclass(frozen=True)
@@ -35,8 +50,10 @@ class Measured:
 def _describe(row: pd.Series) -> str:
     pen = "" if row["penalty"] in ("none", "wgan_div_1") else f", {row['penalty']}"
     stand = " — a STAND-IN, not the paper's data" if row["stand_in"] else ""
+    source = row.get("source", THIS_STUDY)
+    study = "" if source == THIS_STUDY else f", {source}"
     return (
-        f"{row['run']} ({row['algorithm']}, dim z {row['zdim']}{pen}): {row['dataset_label']} "
+        f"{row['run']} ({row['algorithm']}, dim z {row['zdim']}{pen}{study}): {row['dataset_label']} "
         f"from {row['dataset_source']}{stand}"
     )
 
@@ -156,13 +173,9 @@ def _fid_protocol(row: pd.Series, metric: str) -> str:
 def measure(row: pd.Series, metric: str) -> Measured:
     """The cell of `metric` (nll_nats, bpd, fid, fid_gan) for one run; "not run" if its file is missing."""
     kind = "fid" if metric.startswith("fid") else "nll"
-    if not row[f"has_{kind}"]:
-        why = needs_internet(row["dataset"])
-        return Measured(
-            f"not run — {why}" if why else "not run",
-            run=row["run"],
-            protocol=f"{row['run']}: metrics/{row['run']}/{kind}.json is missing",
-        )
+    if not row[f"has_{kind}"]:  # data that needs the internet: `not_run_note` says so, once
+        missing = f"{row['run']}: metrics/{row['run']}/{kind}.json is missing"
+        return Measured(NOT_RUN, run=row["run"], protocol="" if needs_internet(row["dataset"]) else missing)
     if kind == "fid":
         value = float(row[f"fid.{metric}"])
         floor = _num(row, "fid.fid_floor")
@@ -194,11 +207,7 @@ def _cells(runs: pd.DataFrame, row: Row, col: Column) -> list[Measured | str]:
         return [""]  # a peer model: never measured here
     sel = runs[_matches(runs, row.match) & _matches(runs, col.match)]
     if sel.empty:
-        datasets = _allowed(col.match.get("dataset", ()))
-        why = [w for d in datasets if (w := needs_internet(d))]
-        return [
-            Measured(f"not run — {why[0]}" if datasets and len(why) == len(datasets) else f"not run — {NO_SUCH_RUN}")
-        ]
+        return [Measured(NOT_RUN)]
     return [measure(r, row.metric or col.metric) for _, r in sel.iterrows()]
 
 

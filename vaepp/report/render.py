@@ -13,10 +13,12 @@ import pandas as pd
 
 from vaepp.paper_numbers import FIGURE4, NOT_A_BOUND, VARIANCE_Z_HAT_MNIST
 
+from .collect import THIS_STUDY
 from .dimz import DIMZ_NOTE, figure4_points
 from .estimates import NLL_ESTIMATOR_NOTE, NLL_ESTIMATOR_TITLE, logz_table, nll_estimator_table
 from .figures import curves_figure, dimz_figure
-from .paper_tables import Measured
+from .findings import findings
+from .paper_tables import Measured, not_run_note
 from .studies import MONITOR_NOTE, PAIRED_NOTE, TRAINING_LENGTH_NOTE, monitor_table
 
 
@@ -45,6 +47,9 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
+PAIRED_TITLE = "Each prior against the plain VAE, image by image"
+
+
 def render_markdown(
     runs: pd.DataFrame,
     tabs: dict[str, pd.DataFrame],
@@ -55,21 +60,27 @@ def render_markdown(
 ) -> str:
     """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points
     (`figure4`, from `figure4_points`; default: the runs' own)."""
-    parts = [
-        "# VAEPP: measured results beside the paper's",
+    parts = ["# VAEPP: measured results beside the paper's", "", "## What the study found", ""]
+    for label, found in findings(runs, paired).items():
+        parts += [f"- **{label}.**"]
+        parts += [f"  - {f.text} ([{f.link}](#{f.anchor}))" for f in found]
+    parts += [
         "",
         "Paper columns are the paper's numbers; ours "
-        "columns are this project's measurements (NLL: mean ± standard error); [n] names a cell's protocol.",
+        "columns are this project's measurements (NLL: mean ± standard error); [n] names a cell's protocol. "
+        + not_run_note(),
         "",
     ]
     for df in tabs.values():
         notes = _notes(df)
-        parts += [f"## {df.attrs['title']}", "", df.attrs["caption"], "", _md_table(df, notes), ""]
+        parts += [f'<a id="{df.attrs["key"]}"></a>', "", f"## {df.attrs['title']}", "", df.attrs["caption"], ""]
+        parts += [_md_table(df, notes), ""]
         parts += [f"[{n}] {text}" for text, n in notes.items()] + [""]
-    parts += ["## log Z estimates and the NLL under each", "", NOT_A_BOUND, "", _md_table(logz_table(runs)), ""]
+    parts += ['<a id="logz"></a>', "", "## log Z estimates and the NLL under each", "", NOT_A_BOUND, ""]
+    parts += [_md_table(logz_table(runs)), ""]
     parts += [f"## {NLL_ESTIMATOR_TITLE}", "", NLL_ESTIMATOR_NOTE, "", _md_table(nll_estimator_table(runs)), ""]
     if paired is not None and len(paired):
-        parts += ["## Each pull-back run against the plain VAE, image by image", "", PAIRED_NOTE, ""]
+        parts += ['<a id="paired"></a>', "", f"## {PAIRED_TITLE}", "", PAIRED_NOTE, ""]
         parts += [_md_table(paired), ""]
     if root is not None and len(mon := monitor_table(root, runs)):
         parts += ["## The log-Z monitor in training", "", MONITOR_NOTE, "", _md_table(mon), ""]
@@ -86,7 +97,7 @@ def render_markdown(
 _CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:8px 0 4px;font-size:13px}th,td{border:1px solid #bbb;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#eee}td.ours{background:#eef6ff}td.paper{background:#fafafa}
-td.missing{color:#a33}small{color:#555}ol.notes{font-size:11px;color:#444}img{max-width:100%}
+td.missing{color:#888}small{color:#555}ol.notes{font-size:11px;color:#444}img{max-width:100%}
 .grids{display:flex;flex-wrap:wrap;gap:16px}.grids figure{margin:0}p.warn{background:#fff4e0;padding:8px}"""
 
 
@@ -128,15 +139,22 @@ def render_html(
     root, e = Path(root), html.escape
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
-        f"</head><body><h1>{e(title)}</h1><p>Grey columns: the numbers printed in the paper. Blue columns: "
+        f"</head><body><h1>{e(title)}</h1>",
+        "<h2 id='findings'>What the study found</h2>",
+    ]
+    for label, found in findings(runs, paired).items():
+        items = "".join(f"<li>{e(f.text)} <a href='#{e(f.anchor)}'>({e(f.link)})</a></li>" for f in found)
+        out.append(f"<p><b>{e(label)}</b></p><ul>{items}</ul>")
+    out.append(
+        "<p>Grey columns: the numbers printed in the paper. Blue columns: "
         "this project's measurements (NLL: mean ± standard error over test images and passes), each with its "
         "run and a numbered protocol note (dataset source, sample counts, which log Z, FID protocol). "
-        "“not run”: no metrics file exists for that cell.</p>"
-    ]
+        f"{e(not_run_note())}</p>"
+    )
     for df in tabs.values():
         notes = _notes(df)
         out += [
-            f"<h2>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
+            f"<h2 id='{e(df.attrs['key'])}'>{e(df.attrs['title'])}</h2><p><small>{e(df.attrs['caption'])}</small></p>",
             _html_table(df, notes),
             "<ol class='notes'>" + "".join(f"<li>{e(text)}</li>" for text in notes) + "</ol>",
         ]
@@ -164,7 +182,7 @@ def render_html(
         ]
     var = ", ".join(f"{v:g} ({k} q)" for k, v in VARIANCE_Z_HAT_MNIST.items())
     out += [
-        "<h2>log Z estimates and the NLL under each</h2>",
+        "<h2 id='logz'>log Z estimates and the NLL under each</h2>",
         f"<p class='warn'>{e(NOT_A_BOUND)}</p>",
         _html_table(logz_table(runs)),
         f"<p><small>Paper, MNIST: variance of Ẑ with 10⁹ samples {e(var)}."
@@ -176,15 +194,18 @@ def render_html(
     ]
     if paired is not None and len(paired):
         out += [
-            "<h2>Each pull-back run against the plain VAE, image by image</h2>",
+            f"<h2 id='paired'>{e(PAIRED_TITLE)}</h2>",
             f"<p><small>{e(PAIRED_NOTE)}</small></p>",
             _html_table(paired),
         ]
     out.append("<h2>Samples</h2><div class='grids'>")
     for _, r in runs.iterrows():
+        if r.get("source", THIS_STUDY) != THIS_STUDY:
+            continue  # a committed study keeps metrics only
         pull = r["algorithm"] != "vae"
+        sampler = r.get("mala.sampler")
         for key, what in (
-            ("grid", "latent GAN + MALA" if pull else "plain VAE, z ~ N(0, I)"),
+            ("grid", f"sampler: {sampler}" if isinstance(sampler, str) else "latent GAN + MALA" if pull else "N(0, I)"),
             ("grid_gan", "GAN-VAEPP: z₀ decoded" if pull else "VAE + latent GAN"),
         ):
             path = r[f"file.{key}"]  # "" when missing

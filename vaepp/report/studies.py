@@ -1,5 +1,5 @@
 """The tables of training and of the studies beside the main runs: what the log-Z monitor saw in
-training (`monitor_table`), each pull-back run against the plain VAE image by image
+training (`monitor_table`), each other prior against the plain VAE image by image
 (`paired_table`), and the training-length study (`training_length_table`).
 """
 
@@ -95,8 +95,9 @@ def monitor_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 PAIRED_NOTE = (
-    "Each pull-back run against the plain VAE of the same dataset (and dim z where one exists), image by "
-    "image on the same test images and binarisations: difference = mean over images of the run's −log p̂(x) "
+    "Each run with another prior against the plain VAE of the same dataset and study (and dim z where "
+    "one exists), image by image on the same test images and binarisations: difference = mean over "
+    "images of the run's −log p̂(x) "
     "minus the plain VAE's (negative: the run is better), paired se = sd of the per-image differences / √n. "
     "nll, nll_against, difference, paired_se: under each run's headline protocol (its proposal, by default "
     "the full-support defensive mixture, and its headline log Z: a certified run's is the certificate's "
@@ -113,10 +114,19 @@ def _paired(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
     return diff.mean(), diff.std() / math.sqrt(len(diff))
 
 
+def _per_image(root: str | Path, row: pd.Series, pattern: str) -> pd.DataFrame | None:
+    """A run's per-image NLL table: its own file (`file.per_image`, a committed study's run) or `pattern`'s."""
+    own = row.get("file.per_image")
+    if isinstance(own, str) and own:
+        return pd.read_csv(Path(root) / own)
+    return per_image_table(root, pattern, row["run"])
+
+
 def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataFrame:
-    """Per-image paired comparison of every pull-back run with the plain VAE (PAIRED_NOTE), from the
-    estimate-nll stage's per-image files (`pattern` with {run}; two files pair when they have as
-    many rows and, where both record it, the same test_index in the same order). Columns: run,
+    """Per-image paired comparison of every run with another prior against the plain VAE of its
+    dataset (PAIRED_NOTE), from the estimate-nll stage's per-image files (a row's `file.per_image`,
+    else `pattern` with {run}; two files pair when they have as many rows and, where both record
+    it, the same test_index in the same order). Columns: run,
     algorithm, against, n_images, nll, nll_against, difference, paired_se (headline protocol), then
     nll_q, nll_against_q, difference_q, paired_se_q (the paper's proposal q(z|e), from the files'
     nll_nats_paper_protocol; empty unless both runs have it), log_z (the run's headline estimator)."""
@@ -124,13 +134,14 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
     recs = []
     q = "nll_nats_paper_protocol"
     for _, r in runs[runs["algorithm"] != "vae"].iterrows():
-        mine = per_image_table(root, pattern, r["run"])
+        mine = _per_image(root, r, pattern)
         if mine is None:
             continue
         same = plain[plain["dataset"] == r["dataset"]]
+        same = same[same["source"] == r["source"]] if "source" in same else same
         same = same[same["zdim"] == r["zdim"]] if (same["zdim"] == r["zdim"]).any() else same
         for _, v in same.iterrows():
-            theirs = per_image_table(root, pattern, v["run"])
+            theirs = _per_image(root, v, pattern)
             if theirs is None or len(theirs) != len(mine):
                 continue
             if "test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]):
