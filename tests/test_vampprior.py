@@ -173,3 +173,29 @@ def test_model_files_from_before_the_field_still_load():
     spec = _model().spec.to_dict()
     del spec["vampprior_components"]
     assert ModelSpec.from_dict(spec).vampprior_components == 500
+
+
+def test_the_components_density_by_matrix_products_equals_the_point_by_point_one():
+    """log_normal_components (two float64 matrix products) against Σ_d log N(z_d; μ_kd, σ_kd²)
+    point by point, for values, far points and small σ, and for the gradients in z, μ and log σ."""
+    from vaepp.posteriors import log_normal, log_normal_components
+
+    gen = torch.Generator().manual_seed(7)
+    mu = torch.randn(9, ZDIM, generator=gen, dtype=torch.float64).requires_grad_(True)
+    log_sigma = (torch.rand(9, ZDIM, generator=gen, dtype=torch.float64) * 4.0 - 5.0).requires_grad_(True)
+    z = (6.0 * torch.randn(3, 7, ZDIM, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    got = log_normal_components(z, mu, log_sigma)
+    want = log_normal(z.unsqueeze(-2), mu, log_sigma)
+    assert got.shape == (3, 7, 9) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    weights = torch.randn(3, 7, 9, generator=gen, dtype=torch.float64)
+    g_got = torch.autograd.grad((weights * got).sum(), (z, mu, log_sigma))
+    g_want = torch.autograd.grad((weights * want).sum(), (z, mu, log_sigma))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
+    # float32 inputs: the result is float64 and agrees with the float64 point-by-point density
+    got32 = log_normal_components(z.detach().float(), mu.detach().float(), log_sigma.detach().float())
+    want32 = log_normal(
+        z.detach().float().double().unsqueeze(-2), mu.detach().float().double(), log_sigma.detach().float().double()
+    )
+    torch.testing.assert_close(got32, want32, rtol=1e-12, atol=1e-9)

@@ -27,6 +27,18 @@ def log_normal(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
     return (-0.5 * eps.square() - log_sigma - 0.5 * LOG_2PI).sum(-1)
 
 
+def log_normal_components(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """Σ_d log N(z_d; μ_kd, σ_kd²) of every point against every one of K diagonal Normals:
+    z (..., zdim), μ and log σ (K, zdim) → (..., K) in float64. The square is expanded,
+    Σ_d (z_d − μ_kd)²/σ_kd² = z²·σ_k⁻² − 2 z·(μ_k σ_k⁻²) + μ_k²·σ_k⁻², into two matrix products, so
+    the work is O(N·K·zdim) multiply-adds with O(N·K) memory instead of an (N, K, zdim) tensor;
+    float64 keeps the cancellation between the three terms far below float32's resolution."""
+    z, mu, log_sigma = z.double(), mu.double(), log_sigma.double()
+    w = torch.exp(-2.0 * log_sigma)  # σ⁻² (K, zdim)
+    quad = z.square() @ w.T - 2.0 * (z @ (mu * w).T) + (mu.square() * w).sum(-1)
+    return -0.5 * quad - log_sigma.sum(-1) - 0.5 * mu.shape[-1] * LOG_2PI
+
+
 def log_standard_normal(z: Tensor) -> Tensor:
     """log N(z; 0, I) with its constant, summed over the last dimension: (..., zdim) → (...)."""
     return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * LOG_2PI

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from vaepp.distributed import DistContext
 from vaepp.optim import NonFiniteLossError
+from vaepp.posteriors import log_normal_components
 
 from .standard import PosteriorDraw, exact_prior_loss, exact_prior_terms
 
@@ -81,10 +82,15 @@ class VampPrior(nn.Module):
 
     def log_f(self, model: nn.Module, z: Tensor, raw: Tensor | None = None) -> Tensor:
         """log p(z) = logsumexp_k log q(z | u_k) − log K: (..., zdim) → (...), nats (exact: log Z = 0;
-        no decoder pass, `raw` unused). Evaluated as (..., K) against all components at once."""
+        no decoder pass, `raw` unused). Evaluated as (..., K) against all components at once: for
+        Normal posteriors by two matrix products in float64 (`posteriors.log_normal_components`),
+        for truncated ones point by point with their boxes."""
         mu, log_sigma = self.components(model)
-        log_q = model.log_q(z.unsqueeze(-2), mu, log_sigma)  # (..., K)
-        return torch.logsumexp(log_q, dim=-1) - math.log(self.n_components)
+        if model.spec.posterior == "normal":
+            log_q = log_normal_components(z, mu, log_sigma)  # (..., K), float64
+        else:
+            log_q = model.log_q(z.unsqueeze(-2), mu, log_sigma)  # (..., K)
+        return (torch.logsumexp(log_q, dim=-1) - math.log(self.n_components)).to(z.dtype)
 
     def elbo_terms(
         self, model: nn.Module, draw: PosteriorDraw, e: Tensor, batch: int, params: TrainParams, n_train: int, ctx
