@@ -26,10 +26,14 @@ setup: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	status=0; .venv/bin/ruff check . || status=1; .venv/bin/ruff format --check . || status=1; exit $$status
 
+# The tests not marked `slow` (pyproject.toml), after installing Chromium for the tests that render
+# pages: scripts/ensure_chromium.py fails the target when it cannot.
 test: $(VENV_STAMP)
-	$(PY) scripts/ensure_chromium.py || true
+	$(PY) scripts/ensure_chromium.py
 	$(PY) -m pytest -q
 
+# The tests marked `slow`: end to end (`dvc repro` and `dvc exp run` on the tiny profile, every stage
+# of the paper profile, stages killed and resumed) or over a minute on 2 cores. CI runs both targets.
 test-slow: $(VENV_STAMP)
 	$(PY) -m pytest -q -m slow
 

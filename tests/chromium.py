@@ -1,5 +1,5 @@
 """Headless Chromium for the tests that look at a page as a person would (Debian's `chromium`,
-installed by `make test` through scripts/ensure_chromium.py when that is quick)."""
+which `make test` installs first through scripts/ensure_chromium.py). Without it those tests fail."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9"
 
 
 def require_chromium() -> None:
-    """Skip the test, saying why, where Chromium is not installed."""
+    """Fail the test, saying how to install Chromium, where it is not installed."""
     if not Path(CHROMIUM).is_file():
-        pytest.skip(
-            f"{CHROMIUM} is not installed (`make test` installs Debian's chromium when that takes "
-            "under a minute; run scripts/ensure_chromium.py to see why it did not)"
+        pytest.fail(
+            f"{CHROMIUM} is not installed: install it with `python scripts/ensure_chromium.py` "
+            "(what `make test` runs first; it says why it could not) or, as root, `apt-get install -y chromium`",
+            pytrace=False,
         )
 
 

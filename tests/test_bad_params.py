@@ -291,6 +291,7 @@ def test_split_sizes_that_do_not_fit_the_data_fail_in_one_line_before_any_work(t
     assert seconds < 30, f"{seconds:.1f} s to report sizes that do not fit"
 
 
+@pytest.mark.slow  # `dvc exp run` in a copy of the repository
 def test_dvc_exp_run_with_bad_param_fails_in_the_first_stage(tmp_path):
     """`dvc exp run -S model.zdim=-3`: DVC writes the value into params.yaml and the first stage
     to run (train) reports it in one line; DVC fails the experiment. No traceback."""

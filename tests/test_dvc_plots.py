@@ -241,16 +241,20 @@ def test_template_is_the_locked_npm_bundles():
 
 def test_cross_run_charts_name_every_run_of_params():
     """DVC has no globs in a plot's file map, so the cross-run charts list the runs: they must be
-    params.yaml's runs (β and the log Zs: the pull-back runs only)."""
+    params.yaml's runs (β: the priors with a critic; the log Zs: the priors whose log Z is estimated)."""
+    from vaepp.priors import PRIORS
+
     runs = _runs()
     declared = _declared()
     assert declared["plots"]["y"] == "loss" and declared["plots"]["x"] == "epoch"
+
+    def charted(prior, column: str) -> bool:  # β: a critic's; log Z: an estimated one
+        if column == "beta":
+            return prior.has_critic
+        return column in ("loss", "monitor_valid_nll") or not prior.exact_log_z
+
     for plot_id, column in CROSS_RUN.items():
-        want = {
-            f"plots/{run}/train_curve.csv"
-            for run, spec in runs.items()
-            if column in ("loss", "monitor_valid_nll") or spec["prior"] != "standard"
-        }
+        want = {f"plots/{run}/train_curve.csv" for run, spec in runs.items() if charted(PRIORS[spec["prior"]], column)}
         got = declared[plot_id]["y"]
         assert set(got) == want and set(got.values()) == {column}, (
             f"dvc.yaml plots → {plot_id} lists {sorted(got)}; params.yaml's runs need {sorted(want)}"

@@ -16,6 +16,8 @@ from vaepp.model import VAEPP
 from vaepp.resolve import method, model_spec, train_params
 from vaepp.train import train
 
+pytestmark = pytest.mark.slow  # real training on 60 000 images: `make test-slow`
+
 
 @pytest.fixture(scope="module")
 def mnist_train():

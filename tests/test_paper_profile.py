@@ -37,10 +37,11 @@ def _raw() -> dict:
 
 def _measured_cells(tabs: dict[str, pd.DataFrame], *, paper_rows_only: bool = False) -> list[tuple[str, str, Measured]]:
     """(table, column, cell) of every measured cell; with paper_rows_only, only the rows the paper
-    prints (not this project's extra rows, such as the plain VAE's FID)."""
+    prints (not this project's extra rows, such as the plain VAE's FID, nor the peers run here)."""
     out = []
     for key, df in tabs.items():
-        rows = df[df["Group"] != "This project only"] if paper_rows_only else df
+        ours = (df["Group"] == "This project only") | df["Model"].str.contains("run here")
+        rows = df[~ours] if paper_rows_only else df
         for col in df.columns:
             if col.endswith("· ours"):
                 out += [(key, col, v) for v in rows[col] if isinstance(v, Measured)]
@@ -260,6 +261,7 @@ def tiny_paper_study(tmp_path_factory):
     return work, params
 
 
+@pytest.mark.slow  # every run of the profile through every stage: `make test-slow`
 def test_every_paper_run_goes_through_every_stage(tiny_paper_study):
     work, params = tiny_paper_study
     for name in params.runs:
@@ -286,6 +288,7 @@ def test_every_paper_run_goes_through_every_stage(tiny_paper_study):
         assert fid["fid"] > 0 and fid["fid_gan"] > 0 and fid["n_samples"] == 4
 
 
+@pytest.mark.slow
 def test_report_places_every_paper_run_in_its_cells(tiny_paper_study):
     work, params = tiny_paper_study
     tabs = report.tables(report.collect(work, params, report_files()))

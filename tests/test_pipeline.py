@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUNS = ("vae", "naive_vaepp", "vaepp", "certified")
 
-pytestmark = pytest.mark.pipeline
+pytestmark = pytest.mark.slow  # end to end: `make test-slow`
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 2400) -> subprocess.CompletedProcess:

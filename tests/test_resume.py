@@ -42,6 +42,8 @@ from stage_helpers import (
     workspace,
 )
 
+pytestmark = pytest.mark.slow  # stage processes killed and rerun: `make test-slow`
+
 GAN_EPOCHS = 120  # one generator step per epoch on the 512-image pool: a few seconds in all
 FIT_GAN = stage_cmd("fit-latent-gan")
 
@@ -122,7 +124,6 @@ def test_latent_gan_checkpoint_of_another_vae_is_not_resumed(reference, whole_ga
     assert_same_weights(state_dict(work / GAN), state_dict(whole_gan_fit / GAN))
 
 
-@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(reference, tmp_path):
     """Killed while the third checkpoint's bytes sit in the temporary file: the checkpoint on
     disk is still the second one and loads; the rerun removes the stray temporary, resumes
@@ -152,7 +153,6 @@ def checkpoint_signature(work: Path):
     return st.st_ino, st.st_mtime_ns
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_moments_never_tears_the_checkpoint(reference, tmp_path):
     """Four SIGKILLs at random moments of training: each process is let through two checkpoint
     writes (so that it is inside its loop whatever the machine's load), then killed after a
@@ -192,7 +192,6 @@ def test_sigkill_at_random_moments_never_tears_the_checkpoint(reference, tmp_pat
     print(f"checkpoint epoch after each kill: {epochs[1:]}; {in_write} kill(s) inside a write")
 
 
-@pytest.mark.slow
 def test_unreadable_training_checkpoint_is_reported_once_and_training_starts_afresh(tmp_path):
     """A garbled checkpoint is never used: one warning naming it, then a fresh run of every epoch
     whose model file loads (and whose checkpoint, done with, is removed)."""
