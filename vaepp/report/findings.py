@@ -79,17 +79,17 @@ def _log_z_gap(ds_runs: pd.DataFrame) -> Finding | None:
         by, head = _by_log_z(r), r.get("nll.log_z_headline")
         if "paper_q" not in by or head not in by or head == "paper_q":
             continue
-        gap = by[head] - by["paper_q"]  # log Ẑ_q − log Z: the NLL moves by the log-Z difference
+        gap = by[head] - by["paper_q"]  # log Z − log Ẑ_q: the NLL moves by the log-Z difference
         parts.append(
-            f"{_label(r['algorithm'])} by {gap:.2f} nats (NLL {by['paper_q']:.2f} under it, "
-            f"{by[head]:.2f} under {head})"
+            f"{_label(r['algorithm'])} {abs(gap):.2f} nats {'below' if gap > 0 else 'above'} it (NLL "
+            f"{by['paper_q']:.2f} under log Ẑ_q, {by[head]:.2f} under {head})"
         )
     if not parts:
         return None
     return Finding(
-        "The paper's q-based log Ẑ sits below the honest estimate of log Z (AIS, or a certificate's upper end) for "
+        "The paper's q-based log Ẑ against the honest estimate of log Z (AIS, or a certificate's upper end): "
         + "; ".join(parts)
-        + ": it makes a prior look better than it is.",
+        + ". Below it, log Ẑ_q makes a prior look better than it is.",
         ANCHORS["logz"],
         "log-Z table",
     )
