@@ -1,10 +1,22 @@
 """What a module's source imports and which attributes it reads, for tests that a math module
-stays away from the outside world."""
+stays away from the outside world; and a script of scripts/ loaded as a module."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+from pathlib import Path
 from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (scripts/ is no package), without adding a path to sys.path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def imports_and_attributes(module: ModuleType) -> tuple[set[str], set[str]]:

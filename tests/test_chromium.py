@@ -3,22 +3,17 @@ the install command, and scripts/ensure_chromium.py (run by `make test` first) f
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 import chromium
+from imports import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ensure_chromium():
-    """scripts/ensure_chromium.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("ensure_chromium", ROOT / "scripts" / "ensure_chromium.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ensure_chromium")
 
 
 def _executable(path: Path) -> Path:

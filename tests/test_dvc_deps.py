@@ -9,24 +9,17 @@ and DVC would not rerun the stage when it changes; one too many and it reruns fo
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from imports import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    """scripts/dvc_deps.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("dvc_deps", ROOT / "scripts" / "dvc_deps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dvc_deps = _load_script()
+dvc_deps = load_script("dvc_deps")
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
 
