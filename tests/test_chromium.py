@@ -11,7 +11,6 @@ import chromium
 from imports import load_script
 
 
-
 def _ensure_chromium():
     return load_script("ensure_chromium")
 
