@@ -10,7 +10,7 @@ records the commit, date, machine, wall time and the runs' definitions.
 Studies: `dimz`, the dim-z sweep behind Figure 4 (the report reads it with `--dimz-study`; about
 28 minutes on 2 cores); `attempts`, the certified prior's best attempts scored on validation
 images (README "A certified pull-back prior"); `fashion`, five priors on Fashion-MNIST for Tables 2
-and 4 (the report reads it with `--fashion-study`).
+and 4 (the report reads it with `--table-study`).
 """
 
 from __future__ import annotations
