@@ -184,7 +184,7 @@ def nll_bench(
 
 
 # ----- 3. training -------------------------------------------------------------------------------
-def train_step_flops(algorithm: str, b: Built, batch: int, k_prior: int) -> float:
+def train_step_flops(method: str, b: Built, batch: int, k_prior: int, *, penalty: bool = True) -> float:
     """FLOPs of one training step from the layer shapes (Linear/Conv matmuls only).
 
     Per row, with F the forward FLOPs of a network and F₁ of its first layer:
@@ -195,23 +195,33 @@ def train_step_flops(algorithm: str, b: Built, batch: int, k_prior: int) -> floa
     (4F: weight and input gradients of the forward and of the first backward); with a detached
     x̂ (Algorithm 1's critic step) the input gradient of the last backward is not needed: 5F.
 
-      vae:          B·(3E − E₁ + 3G)
-      vaepp (Alg 2): vae + B·3D (critic on G(z)) + K·(3G − G₁ + 3D) (K prior samples) + m·6D
+      vae:           B·(3E − E₁ + 3G)
+      vaepp (Alg 2): vae + B·3D (critic on G(z), the decoder pass shared with the reconstruction)
+                     + K·(3G − G₁ + 3D) (K prior samples) + m·6D (penalty)
+      certified:     the same terms as vaepp (Algorithm 2); its default run has no penalty
+                     (train.penalty_k = 0: `penalty` False drops m·6D)
       naive (Alg 1): VAE step  vae + B·2D + K·(3G − G₁ + 2D)   (critic frozen)
                      critic step K·G (no grad) + m·5D + B·(3D − D₁) + K·(3D − D₁)
+
+    A certified prior's acceptance MLP on z (`model.acceptance_mlp`) is not counted: refused.
     """
     E, G, D = b.enc, b.dec, b.crit
     B, K, m = batch, k_prior, min(batch, k_prior)
     vae = B * (3 * E.forward - E.first_layer + 3 * G.forward)
-    if algorithm == "vae":
+    pen = m * 6 * D.forward if penalty else 0.0
+    if method == "vae":
         return vae
-    if algorithm == "vaepp":
-        return vae + B * 3 * D.forward + K * (3 * G.forward - G.first_layer + 3 * D.forward) + m * 6 * D.forward
-    if algorithm == "naive_vaepp":
+    if method == "certified" and b.run.model.acceptance_mlp:
+        raise ValueError("the certified prior's acceptance MLP (model.acceptance_mlp) is not counted; use []")
+    if method in ("vaepp", "certified"):
+        return vae + B * 3 * D.forward + K * (3 * G.forward - G.first_layer + 3 * D.forward) + pen
+    if method == "naive_vaepp":
         vae_step = vae + B * 2 * D.forward + K * (3 * G.forward - G.first_layer + 2 * D.forward)
-        critic_step = K * G.forward + m * 5 * D.forward + (B + K) * (3 * D.forward - D.first_layer)
+        critic_step = (
+            K * G.forward + (m * 5 * D.forward if penalty else 0.0) + (B + K) * (3 * D.forward - D.first_layer)
+        )
         return vae_step + critic_step
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    raise ValueError(f"no FLOP count for the method {method!r} (vae, vaepp, certified, naive_vaepp)")
 
 
 def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warmup: int, peak_gflops: float) -> dict:
@@ -256,7 +266,7 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     out = {}
     for name in runs:
         b, spec, algorithm = setups[name][:3]
-        flops = train_step_flops(algorithm, b, spec.batch_size, spec.n_prior_samples)
+        flops = train_step_flops(algorithm, b, spec.batch_size, spec.n_prior_samples, penalty=spec.penalty_k > 0)
         steps_per_epoch = b.n_train // spec.batch_size
         out[name] = {
             "algorithm": algorithm,

@@ -4,6 +4,8 @@ Outputs (paths from dvc.yaml): --vae (the model), --curve (per-epoch metrics, CS
 (train.json). While it trains, a resumable checkpoint sits at --checkpoint: a killed run
 continues where it stopped when the stage is rerun with the same params (with other params it
 starts afresh); it is removed once the outputs are written (`vaepp.fit.fit_vae`).
+With `train.patience` the fit stops early on the monitor's validation NLL and --vae holds the
+best checked epoch's weights; train.json then adds best_epoch, stopped_early and epochs_trained.
 With `distributed.nproc_per_node: N` (or under `torchrun`), N processes train with
 DistributedDataParallel on the same global batch; only rank 0 writes (docs/distributed.md).
 """
@@ -53,6 +55,10 @@ def _train(args, run, ctx) -> int:
                 resumed_from_epoch=result.resumed_from_epoch,
             ),
         }
+        if run.train.patience is not None:  # early stopping: the model saved is the best epoch's
+            metrics.update(
+                best_epoch=result.best_epoch, stopped_early=result.stopped_early, epochs_trained=result.epochs
+            )
         artifacts.save_vae(
             args.vae, model, settings, run=run.model_dump(mode="json"), dataset_meta=meta, history=result.history
         )

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def with_change(path: str, value):
-    raw = copy.deepcopy(DEFAULT)
+def with_change(path: str, value, base: dict = DEFAULT):
+    raw = copy.deepcopy(base)
     node = raw
     keys = path.split(".")
     for k in keys[:-1]:
@@ -103,6 +103,13 @@ BAD = [
     ("latent_gan.hidden", [0], "hidden"),
     ("fid.batch_size", 0, "batch_size"),
     ("train.max_steps_per_epoch", 0, "max_steps_per_epoch"),
+    ("train.patience", 0, "train.patience = 0: Input should be greater than or equal to 1"),
+    ("train.patience", -3, "train.patience = -3"),
+    ("train.patience", 2.5, "train.patience = 2.5"),
+    ("train.patience", "three", "train.patience = 'three'"),
+    ("train.patience", True, "train.patience = True: a boolean is not allowed"),
+    ("train.patiense", 3, "train.patiense = 3: unknown key"),
+    ("runs.vae.train", {"patience": 0}, "runs.vae.train.patience = 0"),
 ]
 
 
@@ -126,6 +133,36 @@ def test_the_monitor_may_ask_for_more_validation_images_only_when_it_is_off():
     raw = with_change("train.monitor.valid_images", 20000)
     raw["train"]["log_z_every"] = 0
     assert resolve_run(parse_params(raw), "vae").train.monitor.valid_images == 20000
+
+
+def test_patience_defaults_to_no_early_stopping():
+    """params.yaml lists train.patience as null; a file without the key means the same."""
+    assert DEFAULT["train"]["patience"] is None
+    raw = copy.deepcopy(DEFAULT)
+    del raw["train"]["patience"]
+    for params in (parse_params(DEFAULT), parse_params(raw)):
+        assert all(resolve_run(params, name).train.patience is None for name in params.runs)
+    assert resolve_run(parse_params(with_change("runs.vaepp.train", {"patience": 5})), "vaepp").train.patience == 5
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"train.patience": 3, "train.log_z_every": 0}, "runs.vae.train.patience = 3"),
+        ({"train.patience": 3, "train.log_z_every": None}, "train.log_z_every = None turns the monitor off"),
+        ({"train.log_z_every": 0, "runs.vaepp.train": {"patience": 2}}, "runs.vaepp.train.patience = 2"),
+        ({"train.patience": 2, "runs.lars.train": {"log_z_every": 0}}, "runs.lars.train.patience = 2"),
+    ],
+)
+def test_patience_without_the_monitor_is_refused(changes, needle):
+    """Early stopping counts the monitor's checks: patience with the monitor off is an error."""
+    raw = DEFAULT
+    for path, value in changes.items():
+        raw = with_change(path, value, raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw, source="params.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("params.yaml") and needle in msg and "log_z_every" in msg
 
 
 @pytest.mark.parametrize("text", ["", "[1, 2]", "runs: [", "a: b: c", "\x00\x01", "runs: 3"])

@@ -147,6 +147,36 @@ def test_one_training_step_is_finite_moves_the_pseudo_inputs_and_is_reproducible
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
+def test_components_are_encoded_once_under_inference_mode_until_a_weight_changes():
+    """Under inference mode log f reuses the pseudo-inputs' encoding, with the values a fresh
+    encoding gives; a training step (fused Adam, in place) or a loaded state makes it encode
+    again, and with gradients it encodes at every call."""
+    model, params, e = _train_setup(3)
+    calls = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    z = torch.randn(7, model.zdim)
+    with torch.inference_mode():
+        first = model.prior.log_f(model, z)
+        again = model.prior.log_f(model, z)
+    assert calls == [model.prior.n_components] and torch.equal(first, again)
+    with torch.no_grad():
+        assert torch.equal(model.prior.log_f(model, z), first)  # encoded afresh, the same values
+    assert len(calls) == 2
+    train_step(model, make_optimizers(model, params), e, params, n_train=1000)
+    calls.clear()
+    with torch.inference_mode():
+        moved = model.prior.log_f(model, z)
+    with torch.no_grad():
+        assert torch.equal(model.prior.log_f(model, z), moved)
+    assert calls == [model.prior.n_components] * 2 and not torch.equal(moved, first)
+    other, _, _ = _train_setup(4)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        loaded = model.prior.log_f(model, z)
+    with torch.no_grad():
+        assert torch.equal(loaded, other.prior.log_f(other, z))
+
+
 def test_a_draw_outside_every_truncated_component_stops_with_a_clear_error():
     model = _model("truncated")
     t = {"recon": torch.tensor(1.0), "kl": torch.tensor(math.inf)}

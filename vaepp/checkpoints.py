@@ -7,7 +7,8 @@ loaded with `weights_only=True` after every member's CRC-32 is checked (`vaepp.f
 models the fits produce are `vaepp.artifacts`.
 
 File layout (format 1): {"format", **settings, "model": state_dict, ...}; a checkpoint adds
-"optimizers", "rng", "epoch", "history" and what the fit stores beside them.
+"optimizers", "rng", "epoch", "history" and what the fit stores beside them (a fit with early
+stopping: "best_model", the state_dict of its best epoch so far, or None before there is one).
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ class Checkpoint:
         set_rng_state(ckpt["rng"], data_gen, device)
         return ckpt
 
-    def after_epoch(self, epoch: int, **state) -> None:
+    def after_epoch(self, epoch: int, *, last: bool = False, **state) -> None:
         """Write the bound fit's state after `epoch` (counted from 1) if it is a multiple of
-        `every` or the last epoch; `state` (e.g. history) is stored beside it."""
+        `every` or the last epoch: the fit's length, or an earlier one the fit ends at (`last`,
+        an early stop); `state` (e.g. history) is stored beside it."""
         fit = self._fit
-        if not self.write or not (epoch % fit["every"] == 0 or epoch == fit["epochs"]):
+        if not self.write or not (epoch % fit["every"] == 0 or epoch == fit["epochs"] or last):
             return
         files.atomic_torch_save(
             {

@@ -10,7 +10,8 @@ what is allowed.
 Every setting that changes a result is required: the library has no silent default for it, so
 params.yaml (or a profile) states the whole study. Only `checkpoint_every` (how often a fit saves
 its state), `profile` (a label), `device` and `distributed` (neither changes a number beyond
-float rounding) may be left out.
+float rounding) may be left out, and `train.patience`, whose absence (null) is a fit without
+early stopping, as every params file written before it had.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ class TrainParams(_Section):
     clamp_kl: bool
     max_steps_per_epoch: int | None = Field(gt=0)
     log_z_every: int | None = Field(ge=0)  # epochs between log-Z monitor checks; 0 or None: off
+    # early stopping (`vaepp.early_stopping`): stop after this many consecutive monitor checks
+    # without a new best validation NLL and keep the best check's weights; None: train every epoch
+    patience: int | None = Field(default=None, ge=1)
     lars_decay: float = Field(ge=0.0, lt=1.0)  # prior certified: the EMA of LARS's Ẑ (0.99)
     # prior certified: whether the acceptance term trains the decoder G through D(G(z)); false
     # holds G's weights fixed there, so only the reconstruction trains G.
@@ -357,6 +361,13 @@ def resolve_run(params: Params, name: str) -> RunConfig:
         raise ParamsError(
             f"runs.{name}.train.monitor.valid_images = {monitor.valid_images}: more than the "
             f"{data.n_valid} validation images (data.n_valid); lower it or raise data.n_valid"
+        )
+    train = sections["train"]
+    if train.patience is not None and not train.log_z_every:
+        raise ParamsError(
+            f"runs.{name}.train.patience = {train.patience}: early stopping counts the log-Z monitor's "
+            f"checks of the validation NLL, and train.log_z_every = {train.log_z_every!r} turns the "
+            "monitor off; set train.log_z_every >= 1 or train.patience: null"
         )
     if run.prior == "certified" and sections["train"].algorithm != "vaepp":
         raise ParamsError(

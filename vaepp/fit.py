@@ -62,7 +62,9 @@ def fit_vae(
     """The train stage's work: the run's model trained on the uint8 training split `images`
     (N, C, H, W), resuming a matching checkpoint at `checkpoint_path`, with the log-Z monitor
     (`log_z_monitor.log_z_monitor`) every `train.log_z_every` epochs on validation images (none
-    without `valid`): `monitor_images(valid, ...)`, the same images at every check.
+    without `valid`): `monitor_images(valid, ...)`, the same images at every check. With
+    `train.patience` the fit stops early on the monitor's validation NLL and the model returned
+    holds its best checked epoch's weights (`train.train`; it needs `valid`).
     Returns (model, result, settings for `save_vae`)."""
     spec = model_spec(run, tuple(images.shape[1:]), meta["binary"])
     params = train_params(run, meta["binary"])

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .importance import LogMeanExp, stream
+from .importance import CHUNK, LogMeanExp, stream
 from .mala import langevin_proposal, log_proposal_density, metropolis_accept
 from .posteriors import log_standard_normal
 from .score import log_f_and_grad
@@ -64,7 +64,7 @@ def log_z_q_based(
     n_train: int,
     *,
     n_per_image: int = 1000,
-    chunk: int = 65536,
+    chunk: int = CHUNK,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> LogZEstimate:
@@ -119,7 +119,7 @@ def log_z_prior_is(
     zdim: int,
     n_samples: int,
     *,
-    chunk: int = 65536,
+    chunk: int = CHUNK,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .importance import RNG_BLOCK, LogMeanExp, stream
+from .importance import CHUNK, RNG_BLOCK, LogMeanExp, stream
 from .posteriors import log_standard_normal
 
 # (μ, log σ (B, zdim), n, generator=) → z (n, B, zdim) and log r(z|x) (n, B) in nats
@@ -75,7 +75,7 @@ def estimate_nll(
     binarize: bool = True,
     proposal: Proposal | None = None,
     n_importance_sub: int | None = None,
-    chunk: int = 4096,
+    chunk: int = CHUNK,
     rng_rows: int = RNG_BLOCK,
     generator: torch.Generator | None = None,
     binarize_generator: torch.Generator | None = None,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .importance import Moments, stream
+from .importance import CHUNK, Moments, stream
 from .logz import LogZEstimate
 
 LogAcceptance = Callable[[Tensor], Tensor]
@@ -133,7 +133,7 @@ def log_z_certificate(
     target_half_width: float = 0.05,
     pilot_samples: int = 100_000,
     max_samples: int = 10**9,
-    chunk: int = 65536,
+    chunk: int = CHUNK,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,

@@ -48,6 +48,7 @@ from torch import Tensor
 from .checkpoints import Checkpoint
 from .config import TrainParams
 from .distributed import ONE_PROCESS, DistContext, all_sum, check_same_input, data_parallel, gather_rows, row_range
+from .early_stopping import StopDecision, stop_decision
 from .model import VAEPP, ModelSpec
 from .optim import adam, check_finite, halving_factor
 from .priors import PosteriorDraw
@@ -62,8 +63,12 @@ StepLoss = Callable[[Tensor, int, Part], tuple[Tensor, dict[str, float]]]
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
-    epochs: int = 0
+    epochs: int = 0  # epochs trained: train.epochs, or fewer after an early stop
     resumed_from_epoch: int = 0
+    # with train.patience: the epoch whose weights the model ends with (None: no finite
+    # validation NLL, the last epoch's weights) and whether the fit stopped before train.epochs
+    best_epoch: int | None = None
+    stopped_early: bool = False
 
 
 def train_settings(spec: ModelSpec, params: TrainParams) -> dict:
@@ -237,6 +242,12 @@ def train(
     the last; its values join that epoch's metrics, with elbo_under_monitor_log_z = the epoch's
     mean ELBO terms under its log Z instead of the per-batch training estimate. It must leave the
     global RNG alone, so that a monitored fit trains exactly as an unmonitored one.
+    With `params.patience` (early stopping, `vaepp.early_stopping`; it needs the monitor) the fit
+    stops after `patience` monitor checks in a row without a new best validation NLL, and the model
+    ends with the weights of its best checked epoch (`TrainResult.best_epoch`), which the
+    checkpoint stores beside the current ones. The decision reads only the history, and keeping
+    the best weights draws no random number, so until it stops such a fit trains bitwise as one
+    without early stopping, and a resumed fit stops at the same epoch with the same weights.
     A non-finite loss raises NonFiniteLossError and leaves the last checkpoint untouched.
     On W processes every rank passes the same arguments and its `ctx`, and the same checkpoint
     file with `write=True` on rank 0 only.
@@ -251,6 +262,12 @@ def train(
             f"train.algorithm = {params.algorithm!r}: the {model.spec.prior} prior trains with "
             f"{' or '.join(model.prior.algorithms)} only"
         )
+    patience = params.patience
+    if patience is not None and (monitor is None or not params.log_z_every):
+        raise ValueError(
+            f"train.patience = {patience}: early stopping needs the log-Z monitor's validation NLL; "
+            "pass a monitor and set train.log_z_every >= 1, or set train.patience: null"
+        )
     device = torch.device(device)
     model.to(device)
     data = train_images.to(device)
@@ -264,6 +281,7 @@ def train(
     settings = train_settings(model.spec, params)
     start_epoch = 0
     state = None
+    best_state = None  # with patience: the best checked epoch's state_dict so far
     if checkpoint is not None:
         state = checkpoint.resume(
             settings, model, opts, data_gen, device, epochs=params.epochs, every=params.checkpoint_every
@@ -272,6 +290,8 @@ def train(
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         result.history = list(state["history"])
         result.seconds = float(state["seconds"])
+        if patience is not None:
+            best_state = state["best_model"]
     loss_fn = step_loss(model, params, n_train=n_train, ctx=ctx)  # after the weights are loaded
 
     batch = params.batch_size
@@ -280,8 +300,11 @@ def train(
         steps = min(steps, params.max_steps_per_epoch)
     if steps < 1:
         raise ValueError(f"batch_size {batch} exceeds the training set ({n_train} images)")
+    decision = None if patience is None else stop_decision(result.history, patience)
     model.train()
     for epoch in range(start_epoch, params.epochs):
+        if decision is not None and decision.stop:
+            break  # resumed from the checkpoint of a fit that had stopped early
         t0 = time.perf_counter()
         for opt in opts.values():
             base = params.lr if opt is opts["model"] else params.critic_lr
@@ -324,10 +347,31 @@ def train(
             )
         result.history.append(metrics)
         result.seconds += metrics["seconds"]
+        best = {}
+        if decision is not None:
+            decision = stop_decision(result.history, patience)
+            if decision.best_epoch == epoch + 1:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = {"best_model": best_state}
         if checkpoint is not None:
-            checkpoint.after_epoch(epoch + 1, history=result.history, seconds=result.seconds)
+            stopping = decision is not None and decision.stop
+            checkpoint.after_epoch(epoch + 1, last=stopping, history=result.history, seconds=result.seconds, **best)
         if callback is not None:
             callback(epoch + 1, metrics)
-    result.epochs = params.epochs
+    result.epochs = len(result.history)
+    if decision is not None:
+        _end_at_best(model, result, decision, best_state, params.epochs)
     model.eval()
     return result
+
+
+def _end_at_best(
+    model: VAEPP, result: TrainResult, decision: StopDecision, best_state: dict | None, epochs: int
+) -> None:
+    """The end of a fit with early stopping: the model takes the best checked epoch's weights
+    (kept as they are when no check gave a finite NLL) and `result` says which and whether the
+    fit stopped before `epochs`."""
+    result.best_epoch = decision.best_epoch
+    result.stopped_early = decision.stop and result.epochs < epochs
+    if best_state is not None:
+        model.load_state_dict(best_state)

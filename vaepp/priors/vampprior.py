@@ -63,6 +63,9 @@ class VampPrior(nn.Module):
             )
         mean, std = PSEUDO_INPUT_INIT[spec.likelihood]
         self.pseudo_weight = nn.Parameter(torch.empty(spec.vampprior_components, *spec.image_shape).normal_(mean, std))
+        # the last encoding under inference mode: (id of the model, copies of the weights it read,
+        # the components)
+        self._encoded: tuple[int, list[Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def n_components(self) -> int:
@@ -77,8 +80,26 @@ class VampPrior(nn.Module):
         return F.hardtanh(self.pseudo_weight, 0.0, 1.0)
 
     def components(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        """The mixture's components q(z | u_k): the encoder's μ, log σ at the pseudo-inputs, (K, zdim) each."""
-        return model.encode(self.pseudo_inputs())
+        """The mixture's components q(z | u_k): the encoder's μ, log σ at the pseudo-inputs, (K, zdim) each.
+
+        Under inference mode (the NLL's chunks, AIS's temperatures, the monitor) they are encoded
+        once and reused while the pseudo-inputs and the encoder's weights equal, value for value,
+        the copies kept with them (an optimiser step or a loaded state makes it encode again); with
+        gradients they are encoded at every call, as training needs. Equal inputs to the same
+        encoder pass give the same values, so reuse changes no number."""
+        if not torch.is_inference_mode_enabled():
+            return model.encode(self.pseudo_inputs())
+        weights = [self.pseudo_weight, *model.encoder.parameters()]
+        kept = self._encoded
+        fresh = (
+            kept is not None
+            and kept[0] == id(model)
+            and len(kept[1]) == len(weights)
+            and all(torch.equal(a, b) for a, b in zip(kept[1], weights, strict=True))
+        )
+        if not fresh:
+            self._encoded = (id(model), [w.detach().clone() for w in weights], model.encode(self.pseudo_inputs()))
+        return self._encoded[2]
 
     def log_f(self, model: nn.Module, z: Tensor, raw: Tensor | None = None) -> Tensor:
         """log p(z) = logsumexp_k log q(z | u_k) − log K: (..., zdim) → (...), nats (exact: log Z = 0;
