@@ -117,9 +117,7 @@ def _paired(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
 def _per_image(root: str | Path, row: pd.Series, pattern: str) -> pd.DataFrame | None:
     """A run's per-image NLL table: its own file (`file.per_image`, a committed study's run) or `pattern`'s."""
     own = row.get("file.per_image")
-    if isinstance(own, str) and own:
-        return pd.read_csv(Path(root) / own)
-    return per_image_table(root, pattern, row["run"])
+    return per_image_table(root, own if isinstance(own, str) and own else pattern, row["run"])
 
 
 def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataFrame:
