@@ -68,10 +68,14 @@ def run_lanes(
     jobs: int,
     env: dict[str, str],
     out=sys.stdout,
+    cwd: Path = ROOT,
+    on_done: Callable[[str, float], None] | None = None,
 ) -> int:
-    """Run the commands(item) of every item one after another, `jobs` items at a time, in order;
-    returns 0, or the first failure's exit status (an item stops at its failing command; items
-    not yet started are then skipped; running ones finish)."""
+    """Run the commands(item) of every item one after another in `cwd`, `jobs` items at a time, in
+    order; returns 0, or the first failure's exit status (an item stops at its failing command;
+    items not yet started are then skipped; running ones finish). on_done(item, seconds) runs after
+    an item's last command succeeds, with the item's wall time, one at a time (under the lanes'
+    lock); an exception it raises fails the item."""
     queue, lock, status = list(items), threading.Lock(), []
 
     def lane() -> None:
@@ -82,11 +86,17 @@ def run_lanes(
                 item = queue.pop(0)
             t0, rc = time.perf_counter(), 0
             for argv in commands(item):
-                proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 _pump(proc.stdout, f"[{item}] ", out, lock)
                 if (rc := proc.wait()) != 0:
                     break
             with lock:
+                if rc == 0 and on_done is not None:
+                    try:
+                        on_done(item, time.perf_counter() - t0)
+                    except Exception as err:  # noqa: BLE001 - reported as the item's failure
+                        out.write(f"[{item}] failed after its commands: {err}\n")
+                        rc = 1
                 out.write(f"[{item}] finished with status {rc} in {time.perf_counter() - t0:.0f} s\n")
                 out.flush()
                 if rc != 0 and not status:

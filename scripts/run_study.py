@@ -44,16 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
     (work / ".venv").symlink_to(ROOT / ".venv")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True, check=True)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    clash = set(runs) & set(params["runs"])
+    clash = add_runs(work / "params.yaml", runs)
     if clash:
-        print(f"studies/{name}/runs.yaml: {', '.join(sorted(clash))} already in params.yaml", file=sys.stderr)
+        print(f"studies/{name}/runs.yaml: {', '.join(clash)} already in params.yaml", file=sys.stderr)
         return 2
-    params["runs"].update(runs)
-    # the datasets the study's runs read, prepared beside the default study's
-    needed = [spec["data"]["dataset"] for spec in runs.values() if "dataset" in spec.get("data", {})]
-    params["datasets"] = list(dict.fromkeys([*params["datasets"], *needed]))
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     t0 = time.perf_counter()
     rc = subprocess.call([sys.executable, "scripts/repro.py", "--runs", ",".join(runs)], cwd=work)
     if rc != 0:
@@ -62,15 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     staged = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=study.parent))
     for run in runs:
-        (staged / run).mkdir()
-        for kind in KINDS:
-            shutil.copy2(work / "metrics" / run / f"{kind}.json", staged / run / f"{kind}.json")
-        shutil.copy2(work / "metrics" / run / "nll_per_image.csv", staged / run / "nll_per_image.csv")
-        shutil.copy2(work / "plots" / run / "train_curve.csv", staged / run / "train_curve.csv")
+        copy_outputs(work, run, staged / run)
     manifest = {
         "commit": commit.stdout.strip(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "machine": machine(),
         "seconds": seconds,
         "command": f"python scripts/run_study.py {name}",
         "runs": runs,
@@ -86,6 +76,39 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work.parent, ignore_errors=True)
     print(f"run_study {name}: {len(runs)} runs in {seconds:.0f} s → {study}")
     return 0
+
+
+def add_runs(params_path: Path, runs: dict) -> list[str]:
+    """Add a study's runs to a params file (and the datasets they read to its `datasets`, prepared
+    beside the default study's); returns the names that clash with its own runs, writing nothing
+    then."""
+    params = yaml.safe_load(params_path.read_text())
+    clash = sorted(set(runs) & set(params["runs"]))
+    if clash:
+        return clash
+    params["runs"].update(runs)
+    needed = [spec["data"]["dataset"] for spec in runs.values() if "dataset" in spec.get("data", {})]
+    params["datasets"] = list(dict.fromkeys([*params["datasets"], *needed]))
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    return []
+
+
+def copy_outputs(work: Path, run: str, dest: Path, *, model: bool = False) -> None:
+    """A run's metrics (train, latent_gan, nll, mala, fid .json), per-image NLLs and training curve
+    from the checkout `work` into the folder `dest` (made if missing), and its model file with
+    `model`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        shutil.copy2(work / "metrics" / run / f"{kind}.json", dest / f"{kind}.json")
+    shutil.copy2(work / "metrics" / run / "nll_per_image.csv", dest / "nll_per_image.csv")
+    shutil.copy2(work / "plots" / run / "train_curve.csv", dest / "train_curve.csv")
+    if model:
+        shutil.copy2(work / "models" / run / "vae.pt", dest / "vae.pt")
+
+
+def machine() -> str:
+    """The machine, as a study's manifest records it."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
 
 
 if __name__ == "__main__":

@@ -54,3 +54,32 @@ def test_each_run_goes_through_its_stages_in_dvc_yaml_order():
     stages = list(yaml.safe_load((Path(repro.ROOT) / "dvc.yaml").read_text())["stages"])
     per_run = [s for s in stages if s not in ("prepare-data", "report")]
     assert list(repro.RUN_STAGES) == per_run
+
+
+def test_on_done_runs_after_each_successful_item_in_its_cwd(tmp_path):
+    """on_done(item, seconds) follows an item's last command, not a failed one; the commands run in
+    `cwd`, and an on_done that raises fails its item."""
+    out, done = io.StringIO(), []
+    here = [sys.executable, "-c", "import os; open('ran', 'a').write('x')"]
+    bad = [sys.executable, "-c", "import sys; sys.exit(4)"]
+    rc = repro.run_lanes(
+        ["a", "b"],
+        lambda item: [here],
+        jobs=2,
+        env={},
+        out=out,
+        cwd=tmp_path,
+        on_done=lambda item, seconds: done.append((item, seconds)),
+    )
+    assert rc == 0 and sorted(i for i, _ in done) == ["a", "b"] and all(s > 0 for _, s in done)
+    assert (tmp_path / "ran").read_text() == "xx"
+    done.clear()
+    assert repro.run_lanes(["c"], lambda item: [bad], jobs=1, env={}, out=out, on_done=lambda *a: done.append(a)) == 4
+    assert done == []
+
+    def refuse(item, seconds):
+        raise OSError("disk full")
+
+    out = io.StringIO()
+    assert repro.run_lanes(["d"], lambda item: [here], jobs=1, env={}, out=out, cwd=tmp_path, on_done=refuse) == 1
+    assert "[d] failed after its commands: disk full" in out.getvalue()
