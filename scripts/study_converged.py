@@ -80,19 +80,24 @@ def work_dir(cache: Path, commit: str) -> Path:
 
 def ensure_clone(work: Path, commit: str, runs: dict[str, dict]) -> None:
     """The study's checkout at `commit` with its runs added to params.yaml, made once and then reused
-    (its checkpoints, DVC cache and finished stages with it); a clone at another commit is an error."""
+    (its checkpoints, DVC cache and finished stages with it); a clone at another commit is an error.
+    A clone stopped before its runs were added gets them now."""
     if work.is_dir():
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True, check=True)
         if head.stdout.strip() != commit:
             raise RuntimeError(f"{work} is at {head.stdout.strip()[:12]}, the study's commit is {commit[:12]}")
+    else:
+        work.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+        subprocess.run(["git", "checkout", "-q", commit], cwd=work, check=True)
+        (work / ".venv").symlink_to(ROOT / ".venv")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    if all(params.get("runs", {}).get(name) == spec for name, spec in runs.items()):
         return
-    work.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
-    subprocess.run(["git", "checkout", "-q", commit], cwd=work, check=True)
-    (work / ".venv").symlink_to(ROOT / ".venv")
     clash = add_runs(work / "params.yaml", runs)
     if clash:
-        raise RuntimeError(f"studies/converged/runs.yaml: {', '.join(clash)} already in params.yaml")
+        names = ", ".join(clash)
+        raise RuntimeError(f"{work}/params.yaml: {names} defined otherwise than in studies/converged/runs.yaml")
 
 
 def collect(work: Path, run: str, manifest: dict, seconds: float, study: Path = STUDY) -> None:

@@ -100,7 +100,7 @@ def test_collect_copies_a_run_whole_with_its_model_and_records_it(tmp_path):
     assert study.runs_left({"s": {}}, dest) == ["s"]
 
 
-def test_a_clone_at_another_commit_is_refused(tmp_path):
+def test_a_clone_is_reused_at_the_studys_commit_only_and_gets_its_runs_once(tmp_path):
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     for msg in ("one", "two"):
@@ -110,7 +110,14 @@ def test_a_clone_at_another_commit_is_refused(tmp_path):
             ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", msg], check=True
         )
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    study.ensure_clone(repo, head, {})  # already there at the study's commit: reused as it is
+    (repo / "params.yaml").write_text(yaml.safe_dump({"datasets": ["mnist"], "runs": {"vae": {"prior": "standard"}}}))
+    runs = {"r": {"prior": "lars", "data": {"dataset": "fashion_mnist"}}}
+    study.ensure_clone(repo, head, runs)  # already there at the study's commit: its runs added once
+    study.ensure_clone(repo, head, runs)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["runs"] == {"vae": {"prior": "standard"}, **runs} and params["datasets"] == ["mnist", "fashion_mnist"]
+    with pytest.raises(RuntimeError, match="defined otherwise"):
+        study.ensure_clone(repo, head, {"vae": {"prior": "lars"}})
     with pytest.raises(RuntimeError, match="the study's commit is 0000000000"):
         study.ensure_clone(repo, "0" * 40, {})
 
