@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"converged study at {commit[:12]} in {work}: {len(runs) - len(todo)} of {len(runs)} runs done")
     if not todo:
         return 0
-    print(f"to run, {jobs} lane(s): {', '.join(todo)}", flush=True)
+    order = lane_order({name: runs[name]["prior"] for name in todo})
+    print(f"to run, {jobs} lane(s), in this order: {', '.join(order)}", flush=True)
     if args.dry_run:
         return 0
     if manifest is None:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         return rc
     return run_lanes(
-        lane_order({name: runs[name]["prior"] for name in todo}),
+        order,
         lambda run: [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES],
         jobs=jobs,
         env=env,
