@@ -61,6 +61,23 @@ def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
 RUN_STAGES = ("train", "fit-latent-gan", "estimate-nll", "sample-mala", "compute-fid")
 
 
+def stage_commands(run: str) -> list[list[str]]:
+    """A run's chain, one `dvc repro --single-item` per stage in dvc.yaml order, each waiting for
+    DVC's repository lock (another lane may hold it for its bookkeeping)."""
+    return [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES]
+
+
+def project_env() -> dict[str, str]:
+    """The environment with this interpreter's bin first on PATH: DVC runs the stages' `python`
+    from PATH, which must be the project's environment."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def lane_env(threads: int) -> dict[str, str]:
+    """`project_env` with `threads` OpenMP and MKL threads per process: a lane's environment."""
+    return {**project_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def run_lanes(
     items: Sequence[str],
     commands: Callable[[str], list[list[str]]],
@@ -138,22 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("REPRO_JOBS and REPRO_THREADS must be whole numbers", file=sys.stderr)
         return 2
-    # DVC runs the stages' `python` from PATH: this interpreter's (the project's environment) first
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    base = {**os.environ, "PATH": path}
+    base = project_env()
     if jobs <= 1 and not args.runs:
         return subprocess.call([*DVC, "repro"], cwd=ROOT, env=base)
     t0 = time.perf_counter()
     print(f"make repro: {len(runs)} runs in {jobs} lanes of {threads} thread(s) each", flush=True)
     rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=ROOT, env=base)
     if rc == 0:
-        env = {**base, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        rc = run_lanes(
-            lane_order(runs),
-            lambda run: [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES],
-            jobs=jobs,
-            env=env,
-        )
+        rc = run_lanes(lane_order(runs), stage_commands, jobs=jobs, env=lane_env(threads))
     if rc == 0 and not args.runs:
         rc = subprocess.call([*DVC, "repro"], cwd=ROOT, env=base)
     print(f"make repro: status {rc} after {time.perf_counter() - t0:.0f} s", flush=True)

@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.repro import DVC, RUN_STAGES, lane_order, run_lanes  # noqa: E402
+from scripts.repro import DVC, lane_env, lane_order, project_env, run_lanes, stage_commands  # noqa: E402
 from scripts.run_study import add_runs, copy_outputs, machine  # noqa: E402
 
 STUDY = ROOT / "studies" / "converged"
@@ -149,20 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest = new_manifest(commit, runs)
         write_manifest(manifest)
     ensure_clone(work, commit, runs)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=work, env=env)
+    rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=work, env=project_env())
     if rc != 0:
         return rc
-    return run_lanes(
-        order,
-        lambda run: [[*DVC, "--wait-for-lock", "repro", "--single-item", f"{st}@{run}"] for st in RUN_STAGES],
-        jobs=jobs,
-        env=env,
-        cwd=work,
-        on_done=lambda run, seconds: collect(work, run, manifest, seconds),
-    )
+    env = lane_env(max(1, (os.cpu_count() or 1) // jobs))
+    on_done = lambda run, seconds: collect(work, run, manifest, seconds)  # noqa: E731
+    return run_lanes(order, stage_commands, jobs=jobs, env=env, cwd=work, on_done=on_done)
 
 
 if __name__ == "__main__":
