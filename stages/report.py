@@ -1,8 +1,9 @@
 """report: every run's metrics beside the paper's Tables 1-4, as one offline HTML page and for pandas.
 
-Outputs in --out: index.html (self-contained: what the study found, tables, dim-z plot, training
-curves, log-Z estimates, sample grids), tables.md, metrics.csv (one row per run, committed
-studies' runs of --table-study included, each with its `source`). Inputs are path patterns
+Outputs in --out: index.html (self-contained: what the study found, tables, dim-z plot, the
+converged study, training curves, log-Z estimates, sample grids), tables.md, metrics.csv (one row
+per run, committed studies' runs of --table-study included, each with its `source`), dimz/ and
+converged/ (Figure 4's lines and the converged study's gain against epochs, for `dvc plots`). Inputs are path patterns
 from dvc.yaml (`vaepp.report.collect`). Also logs the report and the headline metrics to the
 pipeline's MLflow parent run. Runs whose metrics are missing show "not run"; the stage fails only
 on unreadable params or corrupt metrics files.
@@ -37,6 +38,10 @@ def _main(argv: list[str] | None) -> int:
         help="directory of a committed study whose runs fill the tables beside this study's (repeatable)",
     )
     p.add_argument(
+        "--converged-study",
+        help="directory of the committed converged study: its tables and the gain against epochs (optional)",
+    )
+    p.add_argument(
         "--training-length",
         help="path pattern with {variant} and {run} of the training-length study's curves and nll.json (optional)",
     )
@@ -60,6 +65,10 @@ def _main(argv: list[str] | None) -> int:
     tabs = report.tables(runs)
     study = report.training_length_table(Path("."), args.training_length) if args.training_length else None
     paired = report.paired_table(Path("."), runs, args.per_image) if args.per_image else None
+    converged = None
+    if args.converged_study:
+        ten = report.ten_epoch_gains(paired, own)
+        converged = report.converged_study(Path("."), args.converged_study, params, files, ten)
     out = args.out
     atomic_write_text(
         out / "index.html",
@@ -71,13 +80,19 @@ def _main(argv: list[str] | None) -> int:
             training_length=study,
             paired=paired,
             figure4=figure4,
+            converged=converged,
         ),
     )
-    atomic_write_text(out / "tables.md", report.render_markdown(runs, tabs, Path("."), study, paired, figure4))
+    md = report.render_markdown(runs, tabs, Path("."), study, paired, figure4, converged=converged)
+    atomic_write_text(out / "tables.md", md)
     atomic_write_text(out / "metrics.csv", runs.to_csv(index=False))
     (out / "dimz").mkdir(parents=True, exist_ok=True)
     for name, line in report.dimz_series(figure4).items():  # for `dvc plots`
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
+    if args.converged_study:  # the gain against epochs, one file per prior, for `dvc plots`
+        (out / "converged").mkdir(parents=True, exist_ok=True)
+        for name, line in report.gain_series(converged.curves).items() if converged else ():
+            atomic_write_text(out / "converged" / name, line.to_csv(index=False))
     with track.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))
         for name in ("index.html", "tables.md", "metrics.csv"):

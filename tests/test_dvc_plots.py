@@ -5,7 +5,8 @@ offline page template, plus synthetic plots/<run>/train_curve.csv files in two c
 `dvc plots show` and `dvc plots diff` write pages that load nothing from the network, and headless
 Chromium with name resolution and proxying switched off draws every declared curve. A curve counts
 as drawn when the page's SVG holds a line mark for it whose vertices are an affine image of the CSV
-(x pixels ∝ epoch, or dim z for Figure 4's lines, y pixels ∝ value, one vertex per row); DVC's own
+(x pixels ∝ epoch, or dim z for Figure 4's lines, or log epoch for the converged study's gain,
+y pixels ∝ value, one vertex per row); DVC's own
 CDN page, rendered the same way, draws nothing (the control that shows the check can fail).
 """
 
@@ -38,6 +39,8 @@ CROSS_RUN = {
 }
 DIMZ = {"dimz-nll": "nll_nats", "dimz-fid": "fid"}  # Figure 4's lines, x = dim z
 DIMZ_VALUES = [4, 8, 16, 32]
+CONVERGED = {"converged-gain": "gain"}  # the converged study's gain against epochs, x on a log scale
+CONVERGED_EPOCHS = [5, 10, 15, 20, 30, 50, 80]
 LINE_RE = re.compile(
     r'<path aria-label="([^"]*)" role="graphics-symbol" aria-roledescription="line mark" '
     r'd="([^"]*)"([^>]*)>'
@@ -107,6 +110,21 @@ def _write_dimz(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
     return lines
 
 
+def _write_converged(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
+    """The report stage's converged-study files: each prior's gain against epochs."""
+    lines = {}
+    for i, f in enumerate(sorted({f for plot_id in CONVERGED for f in _declared()[plot_id]["y"]})):
+        e = np.array(CONVERGED_EPOCHS)
+        gain = (i - 1.0) + 0.4 * np.log(e) + (0.0 if tag == "baseline" else 0.5)
+        cols = {"epoch": e, "gain": gain, "gain_low": gain - 0.2, "gain_high": gain + 0.2, "n_seeds": 1 + 0 * e}
+        path = repo / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [",".join(cols)] + [",".join(repr(float(cols[c][k])) for c in cols) for k in range(len(e))]
+        path.write_text("\n".join(rows) + "\n")
+        lines[Path(f).name] = cols
+    return lines
+
+
 def _env() -> dict[str, str]:
     return {
         **os.environ,
@@ -141,7 +159,7 @@ def repo(tmp_path_factory):
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
     curves = {}
     for tag in EPOCHS:
-        curves[tag] = {**_write_curves(repo, tag), **_write_dimz(repo, tag)}
+        curves[tag] = {**_write_curves(repo, tag), **_write_dimz(repo, tag), **_write_converged(repo, tag)}
         _run(["git", "add", "-A"], repo)
         _run(["git", "commit", "-q", "-m", tag], repo)
         _run(["git", "tag", tag], repo)
@@ -172,9 +190,10 @@ def _lines(dom: str, chart_ids: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def _assert_affine(xy: np.ndarray, epoch: np.ndarray, value: np.ndarray, what: str) -> None:
+def _assert_affine(xy: np.ndarray, epoch: np.ndarray, value: np.ndarray, what: str, *, log_x: bool = False) -> None:
     """Vertices are (a + b·epoch, c − e·value) with b, e > 0: the CSV curve, drawn to scale."""
     assert xy.shape == (len(epoch), 2), f"{what}: {xy.shape[0]} vertices for {len(epoch)} epochs"
+    epoch = np.log(epoch) if log_x else epoch  # a log axis: x pixels ∝ log epoch
     for k, (col, sign) in enumerate(((epoch, 1), (value, -1))):
         if np.ptp(col) == 0:
             assert np.ptp(xy[:, k]) < 1e-6, f"{what}: a constant column is drawn flat"
@@ -192,7 +211,7 @@ def _charts(runs: dict) -> dict[str, list[tuple[str, str]]]:
     for plot_id, column in CROSS_RUN.items():
         files = _declared()[plot_id]["y"]
         charts[plot_id] = [(Path(f).parent.name, column) for f in files]
-    for plot_id, column in DIMZ.items():  # keyed by file name: DVC labels these lines by it
+    for plot_id, column in {**DIMZ, **CONVERGED}.items():  # keyed by file name: DVC labels these lines by it
         charts[plot_id] = [(Path(f).name, column) for f in _declared()[plot_id]["y"]]
     return charts
 
@@ -204,14 +223,15 @@ def _check_page(dom: str, curves: dict, revs: list[str]) -> int:
     n = 0
     for cid, wanted in charts.items():
         x = "zdim" if cid in DIMZ else "epoch"
-        key = (lambda f: f) if cid in DIMZ else (lambda f: f.split("/")[0])
+        key = (lambda f: f) if cid in DIMZ or cid in CONVERGED else (lambda f: f.split("/")[0])
         got = {(line["rev"], key(line.get("filename", "")) or wanted[0][0]): line for line in drawn[cid]}
         assert set(got) == {(rev, run) for rev in revs for run, _ in wanted}, f"{cid}: drew {sorted(got)}"
         for rev, colour in zip(revs, REV_COLOURS, strict=False):
             for run, column in wanted:
                 line, cols = got[rev, run], curves[rev][run]
                 assert line["stroke"] == colour, f"{cid} {rev} {run}: stroke {line['stroke']}"
-                _assert_affine(line["xy"], cols[x], cols[column], f"{cid} {rev} {run} {column}")
+                what = f"{cid} {rev} {run} {column}"
+                _assert_affine(line["xy"], cols[x], cols[column], what, log_x=cid in CONVERGED)
                 n += 1
     return n
 
@@ -274,7 +294,7 @@ def test_plots_show_draws_every_curve_offline(repo, tmp_path):
     dom = _chromium(page, tmp_path / "show.png", n_charts=n_charts)
     assert dom.count('class="marks"') == n_charts  # one vega SVG per declared chart
     n = _check_page(dom, {"workspace": curves["candidate"]}, ["workspace"])
-    assert n == len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ))
+    assert n == len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ, *CONVERGED))
     # The screenshot too: the curves' colour covers far more than the legends' 10-pixel dots.
     assert _colour_pixels(tmp_path / "show.png", REV_COLOURS[0]) > 150 * n
 
@@ -302,6 +322,6 @@ def test_plots_diff_overlays_both_commits(repo, tmp_path):
     n_charts = len(_charts(_runs()))
     dom = _chromium(page, tmp_path / "diff.png", n_charts=n_charts)
     n = _check_page(dom, curves, ["baseline", "candidate"])
-    assert n == 2 * (len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ)))
+    assert n == 2 * (len(_runs()) + sum(len(_declared()[p]["y"]) for p in (*CROSS_RUN, *DIMZ, *CONVERGED)))
     for colour in REV_COLOURS:
         assert _colour_pixels(tmp_path / "diff.png", colour) > 150 * n // 2

@@ -16,16 +16,39 @@ The modules, each importing only those before it: `rows` (reading one run's row)
 run table, a committed study's runs, per-image files, headline metrics), `paper_tables` (Tables
 1-4), `dimz` (Figure 4's points), `estimates` (log-Z and NLL-estimator tables), `studies` (log-Z
 monitor, paired and training-length tables), `findings` (the sentences that open the report),
-`figures` (matplotlib), `render` (Markdown and HTML). This package exposes the names callers use,
+`converged` (the converged study: its tables, gains and gain against epochs), `figures`
+(matplotlib), `render` (Markdown and HTML). This package exposes the names callers use,
 so `from vaepp import report; report.collect(...)` reads as before.
 """
 
 from vaepp.paper_numbers import NOT_A_BOUND
 
 from .collect import FILE_KEYS, KINDS, THIS_STUDY, collect, headline_metrics, per_image_nll, per_image_table, study_runs
+from .converged import (
+    CONVERGED_NOTE,
+    GAIN_CURVE_NOTE,
+    GAINS_NOTE,
+    ConvergedStudy,
+    converged_findings,
+    converged_gains,
+    converged_study,
+    converged_table,
+    gain_curves,
+    gain_series,
+    ten_epoch_gains,
+)
 from .dimz import DIMZ_NOTE, dimz_points, dimz_series, dimz_study_points, figure4_points
 from .estimates import NLL_ESTIMATOR_NOTE, NLL_ESTIMATOR_TITLE, logz_table, nll_estimator_table
-from .figures import CURVE_PANELS, EARLIER_LEGEND, NLL_MARKERS, OTHER_LEGEND, curves_figure, dimz_figure, figure_id
+from .figures import (
+    CURVE_PANELS,
+    EARLIER_LEGEND,
+    NLL_MARKERS,
+    OTHER_LEGEND,
+    curves_figure,
+    dimz_figure,
+    figure_id,
+    gain_figure,
+)
 from .findings import Finding, findings
 from .paper_tables import (
     NOT_RUN,
@@ -50,11 +73,14 @@ from .studies import (
 )
 
 __all__ = [
+    "CONVERGED_NOTE",
     "CURVE_PANELS",
     "DIMZ_NOTE",
     "EARLIER_LEGEND",
     "EARLIER_PROPOSAL",
     "FILE_KEYS",
+    "GAINS_NOTE",
+    "GAIN_CURVE_NOTE",
     "KINDS",
     "MONITOR_IMAGES",
     "MONITOR_NLL",
@@ -70,9 +96,14 @@ __all__ = [
     "PAPER_FID_SAMPLES",
     "THIS_STUDY",
     "TRAINING_LENGTH_NOTE",
+    "ConvergedStudy",
     "Finding",
     "Measured",
     "collect",
+    "converged_findings",
+    "converged_gains",
+    "converged_study",
+    "converged_table",
     "curves_figure",
     "dimz_figure",
     "dimz_points",
@@ -81,6 +112,9 @@ __all__ = [
     "figure4_points",
     "figure_id",
     "findings",
+    "gain_curves",
+    "gain_figure",
+    "gain_series",
     "headline_metrics",
     "logz_table",
     "measure",
@@ -94,5 +128,6 @@ __all__ = [
     "render_markdown",
     "study_runs",
     "tables",
+    "ten_epoch_gains",
     "training_length_table",
 ]

@@ -159,3 +159,43 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _png(fig)
+
+
+def gain_figure(curves: pd.DataFrame) -> str:
+    """The converged study's headline figure as inline SVG: each prior's gain over the plain VAE
+    (`converged.gain_curves`: nats, positive is better) against epochs on a log axis, the mean
+    over its seeds with one marker per monitor check, and the between-seed range as a band where
+    it has two or more seeds. The mean line and its markers carry the id
+    `figure_id("converged", "gain", algorithm)`, the band `figure_id("converged", "band", algorithm)`."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for i, (alg, g) in enumerate(curves.groupby("algorithm", sort=False)):
+        by = g.groupby("epoch")["gain"]
+        mean, low, high, n = by.mean(), by.min(), by.max(), by.size()
+        seeds = g["seed"].nunique()
+        if seeds >= 2:
+            ax.fill_between(
+                mean.index, low, high, color=f"C{i}", alpha=0.2, lw=0, gid=figure_id("converged", "band", alg)
+            )
+        label = f"{alg} (mean of {seeds} seeds; band: their range)" if seeds >= 2 else f"{alg} (one seed)"
+        ax.plot(
+            mean.index, mean, "-", marker="o", ms=3, color=f"C{i}", label=label, gid=figure_id("converged", "gain", alg)
+        )
+        if (n < seeds).any():  # epochs only some seeds reached: said on the line's legend
+            ax.lines[-1].set_label(label + "; fewer seeds where one stopped")
+    ax.axhline(0.0, color="grey", lw=1, ls="--", label="plain VAE")
+    ax.set(xlabel="epoch (log scale)", ylabel="gain over the plain VAE (nats; > 0 better)")
+    ax.set_title("Validation NLL: plain VAE − prior, at each monitor check", fontsize=9)
+    if len(curves):
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run of the study has finished", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3, which="both")
+    with mpl.rc_context({"svg.hashsalt": "vaepp-converged", "svg.fonttype": "none"}):
+        fig.savefig(buf := io.StringIO(), format="svg", bbox_inches="tight", metadata={"Date": None})
+    svg = buf.getvalue()
+    return svg[svg.index("<svg") :]

@@ -14,10 +14,11 @@ import pandas as pd
 from vaepp.paper_numbers import FIGURE4, NOT_A_BOUND, VARIANCE_Z_HAT_MNIST
 
 from .collect import THIS_STUDY
+from .converged import CONVERGED_NOTE, CONVERGED_TITLE, GAIN_CURVE_NOTE, GAINS_NOTE, ConvergedStudy
 from .dimz import DIMZ_NOTE, figure4_points
 from .estimates import NLL_ESTIMATOR_NOTE, NLL_ESTIMATOR_TITLE, logz_table, nll_estimator_table
-from .figures import curves_figure, dimz_figure
-from .findings import findings
+from .figures import curves_figure, dimz_figure, gain_figure
+from .findings import Finding, findings
 from .paper_tables import Measured, not_run_note
 from .studies import MONITOR_NOTE, PAIRED_NOTE, TRAINING_LENGTH_NOTE, monitor_table
 
@@ -50,6 +51,22 @@ def _md_table(df: pd.DataFrame, notes: dict[str, int] | None = None) -> str:
 PAIRED_TITLE = "Each prior against the plain VAE, image by image"
 
 
+def _all_findings(runs, paired, converged: ConvergedStudy | None) -> dict[str, list[Finding]]:
+    """`findings`, then the converged study's sentences as one more group."""
+    out = findings(runs, paired)
+    if converged is not None and converged.sentences:
+        label = f"MNIST at convergence ({converged.source})"
+        out[label] = [Finding(s, "converged", "converged study") for s in converged.sentences]
+    return out
+
+
+def _converged_frames(c: ConvergedStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The gains and the run table as shown: a run not finished says so in its NLL cell."""
+    table = c.table.astype(object).where(c.table.notna(), None)
+    table.loc[table["status"] != "finished", "nll"] = "not run yet"
+    return c.gains, table.drop(columns=["status"])
+
+
 def render_markdown(
     runs: pd.DataFrame,
     tabs: dict[str, pd.DataFrame],
@@ -57,11 +74,13 @@ def render_markdown(
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
     figure4: pd.DataFrame | None = None,
+    converged: ConvergedStudy | None = None,
 ) -> str:
-    """Tables 1-4 (with numbered protocol notes), the log-Z estimates and Figure 4's points
-    (`figure4`, from `figure4_points`; default: the runs' own)."""
+    """Tables 1-4 (with numbered protocol notes), the log-Z estimates, Figure 4's points
+    (`figure4`, from `figure4_points`; default: the runs' own) and the converged study's tables
+    (`converged`, from `converged.converged_study`)."""
     parts = ["# VAEPP: measured results beside the paper's", "", "## What the study found", ""]
-    for label, found in findings(runs, paired).items():
+    for label, found in _all_findings(runs, paired, converged).items():
         parts += [f"- **{label}.**"]
         parts += [f"  - {f.text} ([{f.link}](#{f.anchor}))" for f in found]
     parts += [
@@ -91,6 +110,12 @@ def render_markdown(
         lambda d: d.assign(bpd=d["bpd"].map(lambda v: _fmt(v, 4)))
     )
     parts += ["## Figure 4 points: NLL and FID against dim z", "", DIMZ_NOTE, "", _md_table(pts), ""]
+    if converged is not None:
+        gains, table = _converged_frames(converged)
+        parts += ['<a id="converged"></a>', "", f"## {CONVERGED_TITLE} ({converged.source})", ""]
+        parts += [f"- {s}" for s in converged.sentences] + ["", GAINS_NOTE, "", _md_table(gains), ""]
+        parts += ["## The converged study's runs", "", CONVERGED_NOTE, "", _md_table(table), ""]
+        parts += ["## The gain against epochs", "", GAIN_CURVE_NOTE, "", _md_table(converged.curves), ""]
     return "\n".join(parts)
 
 
@@ -133,16 +158,19 @@ def render_html(
     training_length: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
     figure4: pd.DataFrame | None = None,
+    converged: ConvergedStudy | None = None,
 ) -> str:
     """One self-contained HTML page: tables, Figure 4 (its points `figure4`, from
-    `figure4_points`; default: the runs' own) and 2 analogues, log-Z estimates, sample grids."""
+    `figure4_points`; default: the runs' own) and 2 analogues, log-Z estimates, the converged
+    study (`converged`, from `converged.converged_study`: its tables and the gain against
+    epochs), sample grids."""
     root, e = Path(root), html.escape
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
         f"</head><body><h1>{e(title)}</h1>",
         "<h2 id='findings'>What the study found</h2>",
     ]
-    for label, found in findings(runs, paired).items():
+    for label, found in _all_findings(runs, paired, converged).items():
         items = "".join(f"<li>{e(f.text)} <a href='#{e(f.anchor)}'>({e(f.link)})</a></li>" for f in found)
         out.append(f"<p><b>{e(label)}</b></p><ul>{items}</ul>")
     out.append(
@@ -166,6 +194,18 @@ def render_html(
         f"<figure class='dimz'>{dimz_figure(pts)}</figure>",
         _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4)))),
     ]
+    if converged is not None:
+        gains, table = _converged_frames(converged)
+        out += [
+            f"<h2 id='converged'>{e(CONVERGED_TITLE)} ({e(converged.source)})</h2>",
+            "<ul>" + "".join(f"<li>{e(s)}</li>" for s in converged.sentences) + "</ul>",
+            f"<figure class='converged'>{gain_figure(converged.curves)}</figure>",
+            f"<p><small>{e(GAIN_CURVE_NOTE)}</small></p>",
+            _html_table(gains),
+            f"<p><small>{e(GAINS_NOTE)}</small></p>",
+            _html_table(table),
+            f"<p><small>{e(CONVERGED_NOTE)}</small></p>",
+        ]
     out.append("<h2>Figure 2 analogue: training curves, and the log-Z monitor</h2>")
     out.append(f"<p><small>{e(MONITOR_NOTE)}</small></p>")
     for ds in dict.fromkeys(runs["dataset"]):
