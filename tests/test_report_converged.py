@@ -280,6 +280,22 @@ def test_report_stage_shows_the_study_and_writes_its_plot_files(study, monkeypat
     assert list(line.columns) == ["epoch", "gain", "gain_low", "gain_high", "n_seeds"]
     md = (root / "reports" / "tables.md").read_text()
     assert "## The converged study's runs" in md and "not run yet" in md and "converged_vaepp" in md
+    assert "| converged_certified | certified | 0 | 50 | 30 | yes | 400 |" in md  # counts as integers
+    wide = md.split("## The gain against epochs")[1].split("\n| epoch | ")[1].split("\n")[0]
+    assert wide == "certified | certified range | vampprior | lars |"
+    at10 = curves[(curves["algorithm"] == "certified") & (curves["epoch"] == 10)]["gain"].mean()
+    assert f"| 10 | {at10:.2f} | [" in md
+
+
+def test_a_study_with_no_pair_yet_says_so(study, monkeypatch):  # noqa: F811
+    root, params, _ = study
+    _write_study(root, {k: v for k, v in SHIFTS.items() if k.startswith("converged_certified")})
+    monkeypatch.setenv("VAEPP_MLFLOW", "0")
+    assert _report_stage(root, params, monkeypatch) == 0
+    md = (root / "reports" / "tables.md").read_text()
+    assert md.count(report.render.NO_GAIN_YET) == 2 and "| 90." not in md.split("## The gain against epochs")[1]
+    assert not list((root / "reports" / "converged").iterdir())
+    assert "no run of the study has finished" in (root / "reports" / "index.html").read_text()
 
 
 def test_chromium_draws_the_gain_against_epochs_on_a_log_axis(study, monkeypatch):  # noqa: F811

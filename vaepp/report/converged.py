@@ -253,6 +253,22 @@ def gain_series(curves: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def gain_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """The gain against epochs as one table: a row per epoch, per prior its mean gain over seeds
+    ("<algorithm>") and, where it has two or more seeds, their range ("<algorithm> range")."""
+    table = pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    for name, s in gain_series(curves).items():
+        alg = name.removesuffix(".csv")
+        cols = {"epoch": s["epoch"], alg: s["gain"]}
+        if (s["n_seeds"] >= 2).any():
+            cols[f"{alg} range"] = [
+                f"[{lo:+.2f}, {hi:+.2f}]" if n >= 2 else ""
+                for lo, hi, n in s[["gain_low", "gain_high", "n_seeds"]].itertuples(index=False)
+            ]
+        table = table.merge(pd.DataFrame(cols), on="epoch", how="outer")
+    return table.sort_values("epoch").reset_index(drop=True)
+
+
 @dataclass
 class ConvergedStudy:
     """What the report shows of the converged study (`converged_study`)."""

@@ -14,7 +14,7 @@ import pandas as pd
 from vaepp.paper_numbers import FIGURE4, NOT_A_BOUND, VARIANCE_Z_HAT_MNIST
 
 from .collect import THIS_STUDY
-from .converged import CONVERGED_NOTE, CONVERGED_TITLE, GAIN_CURVE_NOTE, GAINS_NOTE, ConvergedStudy
+from .converged import CONVERGED_NOTE, CONVERGED_TITLE, GAIN_CURVE_NOTE, GAINS_NOTE, ConvergedStudy, gain_table
 from .dimz import DIMZ_NOTE, figure4_points
 from .estimates import NLL_ESTIMATOR_NOTE, NLL_ESTIMATOR_TITLE, logz_table, nll_estimator_table
 from .figures import curves_figure, dimz_figure, gain_figure
@@ -60,11 +60,16 @@ def _all_findings(runs, paired, converged: ConvergedStudy | None) -> dict[str, l
     return out
 
 
-def _converged_frames(c: ConvergedStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The gains and the run table as shown: a run not finished says so in its NLL cell."""
-    table = c.table.astype(object).where(c.table.notna(), None)
+NO_GAIN_YET = "No prior has a finished run beside a finished plain VAE of the same seed yet."
+
+
+def _converged_frames(c: ConvergedStudy) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The gains, the run table and the gain against epochs as shown: counts as integers, and a run
+    not finished says so in its NLL cell."""
+    table = c.table.astype({k: "Int64" for k in ("epochs_trained", "best_epoch", "n_images")})
+    table = table.astype(object).where(table.notna(), None)
     table.loc[table["status"] != "finished", "nll"] = "not run yet"
-    return c.gains, table.drop(columns=["status"])
+    return c.gains, table.drop(columns=["status"]), gain_table(c.curves)
 
 
 def render_markdown(
@@ -111,11 +116,13 @@ def render_markdown(
     )
     parts += ["## Figure 4 points: NLL and FID against dim z", "", DIMZ_NOTE, "", _md_table(pts), ""]
     if converged is not None:
-        gains, table = _converged_frames(converged)
+        gains, table, curve = _converged_frames(converged)
         parts += ['<a id="converged"></a>', "", f"## {CONVERGED_TITLE} ({converged.source})", ""]
-        parts += [f"- {s}" for s in converged.sentences] + ["", GAINS_NOTE, "", _md_table(gains), ""]
+        parts += [f"- {s}" for s in converged.sentences] + ["", GAINS_NOTE, ""]
+        parts += [_md_table(gains) if len(gains) else NO_GAIN_YET, ""]
         parts += ["## The converged study's runs", "", CONVERGED_NOTE, "", _md_table(table), ""]
-        parts += ["## The gain against epochs", "", GAIN_CURVE_NOTE, "", _md_table(converged.curves), ""]
+        parts += ["## The gain against epochs", "", GAIN_CURVE_NOTE, ""]
+        parts += [_md_table(curve) if len(curve) else NO_GAIN_YET, ""]
     return "\n".join(parts)
 
 
@@ -195,13 +202,13 @@ def render_html(
         _html_table(pts.assign(bpd=pts["bpd"].map(lambda v: _fmt(v, 4)))),
     ]
     if converged is not None:
-        gains, table = _converged_frames(converged)
+        gains, table, _ = _converged_frames(converged)
         out += [
             f"<h2 id='converged'>{e(CONVERGED_TITLE)} ({e(converged.source)})</h2>",
             "<ul>" + "".join(f"<li>{e(s)}</li>" for s in converged.sentences) + "</ul>",
             f"<figure class='converged'>{gain_figure(converged.curves)}</figure>",
             f"<p><small>{e(GAIN_CURVE_NOTE)}</small></p>",
-            _html_table(gains),
+            _html_table(gains) if len(gains) else f"<p>{e(NO_GAIN_YET)}</p>",
             f"<p><small>{e(GAINS_NOTE)}</small></p>",
             _html_table(table),
             f"<p><small>{e(CONVERGED_NOTE)}</small></p>",
