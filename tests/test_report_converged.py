@@ -150,12 +150,20 @@ def test_gains_over_seeds_carry_the_test_and_between_seed_errors_and_the_verdict
     err = math.sqrt(g.loc["certified", "test_se"] ** 2 + g.loc["certified", "seed_sd"] ** 2 / 2)
     assert g.loc["certified", "error"] == pytest.approx(err)
     # certified: a gain at 10 epochs and now (≈ 1.2 ± 0.3); VampPrior: ≈ 0 now; LARS: a loss now
-    assert (g.loc["certified", "verdict"], g.loc["certified", "held"]) == ("better", "held")
+    assert (g.loc["certified", "verdict"], g.loc["certified", "held"]) == ("better", "held")  # 1.1 → 1.2 ± 0.3
     assert (g.loc["vampprior", "verdict"], g.loc["vampprior", "held"]) == ("indistinguishable", "vanished")
     assert (g.loc["lars", "verdict"], g.loc["lars", "held"]) == ("worse", "reversed")
     # one seed: no between-seed sd, the error is the test-set one
     assert pd.isna(g.loc["lars", "seed_sd"]) and g.loc["lars", "error"] == pytest.approx(g.loc["lars", "test_se"])
     assert g.loc["lars", "gain_10"] == 0.9 and g.loc["lars", "verdict_10"] == "better"
+
+
+@pytest.mark.parametrize(("gain_10", "word"), [(0.3, "held, grew"), (1.1, "held"), (2.5, "held, shrank")])
+def test_a_gain_that_held_says_whether_it_grew_or_shrank_beyond_two_errors(tmp_path, gain_10, word):
+    _write_study(tmp_path)
+    g = _load(tmp_path, {"certified": (gain_10, 0.1, "certified")}).gains.set_index("algorithm")
+    assert g.loc["certified", "gain"] == pytest.approx(1.19, abs=0.01) and g.loc["certified", "error"] < 0.33
+    assert g.loc["certified", "held"] == word
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ GAINS_NOTE = (
     "seeds; seed_sd: the between-seed standard deviation of the k gains (k ≥ 2; it includes the "
     "test-set noise), so the error of the mean is error = √(test_se² + seed_sd² / k). The 10-epoch "
     "gain is the default study's (its paired table: 10 epochs, a random sample of test images); "
-    "verdicts at two errors: `held` (a gain at 10 epochs that is still a gain), `vanished` "
+    "verdicts at two errors: `held` (a gain at 10 epochs that is still a gain; `grew` or `shrank` "
+    "when the change from 10 epochs exceeds two errors, √(error² + se_10²)), `vanished` "
     "(indistinguishable from 0 now), `reversed` (a loss now)."
 )
 
@@ -193,8 +194,10 @@ def converged_gains(table: pd.DataFrame, ten_epoch: dict) -> pd.DataFrame:
         }
         if alg in ten_epoch:
             g10, se10, _ = ten_epoch[alg]
-            ten = _verdict(g10, se10)
-            rec |= {"gain_10": g10, "se_10": se10, "verdict_10": ten, "held": _held(ten, now)}
+            ten, held = _verdict(g10, se10), _held(_verdict(g10, se10), now)
+            if held == "held":  # and how its size moved, at two errors of the change
+                held += {"better": ", grew", "worse": ", shrank"}.get(_verdict(gain - g10, math.hypot(error, se10)), "")
+            rec |= {"gain_10": g10, "se_10": se10, "verdict_10": ten, "held": held}
         recs.append(rec)
     return pd.DataFrame(recs)
 
