@@ -303,7 +303,7 @@ def test_a_study_with_no_pair_yet_says_so(study, monkeypatch):  # noqa: F811
     md = (root / "reports" / "tables.md").read_text()
     assert md.count(report.render.NO_GAIN_YET) == 2 and "| 90." not in md.split("## The gain against epochs")[1]
     assert not list((root / "reports" / "converged").iterdir())
-    assert "no run of the study has finished" in (root / "reports" / "index.html").read_text()
+    assert "no prior has finished beside a plain VAE of its seed" in (root / "reports" / "index.html").read_text()
 
 
 def test_chromium_draws_the_gain_against_epochs_on_a_log_axis(study, monkeypatch):  # noqa: F811

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .findings import METHOD_LABELS
+
 
 def _png(fig) -> str:
     fig.savefig(buf := io.BytesIO(), format="png", dpi=100, bbox_inches="tight")
@@ -180,7 +182,8 @@ def gain_figure(curves: pd.DataFrame) -> str:
             ax.fill_between(
                 mean.index, low, high, color=f"C{i}", alpha=0.2, lw=0, gid=figure_id("converged", "band", alg)
             )
-        label = f"{alg} (mean of {seeds} seeds; band: their range)" if seeds >= 2 else f"{alg} (one seed)"
+        name = METHOD_LABELS.get(alg, alg)
+        label = f"{name} (mean of {seeds} seeds; band: their range)" if seeds >= 2 else f"{name} (one seed)"
         ax.plot(
             mean.index, mean, "-", marker="o", ms=3, color=f"C{i}", label=label, gid=figure_id("converged", "gain", alg)
         )
@@ -191,9 +194,16 @@ def gain_figure(curves: pd.DataFrame) -> str:
     ax.set_title("Validation NLL: plain VAE − prior, at each monitor check", fontsize=9)
     if len(curves):
         ax.set_xscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the lines
     else:
-        ax.text(0.5, 0.5, "no run of the study has finished", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no prior has finished beside a plain VAE of its seed",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.grid(alpha=0.3, which="both")
     with mpl.rc_context({"svg.hashsalt": "vaepp-converged", "svg.fonttype": "none"}):
         fig.savefig(buf := io.StringIO(), format="svg", bbox_inches="tight", metadata={"Date": None})
