@@ -59,7 +59,8 @@ GAIN_CURVE_NOTE = (
     "sample; each NLL under that check's monitored log Z). It is a difference of the two means "
     "(paired in expectation; the monitor keeps no per-image values), so its error is shown as the "
     "between-seed range where a prior has two or more seeds (the band), each seed against the plain "
-    "VAE of the same seed. A line ends where either run stopped."
+    "VAE of the same seed. A seed's line ends where either of its runs stopped; past the epoch where one seed "
+    "stopped, a prior's line is the mean of the seeds still running."
 )
 
 # Published gains over N(0, I) at convergence, matched networks, dynamically binarised MNIST:
