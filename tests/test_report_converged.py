@@ -85,7 +85,7 @@ def _write_study(root: Path, shifts: dict = SHIFTS, *, other_images: str | None 
             )
         )
         (d / "train.json").write_text(
-            json.dumps({"epochs_trained": stop, "best_epoch": stop - 20, "stopped_early": True})
+            json.dumps({"epochs_trained": stop, "best_epoch": stop - 20, "stopped_early": run != "converged_vae"})
         )
         (d / "fid.json").write_text(json.dumps({"fid": 50.0 + shift}))
         epoch = np.arange(1, stop + 1)
@@ -289,6 +289,8 @@ def test_report_stage_shows_the_study_and_writes_its_plot_files(study, monkeypat
     md = (root / "reports" / "tables.md").read_text()
     assert "## The converged study's runs" in md and "not run yet" in md and "converged_vaepp" in md
     assert "| converged_certified | certified | 0 | 50 | 30 | yes | 400 |" in md  # counts as integers
+    assert "| converged_vaepp | vaepp | 0 |  |  |  |  | not run yet |" in md
+    assert "| converged_vae | vae | 0 | 60 | 40 | no: the cap | 400 |" in md  # reached the cap (SHIFTS)
     wide = md.split("## The gain against epochs")[1].split("\n| epoch | ")[1].split("\n")[0]
     assert wide == "certified | certified range | vampprior | lars |"
     at10 = curves[(curves["algorithm"] == "certified") & (curves["epoch"] == 10)]["gain"].mean()

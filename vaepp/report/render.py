@@ -69,6 +69,8 @@ def _converged_frames(c: ConvergedStudy) -> tuple[pd.DataFrame, pd.DataFrame, pd
     table = c.table.astype({k: "Int64" for k in ("epochs_trained", "best_epoch", "n_images")})
     table = table.astype(object).where(table.notna(), None)
     table.loc[table["status"] != "finished", "nll"] = "not run yet"
+    stopped = {True: "yes", False: "no: the cap"}  # a run that reached the cap says so, not a blank
+    table["stopped_early"] = [stopped.get(v) if isinstance(v, bool) else v for v in table["stopped_early"]]
     return c.gains, table.drop(columns=["status"]), gain_table(c.curves)
 
 
