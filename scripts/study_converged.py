@@ -8,9 +8,11 @@ They run in lanes (`scripts/repro.py`'s, one thread each, the costliest first) i
 clone of the study's commit, <cache>/studies/converged/<commit>/repo, where <cache> is
 $VAEPP_CACHE or ~/.cache/vaepp. As each run finishes, its metrics, per-image NLLs, training curve
 and model file are copied to studies/converged/<run>/ and studies/converged/manifest.json records
-it (commit them then). Started again, the script skips the runs already copied, and a run killed
-mid-fit resumes from its training checkpoint in the clone: the same commit for every run (the
-manifest's, not HEAD's), so the whole study is made by one version of the code.
+it (commit them then); the manifest also records the shared sections the runs were resolved on
+(`shared`: the clone's params.yaml without its runs), which the report reads them with. Started
+again, the script skips the runs already copied, and a run killed mid-fit resumes from its
+training checkpoint in the clone: the same commit for every run (the manifest's, not HEAD's), so
+the whole study is made by one version of the code.
 
 Options: --runs a,b (only these), --jobs N (lanes; default one per core, at most the runs left),
 --dry-run (print the plan and stop). Exit status: 0, 2 on a bad argument, else the first
@@ -100,6 +102,13 @@ def ensure_clone(work: Path, commit: str, runs: dict[str, dict]) -> None:
         raise RuntimeError(f"{work}/params.yaml: {names} defined otherwise than in studies/converged/runs.yaml")
 
 
+def shared_sections(work: Path) -> dict:
+    """The clone's params.yaml without its runs: the shared sections every run of the study is
+    resolved on, recorded in the manifest so that the report reads the runs as they ran."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    return {key: value for key, value in params.items() if key != "runs"}
+
+
 def collect(work: Path, run: str, manifest: dict, seconds: float, study: Path = STUDY) -> None:
     """Copy a finished run from the clone to studies/converged/<run>/ (through a staging folder
     renamed into place, so a folder with its NLL is complete) and record it in the manifest with
@@ -137,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     from stages.cli import cache_dir
 
     work = work_dir(cache_dir(), commit)
+    if manifest is not None and "shared" not in manifest and work.is_dir() and not args.dry_run:
+        manifest["shared"] = shared_sections(work)  # a manifest written before it recorded them
+        write_manifest(manifest)
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(todo)))
     print(f"converged study at {commit[:12]} in {work}: {len(runs) - len(todo)} of {len(runs)} runs done")
     if not todo:
@@ -149,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = new_manifest(commit, runs)
         write_manifest(manifest)
     ensure_clone(work, commit, runs)
+    if "shared" not in manifest:
+        manifest["shared"] = shared_sections(work)
+        write_manifest(manifest)
     rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=work, env=project_env())
     if rc != 0:
         return rc

@@ -222,6 +222,25 @@ def test_gain_against_epochs_uses_the_checks_both_runs_made(tmp_path):
     assert list(s["n_seeds"]) == [2] * 9 + [1]  # epoch 50: only seed 0 made both checks
 
 
+def test_runs_are_read_with_the_shared_sections_the_study_recorded_under_any_profile(tmp_path):
+    """Under a profile whose settings reject the study's runs (the tiny one: 64 validation images
+    against the monitor's 1000), the manifest's `shared` sections resolve them as they ran; without
+    them the runs are resolved on the profile's, which is a clear error."""
+    from vaepp.config import ParamsError
+
+    nlls = _write_study(tmp_path)
+    tiny = load_params(ROOT / "tests" / "profiles_tiny.yaml")
+    with pytest.raises(ParamsError, match="valid_images = 1000: more than the 64 validation images"):
+        report.converged_study(tmp_path, STUDY, tiny, report_files(), {})
+    manifest = read_json(tmp_path / STUDY / "manifest.json")
+    shared = yaml.safe_load((ROOT / "params.yaml").read_text())
+    manifest["shared"] = {k: v for k, v in shared.items() if k != "runs"}
+    (tmp_path / STUDY / "manifest.json").write_text(json.dumps(manifest))
+    c = report.converged_study(tmp_path, STUDY, tiny, report_files(), {})
+    t = c.table.set_index("run")
+    assert t.loc["converged_lars", "gain"] == pytest.approx(_paired(nlls["converged_lars"], nlls["converged_vae"])[0])
+
+
 def test_a_study_without_a_manifest_is_not_shown(tmp_path):
     assert _load(tmp_path) is None
 

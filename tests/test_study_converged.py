@@ -139,3 +139,35 @@ def test_dry_run_prints_the_plan_and_does_nothing(capsys):
     assert study.main(["--dry-run", "--jobs", "1"]) == 0
     out = capsys.readouterr().out
     assert "converged study at" in out and ("to run, 1 lane(s)" in out or "7 of 7 runs done" in out)
+
+
+def test_the_manifest_records_the_shared_sections_the_runs_were_resolved_on(tmp_path, monkeypatch):
+    """A finished study's manifest without them gets them from its clone (params.yaml without the
+    runs), once; the committed study's are its commit's params.yaml without the runs."""
+    work = tmp_path / "cache" / "studies" / "converged" / "abcdef012345" / "repo"
+    work.mkdir(parents=True)
+    shared = {"profile": "default", "datasets": ["mnist"], "train": {"epochs": 10}}
+    (work / "params.yaml").write_text(yaml.safe_dump({**shared, "runs": {"vae": {"prior": "standard"}}}))
+    assert study.shared_sections(work) == shared
+    runs = {"x": {"prior": "standard"}}
+    manifest = study.new_manifest("abcdef0123456789", runs)
+    manifest["finished"] = {"x": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "nll.json").write_text("{}")
+    monkeypatch.setenv("VAEPP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(study, "STUDY", tmp_path)
+    monkeypatch.setattr(study, "study_runs", lambda: runs)
+    monkeypatch.setattr(study, "read_manifest", lambda: study.json.loads((tmp_path / "manifest.json").read_text()))
+    monkeypatch.setattr(study, "write_manifest", lambda m: (tmp_path / "manifest.json").write_text(json.dumps(m)))
+    monkeypatch.setattr(study, "runs_left", lambda runs, only=None: [])
+    assert study.main(["--dry-run"]) == 0 and "shared" not in json.loads((tmp_path / "manifest.json").read_text())
+    assert study.main([]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["shared"] == shared
+    committed = json.loads((ROOT / "studies" / "converged" / "manifest.json").read_text())
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{committed['commit']}:params.yaml"], capture_output=True, text=True
+    )
+    if head.returncode == 0:  # a clone with the study's commit in its history
+        at_commit = yaml.safe_load(head.stdout)
+        assert committed["shared"] == {k: v for k, v in at_commit.items() if k != "runs"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from vaepp import resolve
-from vaepp.config import Params, RunParams, resolve_run, upgrade_run_spec
+from vaepp.config import Params, RunParams, parse_params, resolve_run, upgrade_run_spec
 from vaepp.datasets import DATASETS, is_binary
 from vaepp.files import flat, read_json
 
@@ -74,14 +74,20 @@ def study_runs(root: str | Path, study: str | Path, params: Params, files: dict[
     """The runs of a committed study as `collect` rows: the directory `study` (relative to root)
     holds manifest.json (`runs`: the study's run definitions, `commit`: the code that made them)
     and <run>/<kind>.json, train_curve.csv and nll_per_image.csv per run (scripts/run_study.py).
-    Each run is resolved on `params`' shared sections, as the study added it to them; the dataset
+    Each run is resolved on the shared sections the study ran with where the manifest records them
+    (`shared`: its params.yaml without the runs, so another profile's settings cannot make a
+    finished run invalid or different), else on `params`' shared sections; the dataset
     and its likelihood are those its nll.json names (params of another profile may differ);
     source = "<study> @ <commit[:8]>". Empty when the study has no manifest."""
     manifest = read_json(Path(root) / study / "manifest.json", missing_ok=True)
     if not manifest:
         return pd.DataFrame()
-    runs = {name: RunParams(**upgrade_run_spec(spec)) for name, spec in manifest["runs"].items()}
-    study_params = params.model_copy(update={"runs": runs})
+    specs = {name: upgrade_run_spec(spec) for name, spec in manifest["runs"].items()}
+    if manifest.get("shared"):  # the shared sections the study ran with, whatever profile reads it
+        study_params = parse_params({**manifest["shared"], "runs": specs}, source=f"{study}/manifest.json")
+    else:
+        runs = {name: RunParams(**spec) for name, spec in specs.items()}
+        study_params = params.model_copy(update={"runs": runs})
     pattern = {
         "metrics": f"{study}/{{run}}/{{kind}}.json",
         "train_curve": f"{study}/{{run}}/train_curve.csv",
