@@ -175,6 +175,11 @@ def test_components_are_encoded_once_under_inference_mode_until_a_weight_changes
         loaded = model.prior.log_f(model, z)
     with torch.no_grad():
         assert torch.equal(loaded, other.prior.log_f(other, z))
+    model.double()  # the same values in another dtype: encoded again, in float64
+    calls.clear()
+    with torch.inference_mode():
+        mu, _ = model.prior.components(model)
+    assert calls == [model.prior.n_components] and mu.dtype == torch.float64
 
 
 def test_a_draw_outside_every_truncated_component_stops_with_a_clear_error():

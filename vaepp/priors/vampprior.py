@@ -95,7 +95,7 @@ class VampPrior(nn.Module):
             kept is not None
             and kept[0] == id(model)
             and len(kept[1]) == len(weights)
-            and all(torch.equal(a, b) for a, b in zip(kept[1], weights, strict=True))
+            and all(_same(a, b) for a, b in zip(kept[1], weights, strict=True))
         )
         if not fresh:
             self._encoded = (id(model), [w.detach().clone() for w in weights], model.encode(self.pseudo_inputs()))
@@ -147,3 +147,9 @@ class VampPrior(nn.Module):
             mu, log_sigma = self.components(model)
             z, _ = model.sample_q(mu[k], log_sigma[k], 1, generator=generator)  # (1, n_samples, zdim)
         return z[0], {"mala_acceptance": None, "sampler": "VampPrior mixture"}
+
+
+def _same(kept: Tensor, now: Tensor) -> bool:
+    """The kept copy is the weight as it is now: the same device, dtype and shape, and equal values
+    (`torch.equal` alone calls a float32 tensor equal to its float64 copy)."""
+    return kept.device == now.device and kept.dtype == now.dtype and kept.shape == now.shape and torch.equal(kept, now)
