@@ -102,12 +102,17 @@ def _write_dimz(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
         shift = (3.0 if "vaepp" in f else 0.0) + (0.0 if tag == "baseline" else -1.5)
         z = np.array(DIMZ_VALUES)
         cols = {"zdim": z, "nll_nats": 95.0 + 20.0 / z + shift, "fid": 40.0 + 3.0 * np.log2(z) + shift}
-        path = repo / f
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [",".join(cols)] + [",".join(repr(float(cols[c][i])) for c in cols) for i in range(len(z))]
-        path.write_text("\n".join(rows) + "\n")
-        lines[Path(f).name] = cols
+        lines[Path(f).name] = _write_csv(repo / f, cols)
     return lines
+
+
+def _write_csv(path: Path, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Equal-length numeric columns as a CSV file at `path` (every value a float); returns `cols`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(next(iter(cols.values())))
+    rows = [",".join(cols)] + [",".join(repr(float(cols[c][i])) for c in cols) for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return cols
 
 
 def _write_converged(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
@@ -117,11 +122,7 @@ def _write_converged(repo: Path, tag: str) -> dict[str, dict[str, np.ndarray]]:
         e = np.array(CONVERGED_EPOCHS)
         gain = (i - 1.0) + 0.4 * np.log(e) + (0.0 if tag == "baseline" else 0.5)
         cols = {"epoch": e, "gain": gain, "gain_low": gain - 0.2, "gain_high": gain + 0.2, "n_seeds": 1 + 0 * e}
-        path = repo / f
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [",".join(cols)] + [",".join(repr(float(cols[c][k])) for c in cols) for k in range(len(e))]
-        path.write_text("\n".join(rows) + "\n")
-        lines[Path(f).name] = cols
+        lines[Path(f).name] = _write_csv(repo / f, cols)
     return lines
 
 

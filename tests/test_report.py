@@ -459,10 +459,11 @@ def test_adding_a_run_adds_a_row_and_a_dimz_point(study):
 
 
 class _Markers(HTMLParser):
-    """The marker positions (x of each <use>) under every <g id="dimz-…"> of a page's inline SVG."""
+    """The marker positions (x of each <use>) under every <g id="<prefix>…"> of a page's inline SVG."""
 
-    def __init__(self):
+    def __init__(self, prefix: str):
         super().__init__()
+        self.prefix = prefix
         self.stack: list[str | None] = []
         self.markers: dict[str, list[float]] = {}
 
@@ -475,8 +476,8 @@ class _Markers(HTMLParser):
             return
         if tag == "g":
             gid = a.get("id", "")
-            self.stack.append(gid if gid.startswith("dimz-") else None)
-            if gid.startswith("dimz-"):
+            self.stack.append(gid if gid.startswith(self.prefix) else None)
+            if gid.startswith(self.prefix):
                 self.markers[gid] = []
 
     def handle_startendtag(self, tag, attrs):
@@ -489,8 +490,9 @@ class _Markers(HTMLParser):
             self.stack.pop()
 
 
-def _figure_markers(page: str) -> dict[str, list[float]]:
-    parser = _Markers()
+def _figure_markers(page: str, prefix: str = "dimz-") -> dict[str, list[float]]:
+    """{gid: marker x positions} of a page's figure groups whose id starts with `prefix`."""
+    parser = _Markers(prefix)
     parser.feed(page)
     return parser.markers
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import yaml
 
 from chromium import render, require_chromium
 from stage_args import report_files
-from test_report import _report_stage, study  # noqa: F401  (the fixture, used by name)
+from test_report import _figure_markers, _report_stage, study  # noqa: F401  (the fixture, used by name)
 from vaepp import report
 from vaepp.config import load_params
 from vaepp.files import read_json
@@ -245,40 +244,9 @@ def test_a_study_without_a_manifest_is_not_shown(tmp_path):
     assert _load(tmp_path) is None
 
 
-class _Marks(HTMLParser):
-    """The marker positions (x of each <use>) under every <g id="converged-…"> of a page's SVG."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack: list[str | None] = []
-        self.marks: dict[str, list[float]] = {}
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "use":
-            owner = next((g for g in reversed(self.stack) if g), None)
-            if owner:
-                self.marks[owner].append(float(a["x"]))
-        elif tag == "g":
-            gid = a.get("id", "")
-            self.stack.append(gid if gid.startswith("converged-") else None)
-            if gid.startswith("converged-"):
-                self.marks[gid] = []
-
-    def handle_startendtag(self, tag, attrs):
-        self.handle_starttag(tag, attrs)
-        if tag == "g":
-            self.stack.pop()
-
-    def handle_endtag(self, tag):
-        if tag == "g":
-            self.stack.pop()
-
-
 def _marks(page: str) -> dict[str, list[float]]:
-    p = _Marks()
-    p.feed(page)
-    return p.marks
+    """{gid: marker x positions} of the converged study's figure groups (ids "converged-…")."""
+    return _figure_markers(page, "converged-")
 
 
 def _assert_log_axis(xs: list[float], epochs: np.ndarray) -> None:
