@@ -91,7 +91,8 @@ def _main(argv: list[str] | None) -> int:
         atomic_write_text(out / "dimz" / name, line.to_csv(index=False))
     if args.converged_study:  # the gain against epochs, one file per prior, for `dvc plots`
         (out / "converged").mkdir(parents=True, exist_ok=True)
-        for name, line in report.gain_series(converged.curves).items() if converged else ():
+        series = report.gain_series(converged.curves) if converged else {}
+        for name, line in series.items():
             atomic_write_text(out / "converged" / name, line.to_csv(index=False))
     with track.tracker(args.params).parent_log() as log:
         log.log_metrics(report.headline_metrics(runs))

@@ -21,8 +21,9 @@ import pandas as pd
 from vaepp.config import Params
 
 from .collect import per_image_table, study_runs
-from .findings import _label
+from .findings import _label, _verdict
 from .rows import _num
+from .studies import _paired, same_images
 
 CONVERGED_TITLE = "The converged study: each prior's gain at convergence"
 
@@ -79,17 +80,6 @@ def _seed(row: pd.Series) -> int:
     return 0 if s is None else int(s)
 
 
-def _paired_gain(mine: pd.DataFrame, theirs: pd.DataFrame) -> tuple[float, float] | None:
-    """(mean of theirs − mine, its standard error sd / √n) over the same test images; None when the
-    files score different images (count or test_index)."""
-    if len(mine) != len(theirs) or len(mine) < 2:
-        return None
-    if "test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]):
-        return None
-    diff = theirs["nll_nats"].to_numpy() - mine["nll_nats"].to_numpy()
-    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
-
-
 def converged_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run of the study (`collect.study_runs` rows), finished or not: run, algorithm,
     seed, status ("finished", else "not run yet"), epochs_trained, best_epoch, stopped_early,
@@ -128,10 +118,9 @@ def converged_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
         v = plain.get(rec["seed"])
         if r["algorithm"] != "vae" and v is not None:
             rec["against"] = v
-            if r["run"] in per_image and v in per_image:
-                paired = _paired_gain(per_image[r["run"]], per_image[v])
-                if paired is not None:
-                    rec["gain"], rec["gain_se"] = paired
+            mine, theirs = per_image.get(r["run"]), per_image.get(v)
+            if mine is not None and theirs is not None and same_images(mine, theirs):
+                rec["gain"], rec["gain_se"] = _paired(theirs["nll_nats"], mine["nll_nats"])  # theirs − mine
         recs.append(rec)
     return pd.DataFrame(recs)
 
@@ -139,13 +128,6 @@ def converged_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
 def _int(row: pd.Series, key: str) -> int | None:
     v = _num(row, key)
     return None if v is None else int(v)
-
-
-def _verdict(gain: float, err: float) -> str:
-    """How a gain reads at two errors: "better", "indistinguishable" or "worse" than the plain VAE."""
-    if abs(gain) <= 2 * err:
-        return "indistinguishable"
-    return "better" if gain > 0 else "worse"
 
 
 def _held(ten: str, now: str) -> str:
@@ -179,7 +161,7 @@ def converged_gains(table: pd.DataFrame, ten_epoch: dict) -> pd.DataFrame:
         test_se = math.sqrt(float((g["gain_se"].astype(float) ** 2).sum())) / k
         seed_sd = float(g["gain"].std(ddof=1)) if k >= 2 else None
         error = math.sqrt(test_se**2 + (seed_sd**2 / k if seed_sd is not None else 0.0))
-        now = _verdict(gain, error)
+        now = _verdict(-gain, error)  # the verdict of the difference, −gain
         rec = {
             "algorithm": alg,
             "seeds": ", ".join(str(s) for s in g["seed"]),
@@ -195,9 +177,11 @@ def converged_gains(table: pd.DataFrame, ten_epoch: dict) -> pd.DataFrame:
         }
         if alg in ten_epoch:
             g10, se10, _ = ten_epoch[alg]
-            ten, held = _verdict(g10, se10), _held(_verdict(g10, se10), now)
+            ten = _verdict(-g10, se10)
+            held = _held(ten, now)
             if held == "held":  # and how its size moved, at two errors of the change
-                held += {"better": ", grew", "worse": ", shrank"}.get(_verdict(gain - g10, math.hypot(error, se10)), "")
+                moved = _verdict(g10 - gain, math.hypot(error, se10))
+                held += {"better": ", grew", "worse": ", shrank"}.get(moved, "")
             rec |= {"gain_10": g10, "se_10": se10, "verdict_10": ten, "held": held}
         recs.append(rec)
     return pd.DataFrame(recs)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .converged import gain_series
 from .findings import METHOD_LABELS
 
 
@@ -165,28 +166,25 @@ def curves_figure(root: Path, runs: pd.DataFrame, dataset: str) -> str | None:
 
 def gain_figure(curves: pd.DataFrame) -> str:
     """The converged study's headline figure as inline SVG: each prior's gain over the plain VAE
-    (`converged.gain_curves`: nats, positive is better) against epochs on a log axis, the mean
-    over its seeds with one marker per monitor check, and the between-seed range as a band where
-    it has two or more seeds. The mean line and its markers carry the id
+    (`converged.gain_curves`, drawn from its `gain_series`: nats, positive is better) against epochs
+    on a log axis, the mean over its seeds with one marker per monitor check, and the between-seed
+    range as a band where it has two or more seeds. The mean line and its markers carry the id
     `figure_id("converged", "gain", algorithm)`, the band `figure_id("converged", "band", algorithm)`."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    for i, (alg, g) in enumerate(curves.groupby("algorithm", sort=False)):
-        by = g.groupby("epoch")["gain"]
-        mean, low, high = by.mean(), by.min(), by.max()
-        seeds = g["seed"].nunique()
+    for i, (name, line) in enumerate(gain_series(curves).items()):
+        alg = name.removesuffix(".csv")
+        seeds = int(line["n_seeds"].max())
         if seeds >= 2:
-            ax.fill_between(
-                mean.index, low, high, color=f"C{i}", alpha=0.2, lw=0, gid=figure_id("converged", "band", alg)
-            )
-        name = METHOD_LABELS.get(alg, alg)
-        label = f"{name} ({seeds} seeds: mean, band = range)" if seeds >= 2 else f"{name} (one seed)"
-        ax.plot(
-            mean.index, mean, "-", marker="o", ms=3, color=f"C{i}", label=label, gid=figure_id("converged", "gain", alg)
-        )
+            band = dict(color=f"C{i}", alpha=0.2, lw=0, gid=figure_id("converged", "band", alg))
+            ax.fill_between(line["epoch"], line["gain_low"], line["gain_high"], **band)
+        prior = METHOD_LABELS.get(alg, alg)
+        label = f"{prior} ({seeds} seeds: mean, band = range)" if seeds >= 2 else f"{prior} (one seed)"
+        gid = figure_id("converged", "gain", alg)
+        ax.plot(line["epoch"], line["gain"], "-", marker="o", ms=3, color=f"C{i}", label=label, gid=gid)
     ax.axhline(0.0, color="grey", lw=1, ls="--", label="plain VAE")
     ax.set(xlabel="epoch (log scale)", ylabel="gain over the plain VAE (nats; > 0 better)")
     ax.set_title("Validation NLL: plain VAE − prior, at each monitor check", fontsize=9)

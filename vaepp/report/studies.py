@@ -108,6 +108,14 @@ PAIRED_NOTE = (
 )
 
 
+def same_images(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
+    """Two per-image NLL tables score the same test images in the same order: as many rows and,
+    where both record it, the same test_index."""
+    if len(mine) != len(theirs):
+        return False
+    return not ("test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]))
+
+
 def _paired(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
     """(mean of mine − theirs, its paired standard error sd/√n), nats."""
     diff = mine - theirs
@@ -140,10 +148,8 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
         same = same[same["zdim"] == r["zdim"]] if (same["zdim"] == r["zdim"]).any() else same
         for _, v in same.iterrows():
             theirs = _per_image(root, v, pattern)
-            if theirs is None or len(theirs) != len(mine):
-                continue
-            if "test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]):
-                continue  # the same number of different test images: no pairing
+            if theirs is None or not same_images(mine, theirs):
+                continue  # other test images (or as many different ones): no pairing
             difference, paired_se = _paired(mine["nll_nats"], theirs["nll_nats"])
             rec = {
                 "run": r["run"],
