@@ -5,7 +5,9 @@ The runs of studies/NAME/runs.yaml, added to params.yaml's (with the datasets th
 in a fresh clone of HEAD (so the study is made by committed code only, with the same lanes and
 thread counts as `make repro`); then each run's metrics (train, latent_gan, nll, mala, fid .json),
 per-image NLLs and training curve are copied to studies/NAME/<run>/, and studies/NAME/manifest.json
-records the commit, date, machine, wall time and the runs' definitions.
+records the commit, date, machine, wall time, the runs' definitions and the shared sections they
+were resolved on (`shared`: the clone's params.yaml without its runs; the report reads the runs
+with them, under any profile).
 
 Studies: `dimz`, the dim-z sweep behind Figure 4 (the report reads it with `--dimz-study`; about
 28 minutes on 2 cores); `attempts`, the certified prior's best attempts scored on validation
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": seconds,
         "command": f"python scripts/run_study.py {name}",
         "runs": runs,
+        "shared": shared_sections(work),
     }
     (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.copy2(study / "runs.yaml", staged / "runs.yaml")
@@ -104,6 +107,14 @@ def copy_outputs(work: Path, run: str, dest: Path, *, model: bool = False) -> No
     shutil.copy2(work / "plots" / run / "train_curve.csv", dest / "train_curve.csv")
     if model:
         shutil.copy2(work / "models" / run / "vae.pt", dest / "vae.pt")
+
+
+def shared_sections(work: Path) -> dict:
+    """A study checkout's params.yaml without its runs: the shared sections every run of the study
+    was resolved on. A study's manifest records them (`shared`), so that the report reads its runs
+    as they ran whatever profile it runs under."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    return {key: value for key, value in params.items() if key != "runs"}
 
 
 def machine() -> str:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.repro import DVC, lane_env, lane_order, project_env, run_lanes, stage_commands  # noqa: E402
-from scripts.run_study import add_runs, copy_outputs, machine  # noqa: E402
+from scripts.run_study import add_runs, copy_outputs, machine, shared_sections  # noqa: E402
 
 STUDY = ROOT / "studies" / "converged"
 DONE = "nll.json"  # a run's folder appears whole (`collect`): one holding its NLL is done
@@ -102,11 +102,11 @@ def ensure_clone(work: Path, commit: str, runs: dict[str, dict]) -> None:
         raise RuntimeError(f"{work}/params.yaml: {names} defined otherwise than in studies/converged/runs.yaml")
 
 
-def shared_sections(work: Path) -> dict:
-    """The clone's params.yaml without its runs: the shared sections every run of the study is
-    resolved on, recorded in the manifest so that the report reads the runs as they ran."""
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    return {key: value for key, value in params.items() if key != "runs"}
+def record_shared(manifest: dict, work: Path) -> None:
+    """Record the clone's shared sections in the manifest (`run_study.shared_sections`), once."""
+    if "shared" not in manifest and work.is_dir():
+        manifest["shared"] = shared_sections(work)
+        write_manifest(manifest)
 
 
 def collect(work: Path, run: str, manifest: dict, seconds: float, study: Path = STUDY) -> None:
@@ -146,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     from stages.cli import cache_dir
 
     work = work_dir(cache_dir(), commit)
-    if manifest is not None and "shared" not in manifest and work.is_dir() and not args.dry_run:
-        manifest["shared"] = shared_sections(work)  # a manifest written before it recorded them
-        write_manifest(manifest)
+    if manifest is not None and not args.dry_run:
+        record_shared(manifest, work)  # a manifest written before it recorded them
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(todo)))
     print(f"converged study at {commit[:12]} in {work}: {len(runs) - len(todo)} of {len(runs)} runs done")
     if not todo:
@@ -161,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = new_manifest(commit, runs)
         write_manifest(manifest)
     ensure_clone(work, commit, runs)
-    if "shared" not in manifest:
-        manifest["shared"] = shared_sections(work)
-        write_manifest(manifest)
+    record_shared(manifest, work)
     rc = subprocess.call([*DVC, "repro", "prepare-data"], cwd=work, env=project_env())
     if rc != 0:
         return rc
