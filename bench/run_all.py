@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from bench import compute, fid_bench, pipeline, startup  # noqa: E402
 from bench.common import ROOT, Row, format_table  # noqa: E402
-from stages.boot import boot  # noqa: E402
+from stages.boot import allocator, boot  # noqa: E402
 
 OMP_WAIT_POLICY = boot()  # as a stage starts: environment defaults and check, the OpenMP wait policy
 
@@ -111,6 +111,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "load_average_1min": os.getloadavg()[0],
         "omp_wait_policy": OMP_WAIT_POLICY,
+        "allocator": allocator(),  # stages.boot.keep_freed_memory: "kept" unless the user set malloc's own
     }
 
 

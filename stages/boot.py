@@ -8,7 +8,8 @@ import them freely); what a stage process needs before its work is done here, on
 2. the environment check: stop in one line if this Python lacks a module the stages import;
 3. the OpenMP wait policy (`choose_omp_wait_policy`), which must be set before torch is first
    imported in the process: the stages import torch only inside functions, after `boot()`;
-4. in a stage's own process (`python -m stages.<name>`), the exit handler that freezes the
+4. the C library's allocator keeps freed memory for reuse (`keep_freed_memory`);
+5. in a stage's own process (`python -m stages.<name>`), the exit handler that freezes the
    garbage collector's objects, and the tracking process (`stages.track.start_process`), started
    after the load sample, which would otherwise count it.
 
@@ -52,6 +53,7 @@ REQUIRED_MODULES = (
 BUSY_CORES_FOR_PASSIVE = 0.5
 
 _booted: str | None = None  # the OpenMP wait policy once boot() has run in this process
+_allocator: str | None = None  # what keep_freed_memory did in this process, once boot() has run
 
 
 def boot(argv: list[str] | None = None, environ=None) -> str:
@@ -67,6 +69,7 @@ def boot(argv: list[str] | None = None, environ=None) -> str:
         environ.setdefault(key, value)
     check_environment()
     policy = choose_omp_wait_policy(environ)
+    keep_freed_memory(environ)
     if is_stage_script(argv):
         import atexit
 
@@ -135,6 +138,56 @@ def choose_omp_wait_policy(environ=None, busy: Callable[[], float | None] = busy
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return "PASSIVE"
     return "default"
+
+
+# glibc's mallopt(3) parameters (<malloc.h>) and the environment variables that set them at start
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory(environ=None) -> str:
+    """Let glibc's malloc keep freed blocks up to `KEEP_BYTES` (1 GiB) for reuse instead of handing
+    them back to the kernel: blocks that large come from the heap, not from a fresh mmap, and the
+    heap's free top is not trimmed below 1 GiB. Returns "kept", "user" or "unavailable".
+
+    By default glibc maps every block above its (adaptive) threshold anew and unmaps it on free,
+    and trims the heap's top above 128 KiB, so a loop that allocates the same large tensors on
+    every pass pays a page fault and the zeroing of a 4 KiB page per 4 KiB touched, on every pass.
+    Measured on 2 cores: the NLL's 1024-row chunks took 80-150 thousand page faults per 64 000
+    importance samples (60-66k samples/s, 81-86k kept), and Inception about 0.8 million per batch
+    of 50 images (10.3-10.9 images/s, 12.8-14.3 kept). The numbers themselves do not change:
+    torch aligns every tensor to 64 bytes either way. A process keeps the memory of its peak
+    until it exits. A user's own allocator settings (any of `MALLOC_ENV`, or glibc.malloc
+    tunables in GLIBC_TUNABLES) are kept; nothing is done where the C library has no mallopt."""
+    global _allocator
+    environ = os.environ if environ is None else environ
+    if any(k in environ for k in MALLOC_ENV) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        _allocator = "user"
+    elif _mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) and _mallopt(M_TRIM_THRESHOLD, KEEP_BYTES):
+        _allocator = "kept"
+    else:
+        _allocator = "unavailable"
+    return _allocator
+
+
+def allocator() -> str | None:
+    """What `keep_freed_memory` did in this process ("kept", "user", "unavailable"), None before it ran."""
+    return _allocator
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); False where the C library has none or refuses it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(param, value) == 1
 
 
 def is_stage_script(argv: list[str]) -> bool:

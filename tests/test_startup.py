@@ -334,3 +334,75 @@ def test_bench_rows_state_the_target_and_the_parts():
     missing = startup.rows({"measured": False, "reason": "no dvc"})
     assert len(missing) == 1 and "not measured: no dvc" in missing[0].value
     assert "less the training loop's own seconds" in startup.NOTE.format(repeats=5)
+
+
+FAULTS = """
+import resource, sys
+import torch
+from stages import boot
+if sys.argv[1] == "keep":
+    assert boot.keep_freed_memory({}) == "kept"
+torch.set_num_threads(1)
+w = torch.randn(300, 784)
+
+
+def chunk():  # an evaluation chunk's pattern: activations in, a 16384 x 784 float output (49 MiB) out
+    return torch.sigmoid(torch.randn(16384, 300) @ w).sum()
+
+
+for _ in range(3):  # the heap grows to the pattern's peak
+    chunk()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    chunk()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_kept_memory_is_reused_without_page_faults():
+    """With `boot.keep_freed_memory`, once the heap has grown to an evaluation chunk's peak, ten
+    more chunks reuse its memory: fewer than a fifth of their output's pages are faulted in
+    again. Without it glibc maps each 49 MiB output (above its largest adaptive mmap threshold,
+    32 MiB) anew, and every page of it faults, each time (measured: 251 000 faults against 0
+    kept, for 125 440 output pages)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(PYTHONPATH=str(ROOT))
+
+    def faults(mode: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.split()[-1])
+
+    pages = 10 * 16384 * 784 * 4 // 4096
+    assert faults("default") >= 0.9 * pages
+    assert faults("keep") < 0.2 * pages
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "user"),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, "user"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "user"),
+        ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}, "kept"),  # not a malloc setting
+        ({}, "kept"),
+    ],
+)
+def test_keep_freed_memory_keeps_a_users_allocator_settings(monkeypatch, environ, expected):
+    calls = []
+    monkeypatch.setattr(boot, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    assert boot.keep_freed_memory(environ) == expected
+    assert boot.allocator() == expected
+    assert calls == (
+        []
+        if expected == "user"
+        else [(boot.M_MMAP_THRESHOLD, boot.KEEP_BYTES), (boot.M_TRIM_THRESHOLD, boot.KEEP_BYTES)]
+    )
+
+
+def test_keep_freed_memory_without_mallopt(monkeypatch):
+    monkeypatch.setattr(boot, "_mallopt", lambda param, value: False)
+    assert boot.keep_freed_memory({}) == "unavailable"
