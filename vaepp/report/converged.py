@@ -21,9 +21,9 @@ import pandas as pd
 from vaepp.config import Params
 
 from .collect import per_image_table, study_runs
-from .findings import _label, _verdict
+from .findings import method_label, verdict
 from .rows import _num
-from .studies import _paired, same_images
+from .studies import paired_difference, same_images
 
 CONVERGED_TITLE = "The converged study: each prior's gain at convergence"
 
@@ -120,7 +120,7 @@ def converged_table(root: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
             rec["against"] = v
             mine, theirs = per_image.get(r["run"]), per_image.get(v)
             if mine is not None and theirs is not None and same_images(mine, theirs):
-                rec["gain"], rec["gain_se"] = _paired(theirs["nll_nats"], mine["nll_nats"])  # theirs − mine
+                rec["gain"], rec["gain_se"] = paired_difference(theirs["nll_nats"], mine["nll_nats"])  # theirs − mine
         recs.append(rec)
     return pd.DataFrame(recs)
 
@@ -161,7 +161,7 @@ def converged_gains(table: pd.DataFrame, ten_epoch: dict) -> pd.DataFrame:
         test_se = math.sqrt(float((g["gain_se"].astype(float) ** 2).sum())) / k
         seed_sd = float(g["gain"].std(ddof=1)) if k >= 2 else None
         error = math.sqrt(test_se**2 + (seed_sd**2 / k if seed_sd is not None else 0.0))
-        now = _verdict(-gain, error)  # the verdict of the difference, −gain
+        now = verdict(-gain, error)  # the verdict of the difference, −gain
         rec = {
             "algorithm": alg,
             "seeds": ", ".join(str(s) for s in g["seed"]),
@@ -177,10 +177,10 @@ def converged_gains(table: pd.DataFrame, ten_epoch: dict) -> pd.DataFrame:
         }
         if alg in ten_epoch:
             g10, se10, _ = ten_epoch[alg]
-            ten = _verdict(-g10, se10)
+            ten = verdict(-g10, se10)
             held = _held(ten, now)
             if held == "held":  # and how its size moved, at two errors of the change
-                moved = _verdict(g10 - gain, math.hypot(error, se10))
+                moved = verdict(g10 - gain, math.hypot(error, se10))
                 held += {"better": ", grew", "worse": ", shrank"}.get(moved, "")
             rec |= {"gain_10": g10, "se_10": se10, "verdict_10": ten, "held": held}
         recs.append(rec)
@@ -278,10 +278,10 @@ def converged_findings(table: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
         spread = f", between-seed sd {g['seed_sd']:.2f}" if seeds >= 2 else ", one seed"
         now = f"{g['gain']:+.2f} ± {g['error']:.2f} nats at convergence ({g['verdict']}{spread})"
         if pd.isna(g["held"]):
-            out.append(f"{_label(g['algorithm'])}: {now}; no 10-epoch run to compare.")
+            out.append(f"{method_label(g['algorithm'])}: {now}; no 10-epoch run to compare.")
         else:
             out.append(
-                f"{_label(g['algorithm'])}: {g['gain_10']:+.2f} ± {g['se_10']:.2f} at 10 epochs "
+                f"{method_label(g['algorithm'])}: {g['gain_10']:+.2f} ± {g['se_10']:.2f} at 10 epochs "
                 f"({g['verdict_10']}), {now}: {g['held']}."
             )
     vae = table[(table["algorithm"] == "vae") & (table["status"] == "finished")]

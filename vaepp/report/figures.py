@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .converged import gain_series
-from .findings import METHOD_LABELS
+from .findings import method_label
 
 
 def _png(fig) -> str:
@@ -181,7 +181,7 @@ def gain_figure(curves: pd.DataFrame) -> str:
         if seeds >= 2:
             band = dict(color=f"C{i}", alpha=0.2, lw=0, gid=figure_id("converged", "band", alg))
             ax.fill_between(line["epoch"], line["gain_low"], line["gain_high"], **band)
-        prior = METHOD_LABELS.get(alg, alg)
+        prior = method_label(alg)
         label = f"{prior} ({seeds} seeds: mean, band = range)" if seeds >= 2 else f"{prior} (one seed)"
         gid = figure_id("converged", "gain", alg)
         ax.plot(line["epoch"], line["gain"], "-", marker="o", ms=3, color=f"C{i}", label=label, gid=gid)

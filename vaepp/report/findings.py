@@ -36,11 +36,12 @@ class Finding:
     link: str  # its name in a sentence
 
 
-def _label(algorithm: str) -> str:
+def method_label(algorithm: str) -> str:
+    """A method's name as the report writes it (`METHOD_LABELS`), else its algorithm key."""
     return METHOD_LABELS.get(algorithm, algorithm)
 
 
-def _verdict(diff: float, se: float) -> str:
+def verdict(diff: float, se: float) -> str:
     """How a paired difference reads at two standard errors (negative: better than the plain VAE)."""
     if abs(diff) <= 2 * se:
         return "indistinguishable"
@@ -61,8 +62,8 @@ def _gains(ds_runs: pd.DataFrame, paired: pd.DataFrame | None) -> Finding | None
         s = _num(p, "nll.n_importance_per_image")
         how = f", S = {int(s)} importance samples per image" if s is not None else ""
     parts = [
-        f"{_label(r['algorithm'])} {r['difference']:+.2f} ± {r['paired_se']:.2f} "
-        f"({_verdict(r['difference'], r['paired_se'])})"
+        f"{method_label(r['algorithm'])} {r['difference']:+.2f} ± {r['paired_se']:.2f} "
+        f"({verdict(r['difference'], r['paired_se'])})"
         for _, r in mine.iterrows()
     ]
     return Finding(
@@ -81,7 +82,7 @@ def _log_z_gap(ds_runs: pd.DataFrame) -> Finding | None:
             continue
         gap = by[head] - by["paper_q"]  # log Z − log Ẑ_q: the NLL moves by the log-Z difference
         parts.append(
-            f"{_label(r['algorithm'])} {abs(gap):.2f} nats {'below' if gap > 0 else 'above'} it (NLL "
+            f"{method_label(r['algorithm'])} {abs(gap):.2f} nats {'below' if gap > 0 else 'above'} it (NLL "
             f"{by['paper_q']:.2f} under log Ẑ_q, {by[head]:.2f} under {head})"
         )
     if not parts:
@@ -104,7 +105,7 @@ def _fid_ranking(ds_runs: pd.DataFrame) -> Finding | None:
     for _, r in scored.iterrows():
         lo, hi = _num(r, "fid.fid_ci_low"), _num(r, "fid.fid_ci_high")
         ci = f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
-        parts.append(f"{_label(r['algorithm'])} {r['_fid']:.1f}{ci}")
+        parts.append(f"{method_label(r['algorithm'])} {r['_fid']:.1f}{ci}")
     first = scored.iloc[0]
     n, n_ref, floor = (_num(first, f"fid.{k}") for k in ("n_samples", "n_reference", "fid_floor"))
     size = f" ({int(n)} samples against {int(n_ref)} training images)" if n is not None and n_ref is not None else ""

@@ -116,7 +116,7 @@ def same_images(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
     return not ("test_index" in mine and "test_index" in theirs and not mine["test_index"].equals(theirs["test_index"]))
 
 
-def _paired(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
+def paired_difference(mine: pd.Series, theirs: pd.Series) -> tuple[float, float]:
     """(mean of mine − theirs, its paired standard error sd/√n), nats."""
     diff = mine - theirs
     return diff.mean(), diff.std() / math.sqrt(len(diff))
@@ -150,7 +150,7 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
             theirs = _per_image(root, v, pattern)
             if theirs is None or not same_images(mine, theirs):
                 continue  # other test images (or as many different ones): no pairing
-            difference, paired_se = _paired(mine["nll_nats"], theirs["nll_nats"])
+            difference, paired_se = paired_difference(mine["nll_nats"], theirs["nll_nats"])
             rec = {
                 "run": r["run"],
                 "algorithm": r["algorithm"],
@@ -167,7 +167,7 @@ def paired_table(root: str | Path, runs: pd.DataFrame, pattern: str) -> pd.DataF
                 "log_z": r.get("nll.log_z_headline", ""),
             }
             if q in mine and q in theirs:
-                difference_q, paired_se_q = _paired(mine[q], theirs[q])
+                difference_q, paired_se_q = paired_difference(mine[q], theirs[q])
                 rec |= {
                     "nll_q": mine[q].mean(),
                     "nll_against_q": theirs[q].mean(),
