@@ -393,6 +393,7 @@ def test_kept_memory_is_reused_without_page_faults():
 )
 def test_keep_freed_memory_keeps_a_users_allocator_settings(monkeypatch, environ, expected):
     calls = []
+    monkeypatch.setattr(boot, "_allocator", None)  # restored after the test: this process's own record
     monkeypatch.setattr(boot, "_mallopt", lambda param, value: calls.append((param, value)) or True)
     assert boot.keep_freed_memory(environ) == expected
     assert boot.allocator() == expected
@@ -404,5 +405,6 @@ def test_keep_freed_memory_keeps_a_users_allocator_settings(monkeypatch, environ
 
 
 def test_keep_freed_memory_without_mallopt(monkeypatch):
+    monkeypatch.setattr(boot, "_allocator", None)
     monkeypatch.setattr(boot, "_mallopt", lambda param, value: False)
     assert boot.keep_freed_memory({}) == "unavailable"
