@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -224,9 +225,49 @@ def train_step_flops(method: str, b: Built, batch: int, k_prior: int, *, penalty
     raise ValueError(f"no FLOP count for the method {method!r} (vae, vaepp, certified, naive_vaepp)")
 
 
+def minimal_vae_loss(model: torch.nn.Module, e: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The plain VAE's loss and nothing else: (1/B)·Σ_i [−log p(e_i|z_i) + log q(z_i|e_i) − log N(z_i; 0, I)]
+    with z = μ + σ·ε, for a Bernoulli decoder; the Normals' constants cancel, so the KL terms are
+    Σ_d (z²/2 − ε²/2 − log σ). No log-σ floor, truncation, prior dispatch or metrics."""
+    from vaepp.likelihoods import bernoulli_log_prob
+
+    mu, log_sigma = model.encoder(e)
+    z = mu + torch.exp(log_sigma) * eps
+    recon = -bernoulli_log_prob(model.decoder(z), e).sum()
+    kl = (0.5 * z.square() - 0.5 * eps.square() - log_sigma).sum()
+    return (recon + kl) / e.shape[0]
+
+
+def minimal_vae_step(b: Built, lr: float):
+    """A reference for the plain VAE's `vaepp.train.train_step`: one step of `minimal_vae_loss` with
+    ε ~ N(0, I) and torch's fused Adam over one parameter group, on the run's own encoder and
+    decoder. Its rate is what eager torch reaches for these layers on this machine; the plain VAE's
+    rate over it is what the step's bookkeeping (posterior truncation, log-σ floor, metrics,
+    finiteness check, the prior's interface) costs. Returns step(e) → None."""
+    from vaepp.optim import adam
+
+    if b.model.spec.likelihood != "bernoulli" or b.model.flows is not None:
+        raise ValueError("the minimal step is the Bernoulli plain VAE's without flows")
+    model = b.model.train()
+    opt = adam([p for p in model.model_parameters() if p.requires_grad], lr=lr)
+
+    def step(e: torch.Tensor) -> None:
+        eps = torch.randn(e.shape[0], model.zdim, dtype=e.dtype)
+        loss = minimal_vae_loss(model, e, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+MINIMAL = "vae_minimal"  # the reference entry of `train_bench` beside a "vae" run
+
+
 def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warmup: int, peak_gflops: float) -> dict:
     """Seconds per step of `vaepp.train.train_step` for each run, on random images, with the same
-    per-step data path as `vaepp.train.train` (uint8 slice → float / 255).
+    per-step data path as `vaepp.train.train` (uint8 slice → float / 255); with a "vae" run, also
+    `minimal_vae_step` on a second copy of its networks, as the entry MINIMAL (same FLOPs).
 
     The runs are timed in turns (run A block, run B block, …, repeated) and each keeps its best
     block of `steps` steps, so slow phases of a shared machine hit every run alike; the median
@@ -236,35 +277,37 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
     from vaepp.train import make_optimizers, train_step
 
     setups = {}
-    for name in runs:
-        b = build(params, name)
+    for name in [*runs, *([MINIMAL] if "vae" in runs else [])]:
+        b = build(params, "vae" if name == MINIMAL else name)
         spec, algorithm = train_params(b.run, b.binary), method(b.run)
-        model = b.model.train()
-        opts = make_optimizers(model, spec)
+        if name == MINIMAL:
+            step = minimal_vae_step(b, spec.lr)
+        else:
+            model = b.model.train()
+            step = partial(train_step, model, make_optimizers(model, spec), params=spec, n_train=b.n_train)
         gen = torch.Generator().manual_seed(2)
         data = torch.randint(0, 256, (spec.batch_size * 8, *b.image_shape), generator=gen, dtype=torch.uint8)
-        setups[name] = (b, spec, algorithm, model, opts, data)
+        setups[name] = (b, spec, algorithm, step, data)
 
     def block(name: str, n: int) -> float:
-        b, spec, algorithm, model, opts, data = setups[name]
+        b, spec, algorithm, step, data = setups[name]
         B = spec.batch_size
         n_batches = data.shape[0] // B
         t0 = time.perf_counter()
         for s in range(n):
-            e = data[(s % n_batches) * B : (s % n_batches + 1) * B].float().div_(255.0)
-            train_step(model, opts, e, spec, n_train=b.n_train)
+            step(data[(s % n_batches) * B : (s % n_batches + 1) * B].float().div_(255.0))
         return time.perf_counter() - t0
 
-    blocks: dict[str, list[float]] = {name: [] for name in runs}
-    for name in runs:
+    blocks: dict[str, list[float]] = {name: [] for name in setups}
+    for name in setups:
         block(name, warmup)
     for _ in range(repeats):
-        for name in runs:
+        for name in setups:
             blocks[name].append(block(name, steps) / steps)
     best = {name: min(ts) for name, ts in blocks.items()}
     median = {name: sorted(ts)[len(ts) // 2] for name, ts in blocks.items()}
     out = {}
-    for name in runs:
+    for name in setups:
         b, spec, algorithm = setups[name][:3]
         flops = train_step_flops(algorithm, b, spec.batch_size, spec.n_prior_samples, penalty=spec.penalty_k > 0)
         steps_per_epoch = b.n_train // spec.batch_size
@@ -283,7 +326,7 @@ def train_bench(params: Path, runs: list[str], *, steps: int, repeats: int, warm
             "n_prior_samples": spec.n_prior_samples,
         }
     if "vae" in out:
-        for name in runs:
+        for name in out:
             out[name]["gflops_ratio_to_vae"] = out[name]["gflops"] / out["vae"]["gflops"]
             out[name]["flops_ratio_to_vae"] = out[name]["flops_per_step"] / out["vae"]["flops_per_step"]
     return out

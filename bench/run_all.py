@@ -406,8 +406,14 @@ def compute_rows(block: dict, tag: str, train_targets: dict[str, float]) -> list
                 tr[name]["ratio_to_matmul"] >= target,
             )
         )
+    if compute.MINIMAL in tr:
+        ref = tr[compute.MINIMAL]
+        out.append(
+            Row(f"3 {tag}train {compute.MINIMAL} (reference) GFLOP/s / matmul limit", f"{ref['ratio_to_matmul']:.2f}")
+        )
+        out.append(Row(f"3 {tag}train vae GFLOP/s / {compute.MINIMAL}'s", f"{1.0 / ref['gflops_ratio_to_vae']:.2f}"))
     if "vae" in tr:
-        for name in (n for n in tr if n != "vae"):
+        for name in (n for n in tr if n not in ("vae", compute.MINIMAL)):
             r = tr[name]
             out.append(
                 Row(f"3 {tag}train {name} FLOPs/step / vae's", f"{r['flops_ratio_to_vae']:.2f}", "≈ 3 (arithmetic)")

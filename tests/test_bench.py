@@ -80,6 +80,39 @@ def test_train_step_flops_match_executed_matmuls(tmp_path, arch, run, penalty_k)
         assert counted - without == (6 * m * b.crit.forward if penalty else 0)
 
 
+def test_minimal_vae_loss_is_the_plain_vae_loss(tmp_path, monkeypatch):
+    """The bench's minimal step (its reference for the plain VAE's step) computes the same loss and
+    gradients as `vaepp.train.model_loss` of a plain VAE with a Normal posterior, given the same ε:
+    the Normals' constants cancel. Random output layers, so μ and log σ are not zero and the
+    log-σ floor does not bind; float32 rounding only."""
+    from vaepp import model as model_module
+    from vaepp.resolve import train_params
+    from vaepp.train import model_loss
+
+    b = compute.build(_params(tmp_path, posterior="normal"), "vae")
+    model = b.model.train()
+    torch.manual_seed(3)
+    for layer in (model.encoder.output_layer, model.decoder.output_layer):
+        nn.init.normal_(layer.weight, std=0.1)
+        nn.init.normal_(layer.bias, std=0.1)
+    spec = train_params(b.run, b.binary)
+    e = compute.random_images(spec.batch_size, b.image_shape)
+    eps = torch.randn(spec.batch_size, model.zdim)
+    monkeypatch.setattr(model_module, "sample_standard", lambda kind, shape, **kw: eps.reshape(shape))
+    ours, _ = model_loss(model, e, spec.batch_size, spec, n_train=b.n_train)
+    theirs = compute.minimal_vae_loss(model, e, eps)
+    assert float(model.encode(e)[1].min()) > b.run.model.log_sigma_min  # the floor does not bind
+    assert float(theirs) == pytest.approx(float(ours), rel=1e-5)
+    params = [*model.encoder.parameters(), *model.decoder.parameters()]
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params), strict=True):
+        torch.testing.assert_close(g_theirs, g_ours, rtol=1e-4, atol=1e-6)
+
+
+def test_minimal_vae_step_refuses_other_models(tmp_path):
+    with pytest.raises(ValueError, match="Bernoulli plain VAE"):
+        compute.minimal_vae_step(compute.build(_params(tmp_path, n_flows=2), "vae"), 1e-3)
+
+
 def test_train_step_flops_refuse_what_they_do_not_count(tmp_path):
     """An acceptance MLP on z and a prior without a count (LARS) are errors, not silent undercounts."""
     b = compute.build(_params(tmp_path, acceptance_mlp=[8]), "certified")
@@ -140,7 +173,7 @@ def test_run_all_quick_writes_table_and_json(tmp_path, capsys, monkeypatch):
         nll = block["nll"]
         assert nll["n_images"] * nll["n_importance"] == pytest.approx(nll["samples_per_s"] * nll["seconds_best"])
         assert nll["seconds_for_1e8_samples"] == pytest.approx(1e8 / nll["samples_per_s"])
-        assert set(block["train"]) == {"vae", "naive_vaepp", "vaepp", "certified"}
+        assert set(block["train"]) == {"vae", "naive_vaepp", "vaepp", "certified", compute.MINIMAL}
         for r in block["train"].values():
             assert r["seconds_per_epoch"] == pytest.approx(r["seconds_per_step"] * (512 // 64))
             assert r["seconds_per_epoch_median"] >= r["seconds_per_epoch"]
@@ -155,6 +188,7 @@ def test_run_all_quick_writes_table_and_json(tmp_path, capsys, monkeypatch):
     for figure in (
         "NLL achieved / matmul limit",
         "train vaepp GFLOP/s / vae's",
+        "train vae GFLOP/s / vae_minimal's",
         "MALA / FLOP limit",
         "AIS / FLOP limit",
         "whole bench",
