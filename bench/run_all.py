@@ -11,7 +11,9 @@ The headline figures (rows marked ★, key "headline" of the JSON) are rates aga
 limits, limit = matmul limit (FLOP/s) / FLOPs per unit of work, at the default thread count: the
 FID Inception network's images/s, the NLL's importance samples/s, AIS's transitions/s and the
 training steps/s of the plain VAE and of the certified prior; the two training figures at one
-thread as well (`headline`).
+thread as well (`headline`). Beside them, a minimal plain-VAE step (`compute.minimal_vae_step`, row
+`vae_minimal`) is the training figures' reference: the rate eager torch reaches for the same layers
+and loss with nothing else around them.
 
 `--quick` runs every code path on tiny sizes (for the test suite; its numbers mean nothing).
 `--only startup` measures the stage fixed cost alone (about a minute and a half).
