@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import NetFlops, best_time, net_flops
 from vaepp import datasets
+from vaepp.likelihoods import bernoulli_log_prob
 
 # Image shape, binarised or not, and prepared training images (validation included) of every
 # dataset in the registry (`vaepp.datasets`).
@@ -229,8 +230,6 @@ def minimal_vae_loss(model: torch.nn.Module, e: torch.Tensor, eps: torch.Tensor)
     """The plain VAE's loss and nothing else: (1/B)·Σ_i [−log p(e_i|z_i) + log q(z_i|e_i) − log N(z_i; 0, I)]
     with z = μ + σ·ε, for a Bernoulli decoder; the Normals' constants cancel, so the KL terms are
     Σ_d (z²/2 − ε²/2 − log σ). No log-σ floor, truncation, prior dispatch or metrics."""
-    from vaepp.likelihoods import bernoulli_log_prob
-
     mu, log_sigma = model.encoder(e)
     z = mu + torch.exp(log_sigma) * eps
     recon = -bernoulli_log_prob(model.decoder(z), e).sum()
