@@ -350,7 +350,7 @@ def chunk():  # an evaluation chunk's pattern: activations in, a 16384 x 784 flo
     return torch.sigmoid(torch.randn(16384, 300) @ w).sum()
 
 
-for _ in range(3):  # the heap grows to the pattern's peak
+for _ in range(12):  # the heap grows to the pattern's peak: its three blocks settle within ten chunks
     chunk()
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -361,8 +361,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_kept_memory_is_reused_without_page_faults():
-    """With `boot.keep_freed_memory`, once the heap has grown to an evaluation chunk's peak, ten
-    more chunks reuse its memory: fewer than a fifth of their output's pages are faulted in
+    """With `boot.keep_freed_memory`, once the heap has grown to an evaluation chunk's peak (the
+    input and the two 49 MiB outputs change places in it for up to ten chunks, so twelve come
+    first), ten more chunks reuse its memory: fewer than a fifth of their output's pages are faulted in
     again. Without it glibc maps each 49 MiB output (above its largest adaptive mmap threshold,
     32 MiB) anew, and every page of it faults, each time (measured: 251 000 faults against 0
     kept, for 125 440 output pages)."""
